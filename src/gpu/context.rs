@@ -1,0 +1,380 @@
+//! The GPU context: adapter choice, device creation with the adapter's own limits, and the
+//! caches (pipelines, buffers) that live as long as the device.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::kernel::KernelCache;
+use super::pool::BufferPool;
+use crate::{Error, Result};
+
+/// Environment variable that picks an adapter by index or name substring.
+pub const ADAPTER_ENV: &str = "ES2_ADAPTER";
+/// Environment variable that restricts the backends searched (vulkan, metal, dx12, gl).
+pub const BACKEND_ENV: &str = "ES2_BACKEND";
+
+/// Optional features es2-wgpu uses when the adapter has them.
+const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+
+/// How the caller wants the adapter chosen.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// An adapter index (as listed by `es2-wgpu info`) or a case-insensitive name substring.
+    /// `None` reads [`ADAPTER_ENV`], then falls back to the best adapter.
+    pub adapter: Option<String>,
+    /// Backends to search, as a comma list ("vulkan,metal"). `None` reads [`BACKEND_ENV`].
+    pub backends: Option<String>,
+}
+
+/// What one adapter is and what it can do, as `es2-wgpu info` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub limits: LimitsReport,
+    pub features: FeaturesReport,
+}
+
+/// The limits that decide how es2-wgpu tiles and chunks its work.
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitsReport {
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+    pub max_storage_buffers_per_shader_stage: u32,
+    pub min_uniform_buffer_offset_alignment: u32,
+}
+
+/// The optional features es2-wgpu can use.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeaturesReport {
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamp_query: bool,
+    pub timestamp_query_inside_passes: bool,
+}
+
+/// Every adapter wgpu found, and which one was chosen and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterSurvey {
+    pub adapters: Vec<AdapterReport>,
+    pub chosen: usize,
+    pub reason: String,
+}
+
+/// A wgpu device and queue plus the per-device caches.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: wgpu::Limits,
+    pub(crate) kernels: KernelCache,
+    pub(crate) pool: Arc<BufferPool>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens the best adapter, honouring [`ADAPTER_ENV`] and [`BACKEND_ENV`].
+    pub fn new() -> Result<Self> {
+        Self::with_options(&GpuOptions::default())
+    }
+
+    /// Opens the adapter that `options` select.
+    pub fn with_options(options: &GpuOptions) -> Result<Self> {
+        let (adapters, chosen, _) = choose_adapter(options)?;
+        let adapter = adapters
+            .into_iter()
+            .nth(chosen)
+            .ok_or_else(|| Error::Gpu("chosen adapter disappeared".into()))?;
+        Self::from_adapter(adapter)
+    }
+
+    /// Creates the device on `adapter` with the adapter's own limits and the optional features
+    /// es2-wgpu can use.
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
+        let features = adapter.features() & WANTED_FEATURES;
+        let limits = adapter.limits();
+        let descriptor = wgpu::DeviceDescriptor {
+            label: Some("es2-wgpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::default(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&descriptor))
+            .map_err(|e| Error::Gpu(format!("could not create a device: {e}")))?;
+        let info = adapter.get_info();
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            kernels: KernelCache::default(),
+            pool: Arc::new(BufferPool::default()),
+        })
+    }
+
+    /// The adapter's name, backend and driver.
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The features enabled on this device.
+    pub fn features(&self) -> wgpu::Features {
+        self.features
+    }
+
+    /// The limits this device was created with (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// Whether WGSL `f16` is available.
+    pub fn has_f16(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// Whether compute passes can carry timestamp queries.
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// The largest byte range one storage binding may cover.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size
+    }
+
+    /// The underlying wgpu device, for applications that add their own work.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The underlying wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait_idle(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+    }
+
+    /// Bytes currently parked in the buffer pool, ready for reuse.
+    pub fn pooled_bytes(&self) -> u64 {
+        self.pool.idle_bytes()
+    }
+
+    /// Releases every idle pooled buffer back to the driver.
+    pub fn trim_pool(&self) {
+        self.pool.clear();
+    }
+}
+
+/// Lists every adapter and picks one.
+pub fn survey_adapters(options: &GpuOptions) -> Result<AdapterSurvey> {
+    let (adapters, chosen, reason) = choose_adapter(options)?;
+    let adapters = adapters
+        .iter()
+        .enumerate()
+        .map(|(index, adapter)| report(index, adapter))
+        .collect();
+    Ok(AdapterSurvey {
+        adapters,
+        chosen,
+        reason,
+    })
+}
+
+fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    let features = adapter.features();
+    AdapterReport {
+        index,
+        name: info.name,
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver,
+        driver_info: info.driver_info,
+        limits: LimitsReport {
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+            max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+            max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage,
+            min_uniform_buffer_offset_alignment: limits.min_uniform_buffer_offset_alignment,
+        },
+        features: FeaturesReport {
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            timestamp_query_inside_passes: features
+                .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+        },
+    }
+}
+
+fn parse_backends(list: &str) -> Result<wgpu::Backends> {
+    let mut backends = wgpu::Backends::empty();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        backends |= match name.to_ascii_lowercase().as_str() {
+            "vulkan" | "vk" => wgpu::Backends::VULKAN,
+            "metal" | "mtl" => wgpu::Backends::METAL,
+            "dx12" | "d3d12" => wgpu::Backends::DX12,
+            "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown backend '{other}' in {BACKEND_ENV}/--backend (expected vulkan, metal, dx12 or gl)"
+                )))
+            }
+        };
+    }
+    if backends.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{BACKEND_ENV}/--backend names no backend"
+        )));
+    }
+    Ok(backends)
+}
+
+fn env_or(value: &Option<String>, var: &str) -> Option<String> {
+    value
+        .clone()
+        .or_else(|| std::env::var(var).ok().filter(|s| !s.trim().is_empty()))
+}
+
+/// Rank adapters: real GPUs first, then CPU rasterisers; native APIs before GL.
+fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let device = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (device, backend)
+}
+
+fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    });
+    pollster::block_on(instance.enumerate_adapters(backends))
+        .into_iter()
+        .filter(|a| a.get_info().backend != wgpu::Backend::Noop)
+        .collect()
+}
+
+fn choose_adapter(options: &GpuOptions) -> Result<(Vec<wgpu::Adapter>, usize, String)> {
+    let adapters = match env_or(&options.backends, BACKEND_ENV) {
+        Some(list) => enumerate(parse_backends(&list)?),
+        // GL is a last resort: it lacks features the native APIs have, and probing it on a
+        // headless machine only prints noise.
+        None => {
+            let native = enumerate(wgpu::Backends::PRIMARY);
+            if native.is_empty() {
+                enumerate(wgpu::Backends::GL)
+            } else {
+                native
+            }
+        }
+    };
+    if adapters.is_empty() {
+        return Err(Error::Gpu(
+            "no GPU adapter found; install a Vulkan, Metal or DX12 driver (on Linux without \
+             a GPU: Mesa's lavapipe, package mesa-vulkan-drivers)"
+                .into(),
+        ));
+    }
+    if let Some(wanted) = env_or(&options.adapter, ADAPTER_ENV) {
+        let index = find_adapter(&adapters, &wanted)?;
+        return Ok((
+            adapters,
+            index,
+            format!("selected by --adapter/{ADAPTER_ENV}={wanted}"),
+        ));
+    }
+    let (index, best) = adapters
+        .iter()
+        .enumerate()
+        .min_by_key(|(i, a)| (adapter_rank(&a.get_info()), *i))
+        .ok_or_else(|| Error::Gpu("no adapter".into()))?;
+    let info = best.get_info();
+    let reason = format!(
+        "best available: {:?} on {:?} (discrete > integrated > virtual > other > CPU; \
+         Vulkan/Metal/DX12 before GL)",
+        info.device_type, info.backend
+    );
+    Ok((adapters, index, reason))
+}
+
+fn find_adapter(adapters: &[wgpu::Adapter], wanted: &str) -> Result<usize> {
+    if let Ok(index) = wanted.trim().parse::<usize>() {
+        return if index < adapters.len() {
+            Ok(index)
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "adapter index {index} is out of range: {} adapter(s) found (see `es2-wgpu info`)",
+                adapters.len()
+            )))
+        };
+    }
+    let needle = wanted.to_lowercase();
+    adapters
+        .iter()
+        .position(|a| a.get_info().name.to_lowercase().contains(&needle))
+        .ok_or_else(|| {
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            Error::InvalidArgument(format!(
+                "no adapter name contains '{wanted}'; found: {}",
+                names.join(", ")
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_lists_parse_and_reject_unknown_names() {
+        assert_eq!(
+            parse_backends("Vulkan, gl").unwrap(),
+            wgpu::Backends::VULKAN | wgpu::Backends::GL
+        );
+        let err = parse_backends("cuda").unwrap_err().to_string();
+        assert!(err.contains("unknown backend 'cuda'"), "{err}");
+        assert!(parse_backends(" , ").is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! The kernel registry: every WGSL entry point is compiled once per device (and per set of
+//! override constants) and its pipeline cached.
+//!
+//! Binding convention, shared by every shader in `shaders/`: `@binding(0)` is the entry
+//! point's uniform parameter struct; storage buffers use the other binding numbers of group 0,
+//! each number unique within its file, and an entry point uses at most 7 of them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::Gpu;
+
+/// WGSL prepended to every shader: helpers that all kernel families share.
+const PRELUDE: &str = include_str!("../../shaders/common.wgsl");
+
+/// Most storage buffers one entry point may bind (Metal has one slot fewer than the 8 of
+/// WebGPU's default limit, and one slot is the uniform).
+pub const MAX_STORAGE_BINDINGS: usize = 7;
+
+/// A WGSL source file from `shaders/`.
+#[derive(Debug)]
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// Declares a [`Shader`] from `shaders/<name>.wgsl`, embedded at compile time.
+#[macro_export]
+macro_rules! shader {
+    ($name:literal) => {
+        $crate::gpu::Shader {
+            name: $name,
+            source: include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/shaders/",
+                $name,
+                ".wgsl"
+            )),
+        }
+    };
+}
+
+/// How an entry point uses one storage binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `var<storage, read>`
+    Read,
+    /// `var<storage, read_write>`
+    ReadWrite,
+}
+
+/// One compute entry point: its shader, name, and the storage bindings it uses, in the order
+/// a launcher passes tensors.
+#[derive(Debug)]
+pub struct KernelSpec {
+    pub shader: &'static Shader,
+    pub entry: &'static str,
+    /// `(binding number, access)` for each storage buffer, in launch order.
+    pub bindings: &'static [(u32, Access)],
+}
+
+/// Override constants a pipeline is specialised with (workgroup and tile sizes).
+pub type Overrides = Vec<(&'static str, u32)>;
+
+/// A compiled compute pipeline and the layout its bind groups follow.
+#[derive(Debug)]
+pub struct Kernel {
+    pub(crate) spec: &'static KernelSpec,
+    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) layout: wgpu::BindGroupLayout,
+}
+
+type KernelKey = (usize, Overrides);
+
+/// Pipelines and shader modules by identity; compiled at first use.
+#[derive(Default)]
+pub(crate) struct KernelCache {
+    pipelines: Mutex<HashMap<KernelKey, Arc<Kernel>>>,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+}
+
+impl Gpu {
+    /// The pipeline for `spec` with `overrides`, compiled on first use and cached.
+    pub fn kernel(
+        &self,
+        spec: &'static KernelSpec,
+        overrides: &[(&'static str, u32)],
+    ) -> Arc<Kernel> {
+        assert!(
+            spec.bindings.len() <= MAX_STORAGE_BINDINGS,
+            "{} binds {} storage buffers; at most {MAX_STORAGE_BINDINGS} are portable",
+            spec.entry,
+            spec.bindings.len()
+        );
+        let key = (spec as *const KernelSpec as usize, overrides.to_vec());
+        let cache = &self.kernels;
+        if let Some(kernel) = lock(&cache.pipelines).get(&key) {
+            return kernel.clone();
+        }
+        let kernel = Arc::new(self.compile(spec, overrides));
+        lock(&cache.pipelines).insert(key, kernel.clone());
+        kernel
+    }
+
+    fn module(&self, shader: &'static Shader) -> wgpu::ShaderModule {
+        let mut modules = lock(&self.kernels.modules);
+        modules
+            .entry(shader.name)
+            .or_insert_with(|| {
+                let source = format!("{}\n{PRELUDE}\n{}", self.wgsl_enables(), shader.source);
+                self.device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(shader.name),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
+                    })
+            })
+            .clone()
+    }
+
+    /// `enable` directives for the optional features this device has.
+    fn wgsl_enables(&self) -> &'static str {
+        if self.has_f16() {
+            "enable f16;"
+        } else {
+            ""
+        }
+    }
+
+    fn compile(&self, spec: &'static KernelSpec, overrides: &[(&'static str, u32)]) -> Kernel {
+        let module = self.module(spec.shader);
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: true,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        entries.extend(
+            spec.bindings
+                .iter()
+                .map(|&(binding, access)| wgpu::BindGroupLayoutEntry {
+                    binding,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: access == Access::Read,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                }),
+        );
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(spec.entry),
+                entries: &entries,
+            });
+        let pipeline_layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(spec.entry),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let constants: Vec<(&str, f64)> = overrides
+            .iter()
+            .map(|&(name, value)| (name, f64::from(value)))
+            .collect();
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(spec.entry),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(spec.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    // Every kernel initialises the workgroup memory it reads.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        Kernel {
+            spec,
+            pipeline,
+            layout,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while compiling leaves a cache that is still consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,17 @@
+//! Layer 1: the wgpu context, tensors, the kernel registry, command recording, the buffer
+//! pool and timestamp timing. Nothing here knows about transformers.
+
+mod context;
+mod kernel;
+mod pool;
+mod recorder;
+mod tensor;
+mod timing;
+
+pub use context::{
+    survey_adapters, AdapterReport, AdapterSurvey, FeaturesReport, Gpu, GpuOptions, LimitsReport,
+    ADAPTER_ENV, BACKEND_ENV,
+};
+pub use kernel::{Access, Kernel, KernelSpec, Overrides, Shader, MAX_STORAGE_BINDINGS};
+pub use recorder::{Grid, Recorder};
+pub use tensor::{DType, Shape, Tensor};

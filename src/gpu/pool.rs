@@ -1,0 +1,94 @@
+//! A buffer pool: tensors freed in one training step hand their storage to the next step's
+//! tensors of the same size, so a steady-state step allocates nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+/// Usage of every tensor buffer: bound as storage, copied in and out.
+pub(crate) const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// Sizes are rounded up to this so that near-equal requests share buffers and every size
+/// satisfies copy alignment.
+const SIZE_QUANTUM: u64 = 256;
+
+type Key = (u64, u32);
+
+/// Idle buffers keyed by (rounded size, usage bits).
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    idle: Mutex<HashMap<Key, Vec<wgpu::Buffer>>>,
+}
+
+impl BufferPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<wgpu::Buffer>>> {
+        // A panic while holding the lock leaves only a list of buffers behind: still valid.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn rounded(size: u64) -> u64 {
+        size.max(4).div_ceil(SIZE_QUANTUM) * SIZE_QUANTUM
+    }
+
+    /// A buffer of at least `size` bytes with `usage`, reused when one is idle.
+    pub(crate) fn take(
+        self: &Arc<Self>,
+        device: &wgpu::Device,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> PooledBuffer {
+        let size = Self::rounded(size);
+        let key = (size, usage.bits());
+        let reused = self.lock().get_mut(&key).and_then(Vec::pop);
+        let buffer = reused.unwrap_or_else(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        });
+        PooledBuffer {
+            buffer: Some(buffer),
+            pool: Arc::downgrade(self),
+        }
+    }
+
+    fn give_back(&self, buffer: wgpu::Buffer) {
+        let key = (buffer.size(), buffer.usage().bits());
+        self.lock().entry(key).or_default().push(buffer);
+    }
+
+    pub(crate) fn idle_bytes(&self) -> u64 {
+        self.lock()
+            .iter()
+            .map(|((size, _), list)| size * list.len() as u64)
+            .sum()
+    }
+
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// A buffer that returns to its pool when the last tensor using it is dropped.
+pub(crate) struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    pool: Weak<BufferPool>,
+}
+
+impl PooledBuffer {
+    pub(crate) fn raw(&self) -> &wgpu::Buffer {
+        // Only `drop` takes the buffer out.
+        self.buffer.as_ref().expect("pooled buffer used after drop")
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let (Some(buffer), Some(pool)) = (self.buffer.take(), self.pool.upgrade()) {
+            pool.give_back(buffer);
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The recorder: encodes many dispatches into one command buffer, with every launch's
+//! parameters packed into a uniform arena, and submits once.
+
+use std::sync::Arc;
+
+use super::kernel::Kernel;
+use super::pool::PooledBuffer;
+use super::tensor::Tensor;
+use super::timing::Timestamps;
+use super::Gpu;
+use crate::Result;
+
+/// Bytes reserved for one launch's parameters: the portable uniform offset alignment.
+const UNIFORM_SLOT: u64 = 256;
+/// Launch parameter slots per arena chunk.
+const SLOTS_PER_CHUNK: u64 = 256;
+
+/// A workgroup grid. Large 1-D launches fold into two dimensions because one dimension holds
+/// at most 65,535 workgroups; kernels recover the flat index with `flat_workgroup_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid(pub [u32; 3]);
+
+impl Grid {
+    /// Exactly `(x, y, z)` workgroups.
+    pub fn xyz(x: u32, y: u32, z: u32) -> Grid {
+        Grid([x, y, z])
+    }
+
+    /// `count` workgroups addressed by one flat index.
+    pub fn flat(count: usize) -> Grid {
+        const MAX_PER_DIM: usize = 65_535;
+        let count = count.max(1);
+        let x = count.min(MAX_PER_DIM);
+        let y = count.div_ceil(x);
+        Grid([x as u32, y as u32, 1])
+    }
+
+    /// Enough workgroups of `group_size` threads to give each of `threads` items one thread.
+    pub fn threads(threads: usize, group_size: u32) -> Grid {
+        Grid::flat(threads.div_ceil(group_size as usize))
+    }
+}
+
+struct UniformChunk {
+    buffer: PooledBuffer,
+    bytes: Vec<u8>,
+}
+
+/// Records dispatches for one submission. Tensors bound here stay alive (and out of the
+/// buffer pool) until the submission, so a later upload cannot overwrite data an earlier,
+/// not yet submitted dispatch reads.
+pub struct Recorder<'g> {
+    gpu: &'g Gpu,
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    uniforms: Vec<UniformChunk>,
+    keep_alive: Vec<Arc<PooledBuffer>>,
+    timestamps: Option<Timestamps>,
+    dispatches: usize,
+}
+
+impl<'g> Recorder<'g> {
+    pub fn new(gpu: &'g Gpu) -> Self {
+        Recorder {
+            gpu,
+            encoder: Some(gpu.device.create_command_encoder(&Default::default())),
+            pass: None,
+            uniforms: Vec::new(),
+            keep_alive: Vec::new(),
+            timestamps: None,
+            dispatches: 0,
+        }
+    }
+
+    /// A recorder that measures every dispatch with timestamp queries (each dispatch gets its
+    /// own pass). `None` when the adapter has no timestamp queries.
+    pub fn timed(gpu: &'g Gpu) -> Option<Self> {
+        let timestamps = Timestamps::new(gpu)?;
+        let mut recorder = Recorder::new(gpu);
+        recorder.timestamps = Some(timestamps);
+        Some(recorder)
+    }
+
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    /// Number of dispatches recorded so far.
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches
+    }
+
+    /// Records one launch of `kernel` with `tensors` bound in the order of its spec.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        kernel: &Kernel,
+        tensors: &[&Tensor],
+        params: &P,
+        grid: Grid,
+    ) {
+        let spec = kernel.spec;
+        assert_eq!(
+            tensors.len(),
+            spec.bindings.len(),
+            "{} expects {} tensors",
+            spec.entry,
+            spec.bindings.len()
+        );
+        let (uniform_offset, chunk) = self.push_uniform(bytemuck::bytes_of(params));
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: self.uniforms[chunk].buffer.raw(),
+                offset: 0,
+                size: wgpu::BufferSize::new(UNIFORM_SLOT),
+            }),
+        }];
+        for (&(binding, _), tensor) in spec.bindings.iter().zip(tensors) {
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: wgpu::BindingResource::Buffer(tensor.binding()),
+            });
+        }
+        let bind_group = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(spec.entry),
+                layout: &kernel.layout,
+                entries: &entries,
+            });
+        self.keep_alive
+            .extend(tensors.iter().map(|t| t.storage.clone()));
+
+        let record = |pass: &mut wgpu::ComputePass<'_>| {
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &bind_group, &[uniform_offset]);
+            let [x, y, z] = grid.0;
+            pass.dispatch_workgroups(x, y, z);
+        };
+        if let Some(timestamps) = self.timestamps.as_mut() {
+            // A timed dispatch gets a pass of its own, bracketed by two timestamps.
+            self.pass = None;
+            let encoder = self.encoder.as_mut().expect("encoder lives until consumed");
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(spec.entry),
+                timestamp_writes: Some(timestamps.next_pass(spec.entry)),
+            });
+            record(&mut pass);
+        } else {
+            record(self.open_pass());
+        }
+        self.dispatches += 1;
+    }
+
+    /// Copies all of `src` into `dst` (same size).
+    pub fn copy(&mut self, src: &Tensor, dst: &Tensor) {
+        assert_eq!(
+            src.size_bytes(),
+            dst.size_bytes(),
+            "copy between tensors of different sizes"
+        );
+        self.end_pass();
+        self.keep_alive.push(src.storage.clone());
+        self.keep_alive.push(dst.storage.clone());
+        self.encoder_mut().copy_buffer_to_buffer(
+            src.buffer(),
+            src.offset_bytes(),
+            dst.buffer(),
+            dst.offset_bytes(),
+            src.padded_size(),
+        );
+    }
+
+    /// Sets every byte of `tensor` to zero.
+    pub fn zero(&mut self, tensor: &Tensor) {
+        self.end_pass();
+        self.keep_alive.push(tensor.storage.clone());
+        let (offset, size) = (tensor.offset_bytes(), tensor.padded_size());
+        self.encoder_mut()
+            .clear_buffer(tensor.buffer(), offset, Some(size));
+    }
+
+    /// Submits everything recorded so far and keeps recording into a fresh command buffer.
+    pub fn flush(&mut self) -> wgpu::SubmissionIndex {
+        self.end_pass();
+        let encoder = self
+            .encoder
+            .replace(self.gpu.device.create_command_encoder(&Default::default()));
+        self.submit_encoder(encoder)
+    }
+
+    /// Submits the recorded work without waiting for it.
+    pub fn submit(mut self) -> wgpu::SubmissionIndex {
+        self.end_pass();
+        let encoder = self.encoder.take();
+        self.submit_encoder(encoder)
+    }
+
+    /// Submits and blocks until the GPU has finished.
+    pub fn finish(self) -> Result<()> {
+        let gpu = self.gpu;
+        self.submit();
+        gpu.wait_idle()
+    }
+
+    /// Submits, waits, and returns each dispatch's GPU time in seconds (entry point, seconds),
+    /// in recording order. Only for recorders made with [`Recorder::timed`].
+    pub fn finish_timed(mut self) -> Result<Vec<(&'static str, f64)>> {
+        let gpu = self.gpu;
+        self.end_pass();
+        let timestamps = self.timestamps.take();
+        let encoder = self.encoder.take();
+        self.submit_encoder(encoder);
+        match timestamps {
+            Some(t) => t.read(gpu),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn submit_encoder(&mut self, encoder: Option<wgpu::CommandEncoder>) -> wgpu::SubmissionIndex {
+        for chunk in &self.uniforms {
+            self.gpu
+                .queue
+                .write_buffer(chunk.buffer.raw(), 0, &chunk.bytes);
+        }
+        let commands = encoder.map(wgpu::CommandEncoder::finish);
+        let index = self.gpu.queue.submit(commands);
+        // Reusing these buffers is safe from here on: later uploads and launches are
+        // ordered after this submission.
+        self.uniforms.clear();
+        self.keep_alive.clear();
+        index
+    }
+
+    fn encoder_mut(&mut self) -> &mut wgpu::CommandEncoder {
+        self.encoder
+            .as_mut()
+            .expect("the encoder exists until the recorder is consumed")
+    }
+
+    fn open_pass(&mut self) -> &mut wgpu::ComputePass<'static> {
+        if self.pass.is_none() {
+            let pass = self
+                .encoder_mut()
+                .begin_compute_pass(&wgpu::ComputePassDescriptor::default())
+                .forget_lifetime();
+            self.pass = Some(pass);
+        }
+        self.pass.as_mut().expect("pass was just begun")
+    }
+
+    fn end_pass(&mut self) {
+        self.pass = None;
+    }
+
+    /// Appends `bytes` to the uniform arena; returns (dynamic offset, chunk index).
+    fn push_uniform(&mut self, bytes: &[u8]) -> (u32, usize) {
+        assert!(
+            bytes.len() as u64 <= UNIFORM_SLOT,
+            "launch parameters exceed {UNIFORM_SLOT} bytes"
+        );
+        let needs_chunk = self
+            .uniforms
+            .last()
+            .is_none_or(|c| c.bytes.len() as u64 >= UNIFORM_SLOT * SLOTS_PER_CHUNK);
+        if needs_chunk {
+            let buffer = self.gpu.pool.take(
+                &self.gpu.device,
+                UNIFORM_SLOT * SLOTS_PER_CHUNK,
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            );
+            self.uniforms.push(UniformChunk {
+                buffer,
+                bytes: Vec::with_capacity((UNIFORM_SLOT * SLOTS_PER_CHUNK) as usize),
+            });
+        }
+        let index = self.uniforms.len() - 1;
+        let chunk = &mut self.uniforms[index];
+        let offset = chunk.bytes.len();
+        chunk.bytes.extend_from_slice(bytes);
+        chunk.bytes.resize(offset + UNIFORM_SLOT as usize, 0);
+        (offset as u32, index)
+    }
+}
+
+impl Drop for Recorder<'_> {
+    fn drop(&mut self) {
+        // A recorder dropped without submitting discards its work; the pass must end before
+        // the encoder it was begun on.
+        self.pass = None;
+    }
+}

@@ -1,0 +1,74 @@
+//! Residual-stream arithmetic: `y = x + s·r` (the skip connection), `y = s·x`, and
+//! `acc += s·x` (gradient accumulation where two paths meet).
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("residual");
+const WG: u32 = 256;
+
+static FORWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "residual_forward",
+    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+};
+static SCALE: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "scale_forward",
+    bindings: &[(1, Access::Read), (3, Access::ReadWrite)],
+};
+static ACCUMULATE: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "accumulate_scaled",
+    bindings: &[(1, Access::Read), (4, Access::ReadWrite)],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    scale: f32,
+}
+
+fn launch(rec: &mut Recorder, spec: &'static KernelSpec, tensors: &[&Tensor], scale: f32) {
+    let n = tensors[0].numel();
+    for t in tensors {
+        assert_eq!(t.dtype(), DType::F32, "{}: f32 tensors only", spec.entry);
+        assert_eq!(t.numel(), n, "{}: element counts differ", spec.entry);
+    }
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    let params = Params { n: n as u32, scale };
+    rec.dispatch(&kernel, tensors, &params, Grid::threads(n, WG));
+}
+
+/// `y = x + scale·r`: the skip connection around a block (scale 1).
+pub fn residual_forward(rec: &mut Recorder, x: &Tensor, r: &Tensor, y: &Tensor, scale: f32) {
+    launch(rec, &FORWARD, &[x, r, y], scale);
+}
+
+/// Gradient of [`residual_forward`] with respect to `r`: `dr = scale·dy`. (The gradient with
+/// respect to `x` is `dy` itself.)
+pub fn residual_backward(rec: &mut Recorder, dy: &Tensor, dr: &Tensor, scale: f32) {
+    scale_forward(rec, dy, dr, scale);
+}
+
+/// `y = scale·x`.
+pub fn scale_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, scale: f32) {
+    launch(rec, &SCALE, &[x, y], scale);
+}
+
+/// `acc += scale·x`.
+pub fn accumulate(rec: &mut Recorder, x: &Tensor, acc: &Tensor, scale: f32) {
+    launch(rec, &ACCUMULATE, &[x, acc], scale);
+}
+
+/// CPU f64 references.
+pub mod reference {
+    pub fn residual_forward(x: &[f64], r: &[f64], scale: f64) -> Vec<f64> {
+        x.iter().zip(r).map(|(a, b)| a + scale * b).collect()
+    }
+
+    pub fn accumulate(acc: &[f64], x: &[f64], scale: f64) -> Vec<f64> {
+        residual_forward(acc, x, scale)
+    }
+}

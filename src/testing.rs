@@ -1,0 +1,127 @@
+//! Helpers shared by the kernel tests and benchmarks: the test device, seeded inputs,
+//! NaN-poisoned outputs, relative errors against f64 references and finite differences.
+//!
+//! Public so that integration tests and benches can use it; not part of the stable API.
+
+use std::sync::OnceLock;
+
+use crate::gpu::{DType, Gpu, Shape, Tensor};
+use crate::rng::Rng;
+
+/// The device every test in a binary shares. Panics (fails the test) when no adapter exists:
+/// a GPU test never passes by skipping.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| match Gpu::new() {
+        Ok(gpu) => gpu,
+        Err(e) => panic!("GPU tests need an adapter (on CI: Mesa lavapipe): {e}"),
+    })
+}
+
+/// Seeded N(0, std²) values: never zeros, never a pattern a wrong kernel could match.
+pub fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
+    Rng::new(seed).normal_vec(n, std)
+}
+
+/// Uploads f32 data.
+pub fn upload(gpu: &Gpu, shape: impl Into<Shape>, data: &[f32]) -> Tensor {
+    Tensor::from_f32(gpu, shape, data).expect("upload matches its shape")
+}
+
+/// An f32 tensor whose every element is NaN, so that an element a kernel forgets to write
+/// shows up in the comparison.
+pub fn poisoned(gpu: &Gpu, shape: impl Into<Shape>) -> Tensor {
+    let t = Tensor::empty(gpu, shape, DType::F32);
+    t.fill_f32(gpu, f32::NAN).expect("f32 fill");
+    t
+}
+
+/// Reads an f32 tensor back.
+pub fn download(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
+    t.to_f32(gpu).expect("readback")
+}
+
+/// Widens f32 data for the f64 references.
+pub fn f64s(xs: &[f32]) -> Vec<f64> {
+    xs.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// ||out − ref|| / ||ref|| (∞ if `out` holds a NaN or the lengths differ).
+pub fn rel_error(out: &[f32], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let mut diff = 0.0;
+    let mut norm = 0.0;
+    for (&o, &r) in out.iter().zip(reference) {
+        let o = f64::from(o);
+        if !o.is_finite() {
+            return f64::INFINITY;
+        }
+        diff += (o - r) * (o - r);
+        norm += r * r;
+    }
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// ||a − b|| / ||b|| for two f64 vectors.
+pub fn rel_error_f64(a: &[f64], b: &[f64]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    if a.len() != b.len() || a.iter().any(|x| !x.is_finite()) {
+        f64::INFINITY
+    } else if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// Asserts `rel_error(out, reference) <= tol` and prints the error (visible with
+/// `--nocapture`), so that test logs record every kernel's measured error.
+#[track_caller]
+pub fn assert_close(what: &str, out: &[f32], reference: &[f64], tol: f64) {
+    let err = rel_error(out, reference);
+    eprintln!("rel-error {what}: {err:.3e}");
+    assert!(
+        err <= tol,
+        "{what}: ||out-ref||/||ref|| = {err:.3e} > {tol:.1e}"
+    );
+}
+
+/// Central finite differences of the scalar `f` at `x`, step `h` (f64 throughout).
+pub fn finite_difference(f: impl Fn(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<f64> {
+    let mut probe = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let original = probe[i];
+            probe[i] = original + h;
+            let up = f(&probe);
+            probe[i] = original - h;
+            let down = f(&probe);
+            probe[i] = original;
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// `Σ a_i b_i`: turns a vector output into the scalar whose gradient a backward computes when
+/// it is handed `b` as the upstream gradient.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Asserts that an f64 reference gradient agrees with finite differences of its forward.
+#[track_caller]
+pub fn assert_gradient(what: &str, analytic: &[f64], numeric: &[f64], tol: f64) {
+    let err = rel_error_f64(analytic, numeric);
+    eprintln!("fd-error {what}: {err:.3e}");
+    assert!(
+        err <= tol,
+        "{what}: reference gradient vs finite differences: {err:.3e} > {tol:.1e}"
+    );
+}
