@@ -2,4 +2,5 @@
 //! holds the forward and backward launchers and a CPU f64 reference (`reference`) that the
 //! tests compare against.
 
+pub mod reduce;
 pub mod residual;

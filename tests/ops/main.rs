@@ -2,4 +2,5 @@
 //! NaN-poisoned outputs; every backward also against finite differences of the reference.
 //! One test binary for all families keeps link time down.
 
+mod reduce;
 mod residual;

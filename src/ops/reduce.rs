@@ -1,0 +1,80 @@
+//! Deterministic reductions: column sums of a row-major matrix, used for every bias, norm-weight
+//! and partial-sum gradient (two stages, fixed order, no float atomics).
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("reduce");
+const WG: u32 = 256;
+/// Rows one thread sums in the first stage: enough work per thread, enough threads per matrix.
+const ROWS_PER_GROUP: usize = 64;
+
+static SUM_ROWS: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "sum_rows",
+    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    rows_per_group: u32,
+    accumulate: u32,
+}
+
+fn launch(
+    rec: &mut Recorder,
+    x: &Tensor,
+    out: &Tensor,
+    rows: usize,
+    cols: usize,
+    per_group: usize,
+    accumulate: bool,
+) {
+    let kernel = rec.gpu().kernel(&SUM_ROWS, &[("WG", WG)]);
+    let blocks = rows.div_ceil(per_group).max(1);
+    let params = Params {
+        rows: rows as u32,
+        cols: cols as u32,
+        rows_per_group: per_group as u32,
+        accumulate: u32::from(accumulate),
+    };
+    let grid = Grid::xyz(cols.div_ceil(WG as usize) as u32, blocks as u32, 1);
+    rec.dispatch(&kernel, &[x, out], &params, grid);
+}
+
+/// `out[c] = Σ_r x[r, c]` (or `+=` when `accumulate`), treating `x` as `[numel / cols, cols]`
+/// with `cols = out.numel()`.
+pub fn sum_rows(rec: &mut Recorder, x: &Tensor, out: &Tensor, accumulate: bool) {
+    assert_eq!(x.dtype(), DType::F32);
+    assert_eq!(out.dtype(), DType::F32);
+    let cols = out.numel();
+    assert!(
+        cols > 0 && x.numel() % cols == 0,
+        "sum_rows: {x:?} does not split into rows of {cols}"
+    );
+    let rows = x.numel() / cols;
+    if rows <= ROWS_PER_GROUP {
+        launch(rec, x, out, rows, cols, rows.max(1), accumulate);
+        return;
+    }
+    let blocks = rows.div_ceil(ROWS_PER_GROUP);
+    let partial = Tensor::empty(rec.gpu(), [blocks, cols], DType::F32);
+    launch(rec, x, &partial, rows, cols, ROWS_PER_GROUP, false);
+    launch(rec, &partial, out, blocks, cols, blocks, accumulate);
+}
+
+/// CPU f64 reference.
+pub mod reference {
+    pub fn sum_rows(x: &[f64], cols: usize) -> Vec<f64> {
+        let mut out = vec![0.0; cols];
+        for row in x.chunks_exact(cols) {
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+        out
+    }
+}
