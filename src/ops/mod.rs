@@ -5,3 +5,4 @@
 pub mod activation;
 pub mod reduce;
 pub mod residual;
+pub mod softmax;

@@ -5,3 +5,4 @@
 mod activation;
 mod reduce;
 mod residual;
+mod softmax;
