@@ -3,6 +3,7 @@
 //! tests compare against.
 
 pub mod activation;
+pub mod cross_entropy;
 pub mod reduce;
 pub mod residual;
 pub mod softmax;

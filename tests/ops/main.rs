@@ -3,6 +3,7 @@
 //! One test binary for all families keeps link time down.
 
 mod activation;
+mod cross_entropy;
 mod reduce;
 mod residual;
 mod softmax;

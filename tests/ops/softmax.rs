@@ -3,9 +3,9 @@ use es2_wgpu::testing::*;
 use es2_wgpu::{Gpu, Recorder};
 
 const TOL: f64 = 1e-5;
-/// `[rows, V]`: a single column, a row of no tile size, one row, and a vocabulary (each thread
-/// walks 125 elements).
-const SHAPES: [(usize, usize); 4] = [(5, 1), (7, 37), (1, 101), (3, 32_000)];
+/// `[rows, V]`: a single column, a row of no tile size, one row, and vocabularies (each thread
+/// walks 125 and 586 elements).
+const SHAPES: [(usize, usize); 5] = [(5, 1), (7, 37), (1, 101), (3, 32_000), (1, 150_001)];
 
 fn run_forward(gpu: &Gpu, shape: [usize; 2], x: &[f32]) -> Vec<f32> {
     let (tx, ty) = (upload(gpu, shape, x), poisoned(gpu, shape));
@@ -56,6 +56,20 @@ fn softmax_matches_reference_from_one_column_to_a_vocabulary() {
         let (x, dy) = (randn(seed, n, 3.0), randn(seed + 10, n, 1.0));
         check(&format!("{rows}x{cols}"), [rows, cols], &x, &dy);
     }
+}
+
+#[test]
+fn softmax_covers_more_rows_than_one_grid_dimension_holds() {
+    // 65,535 workgroups at most per dimension: the rows fold into a second one.
+    let (rows, cols) = (65_600, 3);
+    let x = randn(11, rows * cols, 3.0);
+    let want = reference::softmax_forward(&f64s(&x), cols);
+    assert_close(
+        "softmax_forward 65600x3",
+        &run_forward(gpu(), [rows, cols], &x),
+        &want,
+        TOL,
+    );
 }
 
 #[test]
