@@ -2,5 +2,8 @@
 //! holds the forward and backward launchers and a CPU f64 reference (`reference`) that the
 //! tests compare against.
 
+pub mod activation;
+pub mod cross_entropy;
 pub mod reduce;
 pub mod residual;
+pub mod softmax;

@@ -2,5 +2,8 @@
 //! NaN-poisoned outputs; every backward also against finite differences of the reference.
 //! One test binary for all families keeps link time down.
 
+mod activation;
+mod cross_entropy;
 mod reduce;
 mod residual;
+mod softmax;

@@ -1,0 +1,144 @@
+//! Elementwise MLP activations: SwiGLU (`h = silu(gate)·up`, Llama's MLP, with `gate` and `up`
+//! as separate tensors as `gate_proj` and `up_proj` produce them) and GELU with GPT-2's tanh
+//! approximation (`gelu_new`). Backward launchers overwrite their outputs.
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("activation");
+const WG: u32 = 256;
+
+static SWIGLU_FORWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "swiglu_forward",
+    bindings: &[(1, Access::Read), (2, Access::Read), (4, Access::ReadWrite)],
+};
+static SWIGLU_BACKWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "swiglu_backward",
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (3, Access::Read),
+        (5, Access::ReadWrite),
+        (6, Access::ReadWrite),
+    ],
+};
+static GELU_FORWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "gelu_forward",
+    bindings: &[(7, Access::Read), (9, Access::ReadWrite)],
+};
+static GELU_BACKWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "gelu_backward",
+    bindings: &[
+        (7, Access::Read),
+        (8, Access::Read),
+        (10, Access::ReadWrite),
+    ],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+}
+
+/// One thread per element; every tensor is f32 with the shape of the first.
+fn launch(rec: &mut Recorder, spec: &'static KernelSpec, tensors: &[&Tensor]) {
+    let shape = tensors[0].shape();
+    for t in tensors {
+        assert_eq!(t.dtype(), DType::F32, "{}: f32 tensors only", spec.entry);
+        assert_eq!(t.shape(), shape, "{}: shapes differ", spec.entry);
+    }
+    let n = shape.numel();
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    let params = Params { n: n as u32 };
+    rec.dispatch(&kernel, tensors, &params, Grid::threads(n, WG));
+}
+
+/// `h = silu(gate)·up`, elementwise over `[rows, F]`.
+pub fn swiglu_forward(rec: &mut Recorder, gate: &Tensor, up: &Tensor, h: &Tensor) {
+    launch(rec, &SWIGLU_FORWARD, &[gate, up, h]);
+}
+
+/// Gradients of [`swiglu_forward`]: `dgate = dh·up·silu'(gate)`, `dup = dh·silu(gate)`
+/// (overwritten).
+pub fn swiglu_backward(
+    rec: &mut Recorder,
+    gate: &Tensor,
+    up: &Tensor,
+    dh: &Tensor,
+    dgate: &Tensor,
+    dup: &Tensor,
+) {
+    launch(rec, &SWIGLU_BACKWARD, &[gate, up, dh, dgate, dup]);
+}
+
+/// `y = gelu(x)`, tanh approximation.
+pub fn gelu_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) {
+    launch(rec, &GELU_FORWARD, &[x, y]);
+}
+
+/// Gradient of [`gelu_forward`]: `dx = dy·gelu'(x)` (overwritten).
+pub fn gelu_backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor) {
+    launch(rec, &GELU_BACKWARD, &[x, dy, dx]);
+}
+
+/// CPU f64 references, written from the textbook formulas (tanh and its sech² derivative for
+/// GELU) rather than the kernels' sigmoid form, so the two check each other.
+pub mod reference {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    const CUBIC: f64 = 0.044_715;
+
+    /// σ(t), without overflow for large |t|.
+    pub fn sigmoid(t: f64) -> f64 {
+        if t >= 0.0 {
+            1.0 / (1.0 + (-t).exp())
+        } else {
+            t.exp() / (1.0 + t.exp())
+        }
+    }
+
+    pub fn silu(g: f64) -> f64 {
+        g * sigmoid(g)
+    }
+
+    pub fn silu_grad(g: f64) -> f64 {
+        let s = sigmoid(g);
+        s * (1.0 + g * (1.0 - s))
+    }
+
+    pub fn swiglu_forward(gate: &[f64], up: &[f64]) -> Vec<f64> {
+        gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect()
+    }
+
+    /// `(dgate, dup)`.
+    pub fn swiglu_backward(gate: &[f64], up: &[f64], dh: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let dgate = (gate.iter().zip(up).zip(dh))
+            .map(|((&g, &u), &d)| d * u * silu_grad(g))
+            .collect();
+        let dup = gate.iter().zip(dh).map(|(&g, &d)| d * silu(g)).collect();
+        (dgate, dup)
+    }
+
+    pub fn gelu(x: f64) -> f64 {
+        let u = SQRT_2_OVER_PI * (x + CUBIC * x.powi(3));
+        0.5 * x * (1.0 + u.tanh())
+    }
+
+    pub fn gelu_grad(x: f64) -> f64 {
+        let t = (SQRT_2_OVER_PI * (x + CUBIC * x.powi(3))).tanh();
+        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x);
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    }
+
+    pub fn gelu_forward(x: &[f64]) -> Vec<f64> {
+        x.iter().map(|&v| gelu(v)).collect()
+    }
+
+    pub fn gelu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
+        x.iter().zip(dy).map(|(&v, &d)| d * gelu_grad(v)).collect()
+    }
+}

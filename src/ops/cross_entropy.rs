@@ -1,0 +1,147 @@
+//! Fused softmax cross-entropy: per-row loss `logsumexp(z) − z[target]` and, in the same
+//! dispatch, `dlogits = scale·(softmax(z) − onehot(target))`, without materialising the softmax.
+//! Targets are u32; [`IGNORE`] (or any target ≥ V) marks a row that counts for nothing:
+//! loss 0 and gradient 0.
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("cross_entropy");
+/// Threads per row; a power of two because the reduction tree halves it.
+const WG: u32 = 256;
+const _: () = assert!(WG.is_power_of_two());
+
+/// The target of an ignored row (padding, prompt tokens).
+pub const IGNORE: u32 = u32::MAX;
+
+static FORWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "cross_entropy_forward",
+    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+};
+static FORWARD_BACKWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "cross_entropy_forward_backward",
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (3, Access::ReadWrite),
+        (4, Access::ReadWrite),
+    ],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    scale: f32,
+}
+
+/// Checks `logits [N, V]` (f32), `targets [N]` (u32), `loss [N]` (f32); returns `(N, V)`.
+fn rows_and_vocab(logits: &Tensor, targets: &Tensor, loss: &Tensor) -> (usize, usize) {
+    assert_eq!(logits.dtype(), DType::F32, "cross_entropy: f32 logits only");
+    assert_eq!(
+        targets.dtype(),
+        DType::U32,
+        "cross_entropy: u32 targets only"
+    );
+    assert_eq!(loss.dtype(), DType::F32, "cross_entropy: f32 loss only");
+    let (rows, vocab) = (logits.shape().rows(), logits.shape().last());
+    assert!(vocab > 0, "cross_entropy: empty vocabulary in {logits:?}");
+    assert_eq!(targets.numel(), rows, "cross_entropy: one target per row");
+    assert_eq!(loss.numel(), rows, "cross_entropy: one loss per row");
+    (rows, vocab)
+}
+
+fn launch(
+    rec: &mut Recorder,
+    spec: &'static KernelSpec,
+    tensors: &[&Tensor],
+    (rows, vocab): (usize, usize),
+    scale: f32,
+) {
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    let params = Params {
+        rows: rows as u32,
+        cols: vocab as u32,
+        scale,
+    };
+    rec.dispatch(&kernel, tensors, &params, Grid::flat(rows));
+}
+
+/// `loss[n] = logsumexp(logits[n]) − logits[n, targets[n]]` and
+/// `dlogits = scale·(softmax(logits) − onehot(targets))` (overwritten), both 0 on ignored rows.
+/// `loss` is not scaled.
+pub fn cross_entropy(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    targets: &Tensor,
+    loss: &Tensor,
+    dlogits: &Tensor,
+    scale: f32,
+) {
+    let dims = rows_and_vocab(logits, targets, loss);
+    assert_eq!(
+        dlogits.dtype(),
+        DType::F32,
+        "cross_entropy: f32 dlogits only"
+    );
+    assert_eq!(
+        dlogits.shape(),
+        logits.shape(),
+        "cross_entropy: dlogits must have the logits' shape"
+    );
+    let tensors = [logits, targets, loss, dlogits];
+    launch(rec, &FORWARD_BACKWARD, &tensors, dims, scale);
+}
+
+/// The per-row loss of [`cross_entropy`] without the gradient (evaluation, perplexity).
+pub fn cross_entropy_loss(rec: &mut Recorder, logits: &Tensor, targets: &Tensor, loss: &Tensor) {
+    let dims = rows_and_vocab(logits, targets, loss);
+    launch(rec, &FORWARD, &[logits, targets, loss], dims, 1.0);
+}
+
+/// CPU f64 references over row-major `[N, V]` logits.
+pub mod reference {
+    /// The target's index, or `None` for an ignored row ([`super::IGNORE`] or out of range).
+    fn counted(target: u32, vocab: usize) -> Option<usize> {
+        let t = target as usize;
+        (t < vocab).then_some(t)
+    }
+
+    fn logsumexp(row: &[f64]) -> f64 {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln()
+    }
+
+    /// Per-row loss, 0 on ignored rows.
+    pub fn cross_entropy_loss(logits: &[f64], targets: &[u32], vocab: usize) -> Vec<f64> {
+        logits
+            .chunks_exact(vocab)
+            .zip(targets)
+            .map(|(row, &t)| counted(t, vocab).map_or(0.0, |t| logsumexp(row) - row[t]))
+            .collect()
+    }
+
+    /// `scale·(softmax − onehot)`, 0 on ignored rows.
+    pub fn cross_entropy_grad(
+        logits: &[f64],
+        targets: &[u32],
+        vocab: usize,
+        scale: f64,
+    ) -> Vec<f64> {
+        logits
+            .chunks_exact(vocab)
+            .zip(targets)
+            .flat_map(|(row, &t)| {
+                let lse = logsumexp(row);
+                let target = counted(t, vocab);
+                (0..vocab).map(move |i| match target {
+                    None => 0.0,
+                    Some(t) => scale * ((row[i] - lse).exp() - f64::from(u8::from(i == t))),
+                })
+            })
+            .collect()
+    }
+}

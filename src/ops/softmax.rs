@@ -1,0 +1,81 @@
+//! Row softmax over the last dimension, with max subtraction, and its gradient
+//! `dx = y ∘ (dy − Σ dy·y)` (overwritten). One workgroup per row with deterministic tree
+//! reductions, so rows as long as a vocabulary work and reruns are bit-identical.
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("softmax");
+/// Threads per row; a power of two because the reduction tree halves it.
+const WG: u32 = 256;
+const _: () = assert!(WG.is_power_of_two());
+
+static FORWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "softmax_forward",
+    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+};
+static BACKWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "softmax_backward",
+    bindings: &[(3, Access::Read), (4, Access::Read), (5, Access::ReadWrite)],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+}
+
+/// One workgroup per row of the first tensor's `[.., cols]` shape; all tensors f32 and alike.
+fn launch(rec: &mut Recorder, spec: &'static KernelSpec, tensors: &[&Tensor]) {
+    let shape = tensors[0].shape();
+    for t in tensors {
+        assert_eq!(t.dtype(), DType::F32, "{}: f32 tensors only", spec.entry);
+        assert_eq!(t.shape(), shape, "{}: shapes differ", spec.entry);
+    }
+    let (rows, cols) = (shape.rows(), shape.last());
+    assert!(cols > 0, "{}: rows of length 0 in {shape}", spec.entry);
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    let params = Params {
+        rows: rows as u32,
+        cols: cols as u32,
+    };
+    rec.dispatch(&kernel, tensors, &params, Grid::flat(rows));
+}
+
+/// `y = softmax(x)` over the last dimension.
+pub fn softmax_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) {
+    launch(rec, &FORWARD, &[x, y]);
+}
+
+/// Gradient of [`softmax_forward`] from its output `y`: `dx = y ∘ (dy − Σ dy·y)` per row
+/// (overwritten).
+pub fn softmax_backward(rec: &mut Recorder, y: &Tensor, dy: &Tensor, dx: &Tensor) {
+    launch(rec, &BACKWARD, &[y, dy, dx]);
+}
+
+/// CPU f64 references over row-major `[rows, cols]` data.
+pub mod reference {
+    pub fn softmax_forward(x: &[f64], cols: usize) -> Vec<f64> {
+        x.chunks_exact(cols)
+            .flat_map(|row| {
+                let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = row.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                exps.into_iter().map(move |e| e / sum)
+            })
+            .collect()
+    }
+
+    pub fn softmax_backward(y: &[f64], dy: &[f64], cols: usize) -> Vec<f64> {
+        y.chunks_exact(cols)
+            .zip(dy.chunks_exact(cols))
+            .flat_map(|(y, dy)| {
+                let dot: f64 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                y.iter().zip(dy).map(move |(a, b)| a * (b - dot))
+            })
+            .collect()
+    }
+}
