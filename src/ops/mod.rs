@@ -3,5 +3,6 @@
 //! tests compare against.
 
 pub mod cast;
+pub mod grad_norm;
 pub mod reduce;
 pub mod residual;

@@ -3,5 +3,6 @@
 //! One test binary for all families keeps link time down.
 
 mod cast;
+mod grad_norm;
 mod reduce;
 mod residual;
