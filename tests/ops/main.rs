@@ -2,6 +2,7 @@
 //! NaN-poisoned outputs; every backward also against finite differences of the reference.
 //! One test binary for all families keeps link time down.
 
+mod adamw;
 mod cast;
 mod grad_norm;
 mod reduce;
