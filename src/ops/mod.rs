@@ -3,7 +3,10 @@
 //! tests compare against.
 
 pub mod activation;
+pub mod adamw;
+pub mod cast;
 pub mod cross_entropy;
+pub mod grad_norm;
 pub mod reduce;
 pub mod residual;
 pub mod softmax;

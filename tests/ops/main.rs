@@ -3,7 +3,10 @@
 //! One test binary for all families keeps link time down.
 
 mod activation;
+mod adamw;
+mod cast;
 mod cross_entropy;
+mod grad_norm;
 mod reduce;
 mod residual;
 mod softmax;

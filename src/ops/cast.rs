@@ -1,0 +1,93 @@
+//! Dtype casts: f16/bf16 → f32 (loading checkpoints and frozen weights) and f32 → f16/bf16
+//! with round-to-nearest-even (storing frozen weights, writing checkpoints). Bit-exact with the
+//! `half` crate, and independent of shader-f16 (16-bit data travels as packed `u32` words).
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("cast");
+const WG: u32 = 256;
+
+static WIDEN: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "widen_to_f32",
+    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+};
+static NARROW: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "narrow_from_f32",
+    bindings: &[(3, Access::Read), (4, Access::ReadWrite)],
+};
+
+/// The 16-bit side of a cast; values match `FORMAT_*` in `cast.wgsl`.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Format {
+    F16 = 0,
+    Bf16 = 1,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    format: u32,
+}
+
+/// Converts every element of `src` into `dst` (same element count): f16 → f32, bf16 → f32,
+/// f32 → f16 or f32 → bf16, chosen by the tensors' dtypes. Narrowing rounds to nearest even;
+/// NaN stays NaN, ±0, ±inf and subnormals are kept where the target can hold them.
+///
+/// With an odd element count the 16-bit output's last storage word is half past the end; that
+/// half is left as it was, so a tensor that is a view into a larger buffer is safe.
+pub fn cast(rec: &mut Recorder, src: &Tensor, dst: &Tensor) {
+    assert_eq!(
+        src.numel(),
+        dst.numel(),
+        "cast: {src:?} and {dst:?} differ in element count"
+    );
+    let n = src.numel();
+    assert!(
+        u32::try_from(n).is_ok(),
+        "cast: {n} elements exceed a 32-bit index; cast in chunks"
+    );
+    let (spec, format, threads) = match (src.dtype(), dst.dtype()) {
+        (DType::F16, DType::F32) => (&WIDEN, Format::F16, n),
+        (DType::BF16, DType::F32) => (&WIDEN, Format::Bf16, n),
+        // One thread per output word: two elements.
+        (DType::F32, DType::F16) => (&NARROW, Format::F16, n.div_ceil(2)),
+        (DType::F32, DType::BF16) => (&NARROW, Format::Bf16, n.div_ceil(2)),
+        (from, to) => panic!("cast: no conversion from {from} to {to} (f16/bf16 <-> f32 only)"),
+    };
+    if n == 0 {
+        return;
+    }
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    let params = Params {
+        n: n as u32,
+        format: format as u32,
+    };
+    rec.dispatch(&kernel, &[src, dst], &params, Grid::threads(threads, WG));
+}
+
+/// CPU references: the `half` crate's conversions, which are round-to-nearest-even and keep
+/// NaN, infinities and subnormals.
+pub mod reference {
+    use half::{bf16, f16};
+
+    pub fn f16_to_f32(x: &[f16]) -> Vec<f32> {
+        x.iter().map(|h| h.to_f32()).collect()
+    }
+
+    pub fn bf16_to_f32(x: &[bf16]) -> Vec<f32> {
+        x.iter().map(|h| h.to_f32()).collect()
+    }
+
+    pub fn f32_to_f16(x: &[f32]) -> Vec<f16> {
+        x.iter().map(|&v| f16::from_f32(v)).collect()
+    }
+
+    pub fn f32_to_bf16(x: &[f32]) -> Vec<bf16> {
+        x.iter().map(|&v| bf16::from_f32(v)).collect()
+    }
+}

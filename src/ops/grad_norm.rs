@@ -1,0 +1,69 @@
+//! The global squared gradient norm Σ_tensors Σ g², for gradient clipping without a host round
+//! trip: AdamW reads the result from GPU memory. Two deterministic stages: per-block partial
+//! sums of squares of every tensor into one scratch vector, then [`reduce::sum_rows`].
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::ops::reduce;
+use crate::shader;
+
+static SHADER: Shader = shader!("grad_norm");
+/// Threads per workgroup; a power of two for the in-workgroup tree.
+const WG: u32 = 256;
+/// Elements each thread squares: a block is `WG · ITEMS` elements, one scratch slot.
+const ITEMS: u32 = 16;
+const BLOCK: usize = (WG * ITEMS) as usize;
+const _: () = assert!(WG.is_power_of_two());
+
+static SUM_SQUARES: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "sum_squares_per_block",
+    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    first_slot: u32,
+    blocks: u32,
+}
+
+/// `out[0] = Σ over grads, in order, of Σ g²`: the squared global norm that gradient clipping
+/// needs. Deterministic: the same gradients give bit-identical results. `out` is overwritten.
+pub fn grad_norm_squared(rec: &mut Recorder, grads: &[&Tensor], out: &Tensor) {
+    assert!(
+        out.dtype() == DType::F32 && out.numel() == 1,
+        "grad_norm_squared: out must be one f32, got {out:?}"
+    );
+    for g in grads {
+        assert_eq!(g.dtype(), DType::F32, "grad_norm_squared: {g:?} is not f32");
+    }
+    let blocks: Vec<usize> = grads.iter().map(|g| g.numel().div_ceil(BLOCK)).collect();
+    let slots: usize = blocks.iter().sum();
+    if slots == 0 {
+        rec.zero(out);
+        return;
+    }
+    let partials = Tensor::empty(rec.gpu(), [slots, 1], DType::F32);
+    let kernel = rec
+        .gpu()
+        .kernel(&SUM_SQUARES, &[("WG", WG), ("ITEMS", ITEMS)]);
+    let mut first_slot = 0;
+    for (g, &count) in grads.iter().zip(&blocks).filter(|(_, &b)| b > 0) {
+        let params = Params {
+            n: g.numel() as u32,
+            first_slot: first_slot as u32,
+            blocks: count as u32,
+        };
+        rec.dispatch(&kernel, &[g, &partials], &params, Grid::flat(count));
+        first_slot += count;
+    }
+    reduce::sum_rows(rec, &partials, out, false);
+}
+
+/// CPU f64 reference.
+pub mod reference {
+    pub fn grad_norm_squared(grads: &[&[f64]]) -> f64 {
+        grads.iter().flat_map(|g| g.iter()).map(|x| x * x).sum()
+    }
+}
