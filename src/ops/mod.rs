@@ -7,3 +7,4 @@ pub mod layernorm;
 pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;
+pub mod rope;

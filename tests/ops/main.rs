@@ -7,3 +7,4 @@ mod layernorm;
 mod reduce;
 mod residual;
 mod rmsnorm;
+mod rope;
