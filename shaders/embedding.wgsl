@@ -1,0 +1,78 @@
+// Token embedding lookup and its gradient, for a table split into row chunks
+// [first_row, first_row + chunk_rows) of the full [V, C] table.
+//
+// Forward: out[t, :] = table[ids[t], :] for the tokens whose id lies in the chunk; the other
+// rows of out are left untouched (so one launch per chunk covers every in-range id, and an id
+// >= V, a caller bug, is skipped by every chunk: its row is never written and nothing is read
+// out of bounds).
+//
+// Backward: one writer per table row, no atomics. The host's CSR inverse index lists the
+// sorted unique ids, and for each the positions where it occurs (increasing); one thread per
+// (unique id, column) adds dout over those positions in that fixed order.
+
+struct Params {
+    tokens: u32,
+    cols: u32,
+    first_row: u32,
+    chunk_rows: u32,
+    // Backward: the first unique id (index into unique_ids) inside the chunk, and how many.
+    first_unique: u32,
+    uniques: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(2) var<storage, read> table: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> unique_ids: array<u32>;
+@group(0) @binding(5) var<storage, read> offsets: array<u32>;
+@group(0) @binding(6) var<storage, read> positions: array<u32>;
+@group(0) @binding(7) var<storage, read> dout: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dtable: array<f32>;
+
+override WG: u32 = 256u;
+
+fn element_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return flat_workgroup_id(wid, nwg) * WG + lid;
+}
+
+// Whether `id` is a row of this chunk (written without `first_row + chunk_rows`, which could
+// overflow).
+fn in_chunk(id: u32) -> bool {
+    return id >= params.first_row && id - params.first_row < params.chunk_rows;
+}
+
+// One thread per element of out.
+@compute @workgroup_size(WG)
+fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = element_index(wid, nwg, lid);
+    if i >= params.tokens * params.cols {
+        return;
+    }
+    let id = ids[i / params.cols];
+    if in_chunk(id) {
+        out[i] = table[(id - params.first_row) * params.cols + i % params.cols];
+    }
+}
+
+// One thread per (unique id inside the chunk, column): dtable[id, c] += Σ dout[p, c] over the
+// positions p of id, in increasing order.
+@compute @workgroup_size(WG)
+fn embedding_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let i = element_index(wid, nwg, lid);
+    if i >= params.uniques * params.cols {
+        return;
+    }
+    let u = params.first_unique + i / params.cols;
+    let c = i % params.cols;
+    var total = 0.0;
+    for (var k = offsets[u]; k < offsets[u + 1u]; k = k + 1u) {
+        total = total + dout[positions[k] * params.cols + c];
+    }
+    let row = (unique_ids[u] - params.first_row) * params.cols;
+    dtable[row + c] = dtable[row + c] + total;
+}

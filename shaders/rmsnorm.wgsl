@@ -1,0 +1,110 @@
+// RMSNorm (Llama): y = x · rstd · w with rstd = 1/sqrt(mean(x²) + eps), per row of x [rows, C].
+//
+// The row reductions run one workgroup per row with a fixed-order tree in workgroup memory, so
+// results are bit-identical across runs. The weight gradient is summed per block of rows into
+// partials [blocks, C] (one thread per column and block); `reduce::sum_rows` finishes it.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    eps: f32,
+    // Rows that one thread of `rmsnorm_dw_partial` sums.
+    rows_per_block: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> rstd_out: array<f32>;
+@group(0) @binding(5) var<storage, read> rstd: array<f32>;
+@group(0) @binding(6) var<storage, read> dy: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dw_partial: array<f32>;
+
+// Must be a power of two (the tree halves it).
+override WG: u32 = 256u;
+
+var<workgroup> lanes: array<f32, WG>;
+
+// The sum of every thread's `value`, added in a fixed tree order; every thread gets it. Called
+// from uniform control flow only.
+fn workgroup_sum(lid: u32, value: f32) -> f32 {
+    lanes[lid] = value;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if lid < stride {
+            lanes[lid] = lanes[lid] + lanes[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = lanes[0];
+    // Everyone reads the total before a following call overwrites the lanes.
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(WG)
+fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let row = flat_workgroup_id(wid, nwg);
+    if row >= params.rows {
+        return;
+    }
+    let base = row * params.cols;
+    var squares = 0.0;
+    for (var c = lid; c < params.cols; c = c + WG) {
+        let v = x[base + c];
+        squares = squares + v * v;
+    }
+    let mean_square = workgroup_sum(lid, squares) / f32(params.cols);
+    let r = 1.0 / sqrt(mean_square + params.eps);
+    for (var c = lid; c < params.cols; c = c + WG) {
+        // (x · rstd) · w, in the order transformers' LlamaRMSNorm multiplies.
+        y[base + c] = x[base + c] * r * w[c];
+    }
+    if lid == 0u {
+        rstd_out[row] = r;
+    }
+}
+
+// dx = rstd · (g − x · rstd² · mean(g · x)) with g = dy · w.
+@compute @workgroup_size(WG)
+fn rmsnorm_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let row = flat_workgroup_id(wid, nwg);
+    if row >= params.rows {
+        return;
+    }
+    let base = row * params.cols;
+    var gx = 0.0;
+    for (var c = lid; c < params.cols; c = c + WG) {
+        gx = gx + dy[base + c] * w[c] * x[base + c];
+    }
+    let r = rstd[row];
+    let correction = r * r * workgroup_sum(lid, gx) / f32(params.cols);
+    for (var c = lid; c < params.cols; c = c + WG) {
+        dx[base + c] = r * (dy[base + c] * w[c] - x[base + c] * correction);
+    }
+}
+
+// dw_partial[block, c] = Σ over the block's rows of dy · x · rstd. Grid: x covers the columns,
+// y the blocks of rows.
+@compute @workgroup_size(WG)
+fn rmsnorm_dw_partial(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let block = gid.y;
+    if c >= params.cols {
+        return;
+    }
+    let first = block * params.rows_per_block;
+    let last = min(first + params.rows_per_block, params.rows);
+    var total = 0.0;
+    for (var row = first; row < last; row = row + 1u) {
+        let i = row * params.cols + c;
+        total = total + dy[i] * x[i] * rstd[row];
+    }
+    dw_partial[block * params.cols + c] = total;
+}

@@ -1,0 +1,245 @@
+//! RMSNorm (Llama): `y = x · rstd · w` with `rstd = 1/sqrt(mean(x²) + eps)` per row of
+//! `x [rows, C]` (any rank: the last dimension is C), `w [C]`.
+//!
+//! The forward saves `rstd [rows]` for the backward. The weight gradient is deterministic: a
+//! kernel sums blocks of rows into partials `[blocks, C]` and [`reduce::sum_rows`] adds them up.
+//! That plumbing (shape checks, one-workgroup-per-row launches, partial-then-sum weight
+//! gradients) is shared with `layernorm` through the `pub(crate)` helpers at the end.
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::ops::reduce;
+use crate::shader;
+
+static SHADER: Shader = shader!("rmsnorm");
+
+static FORWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "rmsnorm_forward",
+    // x, w, y, rstd
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (3, Access::ReadWrite),
+        (4, Access::ReadWrite),
+    ],
+};
+static BACKWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "rmsnorm_backward",
+    // x, w, rstd, dy, dx
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (5, Access::Read),
+        (6, Access::Read),
+        (7, Access::ReadWrite),
+    ],
+};
+static DW_PARTIAL: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "rmsnorm_dw_partial",
+    // x, rstd, dy, then the partials `weight_grad` appends
+    bindings: &[
+        (1, Access::Read),
+        (5, Access::Read),
+        (6, Access::Read),
+        (8, Access::ReadWrite),
+    ],
+};
+
+/// `y = x · rstd · w`; writes `rstd [rows]` for [`rmsnorm_backward`].
+pub fn rmsnorm_forward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    rstd: &Tensor,
+    eps: f32,
+) {
+    let op = "rmsnorm_forward";
+    let shape = RowShape::of(op, x);
+    shape.expect_per_column(op, "w", w);
+    shape.expect_like_x(op, "y", y);
+    shape.expect_per_row(op, "rstd", rstd);
+    launch_per_row(rec, &FORWARD, &[x, w, y, rstd], shape, eps);
+}
+
+/// Gradients of [`rmsnorm_forward`]: `dx` is overwritten; `dw` is accumulated (`+=`) when
+/// `accumulate_dw`, overwritten otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+    dw: &Tensor,
+    accumulate_dw: bool,
+) {
+    let op = "rmsnorm_backward";
+    let shape = RowShape::of(op, x);
+    shape.expect_per_column(op, "w", w);
+    shape.expect_per_row(op, "rstd", rstd);
+    shape.expect_like_x(op, "dy", dy);
+    shape.expect_like_x(op, "dx", dx);
+    shape.expect_per_column(op, "dw", dw);
+    launch_per_row(rec, &BACKWARD, &[x, w, rstd, dy, dx], shape, 0.0);
+    let partial_inputs = [x, rstd, dy];
+    weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, accumulate_dw);
+}
+
+// ---- Plumbing shared with `layernorm` ----
+
+/// Threads per row (a power of two: the WGSL reduction tree halves it).
+pub(crate) const WG: u32 = 256;
+const _: () = assert!(WG.is_power_of_two());
+/// Rows one thread sums into a partial of a weight gradient: enough work per thread, and the
+/// partials stay a small fraction of the activations.
+pub(crate) const ROWS_PER_BLOCK: usize = 64;
+
+/// The `[rows, cols]` view of a row-wise norm's input.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowShape {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl RowShape {
+    pub(crate) fn of(op: &str, x: &Tensor) -> Self {
+        assert_eq!(x.dtype(), DType::F32, "{op}: x must be f32, got {x:?}");
+        let cols = x.shape().last();
+        assert!(cols > 0 && x.numel() > 0, "{op}: x {x:?} is empty");
+        RowShape {
+            rows: x.shape().rows(),
+            cols,
+        }
+    }
+
+    fn expect(op: &str, name: &str, t: &Tensor, numel: usize, layout: &str) {
+        assert_eq!(t.dtype(), DType::F32, "{op}: {name} must be f32, got {t:?}");
+        assert_eq!(
+            t.numel(),
+            numel,
+            "{op}: {name} {t:?} must hold {numel} values ({layout})"
+        );
+    }
+
+    /// A tensor with one value per column (weights, biases, their gradients).
+    pub(crate) fn expect_per_column(&self, op: &str, name: &str, t: &Tensor) {
+        Self::expect(op, name, t, self.cols, "one per column");
+    }
+
+    /// A tensor with one value per row (saved statistics).
+    pub(crate) fn expect_per_row(&self, op: &str, name: &str, t: &Tensor) {
+        Self::expect(op, name, t, self.rows, "one per row");
+    }
+
+    /// A tensor as large as `x`.
+    pub(crate) fn expect_like_x(&self, op: &str, name: &str, t: &Tensor) {
+        Self::expect(op, name, t, self.rows * self.cols, "the shape of x");
+    }
+}
+
+/// The uniform parameters of every row-norm entry point (the WGSL `Params` of rmsnorm.wgsl
+/// and layernorm.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RowParams {
+    rows: u32,
+    cols: u32,
+    eps: f32,
+    rows_per_block: u32,
+}
+
+impl RowParams {
+    fn new(shape: RowShape, eps: f32) -> Self {
+        RowParams {
+            rows: shape.rows as u32,
+            cols: shape.cols as u32,
+            eps,
+            rows_per_block: ROWS_PER_BLOCK as u32,
+        }
+    }
+}
+
+/// One workgroup of [`WG`] threads per row (`eps` is read by forwards only).
+pub(crate) fn launch_per_row(
+    rec: &mut Recorder,
+    spec: &'static KernelSpec,
+    tensors: &[&Tensor],
+    shape: RowShape,
+    eps: f32,
+) {
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    let params = RowParams::new(shape, eps);
+    rec.dispatch(&kernel, tensors, &params, Grid::flat(shape.rows));
+}
+
+/// A deterministic weight gradient: `partial_spec` (bound to `tensors` then the partials)
+/// writes `partial[block, c]`, the sum over a block of [`ROWS_PER_BLOCK`] rows, with one thread
+/// per column and block; [`reduce::sum_rows`] then adds the blocks into `grad` (`+=` when
+/// `accumulate`).
+pub(crate) fn weight_grad(
+    rec: &mut Recorder,
+    partial_spec: &'static KernelSpec,
+    tensors: &[&Tensor],
+    shape: RowShape,
+    grad: &Tensor,
+    accumulate: bool,
+) {
+    const MAX_BLOCKS: usize = 65_535;
+    let blocks = shape.rows.div_ceil(ROWS_PER_BLOCK);
+    assert!(
+        blocks <= MAX_BLOCKS,
+        "{}: {} rows need more than {MAX_BLOCKS} blocks",
+        partial_spec.entry,
+        shape.rows
+    );
+    let partial = Tensor::empty(rec.gpu(), [blocks, shape.cols], DType::F32);
+    let mut bound = tensors.to_vec();
+    bound.push(&partial);
+    let kernel = rec.gpu().kernel(partial_spec, &[("WG", WG)]);
+    let column_groups = shape.cols.div_ceil(WG as usize) as u32;
+    let grid = Grid::xyz(column_groups, blocks as u32, 1);
+    rec.dispatch(&kernel, &bound, &RowParams::new(shape, 0.0), grid);
+    reduce::sum_rows(rec, &partial, grad, accumulate);
+}
+
+/// CPU f64 references (row-major `[rows, cols]`).
+pub mod reference {
+    /// `(y, rstd)`.
+    pub fn rmsnorm_forward(x: &[f64], w: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>) {
+        let cols = w.len();
+        let mut y = Vec::with_capacity(x.len());
+        let mut rstd = Vec::new();
+        for row in x.chunks_exact(cols) {
+            let mean_square = row.iter().map(|v| v * v).sum::<f64>() / cols as f64;
+            let r = 1.0 / (mean_square + eps).sqrt();
+            y.extend(row.iter().zip(w).map(|(v, wc)| v * r * wc));
+            rstd.push(r);
+        }
+        (y, rstd)
+    }
+
+    /// `(dx, dw)`.
+    pub fn rmsnorm_backward(x: &[f64], w: &[f64], dy: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>) {
+        let cols = w.len();
+        let (_, rstd) = rmsnorm_forward(x, w, eps);
+        let mut dx = Vec::with_capacity(x.len());
+        let mut dw = vec![0.0; cols];
+        for ((row, drow), r) in x.chunks_exact(cols).zip(dy.chunks_exact(cols)).zip(rstd) {
+            let g: Vec<f64> = drow.iter().zip(w).map(|(d, wc)| d * wc).collect();
+            let mean_gx = g.iter().zip(row).map(|(a, b)| a * b).sum::<f64>() / cols as f64;
+            dx.extend(
+                g.iter()
+                    .zip(row)
+                    .map(|(gc, xc)| r * (gc - xc * r * r * mean_gx)),
+            );
+            for ((acc, d), xc) in dw.iter_mut().zip(drow).zip(row) {
+                *acc += d * xc * r;
+            }
+        }
+        (dx, dw)
+    }
+}
