@@ -271,7 +271,8 @@ fn reference_gemm(
 
 #[test]
 fn gemm_batched_matches_reference_in_every_layout_with_a_broadcast_operand() {
-    let (batch, m, n, k) = (3, 19, 23, 37);
+    // One full 64×64 tile and partial edge tiles in M and N; K ends in a partial step.
+    let (batch, m, n, k) = (3, 67, 69, 37);
     for (case, (transpose_a, transpose_b)) in
         [(false, false), (false, true), (true, false), (true, true)]
             .into_iter()
