@@ -91,6 +91,11 @@ fn tile_entry(slot: u32, groups: u32, k_contiguous: bool) -> vec2<u32> {
     return vec2<u32>(slot / groups, slot % groups);
 }
 
+// Position of tile entry e = (kk, group) in a_tile or b_tile.
+fn slot_index(e: vec2<u32>, groups: u32) -> u32 {
+    return e.x * groups + e.y;
+}
+
 // Fills a_tile and b_tile with the K step starting at k0 (zeros outside the matrices).
 fn load_tiles(thread: u32, a_base: u32, b_base: u32, row0: u32, col0: u32, k0: u32) {
     let threads = GROUP_M * GROUP_N;
@@ -116,10 +121,6 @@ fn load_tiles(thread: u32, a_base: u32, b_base: u32, row0: u32, col0: u32, k0: u
             load_b(b_base, k, col + 3u),
         );
     }
-}
-
-fn slot_index(e: vec2<u32>, groups: u32) -> u32 {
-    return e.x * groups + e.y;
 }
 
 // One thread's share of C: its first row and column and its BLOCK×BLOCK sums.

@@ -3,6 +3,8 @@
 //! operand is stored transposed) is fixed per pipeline, so no transpose kernel ever runs.
 //!
 //! Weights are stored PyTorch-style, `W [N, K]` (out × in); activations are row-major `[.., K]`.
+//! Every launcher takes [`MatmulOptions`]: handing a backward the forward's `alpha` gives the
+//! gradient of the scaled forward.
 
 use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
@@ -428,7 +430,11 @@ pub fn matmul_backward_weight(
 /// `db = Σ_rows dY` (or `+=`): `dy [.., N]`, `db [N]`. The bias is not scaled by alpha in the
 /// forward, so its gradient has no alpha either.
 pub fn matmul_backward_bias(rec: &mut Recorder, dy: &Tensor, db: &Tensor, accumulate: bool) {
-    rows_of("dy", dy, db.numel());
+    assert_eq!(
+        dy.shape().last(),
+        db.numel(),
+        "matmul_backward_bias: dy {dy:?} and db {db:?} differ in columns"
+    );
     reduce::sum_rows(rec, dy, db, accumulate);
 }
 
