@@ -9,6 +9,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;
 pub mod layernorm;
+pub mod matmul;
 pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;

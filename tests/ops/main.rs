@@ -9,6 +9,7 @@ mod cross_entropy;
 mod embedding;
 mod grad_norm;
 mod layernorm;
+mod matmul;
 mod reduce;
 mod residual;
 mod rmsnorm;

@@ -1,0 +1,528 @@
+//! Matrix products for the linear layers: `Y = X·Wᵀ (+ b)` and its gradients `dX = dY·W`,
+//! `dW += dYᵀ·X`, `db += Σ dY`, all on one general batched GEMM ([`gemm`]) whose layout (which
+//! operand is stored transposed) is fixed per pipeline, so no transpose kernel ever runs.
+//!
+//! Weights are stored PyTorch-style, `W [N, K]` (out × in); activations are row-major `[.., K]`.
+//! Every launcher takes [`MatmulOptions`]: handing a backward the forward's `alpha` gives the
+//! gradient of the scaled forward.
+
+use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::ops::reduce;
+use crate::shader;
+
+static SHADER: Shader = shader!("matmul");
+
+/// Threads of a workgroup along M and along N (256 threads).
+const GROUP_M: u32 = 16;
+const GROUP_N: u32 = 16;
+/// Depth of one K step through workgroup memory.
+const TILE_K: u32 = 16;
+/// Rows and columns of C one thread computes (the WGSL `const BLOCK`).
+const BLOCK: u32 = 4;
+const TILE_M: usize = (GROUP_M * BLOCK) as usize;
+const TILE_N: usize = (GROUP_N * BLOCK) as usize;
+/// Most workgroups along one grid dimension.
+const MAX_GROUPS_PER_DIM: usize = 65_535;
+
+static GEMM: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "gemm",
+    bindings: &[(1, Access::Read), (2, Access::Read), (4, Access::ReadWrite)],
+};
+static GEMM_BIAS: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "gemm_bias",
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (3, Access::Read),
+        (4, Access::ReadWrite),
+    ],
+};
+
+/// How a product is combined with what the output already holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MatmulOptions {
+    /// Scale of the product (LoRA's `alpha / r`); a bias is added unscaled.
+    pub alpha: f32,
+    /// `C += ...` (parameter gradients, LoRA's second path) instead of `C = ...`.
+    pub accumulate: bool,
+}
+
+impl Default for MatmulOptions {
+    fn default() -> Self {
+        MatmulOptions {
+            alpha: 1.0,
+            accumulate: false,
+        }
+    }
+}
+
+impl MatmulOptions {
+    /// `C = product` with alpha 1.
+    pub fn overwrite() -> Self {
+        Self::default()
+    }
+
+    /// `C += product` with alpha 1.
+    pub fn accumulate() -> Self {
+        MatmulOptions {
+            accumulate: true,
+            ..Self::default()
+        }
+    }
+
+    /// The same, with the product scaled by `alpha`.
+    pub fn scaled(self, alpha: f32) -> Self {
+        MatmulOptions { alpha, ..self }
+    }
+}
+
+/// Where the matrices of one operand lie inside its tensor, in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strided {
+    /// Index of the first matrix's first element.
+    pub offset: usize,
+    /// Elements from one stored row to the next (the leading dimension).
+    pub row_stride: usize,
+    /// Elements from one matrix of the batch to the next; 0 broadcasts one matrix.
+    pub batch_stride: usize,
+}
+
+impl Strided {
+    /// Contiguous `[batch, rows, cols]` matrices starting at element 0.
+    pub fn dense(rows: usize, cols: usize) -> Strided {
+        Strided {
+            offset: 0,
+            row_stride: cols,
+            batch_stride: rows * cols,
+        }
+    }
+
+    /// One matrix with rows `row_stride` apart, used by every batch entry.
+    pub fn broadcast(row_stride: usize) -> Strided {
+        Strided {
+            offset: 0,
+            row_stride,
+            batch_stride: 0,
+        }
+    }
+
+    /// The same layout starting at element `offset`.
+    pub fn at(self, offset: usize) -> Strided {
+        Strided { offset, ..self }
+    }
+}
+
+/// One batched product `C[b] = alpha·op(A[b])·op(B[b]) (+ bias) (+ C[b])`, with op(A) `M×K`
+/// and op(B) `K×N`. A is stored `[M, K]`, or `[K, M]` when `transpose_a`; B is stored
+/// `[K, N]`, or `[N, K]` when `transpose_b`; C is stored `[M, N]` (with its own strides).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemm {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    pub a: Strided,
+    pub b: Strided,
+    pub c: Strided,
+    /// Index of `bias[0]` in the bias tensor (a column window of C takes a window of bias).
+    pub bias_offset: usize,
+    pub options: MatmulOptions,
+}
+
+impl Gemm {
+    /// An unbatched product of contiguous matrices in the given layout.
+    pub fn dense(m: usize, n: usize, k: usize, transpose_a: bool, transpose_b: bool) -> Gemm {
+        let (a_rows, a_cols) = stored_dims(m, k, transpose_a);
+        let (b_rows, b_cols) = stored_dims(k, n, transpose_b);
+        Gemm {
+            batch: 1,
+            m,
+            n,
+            k,
+            transpose_a,
+            transpose_b,
+            a: Strided::dense(a_rows, a_cols),
+            b: Strided::dense(b_rows, b_cols),
+            c: Strided::dense(m, n),
+            bias_offset: 0,
+            options: MatmulOptions::default(),
+        }
+    }
+
+    /// The same product with other options.
+    pub fn with(self, options: MatmulOptions) -> Gemm {
+        Gemm { options, ..self }
+    }
+
+    /// `(rows, cols)` of A, B and C as stored.
+    fn stored(&self) -> [(usize, usize); 3] {
+        [
+            stored_dims(self.m, self.k, self.transpose_a),
+            stored_dims(self.k, self.n, self.transpose_b),
+            (self.m, self.n),
+        ]
+    }
+}
+
+/// `(rows, cols)` as stored of a `rows × cols` operand, transposed or not.
+fn stored_dims(rows: usize, cols: usize, transposed: bool) -> (usize, usize) {
+    if transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_offset: u32,
+    a_row_stride: u32,
+    a_batch_stride: u32,
+    b_offset: u32,
+    b_row_stride: u32,
+    b_batch_stride: u32,
+    c_offset: u32,
+    c_row_stride: u32,
+    c_batch_stride: u32,
+    bias_offset: u32,
+    alpha: f32,
+    accumulate: u32,
+    _pad: u32,
+}
+
+impl Params {
+    fn new(g: &Gemm) -> Params {
+        let u = |v: usize| u32::try_from(v).expect("checked against the tensor sizes");
+        Params {
+            m: u(g.m),
+            n: u(g.n),
+            k: u(g.k),
+            a_offset: u(g.a.offset),
+            a_row_stride: u(g.a.row_stride),
+            a_batch_stride: u(g.a.batch_stride),
+            b_offset: u(g.b.offset),
+            b_row_stride: u(g.b.row_stride),
+            b_batch_stride: u(g.b.batch_stride),
+            c_offset: u(g.c.offset),
+            c_row_stride: u(g.c.row_stride),
+            c_batch_stride: u(g.c.batch_stride),
+            bias_offset: u(g.bias_offset),
+            alpha: g.options.alpha,
+            accumulate: u32::from(g.options.accumulate),
+            _pad: 0,
+        }
+    }
+}
+
+/// Asserts that `batch` matrices of `rows × cols` laid out as `layout` lie inside `tensor`
+/// (and that every index fits the kernel's u32 arithmetic).
+fn check_operand(
+    name: &str,
+    tensor: &Tensor,
+    layout: &Strided,
+    batch: usize,
+    dims: (usize, usize),
+) {
+    let (rows, cols) = dims;
+    assert_eq!(tensor.dtype(), DType::F32, "gemm: {name} must be f32");
+    assert!(
+        layout.row_stride >= cols,
+        "gemm: {name} row stride {} is shorter than its {cols} columns",
+        layout.row_stride
+    );
+    let last =
+        layout.offset + (batch - 1) * layout.batch_stride + (rows - 1) * layout.row_stride + cols;
+    assert!(
+        last <= tensor.numel(),
+        "gemm: {name} ({rows}x{cols}, {layout:?}, batch {batch}) reaches element {last} of {tensor:?}"
+    );
+    assert!(
+        u32::try_from(tensor.numel()).is_ok(),
+        "gemm: {name} {tensor:?} has more elements than u32 indexing reaches"
+    );
+}
+
+/// Whether the batch entries of C are disjoint: stacked one after another, or interleaved
+/// side by side within each row (e.g. attention heads writing `[T, heads, D]`).
+fn batches_disjoint(g: &Gemm) -> bool {
+    let c = &g.c;
+    let stacked = c.batch_stride >= (g.m - 1) * c.row_stride + g.n;
+    let interleaved = c.batch_stride >= g.n && (g.batch - 1) * c.batch_stride + g.n <= c.row_stride;
+    g.batch == 1 || stacked || interleaved
+}
+
+/// Records `C[b] = alpha·op(A[b])·op(B[b]) (+ bias) (+ C[b])` for every `b < g.batch`, as
+/// described by `g`. `bias` (f32, `bias[g.bias_offset + n]` for column n) is added unscaled.
+/// C must not overlap A, B or bias, and distinct batch entries of C must not overlap.
+pub fn gemm(
+    rec: &mut Recorder,
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    c: &Tensor,
+) {
+    if g.batch == 0 || g.m == 0 || g.n == 0 {
+        return;
+    }
+    let [a_dims, b_dims, c_dims] = g.stored();
+    // With K = 0 the product is empty; the kernel still writes bias (+ C), so A and B are
+    // not read and need no extent.
+    if g.k > 0 {
+        check_operand("A", a, &g.a, g.batch, a_dims);
+        check_operand("B", b, &g.b, g.batch, b_dims);
+    }
+    check_operand("C", c, &g.c, g.batch, c_dims);
+    assert!(
+        batches_disjoint(g),
+        "gemm: batch entries of C may overlap ({:?}, {}x{}, batch {})",
+        g.c,
+        g.m,
+        g.n,
+        g.batch
+    );
+    if let Some(bias) = bias {
+        check_operand(
+            "bias",
+            bias,
+            &Strided::broadcast(g.n).at(g.bias_offset),
+            1,
+            (1, g.n),
+        );
+    }
+    let grid = [g.n.div_ceil(TILE_N), g.m.div_ceil(TILE_M), g.batch];
+    assert!(
+        grid.iter().all(|&d| d <= MAX_GROUPS_PER_DIM),
+        "gemm: {}x{}x{} (batch {}) needs a {grid:?} grid, more than {MAX_GROUPS_PER_DIM} workgroups per dimension",
+        g.m,
+        g.n,
+        g.k,
+        g.batch
+    );
+
+    let spec = if bias.is_some() { &GEMM_BIAS } else { &GEMM };
+    let kernel = rec.gpu().kernel(
+        spec,
+        &[
+            ("TRANSPOSE_A", u32::from(g.transpose_a)),
+            ("TRANSPOSE_B", u32::from(g.transpose_b)),
+            ("GROUP_M", GROUP_M),
+            ("GROUP_N", GROUP_N),
+            ("TILE_K", TILE_K),
+        ],
+    );
+    let tensors: Vec<&Tensor> = match bias {
+        Some(bias) => vec![a, b, bias, c],
+        None => vec![a, b, c],
+    };
+    let [x, y, z] = grid.map(|d| d as u32);
+    rec.dispatch(&kernel, &tensors, &Params::new(g), Grid::xyz(x, y, z));
+}
+
+/// Rows of `t` as a matrix with `cols` columns (all leading dimensions flattened).
+fn rows_of(what: &str, t: &Tensor, cols: usize) -> usize {
+    assert_eq!(
+        t.shape().last(),
+        cols,
+        "matmul: {what} {t:?} must have {cols} columns"
+    );
+    t.shape().rows()
+}
+
+/// `(N, K)` of a weight `[N, K]`.
+fn weight_dims(w: &Tensor) -> (usize, usize) {
+    assert_eq!(w.shape().rank(), 2, "matmul: weight {w:?} must be [N, K]");
+    (w.dims()[0], w.dims()[1])
+}
+
+/// `Y = alpha·X·Wᵀ (+ bias) (+ Y)`: `x [.., K]`, `w [N, K]`, `bias [N]`, `y [.., N]`.
+pub fn matmul_forward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    options: MatmulOptions,
+) {
+    let (n, k) = weight_dims(w);
+    let m = rows_of("x", x, k);
+    assert_eq!(
+        rows_of("y", y, n),
+        m,
+        "matmul_forward: x {x:?} and y {y:?} differ in rows"
+    );
+    if let Some(bias) = bias {
+        assert_eq!(
+            bias.numel(),
+            n,
+            "matmul_forward: bias {bias:?} must have {n} elements"
+        );
+    }
+    gemm(
+        rec,
+        &Gemm::dense(m, n, k, false, true).with(options),
+        x,
+        w,
+        bias,
+        y,
+    );
+}
+
+/// `dX = alpha·dY·W` (or `+=`): `dy [.., N]`, `w [N, K]`, `dx [.., K]`.
+pub fn matmul_backward_input(
+    rec: &mut Recorder,
+    dy: &Tensor,
+    w: &Tensor,
+    dx: &Tensor,
+    options: MatmulOptions,
+) {
+    let (n, k) = weight_dims(w);
+    let m = rows_of("dy", dy, n);
+    assert_eq!(
+        rows_of("dx", dx, k),
+        m,
+        "matmul_backward_input: dy {dy:?} and dx {dx:?} differ in rows"
+    );
+    gemm(
+        rec,
+        &Gemm::dense(m, k, n, false, false).with(options),
+        dy,
+        w,
+        None,
+        dx,
+    );
+}
+
+/// `dW = alpha·dYᵀ·X` (or `+=`, as parameter gradients do): `dy [.., N]`, `x [.., K]`,
+/// `dw [N, K]`.
+pub fn matmul_backward_weight(
+    rec: &mut Recorder,
+    dy: &Tensor,
+    x: &Tensor,
+    dw: &Tensor,
+    options: MatmulOptions,
+) {
+    let (n, k) = weight_dims(dw);
+    let m = rows_of("dy", dy, n);
+    assert_eq!(
+        rows_of("x", x, k),
+        m,
+        "matmul_backward_weight: dy {dy:?} and x {x:?} differ in rows"
+    );
+    gemm(
+        rec,
+        &Gemm::dense(n, k, m, true, false).with(options),
+        dy,
+        x,
+        None,
+        dw,
+    );
+}
+
+/// `db = Σ_rows dY` (or `+=`): `dy [.., N]`, `db [N]`. The bias is not scaled by alpha in the
+/// forward, so its gradient has no alpha either.
+pub fn matmul_backward_bias(rec: &mut Recorder, dy: &Tensor, db: &Tensor, accumulate: bool) {
+    assert_eq!(
+        dy.shape().last(),
+        db.numel(),
+        "matmul_backward_bias: dy {dy:?} and db {db:?} differ in columns"
+    );
+    reduce::sum_rows(rec, dy, db, accumulate);
+}
+
+/// CPU f64 references. Matrices are row-major slices; `alpha` scales the product as in
+/// [`MatmulOptions`]. Gradients are returned, not accumulated.
+pub mod reference {
+    use super::Gemm;
+
+    /// [`super::gemm`] on host slices: updates `c` in place, leaving elements outside the
+    /// product untouched.
+    pub fn gemm(g: &Gemm, a: &[f64], b: &[f64], bias: Option<&[f64]>, c: &mut [f64]) {
+        let at = |s: &super::Strided, batch: usize, row: usize, col: usize, transposed: bool| {
+            let (r, c) = if transposed { (col, row) } else { (row, col) };
+            s.offset + batch * s.batch_stride + r * s.row_stride + c
+        };
+        let alpha = f64::from(g.options.alpha);
+        for batch in 0..g.batch {
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let product: f64 = (0..g.k)
+                        .map(|p| {
+                            a[at(&g.a, batch, i, p, g.transpose_a)]
+                                * b[at(&g.b, batch, p, j, g.transpose_b)]
+                        })
+                        .sum();
+                    let bias = bias.map_or(0.0, |bias| bias[g.bias_offset + j]);
+                    let out = &mut c[at(&g.c, batch, i, j, false)];
+                    let previous = if g.options.accumulate { *out } else { 0.0 };
+                    *out = alpha * product + bias + previous;
+                }
+            }
+        }
+    }
+
+    /// `y [m, n] = alpha·x [m, k]·wᵀ (w [n, k]) + bias`.
+    pub fn matmul_forward(
+        x: &[f64],
+        w: &[f64],
+        bias: Option<&[f64]>,
+        (m, n, k): (usize, usize, usize),
+        alpha: f64,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+                y[i * n + j] = alpha * dot + bias.map_or(0.0, |b| b[j]);
+            }
+        }
+        y
+    }
+
+    /// `dx [m, k] = alpha·dy [m, n]·w [n, k]`.
+    pub fn matmul_backward_input(
+        dy: &[f64],
+        w: &[f64],
+        (m, n, k): (usize, usize, usize),
+        alpha: f64,
+    ) -> Vec<f64> {
+        let mut dx = vec![0.0; m * k];
+        for i in 0..m {
+            for p in 0..k {
+                let dot: f64 = (0..n).map(|j| dy[i * n + j] * w[j * k + p]).sum();
+                dx[i * k + p] = alpha * dot;
+            }
+        }
+        dx
+    }
+
+    /// `dw [n, k] = alpha·dyᵀ·x` for `dy [m, n]`, `x [m, k]`.
+    pub fn matmul_backward_weight(
+        dy: &[f64],
+        x: &[f64],
+        (m, n, k): (usize, usize, usize),
+        alpha: f64,
+    ) -> Vec<f64> {
+        let mut dw = vec![0.0; n * k];
+        for j in 0..n {
+            for p in 0..k {
+                let dot: f64 = (0..m).map(|i| dy[i * n + j] * x[i * k + p]).sum();
+                dw[j * k + p] = alpha * dot;
+            }
+        }
+        dw
+    }
+
+    /// `db [n] = Σ_rows dy`.
+    pub fn matmul_backward_bias(dy: &[f64], n: usize) -> Vec<f64> {
+        crate::ops::reduce::reference::sum_rows(dy, n)
+    }
+}
