@@ -235,13 +235,17 @@ fn weight_index(tile: u32, r: u32, c: u32) -> u32 {
 fn mix_inner(acc: LaneVec, keep: f32, w: u32, i: u32, r: u32, lane: u32) -> LaneVec {
     var result = acc;
     for (var slot = 0u; slot < DIMS_PER_LANE; slot++) {
-        let d = lane + slot * LANES;
-        if d < HEAD_DIM {
-            var total = keep * result[slot];
-            for (var c = 0u; c < INNER; c++) {
-                total += weights[weight_index(w, r, c)] * inner[(i * INNER + c) * HEAD_DIM + d];
+        result[slot] *= keep;
+    }
+    // Each weight is read once and used for all the lane's dimensions.
+    for (var c = 0u; c < INNER; c++) {
+        let weight = weights[weight_index(w, r, c)];
+        let row = (i * INNER + c) * HEAD_DIM;
+        for (var slot = 0u; slot < DIMS_PER_LANE; slot++) {
+            let d = lane + slot * LANES;
+            if d < HEAD_DIM {
+                result[slot] += weight * inner[row + d];
             }
-            result[slot] = total;
         }
     }
     return result;
