@@ -522,3 +522,27 @@ pub mod reference {
         (dq, dk, dv)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_workgroup_memory_for_every_head_dim() {
+        // WebGPU's guaranteed minimum and lavapipe's limit.
+        for limit in [16_384, 32_768] {
+            for head_dim in 1..=MAX_HEAD_DIM {
+                let tiles = Tiles::choose(head_dim, limit);
+                assert!(tiles.workgroup_bytes() <= limit);
+                assert!(tiles.rows * tiles.lanes <= 256, "{tiles:?}");
+                assert!(
+                    head_dim as u32 <= tiles.lanes * MAX_DIMS_PER_LANE,
+                    "{tiles:?}"
+                );
+            }
+        }
+        // Small heads get the widest streamed tile, and the full outer tile fits lavapipe.
+        assert_eq!(Tiles::choose(8, 32_768).inner, MAX_INNER);
+        assert_eq!(Tiles::choose(128, 32_768).rows, ROWS);
+    }
+}

@@ -150,8 +150,8 @@ struct Gradients {
     dv: Vec<f32>,
 }
 
-/// Training shapes: grouped, ungrouped, multi-query, a single token, odd and large head
-/// dimensions; every multi-sequence batch has a padded sequence.
+/// Training shapes: grouped, ungrouped, multi-query, a single token, odd, unit and large head
+/// dimensions; every multi-sequence batch has a padded sequence (one of them empty).
 fn training_cases() -> Vec<Case> {
     let t = AttentionShape::training;
     vec![
@@ -162,10 +162,11 @@ fn training_cases() -> Vec<Case> {
         Case::new(40, t(2, 29, 4, 1, 5), &[40, 17]),
         Case::new(50, t(2, 70, 2, 1, 64), &[70, 41]),
         Case::new(60, t(1, 70, 2, 2, 128), &[57]),
+        Case::new(65, t(2, 9, 2, 1, 1), &[6, 0]),
     ]
 }
 
-/// Rows `t` of a `[B, T, H, D]` tensor that are padding queries, as element ranges.
+/// Elements of `[B, Tq, Hq, D]` at padding queries.
 fn padding_query_elems(s: &AttentionShape, seq_lens: &[u32]) -> Vec<usize> {
     let row = s.n_heads * s.head_dim;
     (0..s.batch)
