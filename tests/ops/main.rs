@@ -4,6 +4,7 @@
 
 mod activation;
 mod adamw;
+mod attention;
 mod cast;
 mod cross_entropy;
 mod embedding;

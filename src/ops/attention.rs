@@ -1,0 +1,548 @@
+//! Causal multi-head self-attention with grouped-query heads and right padding, flash style:
+//! the forward keeps an online softmax and saves each query row's logsumexp; the backward
+//! recomputes the probabilities tile by tile. The `[T, T]` score matrix never exists in memory.
+//!
+//! Layouts are what the projection matmuls write, so no permute kernels are needed:
+//! `q, out [B, Tq, Hq, D]`, `k, v [B, Tkv, Hkv, D]`, `lse [B, Hq, Tq]`, `seq_lens [B]` (u32).
+//! Query `t` of batch `b` sits at position `pos = q_offset + t` and attends the keys
+//! `j <= pos` with `j < seq_lens[b]` (right padding). A query with `pos >= seq_lens[b]` is
+//! padding: its output is 0, its lse 0, and it contributes no gradient. Query head `h` reads
+//! kv head `h / (Hq / Hkv)`: grouped heads share K and V by index, never by copy.
+//!
+//! The backward (flash-attention 2) runs three kernels: a preprocess that gathers per query
+//! row the lse, `delta = rowsum(dout ∘ out)` and the number of attended keys into a scratch
+//! `[B, Hq, T]` of row statistics (so that the dK/dV kernel fits in 7 storage bindings without
+//! `seq_lens`), then dQ per query tile and dK/dV per key tile. dK/dV of a kv head sums over
+//! the query heads of its group inside one workgroup: deterministic, no atomics.
+
+use crate::gpu::{Access, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("attention");
+
+/// Largest supported head dimension: `MAX_LANES` lanes of `MAX_DIMS_PER_LANE` dimensions.
+pub const MAX_HEAD_DIM: usize = (MAX_LANES * MAX_DIMS_PER_LANE) as usize;
+/// Outer rows (queries, or keys in dK/dV) per workgroup, when workgroup memory allows.
+const ROWS: u32 = 16;
+/// Most threads sharing one outer row.
+const MAX_LANES: u32 = 16;
+/// Accumulator slots per thread: mirrors `MAX_DIMS_PER_LANE` in the WGSL.
+const MAX_DIMS_PER_LANE: u32 = 8;
+/// Largest streamed tile (keys in the forward and dQ, queries in dK/dV).
+const MAX_INNER: u32 = 64;
+/// Threads per workgroup of the backward preprocess (one thread per query row).
+const ROW_WG: u32 = 64;
+/// Bytes of one `RowStats` (lse f32, delta f32, keys u32) in the WGSL.
+const ROW_STATS_BYTES: u32 = 12;
+const ROW_STATS_WORDS: usize = 3;
+
+static FORWARD: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "attention_forward",
+    // q, k, v, seq_lens, out, lse
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (3, Access::Read),
+        (4, Access::Read),
+        (5, Access::ReadWrite),
+        (6, Access::ReadWrite),
+    ],
+};
+static PREPROCESS: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "attention_backward_preprocess",
+    // seq_lens, out, lse, dout, row statistics
+    bindings: &[
+        (4, Access::Read),
+        (7, Access::Read),
+        (8, Access::Read),
+        (9, Access::Read),
+        (10, Access::ReadWrite),
+    ],
+};
+static BACKWARD_DQ: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "attention_backward_dq",
+    // q, k, v, dout, row statistics, dq
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (3, Access::Read),
+        (9, Access::Read),
+        (11, Access::Read),
+        (12, Access::ReadWrite),
+    ],
+};
+static BACKWARD_DKV: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "attention_backward_dkv",
+    // q, k, v, dout, row statistics, dk, dv
+    bindings: &[
+        (1, Access::Read),
+        (2, Access::Read),
+        (3, Access::Read),
+        (9, Access::Read),
+        (11, Access::Read),
+        (13, Access::ReadWrite),
+        (14, Access::ReadWrite),
+    ],
+};
+
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    /// Queries per sequence (Tq).
+    pub q_len: usize,
+    /// Key/value rows per sequence (Tkv): the whole sequence, or the allocated KV cache.
+    pub kv_len: usize,
+    /// Position of the first query: the number of tokens already in the cache (0 in training).
+    pub q_offset: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// The training shape: each sequence attends itself (`Tq = Tkv = len`, no offset).
+    pub fn training(
+        batch: usize,
+        len: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        AttentionShape {
+            batch,
+            q_len: len,
+            kv_len: len,
+            q_offset: 0,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Query heads that share one kv head.
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Dimensions of `q`, `out`, `dout` and `dq`.
+    pub fn q_dims(&self) -> [usize; 4] {
+        [self.batch, self.q_len, self.n_heads, self.head_dim]
+    }
+
+    /// Dimensions of `k`, `v`, `dk` and `dv`.
+    pub fn kv_dims(&self) -> [usize; 4] {
+        [self.batch, self.kv_len, self.n_kv_heads, self.head_dim]
+    }
+
+    /// Dimensions of `lse`.
+    pub fn lse_dims(&self) -> [usize; 3] {
+        [self.batch, self.n_heads, self.q_len]
+    }
+
+    /// How many keys (a prefix `0..n`) query `t` attends in a sequence of `seq_len` tokens;
+    /// 0 for a padding query.
+    pub fn attended_keys(&self, seq_len: usize, t: usize) -> usize {
+        let pos = self.q_offset + t;
+        if t < self.q_len && pos < seq_len.min(self.kv_len) {
+            pos + 1
+        } else {
+            0
+        }
+    }
+
+    fn validate(&self, op: &str) {
+        let AttentionShape {
+            batch,
+            q_len,
+            kv_len,
+            q_offset,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = *self;
+        assert!(
+            batch > 0 && q_len > 0 && kv_len > 0 && n_heads > 0 && n_kv_heads > 0,
+            "{op}: empty shape {self:?}"
+        );
+        assert!(
+            n_heads % n_kv_heads == 0,
+            "{op}: {n_heads} query heads do not split into groups over {n_kv_heads} kv heads"
+        );
+        assert!(
+            (1..=MAX_HEAD_DIM).contains(&head_dim),
+            "{op}: head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}"
+        );
+        assert!(
+            q_offset + q_len <= kv_len,
+            "{op}: queries at positions {q_offset}..{} run past the {kv_len} key rows",
+            q_offset + q_len
+        );
+        let largest = (batch * q_len.max(kv_len) * n_heads.max(n_kv_heads) * head_dim) as u64;
+        assert!(
+            largest <= u64::from(u32::MAX),
+            "{op}: {self:?} has more elements than 32-bit indices reach"
+        );
+    }
+}
+
+/// Kernel launch parameters: mirrors `Params` in `shaders/attention.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    batch: u32,
+    q_len: u32,
+    kv_len: u32,
+    q_offset: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    scale: f32,
+}
+
+impl Params {
+    fn new(shape: &AttentionShape, scale: f32) -> Self {
+        Params {
+            batch: shape.batch as u32,
+            q_len: shape.q_len as u32,
+            kv_len: shape.kv_len as u32,
+            q_offset: shape.q_offset as u32,
+            n_heads: shape.n_heads as u32,
+            n_kv_heads: shape.n_kv_heads as u32,
+            scale,
+        }
+    }
+}
+
+/// Tile sizes of the attention kernels (WGSL overrides), chosen per head dimension so that the
+/// workgroup tiles fit the device's workgroup memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tiles {
+    head_dim: u32,
+    /// Outer rows per workgroup.
+    rows: u32,
+    /// Threads per outer row.
+    lanes: u32,
+    /// Rows of the streamed tile.
+    inner: u32,
+}
+
+impl Tiles {
+    /// The largest tiles (rows first, then inner) whose workgroup memory fits `limit` bytes.
+    fn choose(head_dim: usize, limit: u32) -> Tiles {
+        let head_dim = head_dim as u32;
+        let lanes = head_dim.next_power_of_two().min(MAX_LANES);
+        for rows in halvings(ROWS) {
+            for inner in halvings(MAX_INNER) {
+                let tiles = Tiles {
+                    head_dim,
+                    rows,
+                    lanes,
+                    inner,
+                };
+                if tiles.workgroup_bytes() <= limit {
+                    return tiles;
+                }
+            }
+        }
+        panic!("attention: no tiles for head_dim {head_dim} fit {limit} bytes of workgroup memory")
+    }
+
+    fn for_device(gpu: &Gpu, head_dim: usize) -> Tiles {
+        Tiles::choose(head_dim, gpu.limits().max_compute_workgroup_storage_size)
+    }
+
+    /// Mirrors the WGSL `outer`, `inner`, `weights` and `inner_stats` workgroup arrays.
+    fn workgroup_bytes(&self) -> u32 {
+        let Tiles {
+            head_dim: d,
+            rows,
+            inner,
+            ..
+        } = *self;
+        let floats = 2 * rows * d + 2 * inner * d + 2 * rows * inner;
+        4 * floats + ROW_STATS_BYTES * inner
+    }
+
+    fn overrides(&self) -> [(&'static str, u32); 5] {
+        [
+            ("HEAD_DIM", self.head_dim),
+            ("ROWS", self.rows),
+            ("LANES", self.lanes),
+            ("INNER", self.inner),
+            ("ROW_WG", ROW_WG),
+        ]
+    }
+
+    /// One workgroup per (tile of `len` rows, head, batch).
+    fn grid(&self, gpu: &Gpu, len: usize, heads: usize, batch: usize) -> Grid {
+        let tiles = len.div_ceil(self.rows as usize);
+        let max = gpu.limits().max_compute_workgroups_per_dimension as usize;
+        assert!(
+            tiles <= max && heads <= max && batch <= max,
+            "attention: grid ({tiles}, {heads}, {batch}) exceeds {max} workgroups per dimension"
+        );
+        Grid::xyz(tiles as u32, heads as u32, batch as u32)
+    }
+}
+
+/// `start, start / 2, ..., 1`.
+fn halvings(start: u32) -> impl Iterator<Item = u32> {
+    std::iter::successors(Some(start), |&n| (n > 1).then_some(n / 2))
+}
+
+#[track_caller]
+fn expect_tensor(op: &str, name: &str, t: &Tensor, dims: &[usize], dtype: DType) {
+    assert_eq!(t.dtype(), dtype, "{op}: {name} must be {dtype}, got {t:?}");
+    let numel: usize = dims.iter().product();
+    assert_eq!(
+        t.numel(),
+        numel,
+        "{op}: {name} must hold {dims:?} elements, got {t:?}"
+    );
+}
+
+/// Causal attention `out = softmax(scale · q·kᵀ + mask) · v` per query head, and the row
+/// logsumexp `lse` for [`attention_backward`]. Supports `Tq <= Tkv` with a `q_offset` (KV-cache
+/// decoding); `out` and `lse` are overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    rec: &mut Recorder,
+    shape: &AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq_lens: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+) {
+    let op = "attention_forward";
+    shape.validate(op);
+    expect_tensor(op, "q", q, &shape.q_dims(), DType::F32);
+    expect_tensor(op, "k", k, &shape.kv_dims(), DType::F32);
+    expect_tensor(op, "v", v, &shape.kv_dims(), DType::F32);
+    expect_tensor(op, "seq_lens", seq_lens, &[shape.batch], DType::U32);
+    expect_tensor(op, "out", out, &shape.q_dims(), DType::F32);
+    expect_tensor(op, "lse", lse, &shape.lse_dims(), DType::F32);
+
+    let gpu = rec.gpu();
+    let tiles = Tiles::for_device(gpu, shape.head_dim);
+    let kernel = gpu.kernel(&FORWARD, &tiles.overrides());
+    let grid = tiles.grid(gpu, shape.q_len, shape.n_heads, shape.batch);
+    rec.dispatch(
+        &kernel,
+        &[q, k, v, seq_lens, out, lse],
+        &Params::new(shape, scale),
+        grid,
+    );
+}
+
+/// Gradients of [`attention_forward`] (training case: `Tq == Tkv`, `q_offset == 0`) from the
+/// saved `out` and `lse` and the upstream `dout`. `dq`, `dk` and `dv` are overwritten; padding
+/// queries and keys get exactly zero.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    rec: &mut Recorder,
+    shape: &AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    seq_lens: &Tensor,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    scale: f32,
+) {
+    let op = "attention_backward";
+    shape.validate(op);
+    assert!(
+        shape.q_len == shape.kv_len && shape.q_offset == 0,
+        "{op}: only the training case (q_len == kv_len, q_offset 0) has a backward, got {shape:?}"
+    );
+    for (name, t) in [("q", q), ("out", out), ("dout", dout), ("dq", dq)] {
+        expect_tensor(op, name, t, &shape.q_dims(), DType::F32);
+    }
+    for (name, t) in [("k", k), ("v", v), ("dk", dk), ("dv", dv)] {
+        expect_tensor(op, name, t, &shape.kv_dims(), DType::F32);
+    }
+    expect_tensor(op, "lse", lse, &shape.lse_dims(), DType::F32);
+    expect_tensor(op, "seq_lens", seq_lens, &[shape.batch], DType::U32);
+
+    let gpu = rec.gpu();
+    let tiles = Tiles::for_device(gpu, shape.head_dim);
+    let overrides = tiles.overrides();
+    let params = Params::new(shape, scale);
+    let [b, hq, t] = shape.lse_dims();
+    // RowStats {lse, delta, keys} per query row.
+    let stats = Tensor::empty(gpu, [b, hq, t, ROW_STATS_WORDS], DType::U32);
+
+    let preprocess = gpu.kernel(&PREPROCESS, &overrides);
+    let rows = Grid::threads(b * hq * t, ROW_WG);
+    rec.dispatch(
+        &preprocess,
+        &[seq_lens, out, lse, dout, &stats],
+        &params,
+        rows,
+    );
+
+    let backward_dq = gpu.kernel(&BACKWARD_DQ, &overrides);
+    let query_tiles = tiles.grid(gpu, shape.q_len, shape.n_heads, shape.batch);
+    rec.dispatch(
+        &backward_dq,
+        &[q, k, v, dout, &stats, dq],
+        &params,
+        query_tiles,
+    );
+
+    let backward_dkv = gpu.kernel(&BACKWARD_DKV, &overrides);
+    let key_tiles = tiles.grid(gpu, shape.kv_len, shape.n_kv_heads, shape.batch);
+    rec.dispatch(
+        &backward_dkv,
+        &[q, k, v, dout, &stats, dk, dv],
+        &params,
+        key_tiles,
+    );
+}
+
+/// CPU f64 references: plain causal softmax attention with the same masking rules.
+pub mod reference {
+    use super::AttentionShape;
+
+    /// Start of query row `(b, t, h)` in `q`, `out`, `dout`.
+    fn q_row(s: &AttentionShape, b: usize, t: usize, h: usize) -> usize {
+        ((b * s.q_len + t) * s.n_heads + h) * s.head_dim
+    }
+
+    /// Start of key row `(b, j, kv_head)` in `k`, `v`.
+    fn kv_row(s: &AttentionShape, b: usize, j: usize, h: usize) -> usize {
+        ((b * s.kv_len + j) * s.n_kv_heads + h / s.group_size()) * s.head_dim
+    }
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// Softmax probabilities of query `(b, t, h)` over the keys it attends, and their lse.
+    fn probabilities(
+        s: &AttentionShape,
+        q: &[f64],
+        k: &[f64],
+        keys: usize,
+        (b, t, h): (usize, usize, usize),
+        scale: f64,
+    ) -> (Vec<f64>, f64) {
+        let d = s.head_dim;
+        let qi = &q[q_row(s, b, t, h)..][..d];
+        let scores: Vec<f64> = (0..keys)
+            .map(|j| scale * dot(qi, &k[kv_row(s, b, j, h)..][..d]))
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = scores.iter().map(|x| (x - max).exp()).sum();
+        let lse = max + sum.ln();
+        (scores.iter().map(|x| (x - lse).exp()).collect(), lse)
+    }
+
+    /// Every attending query row `(b, t, h, keys)`.
+    fn query_rows<'a>(
+        s: &'a AttentionShape,
+        seq_lens: &'a [u32],
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> + 'a {
+        (0..s.batch).flat_map(move |b| {
+            (0..s.q_len).flat_map(move |t| {
+                let keys = s.attended_keys(seq_lens[b] as usize, t);
+                (0..s.n_heads).filter_map(move |h| (keys > 0).then_some((b, t, h, keys)))
+            })
+        })
+    }
+
+    /// `(out [B, Tq, Hq, D], lse [B, Hq, Tq])`; padding rows are 0.
+    pub fn attention_forward(
+        s: &AttentionShape,
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        seq_lens: &[u32],
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let d = s.head_dim;
+        let mut out = vec![0.0; s.q_dims().iter().product()];
+        let mut lse = vec![0.0; s.lse_dims().iter().product()];
+        for (b, t, h, keys) in query_rows(s, seq_lens) {
+            let (p, row_lse) = probabilities(s, q, k, keys, (b, t, h), scale);
+            lse[(b * s.n_heads + h) * s.q_len + t] = row_lse;
+            let o = &mut out[q_row(s, b, t, h)..][..d];
+            for (j, pj) in p.iter().enumerate() {
+                for (o, vj) in o.iter_mut().zip(&v[kv_row(s, b, j, h)..][..d]) {
+                    *o += pj * vj;
+                }
+            }
+        }
+        (out, lse)
+    }
+
+    /// `(dq, dk, dv)` of [`attention_forward`] for the upstream gradient `dout`.
+    pub fn attention_backward(
+        s: &AttentionShape,
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        dout: &[f64],
+        seq_lens: &[u32],
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let d = s.head_dim;
+        let mut dq = vec![0.0; q.len()];
+        let mut dk = vec![0.0; k.len()];
+        let mut dv = vec![0.0; v.len()];
+        for (b, t, h, keys) in query_rows(s, seq_lens) {
+            let (p, _) = probabilities(s, q, k, keys, (b, t, h), scale);
+            let qr = q_row(s, b, t, h);
+            let dout_row = &dout[qr..][..d];
+            let dp: Vec<f64> = (0..keys)
+                .map(|j| dot(dout_row, &v[kv_row(s, b, j, h)..][..d]))
+                .collect();
+            let delta = dot(&p, &dp);
+            for j in 0..keys {
+                let kr = kv_row(s, b, j, h);
+                let ds = scale * p[j] * (dp[j] - delta);
+                for x in 0..d {
+                    dq[qr + x] += ds * k[kr + x];
+                    dk[kr + x] += ds * q[qr + x];
+                    dv[kr + x] += p[j] * dout_row[x];
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_workgroup_memory_for_every_head_dim() {
+        // WebGPU's guaranteed minimum and lavapipe's limit.
+        for limit in [16_384, 32_768] {
+            for head_dim in 1..=MAX_HEAD_DIM {
+                let tiles = Tiles::choose(head_dim, limit);
+                assert!(tiles.workgroup_bytes() <= limit);
+                assert!(tiles.rows * tiles.lanes <= 256, "{tiles:?}");
+                assert!(
+                    head_dim as u32 <= tiles.lanes * MAX_DIMS_PER_LANE,
+                    "{tiles:?}"
+                );
+            }
+        }
+        // Small heads get the widest streamed tile, and the full outer tile fits lavapipe.
+        assert_eq!(Tiles::choose(8, 32_768).inner, MAX_INNER);
+        assert_eq!(Tiles::choose(128, 32_768).rows, ROWS);
+    }
+}
