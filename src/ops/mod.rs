@@ -2,5 +2,6 @@
 //! holds the forward and backward launchers and a CPU f64 reference (`reference`) that the
 //! tests compare against.
 
+pub mod pool;
 pub mod reduce;
 pub mod residual;

@@ -2,5 +2,6 @@
 //! NaN-poisoned outputs; every backward also against finite differences of the reference.
 //! One test binary for all families keeps link time down.
 
+mod pool;
 mod reduce;
 mod residual;
