@@ -2,6 +2,7 @@
 //! holds the forward and backward launchers and a CPU f64 reference (`reference`) that the
 //! tests compare against.
 
+pub mod kl;
 pub mod pool;
 pub mod reduce;
 pub mod residual;

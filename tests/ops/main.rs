@@ -2,6 +2,7 @@
 //! NaN-poisoned outputs; every backward also against finite differences of the reference.
 //! One test binary for all families keeps link time down.
 
+mod kl;
 mod pool;
 mod reduce;
 mod residual;
