@@ -6,3 +6,4 @@ pub mod kl;
 pub mod pool;
 pub mod reduce;
 pub mod residual;
+pub mod separation;

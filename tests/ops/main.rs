@@ -6,3 +6,4 @@ mod kl;
 mod pool;
 mod reduce;
 mod residual;
+mod separation;
