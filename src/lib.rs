@@ -14,6 +14,7 @@ pub mod ops;
 pub mod rng;
 #[doc(hidden)]
 pub mod testing;
+pub mod text;
 
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Recorder, Shape, Tensor};

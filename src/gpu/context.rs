@@ -184,6 +184,12 @@ impl Gpu {
             .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
     }
 
+    /// Hands queued uploads to the GPU. `Tensor` uploads are staged until the next submission;
+    /// loaders call this every few tensors so a large model is never staged all at once.
+    pub fn flush_uploads(&self) {
+        self.queue.submit([]);
+    }
+
     /// Bytes currently parked in the buffer pool, ready for reuse.
     pub fn pooled_bytes(&self) -> u64 {
         self.pool.idle_bytes()

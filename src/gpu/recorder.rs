@@ -172,6 +172,42 @@ impl<'g> Recorder<'g> {
         );
     }
 
+    /// Copies `count` elements from `src[src_start..]` into `dst[dst_start..]` (same dtype,
+    /// 4-byte elements), e.g. new keys into a KV cache.
+    pub fn copy_elements(
+        &mut self,
+        src: &Tensor,
+        src_start: usize,
+        dst: &Tensor,
+        dst_start: usize,
+        count: usize,
+    ) {
+        assert_eq!(
+            src.dtype(),
+            dst.dtype(),
+            "copy_elements between different dtypes"
+        );
+        assert_eq!(
+            src.dtype().size_bytes(),
+            4,
+            "copy_elements needs 4-byte elements"
+        );
+        assert!(
+            src_start + count <= src.numel() && dst_start + count <= dst.numel(),
+            "copy_elements out of range"
+        );
+        self.end_pass();
+        self.keep_alive.push(src.storage.clone());
+        self.keep_alive.push(dst.storage.clone());
+        self.encoder_mut().copy_buffer_to_buffer(
+            src.buffer(),
+            src.offset_bytes() + 4 * src_start as u64,
+            dst.buffer(),
+            dst.offset_bytes() + 4 * dst_start as u64,
+            4 * count as u64,
+        );
+    }
+
     /// Sets every byte of `tensor` to zero.
     pub fn zero(&mut self, tensor: &Tensor) {
         self.end_pass();

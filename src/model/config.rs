@@ -3,20 +3,17 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::ops::rope::Llama3RopeScaling;
 use crate::{Error, Result};
 
 /// The architectures es2-wgpu runs. All are pre-norm decoder-only transformers with RMSNorm,
 /// rotary embeddings, grouped-query attention and a SwiGLU MLP; they differ in biases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
-    #[serde(rename = "LlamaForCausalLM")]
     Llama,
-    #[serde(rename = "MistralForCausalLM")]
     Mistral,
-    #[serde(rename = "Qwen2ForCausalLM")]
     Qwen2,
 }
 
@@ -47,17 +44,8 @@ impl Architecture {
     }
 }
 
-/// Llama-3 style frequency scaling of the rotary embedding (`rope_type: "llama3"`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Llama3RopeScaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: f64,
-}
-
 /// The model hyper-parameters es2-wgpu needs, validated.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub architecture: Architecture,
     pub vocab_size: usize,
@@ -374,7 +362,8 @@ impl Fields<'_> {
                         factor: need("factor")?,
                         low_freq_factor: need("low_freq_factor")?,
                         high_freq_factor: need("high_freq_factor")?,
-                        original_max_position_embeddings: need("original_max_position_embeddings")?,
+                        original_max_position_embeddings: need("original_max_position_embeddings")?
+                            as usize,
                     }));
                 }
                 Some(other) => {

@@ -1,5 +1,22 @@
-//! Layer 3: Hugging Face checkpoints (config, safetensors weights) and the transformer.
+//! Layer 3: Hugging Face checkpoints (config, safetensors weights), the transformer forward
+//! with hooks, LoRA adapters, and generation with a KV cache.
 
+pub mod batch;
 pub mod config;
+pub mod generate;
+pub mod linear;
+pub mod params;
+pub mod transformer;
+pub mod vocab;
+pub mod weights;
 
+pub use batch::Batch;
 pub use config::{Architecture, Config, Llama3RopeScaling};
+pub use generate::{KvCache, SamplingOptions};
+pub use linear::{Linear, Lora};
+pub use params::{ParamSource, SeededInit};
+pub use transformer::{
+    Block, BlockActivations, Forward, ForwardSpec, LoadOptions, Perturbation, Transformer,
+};
+pub use vocab::VocabMatrix;
+pub use weights::Checkpoint;

@@ -1,0 +1,78 @@
+//! A batch of token sequences, right-padded into `[B, T]`, as the kernels take it.
+
+use crate::gpu::{Gpu, Tensor};
+use crate::{Error, Result};
+
+/// Token ids `[B·T]` (padding holds id 0, never attended) and valid lengths `[B]`, on the GPU,
+/// with host copies of the shapes.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub ids: Tensor,
+    pub seq_lens: Tensor,
+    pub batch: usize,
+    pub seq: usize,
+    pub lens: Vec<usize>,
+    /// The unpadded ids, per sequence.
+    pub sequences: Vec<Vec<u32>>,
+}
+
+impl Batch {
+    /// Pads `sequences` on the right to the longest one. Every sequence needs at least one
+    /// token and every id must be below `vocab_size`.
+    pub fn new(gpu: &Gpu, sequences: &[Vec<u32>], vocab_size: usize) -> Result<Batch> {
+        if sequences.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a batch needs at least one sequence".into(),
+            ));
+        }
+        if let Some(i) = sequences.iter().position(Vec::is_empty) {
+            return Err(Error::InvalidArgument(format!(
+                "sequence {i} of the batch is empty"
+            )));
+        }
+        if let Some(&bad) = sequences
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= vocab_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {vocab_size}"
+            )));
+        }
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(1);
+        let batch = sequences.len();
+        let mut ids = vec![0u32; batch * seq];
+        for (row, s) in ids.chunks_exact_mut(seq).zip(sequences) {
+            row[..s.len()].copy_from_slice(s);
+        }
+        let lens: Vec<usize> = sequences.iter().map(Vec::len).collect();
+        let lens_u32: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
+        Ok(Batch {
+            ids: Tensor::from_u32(gpu, [batch * seq], &ids)?,
+            seq_lens: Tensor::from_u32(gpu, [batch], &lens_u32)?,
+            batch,
+            seq,
+            lens,
+            sequences: sequences.to_vec(),
+        })
+    }
+
+    /// Rows of the flattened `[B·T, ...]` activations.
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Number of real (non-padding) tokens.
+    pub fn tokens(&self) -> usize {
+        self.lens.iter().sum()
+    }
+
+    /// 1 for a real position, 0 for padding, per row of `[B·T]`.
+    pub fn position_mask(&self) -> Vec<u32> {
+        let mut mask = vec![0u32; self.rows()];
+        for (b, &len) in self.lens.iter().enumerate() {
+            mask[b * self.seq..b * self.seq + len].fill(1);
+        }
+        mask
+    }
+}

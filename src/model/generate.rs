@@ -1,0 +1,218 @@
+//! Generation: a per-layer KV cache, incremental decoding, and sampling (greedy, temperature,
+//! nucleus).
+
+use super::batch::Batch;
+use super::transformer::{KvTarget, Transformer};
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Keys and values of every layer for one sequence, `[1, capacity, n_kv_heads, head_dim]`.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// How to pick each next token.
+#[derive(Debug, Clone)]
+pub struct SamplingOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// 0 is greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    pub seed: u64,
+    /// Generation stops after producing one of these.
+    pub stop_ids: Vec<u32>,
+    /// Run the LoRA adapters, if any.
+    pub adapters: bool,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        SamplingOptions {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_ids: Vec::new(),
+            adapters: true,
+        }
+    }
+}
+
+impl Transformer {
+    /// An empty cache for up to `capacity` tokens.
+    pub fn kv_cache(&self, gpu: &Gpu, capacity: usize) -> KvCache {
+        let c = &self.config;
+        let dims = [1, capacity, c.num_key_value_heads, c.head_dim];
+        KvCache {
+            k: (0..self.layers())
+                .map(|_| Tensor::empty(gpu, dims, DType::F32))
+                .collect(),
+            v: (0..self.layers())
+                .map(|_| Tensor::empty(gpu, dims, DType::F32))
+                .collect(),
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Runs `ids` after the tokens already in `cache`, appends their keys and values, and
+    /// returns the logits at the last of them.
+    pub fn decode(
+        &self,
+        gpu: &Gpu,
+        cache: &mut KvCache,
+        ids: &[u32],
+        adapters: bool,
+    ) -> Result<Vec<f32>> {
+        let past = cache.len;
+        if past + ids.len() > cache.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "the KV cache holds {} tokens; {} more do not fit",
+                cache.capacity,
+                past + ids.len() - cache.capacity
+            )));
+        }
+        let batch = Batch::new(gpu, &[ids.to_vec()], self.config.vocab_size)?;
+        let seq_lens = Tensor::from_u32(gpu, [1], &[(past + ids.len()) as u32])?;
+        let mut rec = Recorder::new(gpu);
+        let c = self.config.hidden_size;
+        let mut x = Tensor::empty(gpu, [ids.len(), c], DType::F32);
+        self.embed.lookup(&mut rec, &batch.ids, &x);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let target = KvTarget::Cache {
+                k: &cache.k[layer],
+                v: &cache.v[layer],
+                past,
+                capacity: cache.capacity,
+                seq_lens: &seq_lens,
+            };
+            x = self
+                .block_forward(&mut rec, block, &x, &batch, adapters, target)
+                .0;
+        }
+        let last = Tensor::empty(gpu, [1, c], DType::F32);
+        rec.copy_elements(&x, (ids.len() - 1) * c, &last, 0, c);
+        let (normed, _) = self.final_norm_forward(&mut rec, &last);
+        let logits = Tensor::empty(gpu, [1, self.config.vocab_size], DType::F32);
+        self.lm_head().project(&mut rec, &normed, &logits);
+        rec.finish()?;
+        cache.len += ids.len();
+        logits.to_f32(gpu)
+    }
+
+    /// Generates after `prompt`, calling `on_token` with each new id as it is made; returns
+    /// the generated ids (without the prompt).
+    pub fn generate(
+        &self,
+        gpu: &Gpu,
+        prompt: &[u32],
+        options: &SamplingOptions,
+        mut on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("the prompt has no tokens".into()));
+        }
+        let mut cache = self.kv_cache(gpu, prompt.len() + options.max_tokens);
+        let mut rng = Rng::new(options.seed);
+        let mut logits = self.decode(gpu, &mut cache, prompt, options.adapters)?;
+        let mut out = Vec::new();
+        while out.len() < options.max_tokens {
+            let next = sample(&logits, options.temperature, options.top_p, &mut rng);
+            out.push(next);
+            on_token(next)?;
+            if options.stop_ids.contains(&next) || out.len() == options.max_tokens {
+                break;
+            }
+            logits = self.decode(gpu, &mut cache, &[next], options.adapters)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Picks a token from `logits`: argmax at temperature 0, else a draw from the temperature-
+/// scaled softmax restricted to the top-p nucleus.
+pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut Rng) -> u32 {
+    if temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| (i as u32, f64::from((z - max) / temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= f64::from(top_p) {
+            cut = i + 1;
+            break;
+        }
+    }
+    let nucleus = &probs[..cut];
+    let mass: f64 = nucleus.iter().map(|p| p.1).sum();
+    let mut draw = rng.uniform() * mass;
+    for &(id, p) in nucleus {
+        draw -= p;
+        if draw <= 0.0 {
+            return id;
+        }
+    }
+    nucleus[nucleus.len() - 1].0
+}
+
+/// Index of the largest logit (the first on ties, as torch.argmax).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &z) in logits.iter().enumerate() {
+        if z > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_nucleus_sampling() {
+        let logits = [0.1, 3.0, 2.9, -1.0];
+        let mut rng = Rng::new(1);
+        assert_eq!(sample(&logits, 0.0, 1.0, &mut rng), 1);
+        // A tiny nucleus keeps only the top token whatever the temperature.
+        assert!((0..50).all(|_| sample(&logits, 5.0, 0.01, &mut rng) == 1));
+        // A wide one at high temperature reaches other tokens.
+        let seen: std::collections::HashSet<u32> = (0..200)
+            .map(|_| sample(&logits, 5.0, 1.0, &mut rng))
+            .collect();
+        assert!(seen.len() >= 3, "{seen:?}");
+        assert_eq!(argmax(&[1.0, 5.0, 5.0]), 1);
+    }
+}

@@ -1,0 +1,127 @@
+//! Vocabulary-sized matrices (the token embedding and the LM head), split into row chunks so
+//! that no binding exceeds the adapter's `max_storage_buffer_binding_size`.
+
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::ops::embedding::embedding_forward;
+use crate::ops::matmul::{gemm, Gemm, MatmulOptions, Strided};
+use crate::Result;
+
+use super::params::ParamSource;
+
+/// Rows of a chunked logits or activation tensor keep their byte offsets aligned for any
+/// width when a part starts at a multiple of this many rows.
+const ROW_ALIGN: usize = 64;
+
+/// A `[rows, cols]` f32 matrix stored as consecutive row chunks of `chunk_rows` rows.
+#[derive(Debug, Clone)]
+pub struct VocabMatrix {
+    pub chunks: Vec<Tensor>,
+    pub chunk_rows: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// The binding limit the chunking was planned for; [`VocabMatrix::project`] splits its
+    /// output rows to the same limit.
+    pub max_binding: u64,
+}
+
+impl VocabMatrix {
+    /// Largest chunk (a multiple of 64 rows) whose binding fits `max_binding` bytes.
+    pub fn chunk_rows_for(rows: usize, cols: usize, max_binding: u64) -> usize {
+        let fit = (max_binding / (cols.max(1) as u64 * 4)) as usize;
+        let aligned = (fit / ROW_ALIGN * ROW_ALIGN).max(ROW_ALIGN);
+        aligned.min(rows.max(1))
+    }
+
+    /// Loads tensor `name` (`[rows, cols]`) chunk by chunk.
+    pub fn load(
+        gpu: &Gpu,
+        source: &dyn ParamSource,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        max_binding: u64,
+    ) -> Result<Self> {
+        let chunk_rows = Self::chunk_rows_for(rows, cols, max_binding);
+        let mut chunks = Vec::new();
+        for start in (0..rows).step_by(chunk_rows) {
+            let end = (start + chunk_rows).min(rows);
+            let data = source.rows(name, &[rows, cols], start..end)?;
+            chunks.push(Tensor::from_f32(gpu, [end - start, cols], &data)?);
+            gpu.flush_uploads();
+        }
+        Ok(VocabMatrix {
+            chunks,
+            chunk_rows,
+            rows,
+            cols,
+            max_binding,
+        })
+    }
+
+    /// (first row, chunk) pairs.
+    pub fn parts(&self) -> impl Iterator<Item = (usize, &Tensor)> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .map(move |(i, c)| (i * self.chunk_rows, c))
+    }
+
+    /// `out[t] = self[ids[t]]` for `ids [M]`, `out [M, cols]`.
+    pub fn lookup(&self, rec: &mut Recorder, ids: &Tensor, out: &Tensor) {
+        for (first, chunk) in self.parts() {
+            embedding_forward(rec, ids, chunk, first, out);
+        }
+    }
+
+    /// `logits = x · selfᵀ` for `x [M, cols]`, `logits [M, rows]`, in row parts small enough
+    /// to bind and one product per vocabulary chunk.
+    pub fn project(&self, rec: &mut Recorder, x: &Tensor, logits: &Tensor) {
+        let m = x.dims()[0];
+        let part_rows = Self::chunk_rows_for(m, self.rows, self.max_binding);
+        for start in (0..m).step_by(part_rows) {
+            let rows = part_rows.min(m - start);
+            let (xs, ls) = if rows == m {
+                (x.clone(), logits.clone())
+            } else {
+                (
+                    x.rows_view(rec.gpu(), start, rows),
+                    logits.rows_view(rec.gpu(), start, rows),
+                )
+            };
+            for (first, chunk) in self.parts() {
+                let n = chunk.dims()[0];
+                let product = Gemm {
+                    c: Strided {
+                        offset: first,
+                        row_stride: self.rows,
+                        batch_stride: rows * self.rows,
+                    },
+                    ..Gemm::dense(rows, n, self.cols, false, true)
+                }
+                .with(MatmulOptions::overwrite());
+                gemm(rec, &product, &xs, chunk, None, &ls);
+            }
+        }
+    }
+
+    /// An all-zero matrix of the same shape and chunking (for gradients).
+    pub fn zeros_like(&self, gpu: &Gpu) -> Self {
+        VocabMatrix {
+            chunks: self
+                .chunks
+                .iter()
+                .map(|c| Tensor::zeros(gpu, c.shape().clone(), DType::F32))
+                .collect(),
+            ..self.clone()
+        }
+    }
+
+    /// Host copy of the whole matrix.
+    pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for chunk in &self.chunks {
+            out.extend(chunk.to_f32(gpu)?);
+        }
+        Ok(out)
+    }
+}

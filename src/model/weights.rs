@@ -1,0 +1,231 @@
+//! Safetensors checkpoints: one `model.safetensors` or the shards listed in
+//! `model.safetensors.index.json`, memory-mapped; each tensor is converted to f32 on its own
+//! so that loading never holds a second full copy of the model in host memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// The tensors of a checkpoint folder, by name.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    /// Tensor name → index into `shards`.
+    index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.index.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let files = if index_path.exists() {
+            shard_files(&index_path)?
+        } else {
+            let single = dir.join(SINGLE_FILE);
+            if !single.exists() {
+                return Err(Error::format(
+                    dir,
+                    format!("no weights: neither {SINGLE_FILE} nor {INDEX_FILE} is in the folder"),
+                ));
+            }
+            vec![single]
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for path in files {
+            let shard = open_shard(&path)?;
+            for name in shard.tensors.keys() {
+                if index.insert(name.clone(), shards.len()).is_some() {
+                    return Err(Error::format(
+                        &path,
+                        format!("tensor {name} appears in two shards"),
+                    ));
+                }
+            }
+            shards.push(shard);
+        }
+        Ok(Checkpoint { shards, index })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    fn entry(&self, name: &str) -> Result<(&Shard, &TensorInfo)> {
+        let shard = self
+            .index
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| {
+                let where_ = self
+                    .shards
+                    .first()
+                    .map(|s| s.path.clone())
+                    .unwrap_or_default();
+                Error::format(
+                    where_,
+                    format!("tensor {name} is missing from the checkpoint"),
+                )
+            })?;
+        Ok((shard, &shard.tensors[name]))
+    }
+
+    /// Shape of tensor `name`.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.entry(name)?.1.shape)
+    }
+
+    /// Tensor `name` as f32, after checking that its shape is `expected`.
+    pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let rows = expected.first().copied().unwrap_or(1);
+        self.load_f32_rows(name, expected, 0..rows)
+    }
+
+    /// Rows `rows` (of the outermost dimension) of tensor `name` as f32, after checking that
+    /// the whole tensor has shape `expected`. Used to split a large embedding or LM head.
+    pub fn load_f32_rows(
+        &self,
+        name: &str,
+        expected: &[usize],
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let (shard, info) = self.entry(name)?;
+        if info.shape != expected {
+            return Err(Error::format(
+                &shard.path,
+                format!(
+                    "tensor {name} has shape {:?}, expected {expected:?}",
+                    info.shape
+                ),
+            ));
+        }
+        let width = element_size(info.dtype).ok_or_else(|| {
+            Error::format(
+                &shard.path,
+                format!(
+                    "tensor {name} has dtype {:?}; expected F32, F16 or BF16",
+                    info.dtype
+                ),
+            )
+        })?;
+        let outer = expected.first().copied().unwrap_or(1);
+        assert!(rows.end <= outer, "row range past the tensor");
+        let row_bytes = expected.iter().skip(1).product::<usize>() * width;
+        let (start, _) = info.data_offsets;
+        let begin = shard.data_start + start + rows.start * row_bytes;
+        let bytes = &shard.map[begin..begin + rows.len() * row_bytes];
+        Ok(to_f32(info.dtype, bytes))
+    }
+}
+
+fn element_size(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => unreachable!("element_size admits only float dtypes"),
+    }
+}
+
+fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index_path, format!("not valid JSON: {e}")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(index_path, "no weight_map object"))?;
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(
+                index_path,
+                format!("weight_map[{tensor}] is not a file name"),
+            )
+        })?;
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::format(index_path, "weight_map lists no files"));
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only; as with every memory-mapped loader, the file must not be
+    // truncated by another process while the checkpoint is open.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e:?}"),
+        )
+    })?;
+    let tensors = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.clone()))
+        .collect();
+    Ok(Shard {
+        path: path.to_owned(),
+        map,
+        data_start: 8 + header_len,
+        tensors,
+    })
+}

@@ -1,0 +1,162 @@
+//! Prompt datasets: a JSON array, JSON Lines or CSV file whose rows carry the prompt in a field
+//! named `instruction`, `prompt`, `goal`, `behavior` or `text` (or a JSON array of strings).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Field names that hold the prompt, in the order they are tried.
+pub const PROMPT_FIELDS: [&str; 5] = ["instruction", "prompt", "goal", "behavior", "text"];
+
+/// Reads the prompts of `path`; the format follows the extension (`.json`, `.jsonl`, `.csv`).
+pub fn load_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let prompts = match extension.as_str() {
+        "json" => parse_json_array(&text),
+        "jsonl" | "ndjson" => parse_json_lines(&text),
+        "csv" => parse_csv(&text),
+        other => Err(format!(
+            "unknown dataset format '.{other}': expected .json (an array), .jsonl or .csv"
+        )),
+    }
+    .map_err(|message| Error::format(path, message))?;
+    if prompts.is_empty() {
+        return Err(Error::format(path, "the dataset holds no prompts"));
+    }
+    Ok(prompts)
+}
+
+/// Parses prompts from in-memory JSON-array text (for datasets embedded in the binary).
+pub fn parse_json_array(text: &str) -> std::result::Result<Vec<String>, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Array(rows) = value else {
+        return Err("expected a JSON array of prompts".into());
+    };
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| prompt_of(row).map_err(|e| format!("row {}: {e}", i + 1)))
+        .collect()
+}
+
+fn parse_json_lines(text: &str) -> std::result::Result<Vec<String>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            let row: Value = serde_json::from_str(line)
+                .map_err(|e| format!("line {}: not valid JSON: {e}", i + 1))?;
+            prompt_of(&row).map_err(|e| format!("line {}: {e}", i + 1))
+        })
+        .collect()
+}
+
+fn prompt_of(row: &Value) -> std::result::Result<String, String> {
+    let text = match row {
+        Value::String(s) => s.clone(),
+        Value::Object(map) => {
+            let field = PROMPT_FIELDS
+                .iter()
+                .find_map(|f| map.get(*f))
+                .ok_or_else(|| {
+                    format!(
+                        "no prompt field; expected one of {} (found: {})",
+                        PROMPT_FIELDS.join(", "),
+                        map.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                })?;
+            field
+                .as_str()
+                .ok_or_else(|| format!("the prompt field is not a string: {field}"))?
+                .to_owned()
+        }
+        other => return Err(format!("expected a string or an object, found {other}")),
+    };
+    non_empty(text)
+}
+
+fn non_empty(text: String) -> std::result::Result<String, String> {
+    if text.trim().is_empty() {
+        Err("the prompt is empty".into())
+    } else {
+        Ok(text)
+    }
+}
+
+fn parse_csv(text: &str) -> std::result::Result<Vec<String>, String> {
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = reader
+        .headers()
+        .map_err(|e| format!("cannot read the CSV header: {e}"))?
+        .clone();
+    let column = PROMPT_FIELDS
+        .iter()
+        .find_map(|f| {
+            headers
+                .iter()
+                .position(|h| h.trim().eq_ignore_ascii_case(f))
+        })
+        .ok_or_else(|| {
+            format!(
+                "no prompt column; expected one of {} (found: {})",
+                PROMPT_FIELDS.join(", "),
+                headers.iter().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+    reader
+        .records()
+        .enumerate()
+        .map(|(i, record)| {
+            // Row numbers count the header as row 1, as a spreadsheet shows them.
+            let record = record.map_err(|e| format!("row {}: {e}", i + 2))?;
+            let cell = record
+                .get(column)
+                .ok_or_else(|| format!("row {}: the prompt column is missing", i + 2))?;
+            non_empty(cell.to_owned()).map_err(|e| format!("row {}: {e}", i + 2))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_arrays_of_strings_and_objects() {
+        assert_eq!(parse_json_array(r#"["a", "b"]"#).unwrap(), vec!["a", "b"]);
+        let rows = r#"[{"instruction": "x", "category": null}, {"goal": "y"}]"#;
+        assert_eq!(parse_json_array(rows).unwrap(), vec!["x", "y"]);
+        let err = parse_json_array(r#"[{"instruction": "x"}, {"question": "y"}]"#).unwrap_err();
+        assert!(
+            err.starts_with("row 2: no prompt field") && err.contains("question"),
+            "{err}"
+        );
+        assert!(parse_json_array(r#"{"a": 1}"#)
+            .unwrap_err()
+            .contains("expected a JSON array"));
+        assert!(parse_json_array(r#"["ok", "  "]"#)
+            .unwrap_err()
+            .contains("row 2: the prompt is empty"));
+    }
+
+    #[test]
+    fn json_lines_and_csv() {
+        let lines = "{\"prompt\": \"p1\"}\n\n\"p2\"\n";
+        assert_eq!(parse_json_lines(lines).unwrap(), vec!["p1", "p2"]);
+        assert!(parse_json_lines("{\"prompt\": 1}\n{")
+            .unwrap_err()
+            .starts_with("line 1"));
+        let csv = "goal,target\n\"Write, then stop\",Sure\nsecond,x\n";
+        assert_eq!(parse_csv(csv).unwrap(), vec!["Write, then stop", "second"]);
+        assert!(parse_csv("a,b\n1,2\n")
+            .unwrap_err()
+            .contains("no prompt column"));
+        assert!(parse_csv("goal\n\"\"\n").unwrap_err().contains("row 2"));
+    }
+}

@@ -1,0 +1,9 @@
+//! Layer 4: tokenizer, chat templates and prompt datasets.
+
+pub mod chat;
+pub mod dataset;
+pub mod tokenizer;
+
+pub use chat::{ChatTemplate, Message};
+pub use dataset::load_prompts;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,100 @@
+use std::path::PathBuf;
+
+use es2_wgpu::model::generate::argmax;
+use es2_wgpu::model::{Batch, ForwardSpec, LoadOptions, SamplingOptions, Transformer};
+use es2_wgpu::testing::{assert_close, download, f64s, gpu};
+use es2_wgpu::text::Tokenizer;
+use es2_wgpu::Recorder;
+use serde_json::Value;
+
+use crate::fixtures::{fixtures, model_dir};
+
+fn stories_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K-hf")
+}
+
+/// Logits at the last position by running the whole sequence (no cache).
+fn last_logits_recomputed(model: &Transformer, ids: &[u32]) -> Vec<f32> {
+    let gpu = gpu();
+    let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
+    let mut rec = Recorder::new(gpu);
+    let spec = ForwardSpec {
+        last_hidden: model.layers(),
+        logits: true,
+        adapters: true,
+        perturb: None,
+    };
+    let out = model.forward(&mut rec, &batch, &spec);
+    rec.finish().unwrap();
+    let v = model.config.vocab_size;
+    download(gpu, out.logits.as_ref().unwrap())[(ids.len() - 1) * v..].to_vec()
+}
+
+#[test]
+fn cached_decoding_gives_the_tokens_recomputation_gives() {
+    let gpu = gpu();
+    let model = Transformer::load(gpu, &model_dir("qwen2-f16"), &LoadOptions::default()).unwrap();
+    let prompt = [5u32, 17, 250, 3, 99, 42, 7];
+    let options = SamplingOptions {
+        max_tokens: 12,
+        ..SamplingOptions::default()
+    };
+    let cached = model.generate(gpu, &prompt, &options, |_| Ok(())).unwrap();
+    let mut ids = prompt.to_vec();
+    let mut recomputed = Vec::new();
+    for _ in 0..options.max_tokens {
+        let next = argmax(&last_logits_recomputed(&model, &ids));
+        recomputed.push(next);
+        ids.push(next);
+    }
+    assert_eq!(cached, recomputed);
+    // The logits after decoding one token at a time agree with recomputing the sequence.
+    let mut cache = model.kv_cache(gpu, ids.len());
+    let mut logits = model.decode(gpu, &mut cache, &prompt, true).unwrap();
+    for &next in &cached {
+        logits = model.decode(gpu, &mut cache, &[next], true).unwrap();
+    }
+    assert_eq!(cache.len(), ids.len());
+    assert_close(
+        "incremental vs recomputed logits",
+        &logits,
+        &f64s(&last_logits_recomputed(&model, &ids)),
+        1e-5,
+    );
+}
+
+#[test]
+fn stories260k_greedy_continuation_equals_transformers() {
+    let gpu = gpu();
+    let refs: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("stories260k.reference.json")).unwrap(),
+    )
+    .unwrap();
+    let model = Transformer::load(gpu, &stories_dir(), &LoadOptions::default()).unwrap();
+    let tok = Tokenizer::from_dir(&stories_dir(), &model.config.eos_token_ids).unwrap();
+    for case in refs["prompts"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want_prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["greedy_ids"].clone()).unwrap();
+        let ids = tok.encode(prompt).unwrap();
+        assert_eq!(ids, want_prompt);
+        let last: Vec<f64> = serde_json::from_value(case["last_logits"].clone()).unwrap();
+        assert_close(
+            &format!("stories260K logits {prompt:?}"),
+            &last_logits_recomputed(&model, &ids),
+            &last,
+            1e-4,
+        );
+        let options = SamplingOptions {
+            max_tokens: want.len(),
+            stop_ids: tok.eos_ids().to_vec(),
+            ..SamplingOptions::default()
+        };
+        let got = model.generate(gpu, &ids, &options, |_| Ok(())).unwrap();
+        assert_eq!(got, want, "greedy continuation of {prompt:?}");
+        assert_eq!(
+            tok.decode(&got).unwrap(),
+            case["greedy_text"].as_str().unwrap()
+        );
+    }
+}
