@@ -5,3 +5,8 @@
 fn flat_workgroup_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
+
+// The flat invocation index of a grid made by `Grid::threads(_, group_size)`.
+fn flat_invocation_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, group_size: u32) -> u32 {
+    return flat_workgroup_id(wid, nwg) * group_size + lid;
+}
