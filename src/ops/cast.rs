@@ -2,11 +2,11 @@
 //! with round-to-nearest-even (storing frozen weights, writing checkpoints). Bit-exact with the
 //! `half` crate, and independent of shader-f16 (16-bit data travels as packed `u32` words).
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::launch_per_item;
+use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("cast");
-const WG: u32 = 256;
 
 static WIDEN: KernelSpec = KernelSpec {
     shader: &SHADER,
@@ -62,12 +62,11 @@ pub fn cast(rec: &mut Recorder, src: &Tensor, dst: &Tensor) {
     if n == 0 {
         return;
     }
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
     let params = Params {
         n: n as u32,
         format: format as u32,
     };
-    rec.dispatch(&kernel, &[src, dst], &params, Grid::threads(threads, WG));
+    launch_per_item(rec, spec, &[src, dst], &params, threads);
 }
 
 /// CPU references: the `half` crate's conversions, which are round-to-nearest-even and keep

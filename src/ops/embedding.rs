@@ -11,12 +11,12 @@
 //! (built on the host from the ids) lists each unique id's positions in increasing order, and
 //! one GPU thread per (id, column) adds `dout` over them in that order.
 
-use crate::gpu::{Access, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_elements, launch_per_item};
+use crate::gpu::{Access, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 use crate::{Error, Result};
 
 static SHADER: Shader = shader!("embedding");
-const WG: u32 = 256;
 
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
@@ -83,11 +83,7 @@ pub fn embedding_forward(
     let op = "embedding_forward";
     let (chunk_rows, cols) = chunk_shape(op, table_chunk, out, first_row);
     let tokens = out.dims()[0];
-    assert!(
-        ids.dtype() == DType::U32 && ids.numel() == tokens,
-        "{op}: ids must be {tokens} u32 values (one per row of {out:?}), got {ids:?}"
-    );
-    let kernel = rec.gpu().kernel(&FORWARD, &[("WG", WG)]);
+    expect_elements(op, "ids (one per row of out)", ids, DType::U32, &[tokens]);
     let params = Params {
         tokens: tokens as u32,
         cols: cols as u32,
@@ -96,8 +92,8 @@ pub fn embedding_forward(
         first_unique: 0,
         uniques: 0,
     };
-    let grid = Grid::threads(tokens * cols, WG);
-    rec.dispatch(&kernel, &[ids, table_chunk, out], &params, grid);
+    let tensors = [ids, table_chunk, out];
+    launch_per_item(rec, &FORWARD, &tensors, &params, tokens * cols);
 }
 
 /// The inverse of a batch's token ids, in CSR form: the sorted unique ids, and for the i-th of
@@ -164,7 +160,6 @@ pub fn embedding_backward(
     if inside.is_empty() {
         return;
     }
-    let kernel = rec.gpu().kernel(&BACKWARD, &[("WG", WG)]);
     let params = Params {
         tokens: index.tokens() as u32,
         cols: cols as u32,
@@ -173,7 +168,6 @@ pub fn embedding_backward(
         first_unique: inside.start as u32,
         uniques: inside.len() as u32,
     };
-    let grid = Grid::threads(inside.len() * cols, WG);
     let tensors = [
         &index.unique_ids,
         &index.offsets,
@@ -181,10 +175,9 @@ pub fn embedding_backward(
         dout,
         dtable_chunk,
     ];
-    rec.dispatch(&kernel, &tensors, &params, grid);
+    launch_per_item(rec, &BACKWARD, &tensors, &params, inside.len() * cols);
 }
 
-/// `(unique ids, offsets, positions)` of the CSR inverse index of `ids`.
 /// `(unique ids, offsets, positions)` of the CSR inverse index of `ids`.
 fn inverse_index(ids: &[u32]) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
     let count = u32::try_from(ids.len()).map_err(|_| {

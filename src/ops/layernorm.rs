@@ -6,7 +6,7 @@
 //! `rmsnorm`), `db` as `reduce::sum_rows` of `dy` directly.
 
 use super::reduce;
-use super::rmsnorm::{launch_per_row, weight_grad, RowShape};
+use super::rmsnorm::{launch_row_norm, weight_grad, RowShape};
 use crate::gpu::{Access, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
@@ -70,7 +70,7 @@ pub fn layernorm_forward(
     shape.expect_like_x(op, "y", y);
     shape.expect_per_row(op, "mean", mean);
     shape.expect_per_row(op, "rstd", rstd);
-    launch_per_row(rec, &FORWARD, &[x, w, b, y, mean, rstd], shape, eps);
+    launch_row_norm(rec, &FORWARD, &[x, w, b, y, mean, rstd], shape, eps);
 }
 
 /// Gradients of [`layernorm_forward`]: `dx` is overwritten; `dw` and `db` are accumulated
@@ -97,7 +97,7 @@ pub fn layernorm_backward(
     shape.expect_like_x(op, "dx", dx);
     shape.expect_per_column(op, "dw", dw);
     shape.expect_per_column(op, "db", db);
-    launch_per_row(rec, &BACKWARD, &[x, w, mean, rstd, dy, dx], shape, 0.0);
+    launch_row_norm(rec, &BACKWARD, &[x, w, mean, rstd, dy, dx], shape, 0.0);
     let partial_inputs = [x, mean, rstd, dy];
     weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, accumulate);
     reduce::sum_rows(rec, dy, db, accumulate);
