@@ -325,16 +325,11 @@ fn attention_backward_is_bit_identical_across_runs() {
     let gpu = gpu();
     let case = Case::new(100, AttentionShape::training(2, 37, 6, 2, 12), &[37, 23]);
     let dout = case.dout(101);
-    let bits = |g: Gradients| -> Vec<u32> {
-        [g.dq, g.dk, g.dv]
-            .concat()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
+    let run = || {
+        let g = case.gpu_backward(gpu, &dout);
+        [g.dq, g.dk, g.dv].concat()
     };
-    let first = bits(case.gpu_backward(gpu, &dout));
-    let second = bits(case.gpu_backward(gpu, &dout));
-    assert!(first == second, "two backward runs differ");
+    assert_bit_identical("attention_backward dq, dk, dv", &run(), &run());
 }
 
 /// Informal timing (printed with --nocapture) at a small model's shape.

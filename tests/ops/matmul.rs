@@ -13,18 +13,6 @@ const SHAPES: [(usize, usize, usize); 5] = [
     (1, 1, 1),
 ];
 
-fn bits(xs: &[f32]) -> Vec<u32> {
-    xs.iter().map(|v| v.to_bits()).collect()
-}
-
-/// `init + grad`: the expected content of an output that accumulated `grad`.
-fn plus(init: &[f32], grad: &[f64]) -> Vec<f64> {
-    init.iter()
-        .zip(grad)
-        .map(|(&a, b)| f64::from(a) + b)
-        .collect()
-}
-
 #[test]
 fn matmul_forward_matches_reference_with_and_without_bias() {
     let gpu = gpu();
@@ -123,7 +111,7 @@ fn matmul_backward_input_matches_reference_and_accumulates() {
         assert_close(
             &format!("{name} +="),
             &download(gpu, &dx_acc),
-            &plus(&init, &want),
+            &accumulated(&init, &want),
             TOL,
         );
     }
@@ -161,7 +149,7 @@ fn matmul_backward_weight_matches_reference_and_accumulates() {
         assert_close(
             &format!("{name} +="),
             &download(gpu, &dw_acc),
-            &plus(&init, &want),
+            &accumulated(&init, &want),
             TOL,
         );
     }
@@ -184,7 +172,7 @@ fn matmul_backward_bias_matches_reference_and_accumulates() {
         assert_close(
             &format!("{name} +="),
             &download(gpu, &db_acc),
-            &plus(&init, &want),
+            &accumulated(&init, &want),
             TOL,
         );
     }
