@@ -85,6 +85,13 @@ pub fn accumulated(init: &[f32], grad: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// `assert_close` (as `what +=`) of an output that started at `init` and accumulated what the
+/// reference `grad` says.
+#[track_caller]
+pub fn assert_close_accumulated(what: &str, out: &[f32], init: &[f32], grad: &[f64], tol: f64) {
+    assert_close(&format!("{what} +="), out, &accumulated(init, grad), tol);
+}
+
 /// The bit patterns of f32 data, for comparisons that must be exact (NaN included).
 pub fn bits(xs: &[f32]) -> Vec<u32> {
     xs.iter().map(|x| x.to_bits()).collect()

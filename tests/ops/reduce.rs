@@ -17,18 +17,9 @@ fn sum_rows_matches_reference_in_one_and_two_stages() {
         reduce::sum_rows(&mut rec, &tx, &acc, true);
         rec.finish().unwrap();
         let want = reference::sum_rows(&f64s(&x), cols);
-        assert_close(
-            &format!("sum_rows {rows}x{cols}"),
-            &download(gpu, &out),
-            &want,
-            1e-5,
-        );
-        assert_close(
-            &format!("sum_rows += {rows}x{cols}"),
-            &download(gpu, &acc),
-            &accumulated(&init, &want),
-            1e-5,
-        );
+        let name = format!("sum_rows {rows}x{cols}");
+        assert_close(&name, &download(gpu, &out), &want, 1e-5);
+        assert_close_accumulated(&name, &download(gpu, &acc), &init, &want, 1e-5);
     }
 }
 
