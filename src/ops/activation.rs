@@ -3,7 +3,7 @@
 //! approximation (`gelu_new`). Backward launchers overwrite their outputs.
 
 use super::common::{expect_f32_alike, launch_per_item};
-use crate::gpu::{Access, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("activation");
@@ -11,32 +11,22 @@ static SHADER: Shader = shader!("activation");
 static SWIGLU_FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "swiglu_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(4)],
 };
 static SWIGLU_BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "swiglu_backward",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (5, Access::ReadWrite),
-        (6, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(5), read_write(6)],
 };
 static GELU_FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gelu_forward",
-    bindings: &[(7, Access::Read), (9, Access::ReadWrite)],
+    bindings: &[read(7), read_write(9)],
 };
 static GELU_BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gelu_backward",
-    bindings: &[
-        (7, Access::Read),
-        (8, Access::Read),
-        (10, Access::ReadWrite),
-    ],
+    bindings: &[read(7), read(8), read_write(10)],
 };
 
 #[repr(C)]

@@ -2,7 +2,7 @@
 //! clipping read from GPU memory, so that a training step needs no readback.
 
 use super::common::{expect_elements, launch_per_item};
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("adamw");
@@ -11,11 +11,11 @@ static STEP: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "adamw_step",
     bindings: &[
-        (1, Access::ReadWrite),
-        (2, Access::Read),
-        (3, Access::ReadWrite),
-        (4, Access::ReadWrite),
-        (5, Access::Read),
+        read_write(1),
+        read(2),
+        read_write(3),
+        read_write(4),
+        read(5),
     ],
 };
 

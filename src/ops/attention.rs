@@ -16,7 +16,7 @@
 //! the query heads of its group inside one workgroup: deterministic, no atomics.
 
 use super::common::expect_elements;
-use crate::gpu::{Access, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("attention");
@@ -42,51 +42,38 @@ static FORWARD: KernelSpec = KernelSpec {
     entry: "attention_forward",
     // q, k, v, seq_lens, out, lse
     bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::Read),
-        (5, Access::ReadWrite),
-        (6, Access::ReadWrite),
+        read(1),
+        read(2),
+        read(3),
+        read(4),
+        read_write(5),
+        read_write(6),
     ],
 };
 static PREPROCESS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "attention_backward_preprocess",
     // seq_lens, out, lse, dout, row statistics
-    bindings: &[
-        (4, Access::Read),
-        (7, Access::Read),
-        (8, Access::Read),
-        (9, Access::Read),
-        (10, Access::ReadWrite),
-    ],
+    bindings: &[read(4), read(7), read(8), read(9), read_write(10)],
 };
 static BACKWARD_DQ: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "attention_backward_dq",
     // q, k, v, dout, row statistics, dq
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (9, Access::Read),
-        (11, Access::Read),
-        (12, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read(9), read(11), read_write(12)],
 };
 static BACKWARD_DKV: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "attention_backward_dkv",
     // q, k, v, dout, row statistics, dk, dv
     bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (9, Access::Read),
-        (11, Access::Read),
-        (13, Access::ReadWrite),
-        (14, Access::ReadWrite),
+        read(1),
+        read(2),
+        read(3),
+        read(9),
+        read(11),
+        read_write(13),
+        read_write(14),
     ],
 };
 

@@ -3,7 +3,7 @@
 //! `half` crate, and independent of shader-f16 (16-bit data travels as packed `u32` words).
 
 use super::common::launch_per_item;
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("cast");
@@ -11,12 +11,12 @@ static SHADER: Shader = shader!("cast");
 static WIDEN: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "widen_to_f32",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 static NARROW: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "narrow_from_f32",
-    bindings: &[(3, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(3), read_write(4)],
 };
 
 /// The 16-bit side of a cast; values match `FORMAT_*` in `cast.wgsl`.

@@ -4,7 +4,7 @@
 //! loss 0 and gradient 0.
 
 use super::common::{expect_dims, expect_dtype, expect_elements, launch_per_row};
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("cross_entropy");
@@ -15,17 +15,12 @@ pub const IGNORE: u32 = u32::MAX;
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "cross_entropy_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static FORWARD_BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "cross_entropy_forward_backward",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::ReadWrite),
-        (4, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read_write(3), read_write(4)],
 };
 
 #[repr(C)]

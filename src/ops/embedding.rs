@@ -12,7 +12,7 @@
 //! one GPU thread per (id, column) adds `dout` over them in that order.
 
 use super::common::{expect_elements, launch_per_item};
-use crate::gpu::{Access, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 use crate::{Error, Result};
 
@@ -22,19 +22,13 @@ static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "embedding_forward",
     // ids, table chunk, out
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "embedding_backward",
     // unique ids, offsets, positions, dout, dtable chunk
-    bindings: &[
-        (4, Access::Read),
-        (5, Access::Read),
-        (6, Access::Read),
-        (7, Access::Read),
-        (8, Access::ReadWrite),
-    ],
+    bindings: &[read(4), read(5), read(6), read(7), read_write(8)],
 };
 
 #[repr(C)]

@@ -3,7 +3,7 @@
 //! sums of squares of every tensor into one scratch vector, then [`reduce::sum_rows`].
 
 use super::common::{expect_dtype, expect_elements, REDUCE_WG};
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
 
@@ -16,7 +16,7 @@ const BLOCK: usize = (REDUCE_WG * ITEMS) as usize;
 static SUM_SQUARES: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "sum_squares_per_block",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 
 #[repr(C)]

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{expect_dims, launch_per_row};
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("kl");
@@ -14,13 +14,7 @@ static SHADER: Shader = shader!("kl");
 static KL_LOSS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "kl_loss",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::ReadWrite),
-        (5, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(4), read_write(5)],
 };
 
 /// Which way round the KL is taken.

@@ -6,7 +6,7 @@
 //! Every launcher takes [`MatmulOptions`]: handing a backward the forward's `alpha` gives the
 //! gradient of the scaled forward.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
 
@@ -27,17 +27,12 @@ const MAX_GROUPS_PER_DIM: usize = 65_535;
 static GEMM: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gemm",
-    bindings: &[(1, Access::Read), (2, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(4)],
 };
 static GEMM_BIAS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gemm_bias",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(4)],
 };
 
 /// How a product is combined with what the output already holds.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{expect_dims, expect_dtype, launch_per_item};
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("pool");
@@ -12,12 +12,12 @@ static SHADER: Shader = shader!("pool");
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "pool_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "pool_backward",
-    bindings: &[(4, Access::Read), (2, Access::Read), (5, Access::ReadWrite)],
+    bindings: &[read(4), read(2), read_write(5)],
 };
 
 /// How a prompt's hidden states become its embedding.

@@ -2,7 +2,7 @@
 //! and partial-sum gradient (two stages, fixed order, no float atomics).
 
 use super::common::{expect_dtype, launch_per_column_block};
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("reduce");
@@ -12,7 +12,7 @@ const ROWS_PER_GROUP: usize = 64;
 static SUM_ROWS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "sum_rows",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 
 #[repr(C)]

@@ -2,7 +2,7 @@
 //! `acc += s·x` (gradient accumulation where two paths meet).
 
 use super::common::{expect_elements, launch_per_item};
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("residual");
@@ -10,17 +10,17 @@ static SHADER: Shader = shader!("residual");
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "residual_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static SCALE: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "scale_forward",
-    bindings: &[(1, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read_write(3)],
 };
 static ACCUMULATE: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "accumulate_scaled",
-    bindings: &[(1, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(1), read_write(4)],
 };
 
 #[repr(C)]

@@ -7,7 +7,7 @@
 //! gradients) is shared with `layernorm` through the `pub(crate)` helpers at the end.
 
 use super::common::{expect_dtype, expect_elements, launch_per_column_block, launch_per_row};
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
 
@@ -17,35 +17,19 @@ static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rmsnorm_forward",
     // x, w, y, rstd
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::ReadWrite),
-        (4, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read_write(3), read_write(4)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rmsnorm_backward",
     // x, w, rstd, dy, dx
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (5, Access::Read),
-        (6, Access::Read),
-        (7, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(5), read(6), read_write(7)],
 };
 static DW_PARTIAL: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rmsnorm_dw_partial",
     // x, rstd, dy, then the partials `weight_grad` appends
-    bindings: &[
-        (1, Access::Read),
-        (5, Access::Read),
-        (6, Access::Read),
-        (8, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(5), read(6), read_write(8)],
 };
 
 /// `y = x · rstd · w`; writes `rstd [rows]` for [`rmsnorm_backward`].

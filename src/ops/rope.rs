@@ -6,7 +6,7 @@
 //! scaling when the config asks for it) and uploaded once.
 
 use super::common::launch_per_item;
-use crate::gpu::{Access, DType, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("rope");
@@ -15,13 +15,13 @@ static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rope_forward",
     // x, inv_freq, out
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rope_backward",
     // dout, inv_freq, dx
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 
 #[repr(C)]

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{expect_dims, expect_dtype, REDUCE_WG};
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("separation");
@@ -32,24 +32,19 @@ static LOSS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "separation_loss",
     bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::Read),
-        (5, Access::ReadWrite),
-        (6, Access::ReadWrite),
-        (7, Access::ReadWrite),
+        read(1),
+        read(2),
+        read(3),
+        read(4),
+        read_write(5),
+        read_write(6),
+        read_write(7),
     ],
 };
 static DISTANCE: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "separation_distance",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (5, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(5)],
 };
 
 /// Which embeddings the distance compares.

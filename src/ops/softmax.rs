@@ -3,7 +3,7 @@
 //! reductions, so rows as long as a vocabulary work and reruns are bit-identical.
 
 use super::common::{expect_f32_alike, launch_per_row};
-use crate::gpu::{Access, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("softmax");
@@ -11,12 +11,12 @@ static SHADER: Shader = shader!("softmax");
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "softmax_forward",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "softmax_backward",
-    bindings: &[(3, Access::Read), (4, Access::Read), (5, Access::ReadWrite)],
+    bindings: &[read(3), read(4), read_write(5)],
 };
 
 #[repr(C)]
