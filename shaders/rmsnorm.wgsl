@@ -1,8 +1,9 @@
 // RMSNorm (Llama): y = x · rstd · w with rstd = 1/sqrt(mean(x²) + eps), per row of x [rows, C].
 //
 // The row reductions run one workgroup per row through `workgroup_sum` (common.wgsl), a
-// fixed-order tree, so results are bit-identical across runs. The weight gradient is summed per block of rows into
-// partials [blocks, C] (one thread per column and block); `reduce::sum_rows` finishes it.
+// fixed-order tree, so results are bit-identical across runs. The weight gradient is summed
+// per block of rows into partials [blocks, C] (one thread per column and block);
+// `reduce::sum_rows` finishes it.
 
 struct Params {
     rows: u32,
