@@ -31,10 +31,6 @@ const GELU_CUBIC: f32 = 0.044715;
 // keeps x³ and x² finite for any finite x.
 const GELU_FLAT_TAIL: f32 = 1.0e4;
 
-fn element_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return flat_workgroup_id(wid, nwg) * WG + lid;
-}
-
 // (σ(t), 1 − σ(t)), each computed directly rather than by subtraction, so that the small one
 // keeps its relative precision in both tails.
 fn sigmoid_pair(t: f32) -> vec2<f32> {
@@ -68,7 +64,7 @@ fn gelu_and_grad(v: f32) -> vec2<f32> {
 fn swiglu_forward(@builtin(workgroup_id) wid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i < params.n {
         h[i] = silu_and_grad(gate[i]).x * up[i];
     }
@@ -78,7 +74,7 @@ fn swiglu_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn swiglu_backward(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i < params.n {
         let silu = silu_and_grad(gate[i]);
         dgate[i] = dh[i] * up[i] * silu.y;
@@ -90,7 +86,7 @@ fn swiglu_backward(@builtin(workgroup_id) wid: vec3<u32>,
 fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i < params.n {
         y[i] = gelu_and_grad(x[i]).x;
     }
@@ -100,7 +96,7 @@ fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i < params.n {
         dx[i] = dy[i] * gelu_and_grad(x[i]).y;
     }

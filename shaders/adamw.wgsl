@@ -59,7 +59,7 @@ fn lerp(a: f32, b: f32, w: f32) -> f32 {
 fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>,
               @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = flat_workgroup_id(wid, nwg) * WG + lid;
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i >= params.n {
         return;
     }

@@ -343,7 +343,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_preprocess(@builtin(workgroup_id) wid: vec3<u32>,
                                  @builtin(num_workgroups) nwg: vec3<u32>,
                                  @builtin(local_invocation_index) lid: u32) {
-    let row = flat_workgroup_id(wid, nwg) * ROW_WG + lid;
+    let row = flat_invocation_id(wid, nwg, lid, ROW_WG);
     if row >= params.batch * params.n_heads * params.q_len {
         return;
     }

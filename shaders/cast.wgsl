@@ -28,10 +28,6 @@ struct Params {
 
 override WG: u32 = 256u;
 
-fn thread_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return flat_workgroup_id(wid, nwg) * WG + lid;
-}
-
 // `bits >> shift` rounded to nearest, ties to even. A carry out of the mantissa ripples into
 // the exponent, which is exactly right for rounding up into the next binade or to infinity.
 fn shift_right_round_even(bits: u32, shift: u32) -> u32 {
@@ -121,7 +117,7 @@ fn narrow(x: u32) -> u32 {
 fn widen_to_f32(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let i = thread_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i >= params.n {
         return;
     }
@@ -136,7 +132,7 @@ fn widen_to_f32(@builtin(workgroup_id) wid: vec3<u32>,
 fn narrow_from_f32(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
-    let word = thread_index(wid, nwg, lid);
+    let word = flat_invocation_id(wid, nwg, lid, WG);
     let first = 2u * word;
     if first >= params.n {
         return;

@@ -1,8 +1,8 @@
 // Fused softmax + negative log-likelihood over rows of logits [rows, cols] with one label per
-// row. One workgroup per row: a first walk over the row gathers an online (max, Σ exp) per
-// thread, merged in a fixed-order workgroup tree; a second walk writes the gradient. The
-// softmax never reaches global memory. A label ≥ cols (u32::MAX by convention) marks an
-// ignored row: loss 0 and gradient 0. (`target` is reserved in WGSL, hence `label`.)
+// row. One workgroup per row: a first walk over the row gathers online softmax statistics per
+// thread, merged in the fixed-order workgroup tree of common.wgsl; a second walk writes the
+// gradient. The softmax never reaches global memory. A label ≥ cols (u32::MAX by convention)
+// marks an ignored row: loss 0 and gradient 0. (`target` is reserved in WGSL, hence `label`.)
 
 struct Params {
     rows: u32,
@@ -17,50 +17,18 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dlogits: array<f32>;
 
-// A power of two (the tree halves it).
-override WG: u32 = 256u;
-
-// The most negative finite f32: the running maximum of an empty set. (WGSL has no -inf
-// literal.)
-const LOWEST: f32 = -3.40282347e38;
-
-var<workgroup> partial_max_sum: array<vec2<f32>, WG>;
-
-// Adds v to a running (max m, Σ exp(· − m)); exp only ever sees a non-positive argument.
-fn online_add(acc: vec2<f32>, v: f32) -> vec2<f32> {
-    if v > acc.x {
-        return vec2<f32>(v, acc.y * exp(acc.x - v) + 1.0);
+// The row's online statistics (max, Σ exp(· − max), 0), the same in every thread.
+fn row_max_sum(base: u32, lid: u32) -> vec3<f32> {
+    var own = ONLINE_EMPTY;
+    for (var i = lid; i < params.cols; i = i + REDUCE_WG) {
+        own = online_add(own, logits[base + i], 0.0);
     }
-    return vec2<f32>(acc.x, acc.y + exp(v - acc.x));
-}
-
-// Merges two running (max, sum) pairs.
-fn online_merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
-    let m = max(a.x, b.x);
-    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
-}
-
-// The row's (max, Σ exp(· − max)), the same in every thread of the workgroup. Called once per
-// dispatch (the tree's memory is not handed back).
-fn row_max_sum(base: u32, lid: u32) -> vec2<f32> {
-    var own = vec2<f32>(LOWEST, 0.0);
-    for (var i = lid; i < params.cols; i = i + WG) {
-        own = online_add(own, logits[base + i]);
-    }
-    partial_max_sum[lid] = own;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
-            partial_max_sum[lid] = online_merge(partial_max_sum[lid], partial_max_sum[lid + stride]);
-        }
-        workgroupBarrier();
-    }
-    return workgroupUniformLoad(&partial_max_sum[0]);
+    return workgroup_online_merge(lid, own);
 }
 
 // loss = logsumexp(z) − z[t] = (max − z[t]) + log(Σ exp(z − max)): the difference of two
 // nearby logits first, so that a small loss keeps its precision next to large logits.
-fn row_loss(base: u32, label: u32, stats: vec2<f32>) -> f32 {
+fn row_loss(base: u32, label: u32, stats: vec3<f32>) -> f32 {
     if label >= params.cols {
         return 0.0;
     }
@@ -71,7 +39,7 @@ fn row_loss(base: u32, label: u32, stats: vec2<f32>) -> f32 {
 struct Row {
     base: u32,
     label: u32,
-    stats: vec2<f32>,
+    stats: vec3<f32>,
 }
 
 fn row_forward(row: u32, lid: u32) -> Row {
@@ -85,7 +53,7 @@ fn row_forward(row: u32, lid: u32) -> Row {
 }
 
 // Per-row loss only (evaluation, perplexity).
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) lid: u32) {
@@ -97,7 +65,7 @@ fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // Per-row loss and dlogits = scale·(softmax(z) − onehot(label)), 0 on ignored rows.
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn cross_entropy_forward_backward(@builtin(workgroup_id) wid: vec3<u32>,
                                   @builtin(num_workgroups) nwg: vec3<u32>,
                                   @builtin(local_invocation_index) lid: u32) {
@@ -108,7 +76,7 @@ fn cross_entropy_forward_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let row = row_forward(row_id, lid);
     let counted = row.label < params.cols;
     let log_sum = log(row.stats.y);
-    for (var i = lid; i < params.cols; i = i + WG) {
+    for (var i = lid; i < params.cols; i = i + REDUCE_WG) {
         let p = exp((logits[row.base + i] - row.stats.x) - log_sum);
         let onehot = select(0.0, 1.0, i == row.label);
         dlogits[row.base + i] = select(0.0, params.scale * (p - onehot), counted);

@@ -32,10 +32,6 @@ struct Params {
 
 override WG: u32 = 256u;
 
-fn element_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return flat_workgroup_id(wid, nwg) * WG + lid;
-}
-
 // Whether `id` is a row of this chunk (written without `first_row + chunk_rows`, which could
 // overflow).
 fn in_chunk(id: u32) -> bool {
@@ -47,7 +43,7 @@ fn in_chunk(id: u32) -> bool {
 fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i >= params.tokens * params.cols {
         return;
     }
@@ -63,7 +59,7 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn embedding_backward(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i >= params.uniques * params.cols {
         return;
     }

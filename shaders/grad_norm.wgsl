@@ -1,8 +1,8 @@
 // Global squared gradient norm, stage 1: each workgroup writes the sum of squares of its block
 // of one gradient tensor into its own slot of a shared scratch vector,
 // partials[first_slot + block]. The launcher dispatches once per tensor with disjoint slots;
-// stage 2 sums the scratch with `sum_rows` (reduce.wgsl). The tree below adds in a fixed order,
-// so the same gradients give a bit-identical norm.
+// stage 2 sums the scratch with `sum_rows` (reduce.wgsl). `workgroup_sum` (common.wgsl) adds in
+// a fixed order, so the same gradients give a bit-identical norm.
 
 struct Params {
     // Elements in this tensor.
@@ -17,13 +17,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partials: array<f32>;
 
-// Threads per workgroup (a power of two, for the tree) and elements each thread squares.
-override WG: u32 = 256u;
+// Elements each thread of the REDUCE_WG threads squares.
 override ITEMS: u32 = 16u;
 
-var<workgroup> tree: array<f32, WG>;
-
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn sum_squares_per_block(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) lid: u32) {
@@ -32,24 +29,17 @@ fn sum_squares_per_block(@builtin(workgroup_id) wid: vec3<u32>,
     if block >= params.blocks {
         return;
     }
-    // Strided by WG so that neighbouring threads read neighbouring elements.
-    let first = block * WG * ITEMS + lid;
+    // Strided by REDUCE_WG so that neighbouring threads read neighbouring elements.
+    let first = block * REDUCE_WG * ITEMS + lid;
     var total = 0.0;
     for (var k = 0u; k < ITEMS; k = k + 1u) {
-        let i = first + k * WG;
+        let i = first + k * REDUCE_WG;
         if i < params.n {
             total = total + grad[i] * grad[i];
         }
     }
-    tree[lid] = total;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
-            tree[lid] = tree[lid] + tree[lid + stride];
-        }
-        workgroupBarrier();
-    }
+    let block_total = workgroup_sum(lid, total);
     if lid == 0u {
-        partials[params.first_slot + block] = tree[0];
+        partials[params.first_slot + block] = block_total;
     }
 }

@@ -1,8 +1,8 @@
 // LayerNorm (GPT-2): y = (x − mean) · rstd · w + b with rstd = 1/sqrt(var + eps), per row of
 // x [rows, C] (biased variance, two passes over the row as torch computes it).
 //
-// Same scheme as rmsnorm.wgsl: one workgroup per row with a fixed-order tree reduction in
-// workgroup memory; the weight gradient is summed per block of rows into partials [blocks, C]
+// Same scheme as rmsnorm.wgsl: one workgroup per row reducing through `workgroup_sum`
+// (common.wgsl); the weight gradient is summed per block of rows into partials [blocks, C]
 // that `reduce::sum_rows` finishes (the bias gradient is a plain `sum_rows` of dy).
 
 struct Params {
@@ -26,30 +26,11 @@ struct Params {
 @group(0) @binding(10) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dw_partial: array<f32>;
 
-// Must be a power of two (the tree halves it).
+// Threads per column block of `layernorm_dw_partial`. The row kernels run REDUCE_WG threads
+// (common.wgsl) for `workgroup_sum`.
 override WG: u32 = 256u;
 
-var<workgroup> lanes: array<f32, WG>;
-
-// The sum of every thread's `value`, added in a fixed tree order; every thread gets it. Called
-// from uniform control flow only. (WGSL cannot share functions across files; rmsnorm.wgsl has
-// the same one.)
-fn workgroup_sum(lid: u32, value: f32) -> f32 {
-    lanes[lid] = value;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
-            lanes[lid] = lanes[lid] + lanes[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    let total = lanes[0];
-    // Everyone reads the total before a following call overwrites the lanes.
-    workgroupBarrier();
-    return total;
-}
-
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
@@ -60,17 +41,17 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let base = row * params.cols;
     let n = f32(params.cols);
     var sum = 0.0;
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         sum = sum + x[base + c];
     }
     let m = workgroup_sum(lid, sum) / n;
     var squares = 0.0;
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         let d = x[base + c] - m;
         squares = squares + d * d;
     }
     let r = 1.0 / sqrt(workgroup_sum(lid, squares) / n + params.eps);
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         y[base + c] = (x[base + c] - m) * r * w[c] + b[c];
     }
     if lid == 0u {
@@ -80,7 +61,7 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // With x̂ = (x − mean) · rstd and g = dy · w: dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)).
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
@@ -94,14 +75,14 @@ fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let r = rstd[row];
     var g_sum = 0.0;
     var gx_sum = 0.0;
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         let g = dy[base + c] * w[c];
         g_sum = g_sum + g;
         gx_sum = gx_sum + g * (x[base + c] - m) * r;
     }
     let g_mean = workgroup_sum(lid, g_sum) / n;
     let gx_mean = workgroup_sum(lid, gx_sum) / n;
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         let x_hat = (x[base + c] - m) * r;
         dx[base + c] = r * (dy[base + c] * w[c] - g_mean - x_hat * gx_mean);
     }

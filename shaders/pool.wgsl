@@ -20,10 +20,6 @@ struct Params {
 
 override WG: u32 = 256u;
 
-fn element_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return flat_workgroup_id(wid, nwg) * WG + lid;
-}
-
 // Valid length of prompt `b`, clamped to [1, T] so that a bad length cannot read out of bounds.
 fn valid_len(b: u32) -> u32 {
     return clamp(seq_lens[b], 1u, params.tokens);
@@ -43,7 +39,7 @@ fn pool_weight(b: u32, t: u32) -> f32 {
 fn pool_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i >= params.batch * params.cols {
         return;
     }
@@ -63,7 +59,7 @@ fn pool_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn pool_backward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i >= params.batch * params.tokens * params.cols {
         return;
     }

@@ -13,15 +13,11 @@ struct Params {
 
 override WG: u32 = 256u;
 
-fn element_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return flat_workgroup_id(wid, nwg) * WG + lid;
-}
-
 @compute @workgroup_size(WG)
 fn residual_forward(@builtin(workgroup_id) wid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i < params.n {
         y[i] = x[i] + params.scale * r[i];
     }
@@ -31,7 +27,7 @@ fn residual_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn scale_forward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i < params.n {
         y[i] = params.scale * x[i];
     }
@@ -41,7 +37,7 @@ fn scale_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn accumulate_scaled(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let i = element_index(wid, nwg, lid);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
     if i < params.n {
         acc[i] = acc[i] + params.scale * x[i];
     }

@@ -1,8 +1,9 @@
 // RMSNorm (Llama): y = x · rstd · w with rstd = 1/sqrt(mean(x²) + eps), per row of x [rows, C].
 //
-// The row reductions run one workgroup per row with a fixed-order tree in workgroup memory, so
-// results are bit-identical across runs. The weight gradient is summed per block of rows into
-// partials [blocks, C] (one thread per column and block); `reduce::sum_rows` finishes it.
+// The row reductions run one workgroup per row through `workgroup_sum` (common.wgsl), a
+// fixed-order tree, so results are bit-identical across runs. The weight gradient is summed
+// per block of rows into partials [blocks, C] (one thread per column and block);
+// `reduce::sum_rows` finishes it.
 
 struct Params {
     rows: u32,
@@ -22,29 +23,11 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dw_partial: array<f32>;
 
-// Must be a power of two (the tree halves it).
+// Threads per column block of `rmsnorm_dw_partial`. The row kernels run REDUCE_WG threads
+// (common.wgsl) for `workgroup_sum`.
 override WG: u32 = 256u;
 
-var<workgroup> lanes: array<f32, WG>;
-
-// The sum of every thread's `value`, added in a fixed tree order; every thread gets it. Called
-// from uniform control flow only.
-fn workgroup_sum(lid: u32, value: f32) -> f32 {
-    lanes[lid] = value;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
-            lanes[lid] = lanes[lid] + lanes[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    let total = lanes[0];
-    // Everyone reads the total before a following call overwrites the lanes.
-    workgroupBarrier();
-    return total;
-}
-
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
@@ -54,13 +37,13 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let base = row * params.cols;
     var squares = 0.0;
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         let v = x[base + c];
         squares = squares + v * v;
     }
     let mean_square = workgroup_sum(lid, squares) / f32(params.cols);
     let r = 1.0 / sqrt(mean_square + params.eps);
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         // (x · rstd) · w, in the order transformers' LlamaRMSNorm multiplies.
         y[base + c] = x[base + c] * r * w[c];
     }
@@ -70,7 +53,7 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // dx = rstd · (g − x · rstd² · mean(g · x)) with g = dy · w.
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn rmsnorm_backward(@builtin(workgroup_id) wid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
@@ -80,12 +63,12 @@ fn rmsnorm_backward(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let base = row * params.cols;
     var gx = 0.0;
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         gx = gx + dy[base + c] * w[c] * x[base + c];
     }
     let r = rstd[row];
     let correction = r * r * workgroup_sum(lid, gx) / f32(params.cols);
-    for (var c = lid; c < params.cols; c = c + WG) {
+    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
         dx[base + c] = r * (dy[base + c] * w[c] - x[base + c] * correction);
     }
 }

@@ -60,12 +60,12 @@ fn rotate_pair(i: u32, direction: f32) {
 fn rope_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    rotate_pair(flat_workgroup_id(wid, nwg) * WG + lid, 1.0);
+    rotate_pair(flat_invocation_id(wid, nwg, lid, WG), 1.0);
 }
 
 @compute @workgroup_size(WG)
 fn rope_backward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    rotate_pair(flat_workgroup_id(wid, nwg) * WG + lid, -1.0);
+    rotate_pair(flat_invocation_id(wid, nwg, lid, WG), -1.0);
 }

@@ -48,15 +48,15 @@ const SHAPE_HINGE: u32 = 0u;
 @group(0) @binding(6) var<storage, read_write> deh: array<f32>;
 @group(0) @binding(7) var<storage, read_write> des: array<f32>;
 
-override WG: u32 = 256u;
-// Threads that reduce one pair over the channels (a power of two dividing WG).
+// The kernels run REDUCE_WG threads (common.wgsl). Threads that reduce one pair over the
+// channels (a power of two dividing REDUCE_WG):
 override LANES: u32 = 32u;
 // Capacity of the per-pair and per-row scalars the gradient needs (the loss entry point only).
 override MAX_PAIRS: u32 = 4096u;
 override MAX_ROWS: u32 = 1024u;
 
-// Per-thread partial sums (Σ(a−b)², Σab, Σa², Σb²) during the tree reductions.
-var<workgroup> scratch: array<vec4<f32>, WG>;
+// Per-thread partial sums (Σ(a−b)², Σab, Σa², Σb²) during the per-pair tree reductions.
+var<workgroup> scratch: array<vec4<f32>, REDUCE_WG>;
 // Per virtual pair: ‖a−b‖ (l2), ‖a−b‖² (sq-l2) or cos(a, b) (cosine).
 var<workgroup> pair_value: array<f32, MAX_PAIRS>;
 // Per virtual row of each side: its norm (cosine only).
@@ -104,11 +104,11 @@ fn row_norm(side: u32, v: u32) -> f32 {
     return norm_s[v];
 }
 
-// Sums `scratch` over aligned runs of `width` threads into the run's first slot. Every
-// thread must call it (it holds barriers); `width` is a power of two.
-fn tree_sum(lid: u32, width: u32) {
-    for (var stride = width / 2u; stride > 0u; stride = stride / 2u) {
-        if lid % width < stride {
+// Sums `scratch` over aligned runs of LANES threads into the run's first slot. Every thread
+// must call it (it holds barriers).
+fn sum_lanes(lid: u32) {
+    for (var stride = LANES / 2u; stride > 0u; stride = stride / 2u) {
+        if lid % LANES < stride {
             scratch[lid] = scratch[lid] + scratch[lid + stride];
         }
         workgroupBarrier();
@@ -169,11 +169,12 @@ fn record_pair(p: u32, v: u32, u: u32, scalar: f32, sums: vec4<f32>) {
 }
 
 // Σ over virtual pairs of d, returned to every thread. Groups of LANES threads take pairs in
-// turn; each group leader adds its pairs' distances in order, then a tree adds the groups.
+// turn; each group leader adds its pairs' distances in order, then `workgroup_sum` adds the
+// groups.
 fn sum_pair_distances(l: u32, lid: u32, record: bool) -> f32 {
     let n_s = virtual_rows(1u);
     let n_pairs = virtual_rows(0u) * n_s;
-    let groups = WG / LANES;
+    let groups = REDUCE_WG / LANES;
     let group = lid / LANES;
     let lane = lid % LANES;
     let nu_l = nu[l];
@@ -186,7 +187,7 @@ fn sum_pair_distances(l: u32, lid: u32, record: bool) -> f32 {
         }
         scratch[lid] = partial;
         workgroupBarrier();
-        tree_sum(lid, LANES);
+        sum_lanes(lid);
         if lane == 0u && p < n_pairs {
             let sums = scratch[lid];
             let scalar = pair_scalar(sums);
@@ -196,10 +197,7 @@ fn sum_pair_distances(l: u32, lid: u32, record: bool) -> f32 {
             }
         }
     }
-    scratch[lid] = vec4<f32>(select(0.0, total, lane == 0u), 0.0, 0.0, 0.0);
-    workgroupBarrier();
-    tree_sum(lid, WG);
-    return scratch[0].x;
+    return workgroup_sum(lid, select(0.0, total, lane == 0u));
 }
 
 // ∂d(x, y)/∂x for the pair (own virtual row v, other row o) seen from `side`. Zero at the
@@ -243,7 +241,7 @@ fn write_side_gradient(side: u32, l: u32, lid: u32, slope: f32) {
         weight = weight / f32(n_rows);
     }
     let nu_l = nu[l];
-    for (var e = lid; e < n_own * params.cols; e = e + WG) {
+    for (var e = lid; e < n_own * params.cols; e = e + REDUCE_WG) {
         let v = e / params.cols;
         let c = e % params.cols;
         var g = 0.0;
@@ -266,7 +264,7 @@ fn write_side_gradient(side: u32, l: u32, lid: u32, slope: f32) {
     }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn separation_loss(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let l = wid.x;
@@ -286,7 +284,7 @@ fn separation_loss(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(REDUCE_WG)
 fn separation_distance(@builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
     let l = wid.x;

@@ -48,27 +48,11 @@ pub fn f64s(xs: &[f32]) -> Vec<f64> {
 
 /// ||out − ref|| / ||ref|| (∞ if `out` holds a NaN or the lengths differ).
 pub fn rel_error(out: &[f32], reference: &[f64]) -> f64 {
-    if out.len() != reference.len() {
-        return f64::INFINITY;
-    }
-    let mut diff = 0.0;
-    let mut norm = 0.0;
-    for (&o, &r) in out.iter().zip(reference) {
-        let o = f64::from(o);
-        if !o.is_finite() {
-            return f64::INFINITY;
-        }
-        diff += (o - r) * (o - r);
-        norm += r * r;
-    }
-    if norm == 0.0 {
-        diff.sqrt()
-    } else {
-        (diff / norm).sqrt()
-    }
+    rel_error_f64(&f64s(out), reference)
 }
 
-/// ||a − b|| / ||b|| for two f64 vectors.
+/// ||a − b|| / ||b|| for two f64 vectors (∞ if `a` holds a non-finite value or the lengths
+/// differ).
 pub fn rel_error_f64(a: &[f64], b: &[f64]) -> f64 {
     let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let norm: f64 = b.iter().map(|y| y * y).sum();
@@ -90,6 +74,36 @@ pub fn assert_close(what: &str, out: &[f32], reference: &[f64], tol: f64) {
     assert!(
         err <= tol,
         "{what}: ||out-ref||/||ref|| = {err:.3e} > {tol:.1e}"
+    );
+}
+
+/// `init + grad`: what an output that started at `init` holds after accumulating `grad`.
+pub fn accumulated(init: &[f32], grad: &[f64]) -> Vec<f64> {
+    init.iter()
+        .zip(grad)
+        .map(|(&a, b)| f64::from(a) + b)
+        .collect()
+}
+
+/// `assert_close` (as `what +=`) of an output that started at `init` and accumulated what the
+/// reference `grad` says.
+#[track_caller]
+pub fn assert_close_accumulated(what: &str, out: &[f32], init: &[f32], grad: &[f64], tol: f64) {
+    assert_close(&format!("{what} +="), out, &accumulated(init, grad), tol);
+}
+
+/// The bit patterns of f32 data, for comparisons that must be exact (NaN included).
+pub fn bits(xs: &[f32]) -> Vec<u32> {
+    xs.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Asserts that two runs of a kernel gave bit-identical results (the determinism the
+/// fixed-order reductions promise).
+#[track_caller]
+pub fn assert_bit_identical(what: &str, first: &[f32], second: &[f32]) {
+    assert!(
+        bits(first) == bits(second),
+        "{what}: two runs on the same inputs differ"
     );
 }
 

@@ -190,6 +190,41 @@ impl Gpu {
         self.queue.submit([]);
     }
 
+    /// Reads `size` bytes back to the host (blocking): `record` encodes the copies that fill
+    /// the mappable staging buffer it is handed, which is then submitted, mapped and read.
+    pub(crate) fn read_back(
+        &self,
+        label: &str,
+        size: u64,
+        record: impl FnOnce(&mut wgpu::CommandEncoder, &wgpu::Buffer),
+    ) -> Result<Vec<u8>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        record(&mut encoder, &staging);
+        self.queue.submit([encoder.finish()]);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            // The receiver outlives this callback: it is read right below.
+            let _ = sender.send(r);
+        });
+        self.wait_idle()?;
+        receiver
+            .recv()
+            .map_err(|_| Error::Gpu(format!("{label}: the mapping callback never ran")))?
+            .map_err(|e| Error::Gpu(format!("{label}: mapping the staging buffer failed: {e}")))?;
+        let bytes = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("{label}: reading the staging buffer failed: {e}")))?
+            .to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+
     /// Bytes currently parked in the buffer pool, ready for reuse.
     pub fn pooled_bytes(&self) -> u64 {
         self.pool.idle_bytes()

@@ -49,6 +49,16 @@ pub enum Access {
     ReadWrite,
 }
 
+/// A `var<storage, read>` binding of a [`KernelSpec`].
+pub const fn read(binding: u32) -> (u32, Access) {
+    (binding, Access::Read)
+}
+
+/// A `var<storage, read_write>` binding of a [`KernelSpec`].
+pub const fn read_write(binding: u32) -> (u32, Access) {
+    (binding, Access::ReadWrite)
+}
+
 /// One compute entry point: its shader, name, and the storage bindings it uses, in the order
 /// a launcher passes tensors.
 #[derive(Debug)]

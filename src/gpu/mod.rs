@@ -12,6 +12,8 @@ pub use context::{
     survey_adapters, AdapterReport, AdapterSurvey, FeaturesReport, Gpu, GpuOptions, LimitsReport,
     ADAPTER_ENV, BACKEND_ENV,
 };
-pub use kernel::{Access, Kernel, KernelSpec, Overrides, Shader, MAX_STORAGE_BINDINGS};
+pub use kernel::{
+    read, read_write, Access, Kernel, KernelSpec, Overrides, Shader, MAX_STORAGE_BINDINGS,
+};
 pub use recorder::{Grid, Recorder};
 pub use tensor::{DType, Shape, Tensor};

@@ -319,30 +319,9 @@ impl Tensor {
     /// Copies the contents back to the host as raw bytes (blocking).
     pub fn to_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
         let size = self.padded_size();
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(self.buffer(), self.offset, &staging, 0, size);
-        gpu.queue.submit([encoder.finish()]);
-        let (sender, receiver) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            // The receiver outlives this callback: it is read right below.
-            let _ = sender.send(r);
-        });
-        gpu.wait_idle()?;
-        receiver
-            .recv()
-            .map_err(|_| Error::Gpu("readback callback never ran".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping a readback buffer failed: {e}")))?;
-        let mut bytes = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("reading a readback buffer failed: {e}")))?
-            .to_vec();
-        staging.unmap();
+        let mut bytes = gpu.read_back("tensor readback", size, |encoder, staging| {
+            encoder.copy_buffer_to_buffer(self.buffer(), self.offset, staging, 0, size);
+        })?;
         bytes.truncate(self.size_bytes() as usize);
         Ok(bytes)
     }

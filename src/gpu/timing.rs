@@ -2,7 +2,7 @@
 //! buffer after the last dispatch and read back with the work.
 
 use super::Gpu;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Queries in one set: WebGPU's maximum, i.e. 2,048 timed dispatches per recorder.
 const MAX_QUERIES: u32 = wgpu::QUERY_SET_MAX_QUERIES;
@@ -63,31 +63,11 @@ impl Timestamps {
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamps readback"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        encoder.resolve_query_set(&self.queries, 0..self.used(), &resolved, 0);
-        encoder.copy_buffer_to_buffer(&resolved, 0, &staging, 0, bytes);
-        gpu.queue.submit([encoder.finish()]);
-        let (sender, receiver) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = sender.send(r);
-        });
-        gpu.wait_idle()?;
-        receiver
-            .recv()
-            .map_err(|_| Error::Gpu("timestamp readback never completed".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping timestamps failed: {e}")))?;
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(
-            &staging
-                .get_mapped_range(..)
-                .map_err(|e| Error::Gpu(format!("reading timestamps failed: {e}")))?,
-        );
-        staging.unmap();
+        let raw = gpu.read_back("timestamps readback", bytes, |encoder, staging| {
+            encoder.resolve_query_set(&self.queries, 0..self.used(), &resolved, 0);
+            encoder.copy_buffer_to_buffer(&resolved, 0, staging, 0, bytes);
+        })?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
         let period_ns = f64::from(gpu.queue.get_timestamp_period());
         Ok(self
             .labels

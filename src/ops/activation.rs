@@ -2,41 +2,31 @@
 //! as separate tensors as `gate_proj` and `up_proj` produce them) and GELU with GPT-2's tanh
 //! approximation (`gelu_new`). Backward launchers overwrite their outputs.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_f32_alike, launch_per_item};
+use crate::gpu::{read, read_write, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("activation");
-const WG: u32 = 256;
 
 static SWIGLU_FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "swiglu_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(4)],
 };
 static SWIGLU_BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "swiglu_backward",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (5, Access::ReadWrite),
-        (6, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(5), read_write(6)],
 };
 static GELU_FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gelu_forward",
-    bindings: &[(7, Access::Read), (9, Access::ReadWrite)],
+    bindings: &[read(7), read_write(9)],
 };
 static GELU_BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gelu_backward",
-    bindings: &[
-        (7, Access::Read),
-        (8, Access::Read),
-        (10, Access::ReadWrite),
-    ],
+    bindings: &[read(7), read(8), read_write(10)],
 };
 
 #[repr(C)]
@@ -47,15 +37,8 @@ struct Params {
 
 /// One thread per element; every tensor is f32 with the shape of the first.
 fn launch(rec: &mut Recorder, spec: &'static KernelSpec, tensors: &[&Tensor]) {
-    let shape = tensors[0].shape();
-    for t in tensors {
-        assert_eq!(t.dtype(), DType::F32, "{}: f32 tensors only", spec.entry);
-        assert_eq!(t.shape(), shape, "{}: shapes differ", spec.entry);
-    }
-    let n = shape.numel();
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
-    let params = Params { n: n as u32 };
-    rec.dispatch(&kernel, tensors, &params, Grid::threads(n, WG));
+    let n = expect_f32_alike(spec.entry, tensors).numel();
+    launch_per_item(rec, spec, tensors, &Params { n: n as u32 }, n);
 }
 
 /// `h = silu(gate)·up`, elementwise over `[rows, F]`.

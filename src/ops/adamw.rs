@@ -1,21 +1,21 @@
 //! The fused AdamW step (PyTorch `torch.optim.AdamW` semantics) with global-norm gradient
 //! clipping read from GPU memory, so that a training step needs no readback.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_elements, launch_per_item};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("adamw");
-const WG: u32 = 256;
 
 static STEP: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "adamw_step",
     bindings: &[
-        (1, Access::ReadWrite),
-        (2, Access::Read),
-        (3, Access::ReadWrite),
-        (4, Access::ReadWrite),
-        (5, Access::Read),
+        read_write(1),
+        read(2),
+        read_write(3),
+        read_write(4),
+        read(5),
     ],
 };
 
@@ -130,29 +130,17 @@ pub fn adamw_step(
     step: &AdamWStep,
 ) {
     step.check();
+    let op = "adamw_step";
     let n = param.numel();
-    for (name, t) in [("grad", grad), ("m", m), ("v", v)] {
-        assert!(
-            t.dtype() == DType::F32 && t.numel() == n,
-            "adamw_step: {name} {t:?} does not match param {param:?}"
-        );
+    for (name, t) in [("param", param), ("grad", grad), ("m", m), ("v", v)] {
+        expect_elements(op, name, t, DType::F32, &[n]);
     }
-    assert_eq!(param.dtype(), DType::F32, "adamw_step: param must be f32");
-    assert!(
-        norm_sq.dtype() == DType::F32 && norm_sq.numel() == 1,
-        "adamw_step: norm_sq must be one f32, got {norm_sq:?}"
-    );
+    expect_elements(op, "norm_sq", norm_sq, DType::F32, &[1]);
     if n == 0 {
         return;
     }
-    let kernel = rec.gpu().kernel(&STEP, &[("WG", WG)]);
-    let params = Params::new(n, step);
-    rec.dispatch(
-        &kernel,
-        &[param, grad, m, v, norm_sq],
-        &params,
-        Grid::threads(n, WG),
-    );
+    let tensors = [param, grad, m, v, norm_sq];
+    launch_per_item(rec, &STEP, &tensors, &Params::new(n, step), n);
 }
 
 /// CPU f64 reference, written from the textbook update (the kernel follows torch's equivalent

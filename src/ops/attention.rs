@@ -15,7 +15,8 @@
 //! `seq_lens`), then dQ per query tile and dK/dV per key tile. dK/dV of a kv head sums over
 //! the query heads of its group inside one workgroup: deterministic, no atomics.
 
-use crate::gpu::{Access, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::expect_elements;
+use crate::gpu::{read, read_write, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("attention");
@@ -41,51 +42,38 @@ static FORWARD: KernelSpec = KernelSpec {
     entry: "attention_forward",
     // q, k, v, seq_lens, out, lse
     bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::Read),
-        (5, Access::ReadWrite),
-        (6, Access::ReadWrite),
+        read(1),
+        read(2),
+        read(3),
+        read(4),
+        read_write(5),
+        read_write(6),
     ],
 };
 static PREPROCESS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "attention_backward_preprocess",
     // seq_lens, out, lse, dout, row statistics
-    bindings: &[
-        (4, Access::Read),
-        (7, Access::Read),
-        (8, Access::Read),
-        (9, Access::Read),
-        (10, Access::ReadWrite),
-    ],
+    bindings: &[read(4), read(7), read(8), read(9), read_write(10)],
 };
 static BACKWARD_DQ: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "attention_backward_dq",
     // q, k, v, dout, row statistics, dq
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (9, Access::Read),
-        (11, Access::Read),
-        (12, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read(9), read(11), read_write(12)],
 };
 static BACKWARD_DKV: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "attention_backward_dkv",
     // q, k, v, dout, row statistics, dk, dv
     bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (9, Access::Read),
-        (11, Access::Read),
-        (13, Access::ReadWrite),
-        (14, Access::ReadWrite),
+        read(1),
+        read(2),
+        read(3),
+        read(9),
+        read(11),
+        read_write(13),
+        read_write(14),
     ],
 };
 
@@ -153,6 +141,37 @@ impl AttentionShape {
         } else {
             0
         }
+    }
+
+    /// The outer rows of the forward and dQ kernels: `[queries, query heads, batch]`.
+    fn query_tiles(&self) -> [usize; 3] {
+        [self.q_len, self.n_heads, self.batch]
+    }
+
+    /// The outer rows of the dK/dV kernel: `[keys, kv heads, batch]`.
+    fn key_tiles(&self) -> [usize; 3] {
+        [self.kv_len, self.n_kv_heads, self.batch]
+    }
+
+    /// Validates the shape for `op` and its tensors: those shaped like `q`, those shaped like
+    /// `k`, `lse` and `seq_lens`.
+    fn check(
+        &self,
+        op: &str,
+        q_like: &[(&str, &Tensor)],
+        kv_like: &[(&str, &Tensor)],
+        lse: &Tensor,
+        seq_lens: &Tensor,
+    ) {
+        self.validate(op);
+        for &(name, t) in q_like {
+            expect_elements(op, name, t, DType::F32, &self.q_dims());
+        }
+        for &(name, t) in kv_like {
+            expect_elements(op, name, t, DType::F32, &self.kv_dims());
+        }
+        expect_elements(op, "lse", lse, DType::F32, &self.lse_dims());
+        expect_elements(op, "seq_lens", seq_lens, DType::U32, &[self.batch]);
     }
 
     fn validate(&self, op: &str) {
@@ -277,32 +296,32 @@ impl Tiles {
         ]
     }
 
-    /// One workgroup per (tile of `len` rows, head, batch).
-    fn grid(&self, gpu: &Gpu, len: usize, heads: usize, batch: usize) -> Grid {
+    /// Launches `spec` with one workgroup per (tile of `len` outer rows, head, batch) of
+    /// `[len, heads, batch]`.
+    fn launch(
+        &self,
+        rec: &mut Recorder,
+        spec: &'static KernelSpec,
+        tensors: &[&Tensor],
+        params: &Params,
+        [len, heads, batch]: [usize; 3],
+    ) {
+        let gpu = rec.gpu();
         let tiles = len.div_ceil(self.rows as usize);
         let max = gpu.limits().max_compute_workgroups_per_dimension as usize;
         assert!(
             tiles <= max && heads <= max && batch <= max,
             "attention: grid ({tiles}, {heads}, {batch}) exceeds {max} workgroups per dimension"
         );
-        Grid::xyz(tiles as u32, heads as u32, batch as u32)
+        let kernel = gpu.kernel(spec, &self.overrides());
+        let grid = Grid::xyz(tiles as u32, heads as u32, batch as u32);
+        rec.dispatch(&kernel, tensors, params, grid);
     }
 }
 
 /// `start, start / 2, ..., 1`.
 fn halvings(start: u32) -> impl Iterator<Item = u32> {
     std::iter::successors(Some(start), |&n| (n > 1).then_some(n / 2))
-}
-
-#[track_caller]
-fn expect_tensor(op: &str, name: &str, t: &Tensor, dims: &[usize], dtype: DType) {
-    assert_eq!(t.dtype(), dtype, "{op}: {name} must be {dtype}, got {t:?}");
-    let numel: usize = dims.iter().product();
-    assert_eq!(
-        t.numel(),
-        numel,
-        "{op}: {name} must hold {dims:?} elements, got {t:?}"
-    );
 }
 
 /// Causal attention `out = softmax(scale · q·kᵀ + mask) · v` per query head, and the row
@@ -321,24 +340,17 @@ pub fn attention_forward(
     scale: f32,
 ) {
     let op = "attention_forward";
-    shape.validate(op);
-    expect_tensor(op, "q", q, &shape.q_dims(), DType::F32);
-    expect_tensor(op, "k", k, &shape.kv_dims(), DType::F32);
-    expect_tensor(op, "v", v, &shape.kv_dims(), DType::F32);
-    expect_tensor(op, "seq_lens", seq_lens, &[shape.batch], DType::U32);
-    expect_tensor(op, "out", out, &shape.q_dims(), DType::F32);
-    expect_tensor(op, "lse", lse, &shape.lse_dims(), DType::F32);
-
-    let gpu = rec.gpu();
-    let tiles = Tiles::for_device(gpu, shape.head_dim);
-    let kernel = gpu.kernel(&FORWARD, &tiles.overrides());
-    let grid = tiles.grid(gpu, shape.q_len, shape.n_heads, shape.batch);
-    rec.dispatch(
-        &kernel,
-        &[q, k, v, seq_lens, out, lse],
-        &Params::new(shape, scale),
-        grid,
+    shape.check(
+        op,
+        &[("q", q), ("out", out)],
+        &[("k", k), ("v", v)],
+        lse,
+        seq_lens,
     );
+    let tiles = Tiles::for_device(rec.gpu(), shape.head_dim);
+    let tensors = [q, k, v, seq_lens, out, lse];
+    let params = Params::new(shape, scale);
+    tiles.launch(rec, &FORWARD, &tensors, &params, shape.query_tiles());
 }
 
 /// Gradients of [`attention_forward`] (training case: `Tq == Tkv`, `q_offset == 0`) from the
@@ -361,29 +373,26 @@ pub fn attention_backward(
     scale: f32,
 ) {
     let op = "attention_backward";
-    shape.validate(op);
     assert!(
         shape.q_len == shape.kv_len && shape.q_offset == 0,
         "{op}: only the training case (q_len == kv_len, q_offset 0) has a backward, got {shape:?}"
     );
-    for (name, t) in [("q", q), ("out", out), ("dout", dout), ("dq", dq)] {
-        expect_tensor(op, name, t, &shape.q_dims(), DType::F32);
-    }
-    for (name, t) in [("k", k), ("v", v), ("dk", dk), ("dv", dv)] {
-        expect_tensor(op, name, t, &shape.kv_dims(), DType::F32);
-    }
-    expect_tensor(op, "lse", lse, &shape.lse_dims(), DType::F32);
-    expect_tensor(op, "seq_lens", seq_lens, &[shape.batch], DType::U32);
+    let q_like = [("q", q), ("out", out), ("dout", dout), ("dq", dq)];
+    shape.check(
+        op,
+        &q_like,
+        &[("k", k), ("v", v), ("dk", dk), ("dv", dv)],
+        lse,
+        seq_lens,
+    );
 
     let gpu = rec.gpu();
     let tiles = Tiles::for_device(gpu, shape.head_dim);
-    let overrides = tiles.overrides();
     let params = Params::new(shape, scale);
     let [b, hq, t] = shape.lse_dims();
     // RowStats {lse, delta, keys} per query row.
     let stats = Tensor::empty(gpu, [b, hq, t, ROW_STATS_WORDS], DType::U32);
-
-    let preprocess = gpu.kernel(&PREPROCESS, &overrides);
+    let preprocess = gpu.kernel(&PREPROCESS, &tiles.overrides());
     let rows = Grid::threads(b * hq * t, ROW_WG);
     rec.dispatch(
         &preprocess,
@@ -392,23 +401,10 @@ pub fn attention_backward(
         rows,
     );
 
-    let backward_dq = gpu.kernel(&BACKWARD_DQ, &overrides);
-    let query_tiles = tiles.grid(gpu, shape.q_len, shape.n_heads, shape.batch);
-    rec.dispatch(
-        &backward_dq,
-        &[q, k, v, dout, &stats, dq],
-        &params,
-        query_tiles,
-    );
-
-    let backward_dkv = gpu.kernel(&BACKWARD_DKV, &overrides);
-    let key_tiles = tiles.grid(gpu, shape.kv_len, shape.n_kv_heads, shape.batch);
-    rec.dispatch(
-        &backward_dkv,
-        &[q, k, v, dout, &stats, dk, dv],
-        &params,
-        key_tiles,
-    );
+    let dq_tensors = [q, k, v, dout, &stats, dq];
+    tiles.launch(rec, &BACKWARD_DQ, &dq_tensors, &params, shape.query_tiles());
+    let dkv_tensors = [q, k, v, dout, &stats, dk, dv];
+    tiles.launch(rec, &BACKWARD_DKV, &dkv_tensors, &params, shape.key_tiles());
 }
 
 /// CPU f64 references: plain causal softmax attention with the same masking rules.

@@ -2,21 +2,21 @@
 //! with round-to-nearest-even (storing frozen weights, writing checkpoints). Bit-exact with the
 //! `half` crate, and independent of shader-f16 (16-bit data travels as packed `u32` words).
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::launch_per_item;
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("cast");
-const WG: u32 = 256;
 
 static WIDEN: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "widen_to_f32",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 static NARROW: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "narrow_from_f32",
-    bindings: &[(3, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(3), read_write(4)],
 };
 
 /// The 16-bit side of a cast; values match `FORMAT_*` in `cast.wgsl`.
@@ -62,12 +62,11 @@ pub fn cast(rec: &mut Recorder, src: &Tensor, dst: &Tensor) {
     if n == 0 {
         return;
     }
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
     let params = Params {
         n: n as u32,
         format: format as u32,
     };
-    rec.dispatch(&kernel, &[src, dst], &params, Grid::threads(threads, WG));
+    launch_per_item(rec, spec, &[src, dst], &params, threads);
 }
 
 /// CPU references: the `half` crate's conversions, which are round-to-nearest-even and keep

@@ -3,13 +3,11 @@
 //! Targets are u32; [`IGNORE`] (or any target ≥ V) marks a row that counts for nothing:
 //! loss 0 and gradient 0.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dims, expect_dtype, expect_elements, launch_per_row};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("cross_entropy");
-/// Threads per row; a power of two because the reduction tree halves it.
-const WG: u32 = 256;
-const _: () = assert!(WG.is_power_of_two());
 
 /// The target of an ignored row (padding, prompt tokens).
 pub const IGNORE: u32 = u32::MAX;
@@ -17,17 +15,12 @@ pub const IGNORE: u32 = u32::MAX;
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "cross_entropy_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static FORWARD_BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "cross_entropy_forward_backward",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::ReadWrite),
-        (4, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read_write(3), read_write(4)],
 };
 
 #[repr(C)]
@@ -40,17 +33,12 @@ struct Params {
 
 /// Checks `logits [N, V]` (f32), `targets [N]` (u32), `loss [N]` (f32); returns `(N, V)`.
 fn rows_and_vocab(logits: &Tensor, targets: &Tensor, loss: &Tensor) -> (usize, usize) {
-    assert_eq!(logits.dtype(), DType::F32, "cross_entropy: f32 logits only");
-    assert_eq!(
-        targets.dtype(),
-        DType::U32,
-        "cross_entropy: u32 targets only"
-    );
-    assert_eq!(loss.dtype(), DType::F32, "cross_entropy: f32 loss only");
+    let op = "cross_entropy";
+    expect_dtype(op, "logits", logits, DType::F32);
     let (rows, vocab) = (logits.shape().rows(), logits.shape().last());
-    assert!(vocab > 0, "cross_entropy: empty vocabulary in {logits:?}");
-    assert_eq!(targets.numel(), rows, "cross_entropy: one target per row");
-    assert_eq!(loss.numel(), rows, "cross_entropy: one loss per row");
+    assert!(vocab > 0, "{op}: empty vocabulary in {logits:?}");
+    expect_elements(op, "targets (one per row)", targets, DType::U32, &[rows]);
+    expect_elements(op, "loss (one per row)", loss, DType::F32, &[rows]);
     (rows, vocab)
 }
 
@@ -61,13 +49,12 @@ fn launch(
     (rows, vocab): (usize, usize),
     scale: f32,
 ) {
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
     let params = Params {
         rows: rows as u32,
         cols: vocab as u32,
         scale,
     };
-    rec.dispatch(&kernel, tensors, &params, Grid::flat(rows));
+    launch_per_row(rec, spec, tensors, &params, rows);
 }
 
 /// `loss[n] = logsumexp(logits[n]) − logits[n, targets[n]]` and
@@ -82,15 +69,12 @@ pub fn cross_entropy(
     scale: f32,
 ) {
     let dims = rows_and_vocab(logits, targets, loss);
-    assert_eq!(
-        dlogits.dtype(),
+    expect_dims(
+        "cross_entropy",
+        "dlogits",
+        dlogits,
         DType::F32,
-        "cross_entropy: f32 dlogits only"
-    );
-    assert_eq!(
-        dlogits.shape(),
-        logits.shape(),
-        "cross_entropy: dlogits must have the logits' shape"
+        logits.dims(),
     );
     let tensors = [logits, targets, loss, dlogits];
     launch(rec, &FORWARD_BACKWARD, &tensors, dims, scale);

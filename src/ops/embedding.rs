@@ -11,30 +11,24 @@
 //! (built on the host from the ids) lists each unique id's positions in increasing order, and
 //! one GPU thread per (id, column) adds `dout` over them in that order.
 
-use crate::gpu::{Access, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_elements, launch_per_item};
+use crate::gpu::{read, read_write, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 use crate::{Error, Result};
 
 static SHADER: Shader = shader!("embedding");
-const WG: u32 = 256;
 
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "embedding_forward",
     // ids, table chunk, out
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "embedding_backward",
     // unique ids, offsets, positions, dout, dtable chunk
-    bindings: &[
-        (4, Access::Read),
-        (5, Access::Read),
-        (6, Access::Read),
-        (7, Access::Read),
-        (8, Access::ReadWrite),
-    ],
+    bindings: &[read(4), read(5), read(6), read(7), read_write(8)],
 };
 
 #[repr(C)]
@@ -83,11 +77,7 @@ pub fn embedding_forward(
     let op = "embedding_forward";
     let (chunk_rows, cols) = chunk_shape(op, table_chunk, out, first_row);
     let tokens = out.dims()[0];
-    assert!(
-        ids.dtype() == DType::U32 && ids.numel() == tokens,
-        "{op}: ids must be {tokens} u32 values (one per row of {out:?}), got {ids:?}"
-    );
-    let kernel = rec.gpu().kernel(&FORWARD, &[("WG", WG)]);
+    expect_elements(op, "ids (one per row of out)", ids, DType::U32, &[tokens]);
     let params = Params {
         tokens: tokens as u32,
         cols: cols as u32,
@@ -96,8 +86,8 @@ pub fn embedding_forward(
         first_unique: 0,
         uniques: 0,
     };
-    let grid = Grid::threads(tokens * cols, WG);
-    rec.dispatch(&kernel, &[ids, table_chunk, out], &params, grid);
+    let tensors = [ids, table_chunk, out];
+    launch_per_item(rec, &FORWARD, &tensors, &params, tokens * cols);
 }
 
 /// The inverse of a batch's token ids, in CSR form: the sorted unique ids, and for the i-th of
@@ -164,7 +154,6 @@ pub fn embedding_backward(
     if inside.is_empty() {
         return;
     }
-    let kernel = rec.gpu().kernel(&BACKWARD, &[("WG", WG)]);
     let params = Params {
         tokens: index.tokens() as u32,
         cols: cols as u32,
@@ -173,7 +162,6 @@ pub fn embedding_backward(
         first_unique: inside.start as u32,
         uniques: inside.len() as u32,
     };
-    let grid = Grid::threads(inside.len() * cols, WG);
     let tensors = [
         &index.unique_ids,
         &index.offsets,
@@ -181,10 +169,9 @@ pub fn embedding_backward(
         dout,
         dtable_chunk,
     ];
-    rec.dispatch(&kernel, &tensors, &params, grid);
+    launch_per_item(rec, &BACKWARD, &tensors, &params, inside.len() * cols);
 }
 
-/// `(unique ids, offsets, positions)` of the CSR inverse index of `ids`.
 /// `(unique ids, offsets, positions)` of the CSR inverse index of `ids`.
 fn inverse_index(ids: &[u32]) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
     let count = u32::try_from(ids.len()).map_err(|_| {

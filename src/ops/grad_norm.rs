@@ -2,22 +2,21 @@
 //! trip: AdamW reads the result from GPU memory. Two deterministic stages: per-block partial
 //! sums of squares of every tensor into one scratch vector, then [`reduce::sum_rows`].
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dtype, expect_elements, REDUCE_WG};
+use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
 
 static SHADER: Shader = shader!("grad_norm");
-/// Threads per workgroup; a power of two for the in-workgroup tree.
-const WG: u32 = 256;
-/// Elements each thread squares: a block is `WG · ITEMS` elements, one scratch slot.
+/// Elements each of the [`REDUCE_WG`] threads squares: a block is `REDUCE_WG · ITEMS`
+/// elements, one scratch slot.
 const ITEMS: u32 = 16;
-const BLOCK: usize = (WG * ITEMS) as usize;
-const _: () = assert!(WG.is_power_of_two());
+const BLOCK: usize = (REDUCE_WG * ITEMS) as usize;
 
 static SUM_SQUARES: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "sum_squares_per_block",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 
 #[repr(C)]
@@ -31,12 +30,10 @@ struct Params {
 /// `out[0] = Σ over grads, in order, of Σ g²`: the squared global norm that gradient clipping
 /// needs. Deterministic: the same gradients give bit-identical results. `out` is overwritten.
 pub fn grad_norm_squared(rec: &mut Recorder, grads: &[&Tensor], out: &Tensor) {
-    assert!(
-        out.dtype() == DType::F32 && out.numel() == 1,
-        "grad_norm_squared: out must be one f32, got {out:?}"
-    );
+    let op = "grad_norm_squared";
+    expect_elements(op, "out", out, DType::F32, &[1]);
     for g in grads {
-        assert_eq!(g.dtype(), DType::F32, "grad_norm_squared: {g:?} is not f32");
+        expect_dtype(op, "every gradient", g, DType::F32);
     }
     let blocks: Vec<usize> = grads.iter().map(|g| g.numel().div_ceil(BLOCK)).collect();
     let slots: usize = blocks.iter().sum();
@@ -45,9 +42,7 @@ pub fn grad_norm_squared(rec: &mut Recorder, grads: &[&Tensor], out: &Tensor) {
         return;
     }
     let partials = Tensor::empty(rec.gpu(), [slots, 1], DType::F32);
-    let kernel = rec
-        .gpu()
-        .kernel(&SUM_SQUARES, &[("WG", WG), ("ITEMS", ITEMS)]);
+    let kernel = rec.gpu().kernel(&SUM_SQUARES, &[("ITEMS", ITEMS)]);
     let mut first_slot = 0;
     for (g, &count) in grads.iter().zip(&blocks).filter(|(_, &b)| b > 0) {
         let params = Params {

@@ -5,24 +5,16 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dims, launch_per_row};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("kl");
-/// Threads per row; a power of two (the statistics merge in a binary tree).
-const WG: u32 = 256;
-const _: () = assert!(WG.is_power_of_two());
 
 static KL_LOSS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "kl_loss",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::ReadWrite),
-        (5, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(4), read_write(5)],
 };
 
 /// Which way round the KL is taken.
@@ -82,35 +74,25 @@ pub fn kl_loss(
     options: &KlOptions,
     grad_scale: f32,
 ) {
+    let op = "kl_loss";
     let &[rows, vocab] = zt.dims() else {
-        panic!("kl_loss: fine-tuned logits must be [N, V], got {zt:?}");
+        panic!("{op}: fine-tuned logits must be [N, V], got {zt:?}");
     };
-    assert!(vocab > 0, "kl_loss: empty vocabulary");
+    assert!(vocab > 0, "{op}: empty vocabulary");
     for (name, t) in [("zt", zt), ("zb", zb), ("dzt", dzt)] {
-        assert_eq!(t.dtype(), DType::F32, "kl_loss: {name} must be f32");
-        assert_eq!(
-            t.dims(),
-            [rows, vocab],
-            "kl_loss: {name} must be [N, V] like zt"
-        );
+        expect_dims(op, name, t, DType::F32, &[rows, vocab]);
     }
-    assert_eq!(mask.dtype(), DType::U32, "kl_loss: mask must be u32");
-    assert_eq!(mask.dims(), [rows], "kl_loss: mask must be [N]");
-    assert_eq!(
-        row_loss.dtype(),
-        DType::F32,
-        "kl_loss: row_loss must be f32"
-    );
-    assert_eq!(row_loss.dims(), [rows], "kl_loss: row_loss must be [N]");
+    expect_dims(op, "mask", mask, DType::U32, &[rows]);
+    expect_dims(op, "row_loss", row_loss, DType::F32, &[rows]);
     let t = options.temperature;
     assert!(
         t.is_finite() && t > 0.0,
-        "kl_loss: temperature {t} must be > 0"
+        "{op}: temperature {t} must be > 0"
     );
     let max_binding = rec.gpu().limits().max_storage_buffer_binding_size;
     assert!(
         zt.size_bytes() <= max_binding,
-        "kl_loss: {zt:?} exceeds one storage binding ({max_binding} bytes); split the rows"
+        "{op}: {zt:?} exceeds one storage binding ({max_binding} bytes); split the rows"
     );
 
     let params = Params {
@@ -121,9 +103,7 @@ pub fn kl_loss(
         loss_scale: t * t,
         grad_scale: grad_scale * t,
     };
-    let kernel = rec.gpu().kernel(&KL_LOSS, &[("WG", WG)]);
-    let tensors = [zt, zb, mask, row_loss, dzt];
-    rec.dispatch(&kernel, &tensors, &params, Grid::flat(rows));
+    launch_per_row(rec, &KL_LOSS, &[zt, zb, mask, row_loss, dzt], &params, rows);
 }
 
 /// CPU f64 references: plain log-softmax, no fusion.

@@ -6,8 +6,8 @@
 //! `rmsnorm`), `db` as `reduce::sum_rows` of `dy` directly.
 
 use super::reduce;
-use super::rmsnorm::{launch_per_row, weight_grad, RowShape};
-use crate::gpu::{Access, KernelSpec, Recorder, Shader, Tensor};
+use super::rmsnorm::{launch_row_norm, weight_grad, RowShape};
+use crate::gpu::{read, read_write, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("layernorm");
@@ -17,38 +17,25 @@ static FORWARD: KernelSpec = KernelSpec {
     entry: "layernorm_forward",
     // x, w, b, y, mean, rstd
     bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::ReadWrite),
-        (5, Access::ReadWrite),
-        (6, Access::ReadWrite),
+        read(1),
+        read(2),
+        read(3),
+        read_write(4),
+        read_write(5),
+        read_write(6),
     ],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "layernorm_backward",
     // x, w, mean, rstd, dy, dx
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (7, Access::Read),
-        (8, Access::Read),
-        (9, Access::Read),
-        (10, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(7), read(8), read(9), read_write(10)],
 };
 static DW_PARTIAL: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "layernorm_dw_partial",
     // x, mean, rstd, dy, then the partials `weight_grad` appends
-    bindings: &[
-        (1, Access::Read),
-        (7, Access::Read),
-        (8, Access::Read),
-        (9, Access::Read),
-        (11, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(7), read(8), read(9), read_write(11)],
 };
 
 /// `y = (x − mean) · rstd · w + b`; writes `mean` and `rstd [rows]` for [`layernorm_backward`].
@@ -70,7 +57,7 @@ pub fn layernorm_forward(
     shape.expect_like_x(op, "y", y);
     shape.expect_per_row(op, "mean", mean);
     shape.expect_per_row(op, "rstd", rstd);
-    launch_per_row(rec, &FORWARD, &[x, w, b, y, mean, rstd], shape, eps);
+    launch_row_norm(rec, &FORWARD, &[x, w, b, y, mean, rstd], shape, eps);
 }
 
 /// Gradients of [`layernorm_forward`]: `dx` is overwritten; `dw` and `db` are accumulated
@@ -97,7 +84,7 @@ pub fn layernorm_backward(
     shape.expect_like_x(op, "dx", dx);
     shape.expect_per_column(op, "dw", dw);
     shape.expect_per_column(op, "db", db);
-    launch_per_row(rec, &BACKWARD, &[x, w, mean, rstd, dy, dx], shape, 0.0);
+    launch_row_norm(rec, &BACKWARD, &[x, w, mean, rstd, dy, dx], shape, 0.0);
     let partial_inputs = [x, mean, rstd, dy];
     weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, accumulate);
     reduce::sum_rows(rec, dy, db, accumulate);

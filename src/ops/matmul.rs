@@ -6,7 +6,7 @@
 //! Every launcher takes [`MatmulOptions`]: handing a backward the forward's `alpha` gives the
 //! gradient of the scaled forward.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
 
@@ -27,17 +27,12 @@ const MAX_GROUPS_PER_DIM: usize = 65_535;
 static GEMM: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gemm",
-    bindings: &[(1, Access::Read), (2, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(4)],
 };
 static GEMM_BIAS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gemm_bias",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(4)],
 };
 
 /// How a product is combined with what the output already holds.
@@ -337,6 +332,18 @@ fn rows_of(what: &str, t: &Tensor, cols: usize) -> usize {
     t.shape().rows()
 }
 
+/// The rows `op`'s two activations share: `(name, tensor, columns)` each.
+fn shared_rows(op: &str, a: (&str, &Tensor, usize), b: (&str, &Tensor, usize)) -> usize {
+    let ((a_name, a, a_cols), (b_name, b, b_cols)) = (a, b);
+    let rows = rows_of(a_name, a, a_cols);
+    assert_eq!(
+        rows_of(b_name, b, b_cols),
+        rows,
+        "{op}: {a_name} {a:?} and {b_name} {b:?} differ in rows"
+    );
+    rows
+}
+
 /// `(N, K)` of a weight `[N, K]`.
 fn weight_dims(w: &Tensor) -> (usize, usize) {
     assert_eq!(w.shape().rank(), 2, "matmul: weight {w:?} must be [N, K]");
@@ -353,12 +360,7 @@ pub fn matmul_forward(
     options: MatmulOptions,
 ) {
     let (n, k) = weight_dims(w);
-    let m = rows_of("x", x, k);
-    assert_eq!(
-        rows_of("y", y, n),
-        m,
-        "matmul_forward: x {x:?} and y {y:?} differ in rows"
-    );
+    let m = shared_rows("matmul_forward", ("x", x, k), ("y", y, n));
     if let Some(bias) = bias {
         assert_eq!(
             bias.numel(),
@@ -385,12 +387,7 @@ pub fn matmul_backward_input(
     options: MatmulOptions,
 ) {
     let (n, k) = weight_dims(w);
-    let m = rows_of("dy", dy, n);
-    assert_eq!(
-        rows_of("dx", dx, k),
-        m,
-        "matmul_backward_input: dy {dy:?} and dx {dx:?} differ in rows"
-    );
+    let m = shared_rows("matmul_backward_input", ("dy", dy, n), ("dx", dx, k));
     gemm(
         rec,
         &Gemm::dense(m, k, n, false, false).with(options),
@@ -411,12 +408,7 @@ pub fn matmul_backward_weight(
     options: MatmulOptions,
 ) {
     let (n, k) = weight_dims(dw);
-    let m = rows_of("dy", dy, n);
-    assert_eq!(
-        rows_of("x", x, k),
-        m,
-        "matmul_backward_weight: dy {dy:?} and x {x:?} differ in rows"
-    );
+    let m = shared_rows("matmul_backward_weight", ("dy", dy, n), ("x", x, k));
     gemm(
         rec,
         &Gemm::dense(n, k, m, true, false).with(options),

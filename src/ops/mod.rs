@@ -1,11 +1,13 @@
 //! Layer 2: the kernels. One file per kernel family, mirroring `shaders/<family>.wgsl`; each
 //! holds the forward and backward launchers and a CPU f64 reference (`reference`) that the
-//! tests compare against.
+//! tests compare against. `common` holds what the launchers share, as `shaders/common.wgsl`
+//! does for the kernels.
 
 pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod cast;
+pub(crate) mod common;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;

@@ -3,21 +3,21 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dims, expect_dtype, launch_per_item};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("pool");
-const WG: u32 = 256;
 
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "pool_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "pool_backward",
-    bindings: &[(4, Access::Read), (2, Access::Read), (5, Access::ReadWrite)],
+    bindings: &[read(4), read(2), read_write(5)],
 };
 
 /// How a prompt's hidden states become its embedding.
@@ -45,15 +45,9 @@ fn params(hidden: &Tensor, seq_lens: &Tensor, pooled: &Tensor, pool: Pool) -> Pa
     let &[batch, tokens, cols] = hidden.dims() else {
         panic!("pool: hidden states must be [B, T, C], got {hidden:?}");
     };
-    assert_eq!(hidden.dtype(), DType::F32, "pool: f32 hidden states only");
-    assert_eq!(pooled.dtype(), DType::F32, "pool: f32 embeddings only");
-    assert_eq!(seq_lens.dtype(), DType::U32, "pool: seq_lens must be u32");
-    assert_eq!(seq_lens.dims(), [batch], "pool: seq_lens must be [B]");
-    assert_eq!(
-        pooled.dims(),
-        [batch, cols],
-        "pool: embeddings must be [B, C]"
-    );
+    expect_dtype("pool", "hidden states", hidden, DType::F32);
+    expect_dims("pool", "seq_lens", seq_lens, DType::U32, &[batch]);
+    expect_dims("pool", "embeddings", pooled, DType::F32, &[batch, cols]);
     Params {
         batch: batch as u32,
         tokens: tokens as u32,
@@ -66,26 +60,14 @@ fn params(hidden: &Tensor, seq_lens: &Tensor, pooled: &Tensor, pool: Pool) -> Pa
 /// `[1, T]` are clamped into it.
 pub fn pool_forward(rec: &mut Recorder, h: &Tensor, seq_lens: &Tensor, pool: Pool, e: &Tensor) {
     let params = params(h, seq_lens, e, pool);
-    let kernel = rec.gpu().kernel(&FORWARD, &[("WG", WG)]);
-    rec.dispatch(
-        &kernel,
-        &[h, seq_lens, e],
-        &params,
-        Grid::threads(e.numel(), WG),
-    );
+    launch_per_item(rec, &FORWARD, &[h, seq_lens, e], &params, e.numel());
 }
 
 /// `dh += ∂e/∂h · de`: accumulates into the residual-stream gradient `dh [B, T, C]` at the
 /// positions the forward read, leaving every other position untouched.
 pub fn pool_backward(rec: &mut Recorder, de: &Tensor, seq_lens: &Tensor, pool: Pool, dh: &Tensor) {
     let params = params(dh, seq_lens, de, pool);
-    let kernel = rec.gpu().kernel(&BACKWARD, &[("WG", WG)]);
-    rec.dispatch(
-        &kernel,
-        &[de, seq_lens, dh],
-        &params,
-        Grid::threads(dh.numel(), WG),
-    );
+    launch_per_item(rec, &BACKWARD, &[de, seq_lens, dh], &params, dh.numel());
 }
 
 /// CPU f64 references.

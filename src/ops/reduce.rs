@@ -1,18 +1,18 @@
 //! Deterministic reductions: column sums of a row-major matrix, used for every bias, norm-weight
 //! and partial-sum gradient (two stages, fixed order, no float atomics).
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dtype, launch_per_column_block};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("reduce");
-const WG: u32 = 256;
 /// Rows one thread sums in the first stage: enough work per thread, enough threads per matrix.
 const ROWS_PER_GROUP: usize = 64;
 
 static SUM_ROWS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "sum_rows",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 
 #[repr(C)]
@@ -33,7 +33,6 @@ fn launch(
     per_group: usize,
     accumulate: bool,
 ) {
-    let kernel = rec.gpu().kernel(&SUM_ROWS, &[("WG", WG)]);
     let blocks = rows.div_ceil(per_group).max(1);
     let params = Params {
         rows: rows as u32,
@@ -41,15 +40,14 @@ fn launch(
         rows_per_group: per_group as u32,
         accumulate: u32::from(accumulate),
     };
-    let grid = Grid::xyz(cols.div_ceil(WG as usize) as u32, blocks as u32, 1);
-    rec.dispatch(&kernel, &[x, out], &params, grid);
+    launch_per_column_block(rec, &SUM_ROWS, &[x, out], &params, cols, blocks);
 }
 
 /// `out[c] = Σ_r x[r, c]` (or `+=` when `accumulate`), treating `x` as `[numel / cols, cols]`
 /// with `cols = out.numel()`.
 pub fn sum_rows(rec: &mut Recorder, x: &Tensor, out: &Tensor, accumulate: bool) {
-    assert_eq!(x.dtype(), DType::F32);
-    assert_eq!(out.dtype(), DType::F32);
+    expect_dtype("sum_rows", "x", x, DType::F32);
+    expect_dtype("sum_rows", "out", out, DType::F32);
     let cols = out.numel();
     assert!(
         cols > 0 && x.numel() % cols == 0,

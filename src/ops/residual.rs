@@ -1,26 +1,26 @@
 //! Residual-stream arithmetic: `y = x + s·r` (the skip connection), `y = s·x`, and
 //! `acc += s·x` (gradient accumulation where two paths meet).
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_elements, launch_per_item};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("residual");
-const WG: u32 = 256;
 
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "residual_forward",
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static SCALE: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "scale_forward",
-    bindings: &[(1, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read_write(3)],
 };
 static ACCUMULATE: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "accumulate_scaled",
-    bindings: &[(1, Access::Read), (4, Access::ReadWrite)],
+    bindings: &[read(1), read_write(4)],
 };
 
 #[repr(C)]
@@ -30,15 +30,13 @@ struct Params {
     scale: f32,
 }
 
+/// One thread per element; every tensor is f32 with as many elements as the first.
 fn launch(rec: &mut Recorder, spec: &'static KernelSpec, tensors: &[&Tensor], scale: f32) {
     let n = tensors[0].numel();
     for t in tensors {
-        assert_eq!(t.dtype(), DType::F32, "{}: f32 tensors only", spec.entry);
-        assert_eq!(t.numel(), n, "{}: element counts differ", spec.entry);
+        expect_elements(spec.entry, "every tensor", t, DType::F32, &[n]);
     }
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
-    let params = Params { n: n as u32, scale };
-    rec.dispatch(&kernel, tensors, &params, Grid::threads(n, WG));
+    launch_per_item(rec, spec, tensors, &Params { n: n as u32, scale }, n);
 }
 
 /// `y = x + scale·r`: the skip connection around a block (scale 1).

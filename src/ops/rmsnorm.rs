@@ -6,7 +6,8 @@
 //! That plumbing (shape checks, one-workgroup-per-row launches, partial-then-sum weight
 //! gradients) is shared with `layernorm` through the `pub(crate)` helpers at the end.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dtype, expect_elements, launch_per_column_block, launch_per_row};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
 
@@ -16,35 +17,19 @@ static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rmsnorm_forward",
     // x, w, y, rstd
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::ReadWrite),
-        (4, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read_write(3), read_write(4)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rmsnorm_backward",
     // x, w, rstd, dy, dx
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (5, Access::Read),
-        (6, Access::Read),
-        (7, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(5), read(6), read_write(7)],
 };
 static DW_PARTIAL: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rmsnorm_dw_partial",
     // x, rstd, dy, then the partials `weight_grad` appends
-    bindings: &[
-        (1, Access::Read),
-        (5, Access::Read),
-        (6, Access::Read),
-        (8, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(5), read(6), read_write(8)],
 };
 
 /// `y = x · rstd · w`; writes `rstd [rows]` for [`rmsnorm_backward`].
@@ -61,7 +46,7 @@ pub fn rmsnorm_forward(
     shape.expect_per_column(op, "w", w);
     shape.expect_like_x(op, "y", y);
     shape.expect_per_row(op, "rstd", rstd);
-    launch_per_row(rec, &FORWARD, &[x, w, y, rstd], shape, eps);
+    launch_row_norm(rec, &FORWARD, &[x, w, y, rstd], shape, eps);
 }
 
 /// Gradients of [`rmsnorm_forward`]: `dx` is overwritten; `dw` is accumulated (`+=`) when
@@ -84,16 +69,13 @@ pub fn rmsnorm_backward(
     shape.expect_like_x(op, "dy", dy);
     shape.expect_like_x(op, "dx", dx);
     shape.expect_per_column(op, "dw", dw);
-    launch_per_row(rec, &BACKWARD, &[x, w, rstd, dy, dx], shape, 0.0);
+    launch_row_norm(rec, &BACKWARD, &[x, w, rstd, dy, dx], shape, 0.0);
     let partial_inputs = [x, rstd, dy];
     weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, accumulate_dw);
 }
 
 // ---- Plumbing shared with `layernorm` ----
 
-/// Threads per row (a power of two: the WGSL reduction tree halves it).
-pub(crate) const WG: u32 = 256;
-const _: () = assert!(WG.is_power_of_two());
 /// Rows one thread sums into a partial of a weight gradient: enough work per thread, and the
 /// partials stay a small fraction of the activations.
 pub(crate) const ROWS_PER_BLOCK: usize = 64;
@@ -107,7 +89,7 @@ pub(crate) struct RowShape {
 
 impl RowShape {
     pub(crate) fn of(op: &str, x: &Tensor) -> Self {
-        assert_eq!(x.dtype(), DType::F32, "{op}: x must be f32, got {x:?}");
+        expect_dtype(op, "x", x, DType::F32);
         let cols = x.shape().last();
         assert!(cols > 0 && x.numel() > 0, "{op}: x {x:?} is empty");
         RowShape {
@@ -116,28 +98,19 @@ impl RowShape {
         }
     }
 
-    fn expect(op: &str, name: &str, t: &Tensor, numel: usize, layout: &str) {
-        assert_eq!(t.dtype(), DType::F32, "{op}: {name} must be f32, got {t:?}");
-        assert_eq!(
-            t.numel(),
-            numel,
-            "{op}: {name} {t:?} must hold {numel} values ({layout})"
-        );
-    }
-
-    /// A tensor with one value per column (weights, biases, their gradients).
+    /// An f32 tensor with one value per column (weights, biases, their gradients).
     pub(crate) fn expect_per_column(&self, op: &str, name: &str, t: &Tensor) {
-        Self::expect(op, name, t, self.cols, "one per column");
+        expect_elements(op, name, t, DType::F32, &[self.cols]);
     }
 
-    /// A tensor with one value per row (saved statistics).
+    /// An f32 tensor with one value per row (saved statistics).
     pub(crate) fn expect_per_row(&self, op: &str, name: &str, t: &Tensor) {
-        Self::expect(op, name, t, self.rows, "one per row");
+        expect_elements(op, name, t, DType::F32, &[self.rows]);
     }
 
-    /// A tensor as large as `x`.
+    /// An f32 tensor as large as `x`.
     pub(crate) fn expect_like_x(&self, op: &str, name: &str, t: &Tensor) {
-        Self::expect(op, name, t, self.rows * self.cols, "the shape of x");
+        expect_elements(op, name, t, DType::F32, &[self.rows, self.cols]);
     }
 }
 
@@ -163,17 +136,15 @@ impl RowParams {
     }
 }
 
-/// One workgroup of [`WG`] threads per row (`eps` is read by forwards only).
-pub(crate) fn launch_per_row(
+/// One workgroup per row (`eps` is read by forwards only).
+pub(crate) fn launch_row_norm(
     rec: &mut Recorder,
     spec: &'static KernelSpec,
     tensors: &[&Tensor],
     shape: RowShape,
     eps: f32,
 ) {
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
-    let params = RowParams::new(shape, eps);
-    rec.dispatch(&kernel, tensors, &params, Grid::flat(shape.rows));
+    launch_per_row(rec, spec, tensors, &RowParams::new(shape, eps), shape.rows);
 }
 
 /// A deterministic weight gradient: `partial_spec` (bound to `tensors` then the partials)
@@ -199,10 +170,8 @@ pub(crate) fn weight_grad(
     let partial = Tensor::empty(rec.gpu(), [blocks, shape.cols], DType::F32);
     let mut bound = tensors.to_vec();
     bound.push(&partial);
-    let kernel = rec.gpu().kernel(partial_spec, &[("WG", WG)]);
-    let column_groups = shape.cols.div_ceil(WG as usize) as u32;
-    let grid = Grid::xyz(column_groups, blocks as u32, 1);
-    rec.dispatch(&kernel, &bound, &RowParams::new(shape, 0.0), grid);
+    let params = RowParams::new(shape, 0.0);
+    launch_per_column_block(rec, partial_spec, &bound, &params, shape.cols, blocks);
     reduce::sum_rows(rec, &partial, grad, accumulate);
 }
 

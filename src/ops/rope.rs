@@ -5,23 +5,23 @@
 //! `inv_freq [D/2]` is computed on the host by [`rope_inv_freq`] (with Llama-3 frequency
 //! scaling when the config asks for it) and uploaded once.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::launch_per_item;
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("rope");
-const WG: u32 = 256;
 
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rope_forward",
     // x, inv_freq, out
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "rope_backward",
     // dout, inv_freq, dx
-    bindings: &[(1, Access::Read), (2, Access::Read), (3, Access::ReadWrite)],
+    bindings: &[read(1), read(2), read_write(3)],
 };
 
 #[repr(C)]
@@ -119,13 +119,7 @@ fn launch(
         half_dim: (head_dim / 2) as u32,
         pos_offset: pos_offset as u32,
     };
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
-    rec.dispatch(
-        &kernel,
-        &[src, inv_freq, dst],
-        &params,
-        Grid::threads(pairs, WG),
-    );
+    launch_per_item(rec, spec, &[src, inv_freq, dst], &params, pairs);
 }
 
 /// `out = rope(x)` for `x [B, T, H, D]` at positions `pos_offset + t`. `out` must not alias `x`.

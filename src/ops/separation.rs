@@ -10,44 +10,41 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dims, expect_dtype, REDUCE_WG};
+use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("separation");
-/// Threads per layer; a power of two.
-const WG: u32 = 256;
-/// Threads that reduce one pair over the channels; a power of two dividing `WG`.
+/// Threads that reduce one pair over the channels; a power of two dividing the [`REDUCE_WG`]
+/// threads of a layer's workgroup.
 const LANES: u32 = 32;
 /// Most distance pairs per layer that [`separation_loss`] holds in workgroup memory.
 pub const MAX_PAIRS: usize = 4096;
 /// Most rows per side that [`separation_loss`] pairs up (their norms live in workgroup memory).
 pub const MAX_ROWS: usize = 1024;
-/// Workgroup memory the kernels declare: the reduction scratch, pair and row scalars.
-const WORKGROUP_BYTES: u32 = WG * 16 + (MAX_PAIRS as u32 + 2 * MAX_ROWS as u32) * 4;
-const _: () = assert!(WG.is_power_of_two() && LANES.is_power_of_two() && LANES <= WG);
+/// Workgroup memory the kernels use: the per-pair reduction scratch (vec4), the tree of
+/// `workgroup_sum` (common.wgsl), the pair and row scalars.
+const WORKGROUP_BYTES: u32 =
+    REDUCE_WG * 16 + REDUCE_WG * 4 + (MAX_PAIRS as u32 + 2 * MAX_ROWS as u32) * 4;
+const _: () = assert!(LANES.is_power_of_two() && LANES <= REDUCE_WG);
 
 static LOSS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "separation_loss",
     bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (4, Access::Read),
-        (5, Access::ReadWrite),
-        (6, Access::ReadWrite),
-        (7, Access::ReadWrite),
+        read(1),
+        read(2),
+        read(3),
+        read(4),
+        read_write(5),
+        read_write(6),
+        read_write(7),
     ],
 };
 static DISTANCE: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "separation_distance",
-    bindings: &[
-        (1, Access::Read),
-        (2, Access::Read),
-        (3, Access::Read),
-        (5, Access::ReadWrite),
-    ],
+    bindings: &[read(1), read(2), read(3), read_write(5)],
 };
 
 /// Which embeddings the distance compares.
@@ -173,18 +170,13 @@ fn embedding_dims(harmful: &Tensor, harmless: &Tensor, pair: Pair) -> [usize; 4]
         "separation: {layers} layers exceed one grid dimension"
     );
     for (name, t) in [("harmful", harmful), ("harmless", harmless)] {
-        assert_eq!(t.dtype(), DType::F32, "separation: {name} must be f32");
+        expect_dtype("separation", name, t, DType::F32);
     }
     [layers, n_h, n_s, cols]
 }
 
 fn check_per_layer(name: &str, t: &Tensor, dims: &[usize]) {
-    assert_eq!(t.dtype(), DType::F32, "separation: {name} must be f32");
-    assert_eq!(
-        t.dims(),
-        dims,
-        "separation: {name} must be {dims:?}, got {t:?}"
-    );
+    expect_dims("separation", name, t, DType::F32, dims);
 }
 
 fn params(
@@ -215,7 +207,6 @@ fn kernel(rec: &Recorder, spec: &'static KernelSpec) -> std::sync::Arc<crate::gp
         "separation: needs {WORKGROUP_BYTES} bytes of workgroup memory, the device has {available}"
     );
     let overrides = [
-        ("WG", WG),
         ("LANES", LANES),
         ("MAX_PAIRS", MAX_PAIRS as u32),
         ("MAX_ROWS", MAX_ROWS as u32),

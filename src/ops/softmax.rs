@@ -2,23 +2,21 @@
 //! `dx = y ∘ (dy − Σ dy·y)` (overwritten). One workgroup per row with deterministic tree
 //! reductions, so rows as long as a vocabulary work and reruns are bit-identical.
 
-use crate::gpu::{Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_f32_alike, launch_per_row};
+use crate::gpu::{read, read_write, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("softmax");
-/// Threads per row; a power of two because the reduction tree halves it.
-const WG: u32 = 256;
-const _: () = assert!(WG.is_power_of_two());
 
 static FORWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "softmax_forward",
-    bindings: &[(1, Access::Read), (2, Access::ReadWrite)],
+    bindings: &[read(1), read_write(2)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "softmax_backward",
-    bindings: &[(3, Access::Read), (4, Access::Read), (5, Access::ReadWrite)],
+    bindings: &[read(3), read(4), read_write(5)],
 };
 
 #[repr(C)]
@@ -30,19 +28,14 @@ struct Params {
 
 /// One workgroup per row of the first tensor's `[.., cols]` shape; all tensors f32 and alike.
 fn launch(rec: &mut Recorder, spec: &'static KernelSpec, tensors: &[&Tensor]) {
-    let shape = tensors[0].shape();
-    for t in tensors {
-        assert_eq!(t.dtype(), DType::F32, "{}: f32 tensors only", spec.entry);
-        assert_eq!(t.shape(), shape, "{}: shapes differ", spec.entry);
-    }
+    let shape = expect_f32_alike(spec.entry, tensors);
     let (rows, cols) = (shape.rows(), shape.last());
     assert!(cols > 0, "{}: rows of length 0 in {shape}", spec.entry);
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
     let params = Params {
         rows: rows as u32,
         cols: cols as u32,
     };
-    rec.dispatch(&kernel, tensors, &params, Grid::flat(rows));
+    launch_per_row(rec, spec, tensors, &params, rows);
 }
 
 /// `y = softmax(x)` over the last dimension.

@@ -169,13 +169,12 @@ fn activation_backwards_are_bit_identical_across_runs() {
     let gpu = gpu();
     let (shape, n) = ([37, 101], 37 * 101);
     let (a, b, c) = (randn(18, n, 3.0), randn(19, n, 1.0), randn(20, n, 1.0));
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let (first, second) = (
         run_swiglu(gpu, shape, &a, &b, &c),
         run_swiglu(gpu, shape, &a, &b, &c),
     );
-    assert_eq!(bits(&first.dgate), bits(&second.dgate));
-    assert_eq!(bits(&first.dup), bits(&second.dup));
+    assert_bit_identical("swiglu_backward dgate", &first.dgate, &second.dgate);
+    assert_bit_identical("swiglu_backward dup", &first.dup, &second.dup);
     let (first, second) = (run_gelu(gpu, shape, &a, &c), run_gelu(gpu, shape, &a, &c));
-    assert_eq!(bits(&first.1), bits(&second.1));
+    assert_bit_identical("gelu_backward dx", &first.1, &second.1);
 }

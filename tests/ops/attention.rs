@@ -80,55 +80,59 @@ impl Case {
         }
     }
 
+    fn record_forward(&self, rec: &mut Recorder, x: &GpuInputs, (out, lse): (&Tensor, &Tensor)) {
+        let (s, scale) = (&self.shape, self.scale());
+        attention::attention_forward(rec, s, &x.q, &x.k, &x.v, &x.seq_lens, out, lse, scale);
+    }
+
+    /// Records the backward from the forward's `out` and `lse` into `g`.
+    fn record_backward(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuInputs,
+        (out, lse): (&Tensor, &Tensor),
+        dout: &Tensor,
+        g: &GpuGradients,
+    ) {
+        let (s, scale) = (&self.shape, self.scale());
+        let (q, k, v, lens) = (&x.q, &x.k, &x.v, &x.seq_lens);
+        let (dq, dk, dv) = (&g.dq, &g.dk, &g.dv);
+        attention::attention_backward(rec, s, q, k, v, out, lse, dout, lens, dq, dk, dv, scale);
+    }
+
     /// The GPU forward into NaN-poisoned outputs: (out, lse) on the device.
     fn gpu_forward(&self, gpu: &Gpu, x: &GpuInputs) -> (Tensor, Tensor) {
         let s = &self.shape;
         let (out, lse) = (poisoned(gpu, s.q_dims()), poisoned(gpu, s.lse_dims()));
         let mut rec = Recorder::new(gpu);
-        attention::attention_forward(
-            &mut rec,
-            s,
-            &x.q,
-            &x.k,
-            &x.v,
-            &x.seq_lens,
-            &out,
-            &lse,
-            self.scale(),
-        );
+        self.record_forward(&mut rec, x, (&out, &lse));
         rec.finish().unwrap();
         (out, lse)
     }
 
+    /// NaN-poisoned gradient tensors.
+    fn poisoned_gradients(&self, gpu: &Gpu) -> GpuGradients {
+        let s = &self.shape;
+        GpuGradients {
+            dq: poisoned(gpu, s.q_dims()),
+            dk: poisoned(gpu, s.kv_dims()),
+            dv: poisoned(gpu, s.kv_dims()),
+        }
+    }
+
     /// The GPU backward (from the GPU forward's out and lse) into NaN-poisoned gradients.
     fn gpu_backward(&self, gpu: &Gpu, dout: &[f32]) -> Gradients {
-        let s = &self.shape;
         let x = self.upload(gpu);
         let (out, lse) = self.gpu_forward(gpu, &x);
-        let dout = upload(gpu, s.q_dims(), dout);
-        let dq = poisoned(gpu, s.q_dims());
-        let (dk, dv) = (poisoned(gpu, s.kv_dims()), poisoned(gpu, s.kv_dims()));
+        let dout = upload(gpu, self.shape.q_dims(), dout);
+        let g = self.poisoned_gradients(gpu);
         let mut rec = Recorder::new(gpu);
-        attention::attention_backward(
-            &mut rec,
-            s,
-            &x.q,
-            &x.k,
-            &x.v,
-            &out,
-            &lse,
-            &dout,
-            &x.seq_lens,
-            &dq,
-            &dk,
-            &dv,
-            self.scale(),
-        );
+        self.record_backward(&mut rec, &x, (&out, &lse), &dout, &g);
         rec.finish().unwrap();
         Gradients {
-            dq: download(gpu, &dq),
-            dk: download(gpu, &dk),
-            dv: download(gpu, &dv),
+            dq: download(gpu, &g.dq),
+            dk: download(gpu, &g.dk),
+            dv: download(gpu, &g.dv),
         }
     }
 
@@ -142,6 +146,12 @@ struct GpuInputs {
     k: Tensor,
     v: Tensor,
     seq_lens: Tensor,
+}
+
+struct GpuGradients {
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
 }
 
 struct Gradients {
@@ -325,16 +335,11 @@ fn attention_backward_is_bit_identical_across_runs() {
     let gpu = gpu();
     let case = Case::new(100, AttentionShape::training(2, 37, 6, 2, 12), &[37, 23]);
     let dout = case.dout(101);
-    let bits = |g: Gradients| -> Vec<u32> {
-        [g.dq, g.dk, g.dv]
-            .concat()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
+    let run = || {
+        let g = case.gpu_backward(gpu, &dout);
+        [g.dq, g.dk, g.dv].concat()
     };
-    let first = bits(case.gpu_backward(gpu, &dout));
-    let second = bits(case.gpu_backward(gpu, &dout));
-    assert!(first == second, "two backward runs differ");
+    assert_bit_identical("attention_backward dq, dk, dv", &run(), &run());
 }
 
 /// Informal timing (printed with --nocapture) at a small model's shape.
@@ -346,39 +351,13 @@ fn attention_timing_at_t256() {
     let x = case.upload(gpu);
     let (out, lse) = case.gpu_forward(gpu, &x); // compiles the pipelines
     let dout = upload(gpu, s.q_dims(), &case.dout(111));
-    let dq = poisoned(gpu, s.q_dims());
-    let (dk, dv) = (poisoned(gpu, s.kv_dims()), poisoned(gpu, s.kv_dims()));
+    let g = case.poisoned_gradients(gpu);
     let Some(mut rec) = Recorder::timed(gpu) else {
         assert!(!gpu.has_timestamps());
         return;
     };
-    let scale = case.scale();
-    attention::attention_forward(
-        &mut rec,
-        s,
-        &x.q,
-        &x.k,
-        &x.v,
-        &x.seq_lens,
-        &out,
-        &lse,
-        scale,
-    );
-    attention::attention_backward(
-        &mut rec,
-        s,
-        &x.q,
-        &x.k,
-        &x.v,
-        &out,
-        &lse,
-        &dout,
-        &x.seq_lens,
-        &dq,
-        &dk,
-        &dv,
-        scale,
-    );
+    case.record_forward(&mut rec, &x, (&out, &lse));
+    case.record_backward(&mut rec, &x, (&out, &lse), &dout, &g);
     let times = rec.finish_timed().unwrap();
     for (entry, seconds) in &times {
         eprintln!(

@@ -60,8 +60,37 @@ fn download16(gpu: &Gpu, t: &Tensor) -> Vec<u16> {
     bytemuck::pod_collect_to_vec(&t.to_bytes(gpu).expect("readback"))
 }
 
-fn download_bits(gpu: &Gpu, t: &Tensor) -> Vec<u32> {
-    download(gpu, t).iter().map(|v| v.to_bits()).collect()
+/// The `half` crate's widening of the 16-bit patterns `x` of `dtype` (f16 or bf16), as f32
+/// bit patterns.
+fn widened_bits(dtype: DType, x: &[u16]) -> Vec<u32> {
+    let values = if dtype == DType::F16 {
+        let halves: Vec<f16> = x.iter().map(|&b| f16::from_bits(b)).collect();
+        reference::f16_to_f32(&halves)
+    } else {
+        let brains: Vec<bf16> = x.iter().map(|&b| bf16::from_bits(b)).collect();
+        reference::bf16_to_f32(&brains)
+    };
+    bits(&values)
+}
+
+/// The `half` crate's rounding of `x` to `dtype` (f16 or bf16), as bit patterns.
+fn narrowed_bits(dtype: DType, x: &[f32]) -> Vec<u16> {
+    match dtype {
+        DType::F16 => reference::f32_to_f16(x)
+            .iter()
+            .map(|h| h.to_bits())
+            .collect(),
+        _ => reference::f32_to_bf16(x)
+            .iter()
+            .map(|h| h.to_bits())
+            .collect(),
+    }
+}
+
+fn run_cast(gpu: &Gpu, src: &Tensor, dst: &Tensor) {
+    let mut rec = Recorder::new(gpu);
+    cast::cast(&mut rec, src, dst);
+    rec.finish().unwrap();
 }
 
 /// Asserts bit equality and names the first input that differs.
@@ -91,13 +120,11 @@ fn all_patterns16() -> Vec<u16> {
     SPECIAL16.iter().copied().chain(rest).collect()
 }
 
-fn widen_on_gpu(gpu: &Gpu, dtype: DType, bits: &[u16]) -> Vec<u32> {
-    let src = upload16(gpu, dtype, bits);
-    let dst = poisoned(gpu, [bits.len()]);
-    let mut rec = Recorder::new(gpu);
-    cast::cast(&mut rec, &src, &dst);
-    rec.finish().unwrap();
-    download_bits(gpu, &dst)
+fn widen_on_gpu(gpu: &Gpu, dtype: DType, x: &[u16]) -> Vec<u32> {
+    let src = upload16(gpu, dtype, x);
+    let dst = poisoned(gpu, [x.len()]);
+    run_cast(gpu, &src, &dst);
+    bits(&download(gpu, &dst))
 }
 
 #[test]
@@ -106,22 +133,12 @@ fn cast_widens_every_f16_and_bf16_pattern_bit_exactly() {
     let patterns = all_patterns16();
     // Odd lengths end inside a storage word; the full set is every 16-bit pattern.
     for n in [1, 37, patterns.len()] {
-        let bits = &patterns[..n];
-        let halves: Vec<f16> = bits.iter().map(|&b| f16::from_bits(b)).collect();
-        let want: Vec<u32> = reference::f16_to_f32(&halves)
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        let got = widen_on_gpu(gpu, DType::F16, bits);
-        assert_bits(&format!("cast f16->f32 n={n}"), &got, &want, bits);
-
-        let brains: Vec<bf16> = bits.iter().map(|&b| bf16::from_bits(b)).collect();
-        let want: Vec<u32> = reference::bf16_to_f32(&brains)
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        let got = widen_on_gpu(gpu, DType::BF16, bits);
-        assert_bits(&format!("cast bf16->f32 n={n}"), &got, &want, bits);
+        let x = &patterns[..n];
+        for dtype in [DType::F16, DType::BF16] {
+            let got = widen_on_gpu(gpu, dtype, x);
+            let want = widened_bits(dtype, x);
+            assert_bits(&format!("cast {dtype}->f32 n={n}"), &got, &want, x);
+        }
     }
 }
 
@@ -153,9 +170,7 @@ fn narrowing_inputs(n: usize) -> Vec<f32> {
 fn narrow_on_gpu(gpu: &Gpu, dtype: DType, x: &[f32]) -> Vec<u16> {
     let src = upload(gpu, [x.len()], x);
     let dst = upload16(gpu, dtype, &vec![POISON16; x.len()]);
-    let mut rec = Recorder::new(gpu);
-    cast::cast(&mut rec, &src, &dst);
-    rec.finish().unwrap();
+    run_cast(gpu, &src, &dst);
     download16(gpu, &dst)
 }
 
@@ -165,20 +180,12 @@ fn cast_narrows_to_f16_and_bf16_rounding_to_nearest_even_bit_exactly() {
     let inputs = narrowing_inputs(30_001);
     for n in [1, 37, inputs.len()] {
         let x = &inputs[..n];
-        let x_bits: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
-        let want: Vec<u16> = reference::f32_to_f16(x)
-            .iter()
-            .map(|h| h.to_bits())
-            .collect();
-        let got = narrow_on_gpu(gpu, DType::F16, x);
-        assert_bits(&format!("cast f32->f16 n={n}"), &got, &want, &x_bits);
-
-        let want: Vec<u16> = reference::f32_to_bf16(x)
-            .iter()
-            .map(|h| h.to_bits())
-            .collect();
-        let got = narrow_on_gpu(gpu, DType::BF16, x);
-        assert_bits(&format!("cast f32->bf16 n={n}"), &got, &want, &x_bits);
+        let x_bits = bits(x);
+        for dtype in [DType::F16, DType::BF16] {
+            let got = narrow_on_gpu(gpu, dtype, x);
+            let want = narrowed_bits(dtype, x);
+            assert_bits(&format!("cast f32->{dtype} n={n}"), &got, &want, &x_bits);
+        }
     }
 }
 
@@ -192,30 +199,17 @@ fn cast_to_an_odd_16_bit_view_leaves_the_next_element_alone() {
         // A buffer of n + 1 elements; the view's last word also holds element n.
         let whole = upload16(gpu, dtype, &vec![sentinel; n + 1]);
         let view = whole.rows_view(gpu, 0, n);
-        let mut rec = Recorder::new(gpu);
-        cast::cast(&mut rec, &upload(gpu, [n], &x), &view);
-        rec.finish().unwrap();
+        run_cast(gpu, &upload(gpu, [n], &x), &view);
         let got = download16(gpu, &whole);
         assert_eq!(
             got[n], sentinel,
             "{dtype}: element past the end was overwritten"
         );
-        let want: Vec<u16> = match dtype {
-            DType::F16 => reference::f32_to_f16(&x)
-                .iter()
-                .map(|h| h.to_bits())
-                .collect(),
-            _ => reference::f32_to_bf16(&x)
-                .iter()
-                .map(|h| h.to_bits())
-                .collect(),
-        };
-        let x_bits: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
         assert_bits(
             &format!("cast f32->{dtype} view n={n}"),
             &got[..n],
-            &want,
-            &x_bits,
+            &narrowed_bits(dtype, &x),
+            &bits(&x),
         );
     }
 }

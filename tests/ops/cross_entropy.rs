@@ -99,11 +99,10 @@ fn cross_entropy_gradient_is_bit_identical_across_runs() {
     let gpu = gpu();
     let (vocab, targets) = (32_000, [1u32, 31_999, IGNORE]);
     let logits = randn(6, targets.len() * vocab, 3.0);
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let first = run(gpu, vocab, &logits, &targets, 0.5);
     let second = run(gpu, vocab, &logits, &targets, 0.5);
-    assert_eq!(bits(&first[0]), bits(&second[0]));
-    assert_eq!(bits(&first[1]), bits(&second[1]));
+    assert_bit_identical("cross_entropy loss", &first[0], &second[0]);
+    assert_bit_identical("cross_entropy dlogits", &first[1], &second[1]);
     // The forward-only kernel computes the loss with the same code, hence the same bits.
-    assert_eq!(bits(&first[0]), bits(&first[2]));
+    assert_bit_identical("cross_entropy_loss vs cross_entropy", &first[0], &first[2]);
 }

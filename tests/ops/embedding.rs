@@ -22,10 +22,6 @@ fn ids_tensor(ids: &[u32]) -> Tensor {
     Tensor::from_u32(gpu(), [ids.len()], ids).unwrap()
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
-
 /// Rows `[first, first + rows)` of a row-major `[_, cols]` table, as their own tensor.
 fn chunk(table: &[f32], cols: usize, first: usize, rows: usize) -> Tensor {
     upload(

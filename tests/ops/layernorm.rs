@@ -2,17 +2,14 @@ use es2_wgpu::ops::layernorm::{self, reference};
 use es2_wgpu::testing::*;
 use es2_wgpu::{Recorder, Tensor};
 
+use super::norm_weights;
+
 const TOL: f64 = 1e-5;
 const EPS: f32 = 1e-5;
 
 /// Rows with a non-zero mean, so that a kernel that skips centring shows.
 fn inputs(seed: u64, n: usize) -> Vec<f32> {
     randn(seed, n, 1.0).iter().map(|v| v + 0.5).collect()
-}
-
-/// Weights near 1 (as trained norms are) but never exactly 1.
-fn weights(seed: u64, cols: usize) -> Vec<f32> {
-    randn(seed, cols, 0.2).iter().map(|v| 1.0 + v).collect()
 }
 
 struct Backward {
@@ -71,17 +68,13 @@ fn gpu_backward(
     }
 }
 
-fn plus(a: &[f64], b: &[f32]) -> Vec<f64> {
-    a.iter().zip(b).map(|(x, &y)| x + f64::from(y)).collect()
-}
-
 #[test]
 fn layernorm_forward_matches_reference() {
     let gpu = gpu();
     // C = 1, odd C, GPT-2's hidden size; one row, 37 rows.
     for (seed, rows, cols) in [(1u64, 37usize, 1usize), (2, 1, 333), (3, 37, 768)] {
         let x = inputs(seed, rows * cols);
-        let (w, b) = (weights(seed + 10, cols), randn(seed + 20, cols, 0.1));
+        let (w, b) = (norm_weights(seed + 10, cols), randn(seed + 20, cols, 0.1));
         let (tx, tw, tb) = (
             upload(gpu, [rows, cols], &x),
             upload(gpu, [cols], &w),
@@ -114,7 +107,7 @@ fn layernorm_backward_matches_reference() {
         (8, 101, 37),
     ] {
         let x = inputs(seed, rows * cols);
-        let (w, b) = (weights(seed + 10, cols), randn(seed + 20, cols, 0.1));
+        let (w, b) = (norm_weights(seed + 10, cols), randn(seed + 20, cols, 0.1));
         let dy = randn(seed + 30, rows * cols, 1.0);
         let (dw0, db0) = (randn(seed + 40, cols, 1.0), randn(seed + 50, cols, 1.0));
         let (dx_ref, dw_ref, db_ref) =
@@ -127,8 +120,8 @@ fn layernorm_backward_matches_reference() {
         assert_close(&format!("{name} db"), &fresh.db, &db_ref, TOL);
 
         let acc = gpu_backward(&x, &w, &b, &dy, rows, Some((&dw0, &db0)));
-        assert_close(&format!("{name} dw +="), &acc.dw, &plus(&dw_ref, &dw0), TOL);
-        assert_close(&format!("{name} db +="), &acc.db, &plus(&db_ref, &db0), TOL);
+        assert_close_accumulated(&format!("{name} dw"), &acc.dw, &dw0, &dw_ref, TOL);
+        assert_close_accumulated(&format!("{name} db"), &acc.db, &db0, &db_ref, TOL);
     }
 }
 
@@ -137,7 +130,7 @@ fn layernorm_reference_backward_matches_finite_differences() {
     let (rows, cols) = (3, 7);
     let (x, w, b, dy) = (
         f64s(&inputs(11, rows * cols)),
-        f64s(&weights(12, cols)),
+        f64s(&norm_weights(12, cols)),
         f64s(&randn(13, cols, 0.1)),
         f64s(&randn(14, rows * cols, 1.0)),
     );
@@ -170,14 +163,13 @@ fn layernorm_reference_backward_matches_finite_differences() {
 fn layernorm_backward_is_bit_identical_across_runs() {
     let (rows, cols) = (101, 333);
     let x = inputs(15, rows * cols);
-    let (w, b) = (weights(16, cols), randn(17, cols, 0.1));
+    let (w, b) = (norm_weights(16, cols), randn(17, cols, 0.1));
     let dy = randn(18, rows * cols, 1.0);
     let (p, q) = (
         gpu_backward(&x, &w, &b, &dy, rows, None),
         gpu_backward(&x, &w, &b, &dy, rows, None),
     );
-    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&p.dx), bits(&q.dx));
-    assert_eq!(bits(&p.dw), bits(&q.dw));
-    assert_eq!(bits(&p.db), bits(&q.db));
+    assert_bit_identical("layernorm_backward dx", &p.dx, &q.dx);
+    assert_bit_identical("layernorm_backward dw", &p.dw, &q.dw);
+    assert_bit_identical("layernorm_backward db", &p.db, &q.db);
 }

@@ -2,6 +2,14 @@
 //! NaN-poisoned outputs; every backward also against finite differences of the reference.
 //! One test binary for all families keeps link time down.
 
+/// Norm weights near 1 (as trained norms are) but never exactly 1.
+fn norm_weights(seed: u64, cols: usize) -> Vec<f32> {
+    es2_wgpu::testing::randn(seed, cols, 0.2)
+        .iter()
+        .map(|v| 1.0 + v)
+        .collect()
+}
+
 mod activation;
 mod adamw;
 mod attention;

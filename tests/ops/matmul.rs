@@ -13,18 +13,6 @@ const SHAPES: [(usize, usize, usize); 5] = [
     (1, 1, 1),
 ];
 
-fn bits(xs: &[f32]) -> Vec<u32> {
-    xs.iter().map(|v| v.to_bits()).collect()
-}
-
-/// `init + grad`: the expected content of an output that accumulated `grad`.
-fn plus(init: &[f32], grad: &[f64]) -> Vec<f64> {
-    init.iter()
-        .zip(grad)
-        .map(|(&a, b)| f64::from(a) + b)
-        .collect()
-}
-
 #[test]
 fn matmul_forward_matches_reference_with_and_without_bias() {
     let gpu = gpu();
@@ -120,12 +108,7 @@ fn matmul_backward_input_matches_reference_and_accumulates() {
             reference::matmul_backward_input(&f64s(&dy), &f64s(&w), (m, n, k), f64::from(alpha));
         let name = format!("matmul_backward_input {m}x{n}x{k} alpha={alpha}");
         assert_close(&name, &download(gpu, &dx), &want, TOL);
-        assert_close(
-            &format!("{name} +="),
-            &download(gpu, &dx_acc),
-            &plus(&init, &want),
-            TOL,
-        );
+        assert_close_accumulated(&name, &download(gpu, &dx_acc), &init, &want, TOL);
     }
 }
 
@@ -158,12 +141,7 @@ fn matmul_backward_weight_matches_reference_and_accumulates() {
             reference::matmul_backward_weight(&f64s(&dy), &f64s(&x), (m, n, k), f64::from(alpha));
         let name = format!("matmul_backward_weight {m}x{n}x{k} alpha={alpha}");
         assert_close(&name, &download(gpu, &dw), &want, TOL);
-        assert_close(
-            &format!("{name} +="),
-            &download(gpu, &dw_acc),
-            &plus(&init, &want),
-            TOL,
-        );
+        assert_close_accumulated(&name, &download(gpu, &dw_acc), &init, &want, TOL);
     }
 }
 
@@ -181,12 +159,7 @@ fn matmul_backward_bias_matches_reference_and_accumulates() {
         let want = reference::matmul_backward_bias(&f64s(&dy), n);
         let name = format!("matmul_backward_bias {m}x{n}");
         assert_close(&name, &download(gpu, &db), &want, TOL);
-        assert_close(
-            &format!("{name} +="),
-            &download(gpu, &db_acc),
-            &plus(&init, &want),
-            TOL,
-        );
+        assert_close_accumulated(&name, &download(gpu, &db_acc), &init, &want, TOL);
     }
 }
 

@@ -17,23 +17,9 @@ fn sum_rows_matches_reference_in_one_and_two_stages() {
         reduce::sum_rows(&mut rec, &tx, &acc, true);
         rec.finish().unwrap();
         let want = reference::sum_rows(&f64s(&x), cols);
-        assert_close(
-            &format!("sum_rows {rows}x{cols}"),
-            &download(gpu, &out),
-            &want,
-            1e-5,
-        );
-        let want_acc: Vec<f64> = want
-            .iter()
-            .zip(&init)
-            .map(|(a, &b)| a + f64::from(b))
-            .collect();
-        assert_close(
-            &format!("sum_rows += {rows}x{cols}"),
-            &download(gpu, &acc),
-            &want_acc,
-            1e-5,
-        );
+        let name = format!("sum_rows {rows}x{cols}");
+        assert_close(&name, &download(gpu, &out), &want, 1e-5);
+        assert_close_accumulated(&name, &download(gpu, &acc), &init, &want, 1e-5);
     }
 }
 
@@ -49,9 +35,5 @@ fn sum_rows_is_bit_identical_across_runs() {
         rec.finish().unwrap();
         download(gpu, &out)
     };
-    let (a, b) = (run(), run());
-    assert_eq!(
-        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-    );
+    assert_bit_identical("sum_rows", &run(), &run());
 }

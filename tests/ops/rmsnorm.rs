@@ -2,13 +2,10 @@ use es2_wgpu::ops::rmsnorm::{self, reference};
 use es2_wgpu::testing::*;
 use es2_wgpu::{Recorder, Tensor};
 
+use super::norm_weights;
+
 const TOL: f64 = 1e-5;
 const EPS: f32 = 1e-5;
-
-/// Weights near 1 (as trained norms are) but never exactly 1.
-fn weights(seed: u64, cols: usize) -> Vec<f32> {
-    randn(seed, cols, 0.2).iter().map(|v| 1.0 + v).collect()
-}
 
 struct Backward {
     dx: Vec<f32>,
@@ -55,7 +52,7 @@ fn rmsnorm_forward_matches_reference() {
         (4, 37, 4096),
     ] {
         let x = randn(seed, rows * cols, 1.0);
-        let w = weights(seed + 10, cols);
+        let w = norm_weights(seed + 10, cols);
         let (tx, tw) = (upload(gpu, [rows, cols], &x), upload(gpu, [cols], &w));
         let (ty, trstd) = (poisoned(gpu, [rows, cols]), poisoned(gpu, [rows]));
         let mut rec = Recorder::new(gpu);
@@ -78,7 +75,7 @@ fn rmsnorm_backward_matches_reference() {
         (8, 101, 37),
     ] {
         let x = randn(seed, rows * cols, 1.0);
-        let w = weights(seed + 10, cols);
+        let w = norm_weights(seed + 10, cols);
         let dy = randn(seed + 20, rows * cols, 1.0);
         let dw0 = randn(seed + 30, cols, 1.0);
         let (dx_ref, dw_ref) =
@@ -89,13 +86,8 @@ fn rmsnorm_backward_matches_reference() {
         assert_close(&format!("{name} dx"), &fresh.dx, &dx_ref, TOL);
         assert_close(&format!("{name} dw"), &fresh.dw, &dw_ref, TOL);
 
-        let accumulated = gpu_backward(&x, &w, &dy, rows, Some(&dw0));
-        let dw_acc: Vec<f64> = dw_ref
-            .iter()
-            .zip(&dw0)
-            .map(|(g, &g0)| g + f64::from(g0))
-            .collect();
-        assert_close(&format!("{name} dw +="), &accumulated.dw, &dw_acc, TOL);
+        let acc = gpu_backward(&x, &w, &dy, rows, Some(&dw0));
+        assert_close_accumulated(&format!("{name} dw"), &acc.dw, &dw0, &dw_ref, TOL);
     }
 }
 
@@ -104,7 +96,7 @@ fn rmsnorm_reference_backward_matches_finite_differences() {
     let (rows, cols) = (3, 7);
     let (x, w, dy) = (
         f64s(&randn(11, rows * cols, 1.0)),
-        f64s(&weights(12, cols)),
+        f64s(&norm_weights(12, cols)),
         f64s(&randn(13, rows * cols, 1.0)),
     );
     let eps = f64::from(EPS);
@@ -129,13 +121,12 @@ fn rmsnorm_reference_backward_matches_finite_differences() {
 fn rmsnorm_backward_is_bit_identical_across_runs() {
     let (rows, cols) = (101, 333);
     let x = randn(14, rows * cols, 1.0);
-    let w = weights(15, cols);
+    let w = norm_weights(15, cols);
     let dy = randn(16, rows * cols, 1.0);
     let (a, b) = (
         gpu_backward(&x, &w, &dy, rows, None),
         gpu_backward(&x, &w, &dy, rows, None),
     );
-    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&a.dx), bits(&b.dx));
-    assert_eq!(bits(&a.dw), bits(&b.dw));
+    assert_bit_identical("rmsnorm_backward dx", &a.dx, &b.dx);
+    assert_bit_identical("rmsnorm_backward dw", &a.dw, &b.dw);
 }

@@ -71,10 +71,9 @@ fn rope_backward_is_bit_identical_across_runs() {
     let n = dims.iter().product();
     let inv_freq = rope_inv_freq(12, 10_000.0, None);
     let (x, dout) = (randn(5, n, 1.0), randn(6, n, 1.0));
-    let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    let first = bits(gpu_rope(&x, &dout, &inv_freq, dims, 3).1);
-    let second = bits(gpu_rope(&x, &dout, &inv_freq, dims, 3).1);
-    assert_eq!(first, second);
+    let first = gpu_rope(&x, &dout, &inv_freq, dims, 3).1;
+    let second = gpu_rope(&x, &dout, &inv_freq, dims, 3).1;
+    assert_bit_identical("rope_backward", &first, &second);
 }
 
 #[test]

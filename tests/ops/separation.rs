@@ -160,10 +160,6 @@ fn label(o: &SeparationOptions, dims: [usize; 4]) -> String {
     )
 }
 
-fn bits(xs: &[f32]) -> Vec<u32> {
-    xs.iter().map(|x| x.to_bits()).collect()
-}
-
 /// GPU vs reference (distances, losses, both gradients), and the reference gradient vs
 /// finite differences of the reference loss.
 fn check_against_reference(batch: &Batch, o: &SeparationOptions) {
@@ -381,8 +377,9 @@ fn separation_loss_is_bit_identical_across_runs() {
         };
         let batch = Batch::random(11, [3, 5, 3, 37], pair).with_margins_around_distance(&o);
         let (a, b) = (run_loss(&batch, &o, true), run_loss(&batch, &o, true));
-        assert_eq!(bits(&a.per_layer), bits(&b.per_layer));
-        assert_eq!(bits(&a.deh), bits(&b.deh));
-        assert_eq!(bits(&a.des.unwrap()), bits(&b.des.unwrap()));
+        assert_bit_identical("separation_loss per_layer", &a.per_layer, &b.per_layer);
+        assert_bit_identical("separation_loss deh", &a.deh, &b.deh);
+        let (des_a, des_b) = (a.des.unwrap(), b.des.unwrap());
+        assert_bit_identical("separation_loss des", &des_a, &des_b);
     }
 }

@@ -106,9 +106,9 @@ fn softmax_backward_is_bit_identical_across_runs() {
     let n = shape[0] * shape[1];
     let y = run_forward(gpu, shape, &randn(9, n, 3.0));
     let dy = randn(10, n, 1.0);
-    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-    assert_eq!(
-        bits(run_backward(gpu, shape, &y, &dy)),
-        bits(run_backward(gpu, shape, &y, &dy))
+    assert_bit_identical(
+        "softmax_backward",
+        &run_backward(gpu, shape, &y, &dy),
+        &run_backward(gpu, shape, &y, &dy),
     );
 }

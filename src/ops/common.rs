@@ -1,0 +1,106 @@
+//! What the launchers share, as `shaders/common.wgsl` is what the kernels share: the workgroup
+//! sizes, the two common launch shapes (one thread per item, one workgroup per row) and the
+//! tensor checks.
+
+use crate::gpu::{DType, Grid, KernelSpec, Recorder, Shape, Tensor};
+
+/// Threads of every kernel that reduces across its workgroup with the fixed-order trees of
+/// `shaders/common.wgsl`: its `const REDUCE_WG`, which must stay equal (a test checks).
+pub(crate) const REDUCE_WG: u32 = 256;
+const _: () = assert!(REDUCE_WG.is_power_of_two());
+
+/// Threads per workgroup of the one-thread-per-item kernels (their WGSL `override WG`).
+pub(crate) const WG: u32 = 256;
+
+/// Launches `spec` with one thread per item (`items` of them) in workgroups of [`WG`].
+pub(crate) fn launch_per_item<P: bytemuck::Pod>(
+    rec: &mut Recorder,
+    spec: &'static KernelSpec,
+    tensors: &[&Tensor],
+    params: &P,
+    items: usize,
+) {
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    rec.dispatch(&kernel, tensors, params, Grid::threads(items, WG));
+}
+
+/// Launches `spec` with one thread per (column, block of rows): x covers `cols` in workgroups
+/// of [`WG`], y the `blocks`.
+pub(crate) fn launch_per_column_block<P: bytemuck::Pod>(
+    rec: &mut Recorder,
+    spec: &'static KernelSpec,
+    tensors: &[&Tensor],
+    params: &P,
+    cols: usize,
+    blocks: usize,
+) {
+    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    let grid = Grid::xyz(cols.div_ceil(WG as usize) as u32, blocks as u32, 1);
+    rec.dispatch(&kernel, tensors, params, grid);
+}
+
+/// Launches `spec` with one workgroup of [`REDUCE_WG`] threads per row.
+pub(crate) fn launch_per_row<P: bytemuck::Pod>(
+    rec: &mut Recorder,
+    spec: &'static KernelSpec,
+    tensors: &[&Tensor],
+    params: &P,
+    rows: usize,
+) {
+    let kernel = rec.gpu().kernel(spec, &[]);
+    rec.dispatch(&kernel, tensors, params, Grid::flat(rows));
+}
+
+/// Asserts that `op`'s tensor `name` holds `dtype` values.
+#[track_caller]
+pub(crate) fn expect_dtype(op: &str, name: &str, t: &Tensor, dtype: DType) {
+    assert_eq!(t.dtype(), dtype, "{op}: {name} must be {dtype}, got {t:?}");
+}
+
+/// Asserts that `op`'s tensor `name` holds `dtype` values, as many as `dims` has (in any
+/// shape).
+#[track_caller]
+pub(crate) fn expect_elements(op: &str, name: &str, t: &Tensor, dtype: DType, dims: &[usize]) {
+    expect_dtype(op, name, t, dtype);
+    let numel: usize = dims.iter().product();
+    assert_eq!(
+        t.numel(),
+        numel,
+        "{op}: {name} must hold {dims:?} elements, got {t:?}"
+    );
+}
+
+/// Asserts that `op`'s tensor `name` holds `dtype` values shaped exactly `dims`.
+#[track_caller]
+pub(crate) fn expect_dims(op: &str, name: &str, t: &Tensor, dtype: DType, dims: &[usize]) {
+    expect_dtype(op, name, t, dtype);
+    assert_eq!(t.dims(), dims, "{op}: {name} must be {dims:?}, got {t:?}");
+}
+
+/// Asserts that every tensor is f32 and shaped like the first; returns that shape.
+#[track_caller]
+pub(crate) fn expect_f32_alike<'t>(op: &str, tensors: &[&'t Tensor]) -> &'t Shape {
+    let first = tensors[0];
+    for t in tensors {
+        assert!(
+            t.dtype() == DType::F32 && t.dims() == first.dims(),
+            "{op}: every tensor must be f32 and shaped like {first:?}, got {t:?}"
+        );
+    }
+    first.shape()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::REDUCE_WG;
+
+    #[test]
+    fn reduce_wg_matches_the_wgsl_prelude() {
+        let prelude = include_str!("../../shaders/common.wgsl");
+        let declaration = format!("const REDUCE_WG: u32 = {REDUCE_WG}u;");
+        assert!(
+            prelude.contains(&declaration),
+            "shaders/common.wgsl must declare `{declaration}`"
+        );
+    }
+}
