@@ -8,7 +8,9 @@
 //! (kernels with CPU f64 references).
 
 pub mod error;
+pub mod es2;
 pub mod gpu;
+pub mod io;
 pub mod model;
 pub mod ops;
 pub mod rng;

@@ -14,6 +14,8 @@ pub struct Batch {
     pub lens: Vec<usize>,
     /// The unpadded ids, per sequence.
     pub sequences: Vec<Vec<u32>>,
+    /// Host copy of `ids` (padding holds 0).
+    pub padded_ids: Vec<u32>,
 }
 
 impl Batch {
@@ -54,6 +56,7 @@ impl Batch {
             seq,
             lens,
             sequences: sequences.to_vec(),
+            padded_ids: ids,
         })
     }
 

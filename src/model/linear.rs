@@ -2,7 +2,10 @@
 //! `y += (alpha/r)·(x·Aᵀ)·Bᵀ`.
 
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
-use crate::ops::matmul::{matmul_forward, MatmulOptions};
+use crate::ops::matmul::{
+    matmul_backward_bias, matmul_backward_input, matmul_backward_weight, matmul_forward,
+    MatmulOptions,
+};
 
 /// A low-rank adapter on a [`Linear`]: `A [r, in]`, `B [out, r]`, scale `alpha / r`.
 #[derive(Debug, Clone)]
@@ -72,5 +75,64 @@ impl Linear {
     /// An output tensor for `rows` inputs.
     pub fn output(&self, gpu: &Gpu, rows: usize) -> Tensor {
         Tensor::empty(gpu, [rows, self.out_features()], DType::F32)
+    }
+}
+
+/// Gradient buffers of one [`Linear`]: only those of trainable parameters exist.
+#[derive(Debug, Clone, Default)]
+pub struct LinearGrads {
+    pub weight: Option<Tensor>,
+    pub bias: Option<Tensor>,
+    pub lora_a: Option<Tensor>,
+    pub lora_b: Option<Tensor>,
+}
+
+impl Linear {
+    /// Records the backward of [`Linear::forward`]: `dx (+)= dy·W` (plus the adapter's path),
+    /// and accumulates (`+=`) the gradients `grads` holds buffers for. `hidden` is what the
+    /// forward returned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        hidden: Option<&Tensor>,
+        dy: &Tensor,
+        dx: &Tensor,
+        accumulate_dx: bool,
+        grads: &LinearGrads,
+    ) {
+        let dx_mode = if accumulate_dx {
+            MatmulOptions::accumulate()
+        } else {
+            MatmulOptions::overwrite()
+        };
+        matmul_backward_input(rec, dy, &self.weight, dx, dx_mode);
+        if let Some(dw) = &grads.weight {
+            matmul_backward_weight(rec, dy, x, dw, MatmulOptions::accumulate());
+        }
+        if let Some(db) = &grads.bias {
+            matmul_backward_bias(rec, dy, db, true);
+        }
+        let (Some(lora), Some(hidden)) = (&self.lora, hidden) else {
+            return;
+        };
+        // y += s·(x·Aᵀ)·Bᵀ  ⇒  dB += s·dyᵀ·h,  dh = s·dy·B,  dA += dhᵀ·x,  dx += dh·A.
+        let scaled = MatmulOptions::accumulate().scaled(lora.scale);
+        if let Some(db) = &grads.lora_b {
+            matmul_backward_weight(rec, dy, hidden, db, scaled);
+        }
+        let dh = Tensor::empty(rec.gpu(), hidden.shape().clone(), DType::F32);
+        matmul_backward_input(
+            rec,
+            dy,
+            &lora.b,
+            &dh,
+            MatmulOptions::overwrite().scaled(lora.scale),
+        );
+        if let Some(da) = &grads.lora_a {
+            matmul_backward_weight(rec, &dh, x, da, MatmulOptions::accumulate());
+        }
+        matmul_backward_input(rec, &dh, &lora.a, dx, MatmulOptions::accumulate());
     }
 }

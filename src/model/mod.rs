@@ -1,19 +1,25 @@
 //! Layer 3: Hugging Face checkpoints (config, safetensors weights), the transformer forward
 //! with hooks, LoRA adapters, and generation with a KV cache.
 
+pub mod backward;
 pub mod batch;
 pub mod config;
 pub mod generate;
+pub mod grads;
 pub mod linear;
+pub mod lora;
 pub mod params;
 pub mod transformer;
 pub mod vocab;
 pub mod weights;
 
+pub use backward::Seeds;
 pub use batch::Batch;
 pub use config::{Architecture, Config, Llama3RopeScaling};
 pub use generate::{KvCache, SamplingOptions};
-pub use linear::{Linear, Lora};
+pub use grads::{BlockGrads, Gradients, NamedParam, Trainable};
+pub use linear::{Linear, LinearGrads, Lora};
+pub use lora::LoraConfig;
 pub use params::{ParamSource, SeededInit};
 pub use transformer::{
     Block, BlockActivations, Forward, ForwardSpec, LoadOptions, Perturbation, Transformer,

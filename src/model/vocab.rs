@@ -76,6 +76,71 @@ impl VocabMatrix {
     /// `logits = x · selfᵀ` for `x [M, cols]`, `logits [M, rows]`, in row parts small enough
     /// to bind and one product per vocabulary chunk.
     pub fn project(&self, rec: &mut Recorder, x: &Tensor, logits: &Tensor) {
+        self.for_each_part(rec, x, logits, |rec, xs, ls, rows, first, chunk| {
+            let product = Gemm {
+                c: self.window(first, rows),
+                ..Gemm::dense(rows, chunk.dims()[0], self.cols, false, true)
+            };
+            gemm(rec, &product, xs, chunk, None, ls);
+        });
+    }
+
+    /// Backward of [`VocabMatrix::project`]: `dx = dlogits · self` (overwritten) and, when
+    /// `grad` is given, `grad += dlogitsᵀ · x`.
+    pub fn project_backward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        dlogits: &Tensor,
+        dx: &Tensor,
+        grad: Option<&VocabMatrix>,
+    ) {
+        self.for_each_part(rec, dx, dlogits, |rec, dxs, dls, rows, first, chunk| {
+            let n = chunk.dims()[0];
+            // dx[rows, cols] (+)= dlogits[:, first..first+n] · chunk
+            let into_dx = Gemm {
+                a: self.window(first, rows),
+                ..Gemm::dense(rows, self.cols, n, false, false)
+            }
+            .with(if first == 0 {
+                MatmulOptions::overwrite()
+            } else {
+                MatmulOptions::accumulate()
+            });
+            gemm(rec, &into_dx, dls, chunk, None, dxs);
+        });
+        let Some(grad) = grad else { return };
+        self.for_each_part(rec, x, dlogits, |rec, xs, dls, rows, first, _| {
+            let chunk_grad = &grad.chunks[first / self.chunk_rows];
+            let n = chunk_grad.dims()[0];
+            // grad[n, cols] += dlogits[:, first..first+n]ᵀ · x
+            let into_grad = Gemm {
+                a: self.window(first, rows),
+                ..Gemm::dense(n, self.cols, rows, true, false)
+            }
+            .with(MatmulOptions::accumulate());
+            gemm(rec, &into_grad, dls, xs, None, chunk_grad);
+        });
+    }
+
+    /// Columns `first..` of a `[rows, self.rows]` logits part, as a gemm operand.
+    fn window(&self, first: usize, rows: usize) -> Strided {
+        Strided {
+            offset: first,
+            row_stride: self.rows,
+            batch_stride: rows * self.rows,
+        }
+    }
+
+    /// Calls `f(rec, x_part, logits_part, part_rows, first_vocab_row, chunk)` for every row
+    /// part of `x [M, cols]`/`logits [M, rows]` that fits a binding and every vocabulary chunk.
+    fn for_each_part(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        logits: &Tensor,
+        mut f: impl FnMut(&mut Recorder, &Tensor, &Tensor, usize, usize, &Tensor),
+    ) {
         let m = x.dims()[0];
         let part_rows = Self::chunk_rows_for(m, self.rows, self.max_binding);
         for start in (0..m).step_by(part_rows) {
@@ -89,17 +154,7 @@ impl VocabMatrix {
                 )
             };
             for (first, chunk) in self.parts() {
-                let n = chunk.dims()[0];
-                let product = Gemm {
-                    c: Strided {
-                        offset: first,
-                        row_stride: self.rows,
-                        batch_stride: rows * self.rows,
-                    },
-                    ..Gemm::dense(rows, n, self.cols, false, true)
-                }
-                .with(MatmulOptions::overwrite());
-                gemm(rec, &product, &xs, chunk, None, &ls);
+                f(rec, &xs, &ls, rows, first, chunk);
             }
         }
     }

@@ -73,6 +73,16 @@ impl Checkpoint {
         Ok(Checkpoint { shards, index })
     }
 
+    /// Opens one safetensors file (an adapter, a fixture).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let shard = open_shard(path)?;
+        let index = shard.tensors.keys().map(|name| (name.clone(), 0)).collect();
+        Ok(Checkpoint {
+            shards: vec![shard],
+            index,
+        })
+    }
+
     /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.index.keys().map(String::as_str).collect();

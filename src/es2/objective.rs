@@ -1,0 +1,452 @@
+//! The ES2 objective of DESIGN.md: L = L_sep + λ·L_KL, every option a field of [`Es2Config`].
+//! This file records one evaluation of the objective and its gradients on the GPU; the
+//! constants measured once on the base model live in [`BaseStats`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::model::{Batch, Forward, ForwardSpec, Transformer};
+use crate::ops::kl::{kl_loss, KlDirection, KlOptions};
+use crate::ops::pool::{pool_backward, pool_forward, Pool};
+use crate::ops::separation::{
+    separation_loss, Distance, LossShape, Pair, SeparationInputs, SeparationOptions,
+    SeparationOutputs,
+};
+use crate::{Error, Result};
+
+/// Every option of the objective, with DESIGN.md's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct Es2Config {
+    /// Layers whose embeddings are separated (0-based blocks); empty means all.
+    pub layers: Vec<usize>,
+    pub pool: Pool,
+    pub pair: Pair,
+    pub distance: Distance,
+    pub shape: LossShape,
+    /// Relative margin: m_l = margin × D_l(base).
+    pub margin: f32,
+    /// Absolute margin m_l (overrides `margin`).
+    pub margin_abs: Option<f32>,
+    /// Stop the separation gradient on harmless embeddings.
+    pub harmful_only: bool,
+    /// Weight λ of the KL term.
+    pub lambda: f32,
+    pub temperature: f32,
+    pub kl_dir: KlDirection,
+}
+
+impl Default for Es2Config {
+    fn default() -> Self {
+        Es2Config {
+            layers: Vec::new(),
+            pool: Pool::Last,
+            pair: Pair::Centroid,
+            distance: Distance::L2,
+            shape: LossShape::Hinge,
+            margin: 3.0,
+            margin_abs: None,
+            harmful_only: false,
+            lambda: 1.0,
+            temperature: 1.0,
+            kl_dir: KlDirection::Forward,
+        }
+    }
+}
+
+impl Es2Config {
+    /// The layers, resolved against a model of `num_layers` blocks and checked.
+    pub fn resolved_layers(&self, num_layers: usize) -> Result<Vec<usize>> {
+        if self.layers.is_empty() {
+            return Ok((0..num_layers).collect());
+        }
+        let mut layers = self.layers.clone();
+        layers.sort_unstable();
+        layers.dedup();
+        if let Some(&bad) = layers.iter().find(|&&l| l >= num_layers) {
+            return Err(Error::InvalidArgument(format!(
+                "--layers: layer {bad} does not exist (the model has {num_layers} blocks, 0..={})",
+                num_layers - 1
+            )));
+        }
+        Ok(layers)
+    }
+
+    pub fn separation_options(&self) -> SeparationOptions {
+        SeparationOptions {
+            pair: self.pair,
+            distance: self.distance,
+            shape: self.shape,
+            harmful_only: self.harmful_only,
+        }
+    }
+
+    pub fn kl_options(&self) -> KlOptions {
+        KlOptions {
+            temperature: self.temperature,
+            direction: self.kl_dir,
+        }
+    }
+
+    /// Rejects values the objective cannot use.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::InvalidArgument(what));
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "--temperature must be > 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return bad(format!("--lambda must be >= 0, got {}", self.lambda));
+        }
+        if !self.margin.is_finite() || self.margin_abs.is_some_and(|m| !m.is_finite()) {
+            return bad("--margin must be finite".into());
+        }
+        Ok(())
+    }
+}
+
+/// Constants measured once on the base model over the training prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseStats {
+    pub layers: Vec<usize>,
+    /// ν_l: mean norm of the harmless embeddings.
+    pub nu: Vec<f32>,
+    /// D_l(base).
+    pub distance: Vec<f32>,
+    /// m_l.
+    pub margin: Vec<f32>,
+    /// The base harmless centroid per layer `[L, C]` (for `base-centroid`).
+    pub centroid: Vec<f32>,
+}
+
+impl BaseStats {
+    /// Computes the statistics from the base model's pooled embeddings `[L][n, C]`.
+    pub fn from_embeddings(
+        config: &Es2Config,
+        layers: &[usize],
+        harmful: &[Vec<f64>],
+        harmless: &[Vec<f64>],
+        cols: usize,
+    ) -> BaseStats {
+        use crate::ops::separation::reference::layer_distance;
+        let mut stats = BaseStats {
+            layers: layers.to_vec(),
+            nu: Vec::new(),
+            distance: Vec::new(),
+            margin: Vec::new(),
+            centroid: Vec::new(),
+        };
+        let options = config.separation_options();
+        for (h, s) in harmful.iter().zip(harmless) {
+            let rows: Vec<&[f64]> = s.chunks(cols).collect();
+            let nu = rows
+                .iter()
+                .map(|r| r.iter().map(|x| x * x).sum::<f64>().sqrt())
+                .sum::<f64>()
+                / rows.len() as f64;
+            let centroid: Vec<f64> = (0..cols)
+                .map(|c| rows.iter().map(|r| r[c]).sum::<f64>() / rows.len() as f64)
+                .collect();
+            let other: &[f64] = if config.pair == Pair::BaseCentroid {
+                &centroid
+            } else {
+                s
+            };
+            let distance = layer_distance(h, other, cols, nu, &options);
+            stats.nu.push(nu as f32);
+            stats.distance.push(distance as f32);
+            stats
+                .margin
+                .push(config.margin_abs.unwrap_or(config.margin * distance as f32));
+            stats.centroid.extend(centroid.iter().map(|&x| x as f32));
+        }
+        stats
+    }
+
+    /// Host copies of layer-normalised distances: D_l / D_l(base).
+    pub fn relative(&self, distances: &[f32]) -> Vec<f32> {
+        distances
+            .iter()
+            .zip(&self.distance)
+            .map(|(d, b)| d / b)
+            .collect()
+    }
+}
+
+/// The per-layer constants on the GPU.
+#[derive(Debug)]
+pub struct BaseTensors {
+    pub nu: Tensor,
+    pub margin: Tensor,
+    pub centroid: Tensor,
+}
+
+impl BaseTensors {
+    pub fn new(gpu: &Gpu, stats: &BaseStats, cols: usize) -> Result<Self> {
+        let l = stats.layers.len();
+        Ok(BaseTensors {
+            nu: Tensor::from_f32(gpu, [l], &stats.nu)?,
+            margin: Tensor::from_f32(gpu, [l], &stats.margin)?,
+            centroid: Tensor::from_f32(gpu, [l, cols], &stats.centroid)?,
+        })
+    }
+}
+
+/// The forward needed for `layers` (transformers' hidden index l + 1), with logits or not.
+pub fn forward_spec(layers: &[usize], logits: bool, adapters: bool) -> ForwardSpec<'static> {
+    ForwardSpec {
+        last_hidden: layers.iter().max().map_or(0, |l| l + 1),
+        logits,
+        adapters,
+        perturb: None,
+    }
+}
+
+/// Pools every chosen layer's hidden states into one `[L, B, C]` tensor.
+pub fn pooled_embeddings(
+    rec: &mut Recorder,
+    forward: &Forward,
+    batch: &Batch,
+    layers: &[usize],
+    pool: Pool,
+) -> Tensor {
+    let gpu = rec.gpu();
+    let cols = forward.residual[0].dims()[1];
+    let (b, t) = (batch.batch, batch.seq);
+    let stacked = Tensor::empty(gpu, [layers.len(), b, cols], DType::F32);
+    let one = Tensor::empty(gpu, [b, cols], DType::F32);
+    for (slot, &layer) in layers.iter().enumerate() {
+        let hidden = forward.hidden_state(layer + 1).reshape([b, t, cols]);
+        pool_forward(rec, &hidden, &batch.seq_lens, pool, &one);
+        rec.copy_elements(&one, 0, &stacked, slot * b * cols, b * cols);
+    }
+    stacked
+}
+
+/// Gradients at hidden states (transformers' index, `[B·T, C]`) from gradients of the pooled
+/// embeddings `[L, B, C]`.
+pub fn unpool_gradients(
+    rec: &mut Recorder,
+    d_pooled: &Tensor,
+    batch: &Batch,
+    layers: &[usize],
+    pool: Pool,
+) -> Vec<(usize, Tensor)> {
+    let gpu = rec.gpu();
+    let cols = d_pooled.dims()[2];
+    let (b, t) = (batch.batch, batch.seq);
+    layers
+        .iter()
+        .enumerate()
+        .map(|(slot, &layer)| {
+            let de = Tensor::empty(gpu, [b, cols], DType::F32);
+            rec.copy_elements(d_pooled, slot * b * cols, &de, 0, b * cols);
+            let dh = Tensor::zeros(gpu, [b, t, cols], DType::F32);
+            pool_backward(rec, &de, &batch.seq_lens, pool, &dh);
+            (layer + 1, dh.reshape([b * t, cols]))
+        })
+        .collect()
+}
+
+/// Where one evaluation of the objective leaves its results (read back after submission).
+#[derive(Debug)]
+pub struct ObjectiveOutputs {
+    /// `[2, L]`: D_l and φ(D_l).
+    pub per_layer: Tensor,
+    /// `[B_S·T_S]` per-position T²·KL (0 at padding).
+    pub kl_rows: Tensor,
+    /// Number of positions the KL averages over.
+    pub kl_positions: usize,
+}
+
+/// The separation and KL losses with their gradients, recorded on `rec`. Returns the
+/// gradient seeds for the harmful and harmless backward passes.
+pub struct ObjectiveGradients {
+    pub harmful_hidden: Vec<(usize, Tensor)>,
+    pub harmless_hidden: Vec<(usize, Tensor)>,
+    pub harmless_logits: Tensor,
+    pub outputs: ObjectiveOutputs,
+}
+
+/// Everything one objective evaluation reads.
+pub struct ObjectiveInputs<'a> {
+    pub config: &'a Es2Config,
+    pub layers: &'a [usize],
+    pub base: &'a BaseTensors,
+    pub harmful: (&'a Batch, &'a Forward),
+    pub harmless: (&'a Batch, &'a Forward),
+    /// The base model's logits on the harmless batch.
+    pub base_logits: &'a Tensor,
+}
+
+/// Records L_sep and λ·L_KL with their gradients.
+pub fn record_objective(
+    rec: &mut Recorder,
+    inputs: &ObjectiveInputs,
+) -> Result<ObjectiveGradients> {
+    let gpu = rec.gpu();
+    let cfg = inputs.config;
+    let (h_batch, h_fwd) = inputs.harmful;
+    let (s_batch, s_fwd) = inputs.harmless;
+    let layers = inputs.layers;
+    let eh = pooled_embeddings(rec, h_fwd, h_batch, layers, cfg.pool);
+    let es = pooled_embeddings(rec, s_fwd, s_batch, layers, cfg.pool);
+    let options = cfg.separation_options();
+    let per_layer = Tensor::empty(gpu, [2, layers.len()], DType::F32);
+    let deh = Tensor::empty(gpu, eh.shape().clone(), DType::F32);
+    let des = options
+        .grad_to_harmless()
+        .then(|| Tensor::empty(gpu, es.shape().clone(), DType::F32));
+    let centroid = inputs.base.centroid.clone();
+    let harmless = if cfg.pair == Pair::BaseCentroid {
+        &centroid
+    } else {
+        &es
+    };
+    separation_loss(
+        rec,
+        &SeparationInputs {
+            harmful: &eh,
+            harmless,
+            nu: &inputs.base.nu,
+            margin: &inputs.base.margin,
+        },
+        &SeparationOutputs {
+            per_layer: &per_layer,
+            d_harmful: &deh,
+            d_harmless: des.as_ref(),
+        },
+        &options,
+        1.0 / layers.len() as f32,
+    );
+
+    let zt = s_fwd
+        .logits
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("the harmless forward produced no logits".into()))?;
+    let mask = s_batch.position_mask();
+    let positions = mask.iter().filter(|&&m| m == 1).count();
+    let mask = Tensor::from_u32(gpu, [mask.len()], &mask)?;
+    let kl_rows = Tensor::empty(gpu, [s_batch.rows()], DType::F32);
+    let dzt = Tensor::empty(gpu, zt.shape().clone(), DType::F32);
+    let grad_scale = cfg.lambda / positions as f32;
+    record_kl(
+        rec,
+        zt,
+        inputs.base_logits,
+        &mask,
+        &kl_rows,
+        &dzt,
+        &cfg.kl_options(),
+        grad_scale,
+    );
+
+    let harmless_hidden = match &des {
+        Some(des) => unpool_gradients(rec, des, s_batch, layers, cfg.pool),
+        None => Vec::new(),
+    };
+    Ok(ObjectiveGradients {
+        harmful_hidden: unpool_gradients(rec, &deh, h_batch, layers, cfg.pool),
+        harmless_hidden,
+        harmless_logits: dzt,
+        outputs: ObjectiveOutputs {
+            per_layer,
+            kl_rows,
+            kl_positions: positions,
+        },
+    })
+}
+
+/// The KL kernel over row parts that each fit one storage binding.
+#[allow(clippy::too_many_arguments)]
+pub fn record_kl(
+    rec: &mut Recorder,
+    zt: &Tensor,
+    zb: &Tensor,
+    mask: &Tensor,
+    rows_out: &Tensor,
+    dzt: &Tensor,
+    options: &KlOptions,
+    grad_scale: f32,
+) {
+    let gpu = rec.gpu();
+    let (rows, vocab) = (zt.dims()[0], zt.dims()[1]);
+    let part = crate::model::VocabMatrix::chunk_rows_for(rows, vocab, gpu.max_binding_bytes());
+    if part >= rows {
+        kl_loss(rec, zt, zb, mask, rows_out, dzt, options, grad_scale);
+        return;
+    }
+    for start in (0..rows).step_by(part) {
+        let n = part.min(rows - start);
+        let view = |t: &Tensor| t.rows_view(gpu, start, n);
+        // The mask and per-row loss are small; copy their part instead of aligning a view.
+        let mask_part = Tensor::empty(gpu, [n], DType::U32);
+        rec.copy_elements(mask, start, &mask_part, 0, n);
+        let loss_part = Tensor::empty(gpu, [n], DType::F32);
+        kl_loss(
+            rec,
+            &view(zt),
+            &view(zb),
+            &mask_part,
+            &loss_part,
+            &view(dzt),
+            options,
+            grad_scale,
+        );
+        rec.copy_elements(&loss_part, 0, rows_out, start, n);
+    }
+}
+
+/// Scalars of one objective evaluation, read back from [`ObjectiveOutputs`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ObjectiveValues {
+    pub loss: f64,
+    pub sep: f64,
+    pub kl: f64,
+    /// D_l per chosen layer.
+    pub distance: Vec<f32>,
+}
+
+impl ObjectiveOutputs {
+    /// Reads the losses back (one blocking readback).
+    pub fn read(&self, gpu: &Gpu, lambda: f32) -> Result<ObjectiveValues> {
+        let per_layer = self.per_layer.to_f32(gpu)?;
+        let l = per_layer.len() / 2;
+        let kl_rows = self.kl_rows.to_f32(gpu)?;
+        let sep = per_layer[l..].iter().map(|&x| f64::from(x)).sum::<f64>() / l as f64;
+        let kl = kl_rows.iter().map(|&x| f64::from(x)).sum::<f64>() / self.kl_positions as f64;
+        Ok(ObjectiveValues {
+            loss: sep + f64::from(lambda) * kl,
+            sep,
+            kl,
+            distance: per_layer[..l].to_vec(),
+        })
+    }
+}
+
+/// Runs `model` over `batches` (no gradients) and returns each chosen layer's pooled
+/// embeddings on the host, `[L][n, C]` with the rows of all batches concatenated.
+pub fn embeddings_on_host(
+    gpu: &Gpu,
+    model: &Transformer,
+    batches: &[Batch],
+    layers: &[usize],
+    pool: Pool,
+    adapters: bool,
+) -> Result<Vec<Vec<f64>>> {
+    let mut out = vec![Vec::new(); layers.len()];
+    for batch in batches {
+        let mut rec = Recorder::new(gpu);
+        let forward = model.forward(&mut rec, batch, &forward_spec(layers, false, adapters));
+        let pooled = pooled_embeddings(&mut rec, &forward, batch, layers, pool);
+        rec.finish()?;
+        let values = pooled.to_f32(gpu)?;
+        let per_layer = values.len() / layers.len();
+        for (slot, chunk) in values.chunks(per_layer).enumerate() {
+            out[slot].extend(chunk.iter().map(|&x| f64::from(x)));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,160 @@
+//! Files written so that nothing on disk is ever half-written: everything goes to a temporary
+//! file in the destination folder, is synced, then renamed over the destination.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, View};
+
+use crate::gpu::{Gpu, Tensor};
+use crate::{Error, Result};
+
+/// Writes `path` through `write`, atomically: readers see the old file or the whole new one.
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let file = File::create(&temp)?;
+        let mut writer = BufWriter::new(file);
+        write(&mut writer)?;
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&temp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Serialises `value` as pretty JSON into `path`, atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::format(path, format!("cannot serialise: {e}")))?;
+    atomic_write(path, |w| {
+        w.write_all(text.as_bytes())?;
+        w.write_all(b"\n")
+    })
+}
+
+/// Where a tensor to be saved lives: already on the host, or on the GPU (read back only when
+/// the writer reaches it, so one tensor at a time is in host memory).
+pub enum SaveTensor<'a> {
+    Host { shape: Vec<usize>, data: Vec<f32> },
+    Device { gpu: &'a Gpu, tensor: Tensor },
+}
+
+struct Pending<'a> {
+    shape: Vec<usize>,
+    source: SaveTensor<'a>,
+}
+
+impl View for Pending<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match &self.source {
+            SaveTensor::Host { data, .. } => Cow::Borrowed(bytemuck::cast_slice(data)),
+            // The View trait cannot fail; a failed readback after a successful run is a
+            // device loss, which wgpu reports on its own.
+            SaveTensor::Device { gpu, tensor } => Cow::Owned(
+                tensor
+                    .to_bytes(gpu)
+                    .unwrap_or_else(|e| panic!("reading {tensor:?} back for saving failed: {e}")),
+            ),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 4
+    }
+}
+
+/// Writes f32 tensors to a safetensors file, atomically, with optional string metadata.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, SaveTensor)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let pending: Vec<(String, Pending)> = tensors
+        .into_iter()
+        .map(|(name, source)| {
+            let shape = match &source {
+                SaveTensor::Host { shape, .. } => shape.clone(),
+                SaveTensor::Device { tensor, .. } => tensor.dims().to_vec(),
+            };
+            (name, Pending { shape, source })
+        })
+        .collect();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let written = safetensors::serialize_to_file(pending, metadata, &temp)
+        .map_err(|e| Error::format(path, format!("cannot write safetensors: {e:?}")))
+        .and_then(|()| {
+            File::open(&temp)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(&temp, path))
+                .map_err(|e| Error::io(path, e))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_files_and_cleans_up_on_failure() {
+        let dir = std::env::temp_dir().join(format!("es2-io-{}", std::process::id()));
+        let path = dir.join("a.json");
+        write_json(&path, &serde_json::json!({"x": 1})).unwrap();
+        let failed = atomic_write(&path, |w| {
+            w.write_all(b"partial")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(failed.unwrap_err().to_string().contains("disk full"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"x\": 1"),
+            "the old file survives a failed write: {text}"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
