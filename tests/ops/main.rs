@@ -15,6 +15,7 @@ mod adamw;
 mod attention;
 mod cast;
 mod cross_entropy;
+mod dropout;
 mod embedding;
 mod grad_norm;
 mod kl;
