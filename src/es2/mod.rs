@@ -1,5 +1,9 @@
 //! Layer 5: the ES2 objective, the training loop, the optimizer, checkpoints and metrics.
 
+pub mod engine;
 pub mod objective;
+pub mod optimizer;
 
+pub use engine::{measure_base_stats, Es2Engine, StepReport};
 pub use objective::{BaseStats, Es2Config};
+pub use optimizer::{OptimizerConfig, Schedule};

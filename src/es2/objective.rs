@@ -201,6 +201,7 @@ pub fn forward_spec(layers: &[usize], logits: bool, adapters: bool) -> ForwardSp
         logits,
         adapters,
         perturb: None,
+        lora_dropout: None,
     }
 }
 
@@ -409,20 +410,23 @@ pub struct ObjectiveValues {
     pub distance: Vec<f32>,
 }
 
-impl ObjectiveOutputs {
-    /// Reads the losses back (one blocking readback).
-    pub fn read(&self, gpu: &Gpu, lambda: f32) -> Result<ObjectiveValues> {
-        let per_layer = self.per_layer.to_f32(gpu)?;
+impl ObjectiveValues {
+    /// The scalars from the read-back `[2, L]` per-layer values and per-position KL.
+    pub fn from_parts(
+        per_layer: &[f32],
+        kl_rows: &[f32],
+        kl_positions: usize,
+        lambda: f32,
+    ) -> Self {
         let l = per_layer.len() / 2;
-        let kl_rows = self.kl_rows.to_f32(gpu)?;
         let sep = per_layer[l..].iter().map(|&x| f64::from(x)).sum::<f64>() / l as f64;
-        let kl = kl_rows.iter().map(|&x| f64::from(x)).sum::<f64>() / self.kl_positions as f64;
-        Ok(ObjectiveValues {
+        let kl = kl_rows.iter().map(|&x| f64::from(x)).sum::<f64>() / kl_positions.max(1) as f64;
+        ObjectiveValues {
             loss: sep + f64::from(lambda) * kl,
             sep,
             kl,
             distance: per_layer[..l].to_vec(),
-        })
+        }
     }
 }
 

@@ -133,7 +133,7 @@ impl Transformer {
         let rows = batch.rows();
         let f32_tensor = |dims: &[usize]| Tensor::empty(gpu, dims, DType::F32);
         let [dq_g, dk_g, dv_g, do_g, dgate_g, dup_g, ddown_g] = &grads.proj;
-        let [h_q, h_k, h_v, h_o, h_gate, h_up, h_down] = &saved.lora_hidden;
+        let [h_q, h_k, h_v, h_o, h_gate, h_up, h_down] = &saved.lora;
 
         // MLP: out = mid + down(swiglu(gate(n2), up(n2))), n2 = rmsnorm(mid).
         let dact = f32_tensor(&[rows, cfg.intermediate_size]);

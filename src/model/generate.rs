@@ -2,7 +2,7 @@
 //! nucleus).
 
 use super::batch::Batch;
-use super::transformer::{KvTarget, Transformer};
+use super::transformer::{KvTarget, ProjectionMode, Transformer};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -108,8 +108,13 @@ impl Transformer {
                 capacity: cache.capacity,
                 seq_lens: &seq_lens,
             };
+            let mode = ProjectionMode {
+                adapters,
+                dropout: None,
+                layer,
+            };
             x = self
-                .block_forward(&mut rec, block, &x, &batch, adapters, target)
+                .block_forward(&mut rec, block, &x, &batch, mode, target)
                 .0;
         }
         let last = Tensor::empty(gpu, [1, c], DType::F32);

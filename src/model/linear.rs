@@ -2,10 +2,12 @@
 //! `y += (alpha/r)·(x·Aᵀ)·Bᵀ`.
 
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::ops::dropout::{dropout_apply, Dropout};
 use crate::ops::matmul::{
     matmul_backward_bias, matmul_backward_input, matmul_backward_weight, matmul_forward,
     MatmulOptions,
 };
+use crate::ops::residual::accumulate;
 
 /// A low-rank adapter on a [`Linear`]: `A [r, in]`, `B [out, r]`, scale `alpha / r`.
 #[derive(Debug, Clone)]
@@ -19,6 +21,16 @@ impl Lora {
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
     }
+}
+
+/// What the adapter path of a forward keeps for its backward.
+#[derive(Debug, Clone)]
+pub struct LoraActivations {
+    /// The adapter's input after dropout (the layer input itself without dropout).
+    pub input: Tensor,
+    /// `input·Aᵀ [M, r]`.
+    pub hidden: Tensor,
+    pub dropout: Option<Dropout>,
 }
 
 /// Weight `[out, in]`, optional bias `[out]`, optional LoRA adapter.
@@ -46,15 +58,17 @@ impl Linear {
         self.weight.dims()[1]
     }
 
-    /// Records `y = x·Wᵀ + b` (plus the adapter's path when `adapters` and one is attached).
-    /// Returns the adapter's hidden `x·Aᵀ [M, r]`, which its backward needs.
+    /// Records `y = x·Wᵀ + b`, plus the adapter's path `s·(drop(x)·Aᵀ)·Bᵀ` when `adapters`
+    /// and one is attached (`dropout` only during training). Returns what the adapter's
+    /// backward needs.
     pub fn forward(
         &self,
         rec: &mut Recorder,
         x: &Tensor,
         y: &Tensor,
         adapters: bool,
-    ) -> Option<Tensor> {
+        dropout: Option<Dropout>,
+    ) -> Option<LoraActivations> {
         matmul_forward(
             rec,
             x,
@@ -64,12 +78,31 @@ impl Linear {
             MatmulOptions::overwrite(),
         );
         let lora = self.lora.as_ref().filter(|_| adapters)?;
+        let input = match dropout {
+            Some(d) => {
+                let dropped = Tensor::empty(rec.gpu(), x.shape().clone(), DType::F32);
+                dropout_apply(rec, &d, x, &dropped);
+                dropped
+            }
+            None => x.clone(),
+        };
         let rows = x.numel() / self.in_features();
         let hidden = Tensor::empty(rec.gpu(), [rows, lora.rank()], DType::F32);
-        matmul_forward(rec, x, &lora.a, None, &hidden, MatmulOptions::overwrite());
+        matmul_forward(
+            rec,
+            &input,
+            &lora.a,
+            None,
+            &hidden,
+            MatmulOptions::overwrite(),
+        );
         let up = MatmulOptions::accumulate().scaled(lora.scale);
         matmul_forward(rec, &hidden, &lora.b, None, y, up);
-        Some(hidden)
+        Some(LoraActivations {
+            input,
+            hidden,
+            dropout,
+        })
     }
 
     /// An output tensor for `rows` inputs.
@@ -89,14 +122,14 @@ pub struct LinearGrads {
 
 impl Linear {
     /// Records the backward of [`Linear::forward`]: `dx (+)= dy·W` (plus the adapter's path),
-    /// and accumulates (`+=`) the gradients `grads` holds buffers for. `hidden` is what the
+    /// and accumulates (`+=`) the gradients `grads` holds buffers for. `lora` is what the
     /// forward returned.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         rec: &mut Recorder,
         x: &Tensor,
-        hidden: Option<&Tensor>,
+        lora: Option<&LoraActivations>,
         dy: &Tensor,
         dx: &Tensor,
         accumulate_dx: bool,
@@ -114,25 +147,36 @@ impl Linear {
         if let Some(db) = &grads.bias {
             matmul_backward_bias(rec, dy, db, true);
         }
-        let (Some(lora), Some(hidden)) = (&self.lora, hidden) else {
+        let (Some(adapter), Some(saved)) = (&self.lora, lora) else {
             return;
         };
-        // y += s·(x·Aᵀ)·Bᵀ  ⇒  dB += s·dyᵀ·h,  dh = s·dy·B,  dA += dhᵀ·x,  dx += dh·A.
-        let scaled = MatmulOptions::accumulate().scaled(lora.scale);
+        // y += s·(u·Aᵀ)·Bᵀ with u = drop(x), h = u·Aᵀ  ⇒  dB += s·dyᵀ·h,  dh = s·dy·B,
+        // dA += dhᵀ·u,  dx += drop(dh·A).
+        let scaled = MatmulOptions::accumulate().scaled(adapter.scale);
         if let Some(db) = &grads.lora_b {
-            matmul_backward_weight(rec, dy, hidden, db, scaled);
+            matmul_backward_weight(rec, dy, &saved.hidden, db, scaled);
         }
-        let dh = Tensor::empty(rec.gpu(), hidden.shape().clone(), DType::F32);
+        let gpu = rec.gpu();
+        let dh = Tensor::empty(gpu, saved.hidden.shape().clone(), DType::F32);
         matmul_backward_input(
             rec,
             dy,
-            &lora.b,
+            &adapter.b,
             &dh,
-            MatmulOptions::overwrite().scaled(lora.scale),
+            MatmulOptions::overwrite().scaled(adapter.scale),
         );
         if let Some(da) = &grads.lora_a {
-            matmul_backward_weight(rec, &dh, x, da, MatmulOptions::accumulate());
+            matmul_backward_weight(rec, &dh, &saved.input, da, MatmulOptions::accumulate());
         }
-        matmul_backward_input(rec, &dh, &lora.a, dx, MatmulOptions::accumulate());
+        match &saved.dropout {
+            None => matmul_backward_input(rec, &dh, &adapter.a, dx, MatmulOptions::accumulate()),
+            Some(d) => {
+                let du = Tensor::empty(gpu, x.shape().clone(), DType::F32);
+                matmul_backward_input(rec, &dh, &adapter.a, &du, MatmulOptions::overwrite());
+                let dropped = Tensor::empty(gpu, x.shape().clone(), DType::F32);
+                dropout_apply(rec, d, &du, &dropped);
+                accumulate(rec, &dropped, dx, 1.0);
+            }
+        }
     }
 }

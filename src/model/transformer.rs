@@ -10,13 +10,14 @@ use std::path::Path;
 
 use super::batch::Batch;
 use super::config::Config;
-use super::linear::Linear;
+use super::linear::{Linear, LoraActivations};
 use super::params::ParamSource;
 use super::vocab::VocabMatrix;
 use super::weights::Checkpoint;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::ops::activation::swiglu_forward;
 use crate::ops::attention::{attention_forward, AttentionShape};
+use crate::ops::dropout::Dropout;
 use crate::ops::residual::{accumulate, residual_forward};
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, rope_inv_freq};
@@ -109,6 +110,8 @@ pub struct ForwardSpec<'a> {
     pub adapters: bool,
     /// Add a vector to one hidden state.
     pub perturb: Option<Perturbation<'a>>,
+    /// Dropout on the LoRA adapters' inputs (training only): (p, seed).
+    pub lora_dropout: Option<(f32, u32)>,
 }
 
 /// `hidden_states[hidden] += delta` (`delta [B·T, C]`) before anything reads it.
@@ -134,8 +137,8 @@ pub struct BlockActivations {
     pub gate: Tensor,
     pub up: Tensor,
     pub act: Tensor,
-    /// LoRA hidden `x·Aᵀ` per projection, in [`PROJECTIONS`] order.
-    pub lora_hidden: [Option<Tensor>; 7],
+    /// The adapters' saved state per projection, in [`PROJECTIONS`] order.
+    pub lora: [Option<LoraActivations>; 7],
 }
 
 /// The result of [`Transformer::forward`].
@@ -248,8 +251,12 @@ impl Transformer {
         let mut blocks = Vec::with_capacity(run);
         for (layer, block) in self.blocks.iter().take(run).enumerate() {
             let x = &residual[layer];
-            let (out, saved) =
-                self.block_forward(rec, block, x, batch, spec.adapters, KvTarget::Fresh);
+            let mode = ProjectionMode {
+                adapters: spec.adapters,
+                dropout: spec.lora_dropout,
+                layer,
+            };
+            let (out, saved) = self.block_forward(rec, block, x, batch, mode, KvTarget::Fresh);
             // hidden_states[L] is the normed output, so a perturbation there is applied below.
             if layer + 1 < layers {
                 apply_perturbation(rec, spec, layer + 1, &out);
@@ -303,7 +310,7 @@ impl Transformer {
         block: &Block,
         x: &Tensor,
         batch: &Batch,
-        adapters: bool,
+        mode: ProjectionMode,
         kv: KvTarget,
     ) -> (Tensor, BlockActivations) {
         let gpu = rec.gpu();
@@ -320,9 +327,9 @@ impl Transformer {
             block.k.output(gpu, rows),
             block.v.output(gpu, rows),
         );
-        let lora_q = block.q.forward(rec, &attn_in, &q_raw, adapters);
-        let lora_k = block.k.forward(rec, &attn_in, &k_raw, adapters);
-        let lora_v = block.v.forward(rec, &attn_in, &v, adapters);
+        let lora_q = mode.forward(rec, &block.q, "q", &attn_in, &q_raw);
+        let lora_k = mode.forward(rec, &block.k, "k", &attn_in, &k_raw);
+        let lora_v = mode.forward(rec, &block.v, "v", &attn_in, &v);
 
         let (b, t, d) = (batch.batch, batch.seq, cfg.head_dim);
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -378,7 +385,7 @@ impl Transformer {
 
         let attn_flat = attn.reshape([rows, hq * d]);
         let o = block.o.output(gpu, rows);
-        let lora_o = block.o.forward(rec, &attn_flat, &o, adapters);
+        let lora_o = mode.forward(rec, &block.o, "o", &attn_flat, &o);
         let mid = f32_tensor(&[rows, cfg.hidden_size]);
         residual_forward(rec, x, &o, &mid, 1.0);
 
@@ -386,12 +393,12 @@ impl Transformer {
         let mlp_rstd = f32_tensor(&[rows]);
         rmsnorm_forward(rec, &mid, &block.mlp_norm, &mlp_in, &mlp_rstd, eps);
         let (gate, up) = (block.gate.output(gpu, rows), block.up.output(gpu, rows));
-        let lora_gate = block.gate.forward(rec, &mlp_in, &gate, adapters);
-        let lora_up = block.up.forward(rec, &mlp_in, &up, adapters);
+        let lora_gate = mode.forward(rec, &block.gate, "gate", &mlp_in, &gate);
+        let lora_up = mode.forward(rec, &block.up, "up", &mlp_in, &up);
         let act = f32_tensor(&[rows, cfg.intermediate_size]);
         swiglu_forward(rec, &gate, &up, &act);
         let down = block.down.output(gpu, rows);
-        let lora_down = block.down.forward(rec, &act, &down, adapters);
+        let lora_down = mode.forward(rec, &block.down, "down", &act, &down);
         let out = f32_tensor(&[rows, cfg.hidden_size]);
         residual_forward(rec, &mid, &down, &out, 1.0);
 
@@ -409,11 +416,42 @@ impl Transformer {
             gate,
             up,
             act,
-            lora_hidden: [
+            lora: [
                 lora_q, lora_k, lora_v, lora_o, lora_gate, lora_up, lora_down,
             ],
         };
         (out, saved)
+    }
+}
+
+/// How a block runs its projections: adapters on or off, and the dropout mask seeds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProjectionMode {
+    pub adapters: bool,
+    pub dropout: Option<(f32, u32)>,
+    pub layer: usize,
+}
+
+impl ProjectionMode {
+    fn forward(
+        &self,
+        rec: &mut Recorder,
+        linear: &Linear,
+        name: &str,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Option<LoraActivations> {
+        let index = PROJECTIONS.iter().position(|p| *p == name).unwrap_or(0);
+        // Every projection of every layer draws its own mask from the step's seed.
+        let dropout = self
+            .dropout
+            .filter(|&(p, _)| p > 0.0)
+            .map(|(p, seed)| Dropout {
+                p,
+                seed: seed
+                    ^ ((self.layer * PROJECTIONS.len() + index) as u32).wrapping_mul(0x9E37_79B9),
+            });
+        linear.forward(rec, x, y, self.adapters, dropout)
     }
 }
 

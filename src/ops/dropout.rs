@@ -32,7 +32,11 @@ pub struct Dropout {
 
 impl Dropout {
     fn params(&self, n: usize) -> Params {
-        assert!((0.0..1.0).contains(&self.p), "dropout: p = {} must be in [0, 1)", self.p);
+        assert!(
+            (0.0..1.0).contains(&self.p),
+            "dropout: p = {} must be in [0, 1)",
+            self.p
+        );
         Params {
             n: n as u32,
             seed: self.seed,

@@ -64,6 +64,7 @@ fn loss(model: &Transformer, p: &Probe) -> f64 {
         logits: true,
         adapters: true,
         perturb: None,
+        lora_dropout: None,
     };
     let out = model.forward(&mut rec, &p.batch, &spec);
     rec.finish().unwrap();
@@ -90,6 +91,7 @@ fn gradients(model: &Transformer, p: &Probe, trainable: Trainable) -> Gradients 
         logits: true,
         adapters: true,
         perturb: None,
+        lora_dropout: None,
     };
     let out = model.forward(&mut rec, &p.batch, &spec);
     let seeds = Seeds {

@@ -14,6 +14,7 @@ fn full_forward(model: &Transformer, batch: &Batch) -> (Vec<f32>, Vec<Vec<f32>>)
         logits: true,
         adapters: false,
         perturb: None,
+        lora_dropout: None,
     };
     let out = model.forward(&mut rec, batch, &spec);
     rec.finish().unwrap();

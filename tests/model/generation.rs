@@ -23,6 +23,7 @@ fn last_logits_recomputed(model: &Transformer, ids: &[u32]) -> Vec<f32> {
         logits: true,
         adapters: true,
         perturb: None,
+        lora_dropout: None,
     };
     let out = model.forward(&mut rec, &batch, &spec);
     rec.finish().unwrap();

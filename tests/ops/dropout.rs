@@ -13,10 +13,18 @@ fn dropout_matches_reference_mask_and_rate() {
         dropout_apply(&mut rec, &d, &tx, &ty);
         rec.finish().unwrap();
         let want = reference::dropout_apply(&d, &f64s(&x));
-        assert_close(&format!("dropout n={n} p={p}"), &download(gpu, &ty), &want, 1e-6);
+        assert_close(
+            &format!("dropout n={n} p={p}"),
+            &download(gpu, &ty),
+            &want,
+            1e-6,
+        );
         if n > 1000 {
             let dropped = (0..n).filter(|&i| !reference::keep(&d, i)).count() as f64 / n as f64;
-            assert!((dropped - f64::from(p)).abs() < 0.02, "drop rate {dropped} for p {p}");
+            assert!(
+                (dropped - f64::from(p)).abs() < 0.02,
+                "drop rate {dropped} for p {p}"
+            );
         }
     }
 }
@@ -28,7 +36,10 @@ fn dropout_is_its_own_transpose_and_depends_on_the_seed() {
     let n = 4099;
     let (x, dy) = (randn(1, n, 1.0), randn(2, n, 1.0));
     let d = Dropout { p: 0.25, seed: 42 };
-    let (fx, fdy) = (reference::dropout_apply(&d, &f64s(&x)), reference::dropout_apply(&d, &f64s(&dy)));
+    let (fx, fdy) = (
+        reference::dropout_apply(&d, &f64s(&x)),
+        reference::dropout_apply(&d, &f64s(&dy)),
+    );
     let (lhs, rhs) = (dot(&fx, &f64s(&dy)), dot(&fdy, &f64s(&x)));
     assert!((lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0));
     let run = |seed: u32| {

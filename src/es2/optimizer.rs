@@ -1,0 +1,158 @@
+//! AdamW over the trainable parameters, with global-norm clipping and a learning-rate
+//! schedule; the moments live on the GPU and a step needs no readback.
+
+use serde::{Deserialize, Serialize};
+
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::model::NamedParam;
+use crate::ops::adamw::{adamw_step, AdamWStep};
+use crate::ops::grad_norm::grad_norm_squared;
+use crate::{Error, Result};
+
+/// How the learning rate moves over the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Linear warmup, then constant.
+    #[default]
+    Constant,
+    /// Linear warmup, then cosine decay to zero at the last step.
+    Cosine,
+}
+
+/// AdamW and schedule settings (`torch.optim.AdamW` names and defaults, DESIGN.md's lr).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clipping threshold (0 turns it off).
+    pub clip: f64,
+    pub schedule: Schedule,
+    /// Warmup steps.
+    pub warmup: usize,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            lr: 1e-4,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            clip: 1.0,
+            schedule: Schedule::Constant,
+            warmup: 0,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidArgument(m.into()));
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("--lr must be > 0");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("--weight-decay must be >= 0");
+        }
+        if !(self.clip.is_finite() && self.clip >= 0.0) {
+            return bad("--clip must be >= 0 (0 turns clipping off)");
+        }
+        if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
+            return bad("Adam betas must be in [0, 1)");
+        }
+        Ok(())
+    }
+
+    /// The learning rate of 1-based step `step` out of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if self.warmup > 0 && step <= self.warmup {
+            return self.lr * step as f64 / self.warmup as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine => {
+                let span = total.saturating_sub(self.warmup).max(1) as f64;
+                let progress = (step.saturating_sub(self.warmup) as f64 / span).min(1.0);
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// AdamW moments for each trainable tensor, in the order of [`crate::model::Gradients::named`].
+#[derive(Debug)]
+pub struct AdamW {
+    pub config: OptimizerConfig,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Steps taken.
+    pub step: u64,
+    norm_sq: Tensor,
+}
+
+impl AdamW {
+    pub fn new(gpu: &Gpu, params: &[NamedParam], config: OptimizerConfig) -> Self {
+        let zeros = || {
+            params
+                .iter()
+                .map(|p| Tensor::zeros(gpu, p.param.shape().clone(), DType::F32))
+                .collect()
+        };
+        AdamW {
+            config,
+            m: zeros(),
+            v: zeros(),
+            step: 0,
+            norm_sq: Tensor::zeros(gpu, [1], DType::F32),
+        }
+    }
+
+    /// Records one step at learning rate `lr`: the global squared gradient norm, then every
+    /// tensor's clipped AdamW update. Returns the tensor holding the (pre-clip) squared norm.
+    pub fn record_step(&mut self, rec: &mut Recorder, params: &[NamedParam], lr: f64) -> Tensor {
+        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        grad_norm_squared(rec, &grads, &self.norm_sq);
+        self.step += 1;
+        let step = AdamWStep {
+            lr,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
+            weight_decay: self.config.weight_decay,
+            step: self.step,
+            max_grad_norm: self.config.clip,
+        };
+        for ((p, m), v) in params.iter().zip(&self.m).zip(&self.v) {
+            adamw_step(rec, &p.param, &p.grad, m, v, &self.norm_sq, &step);
+        }
+        self.norm_sq.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_warm_up_then_hold_or_decay() {
+        let mut c = OptimizerConfig {
+            lr: 1.0,
+            warmup: 4,
+            ..OptimizerConfig::default()
+        };
+        assert_eq!(c.lr_at(1, 100), 0.25);
+        assert_eq!(c.lr_at(4, 100), 1.0);
+        assert_eq!(c.lr_at(50, 100), 1.0);
+        c.schedule = Schedule::Cosine;
+        assert_eq!(c.lr_at(4, 100), 1.0);
+        assert!((c.lr_at(52, 100) - 0.5).abs() < 1e-12);
+        assert!(c.lr_at(100, 100).abs() < 1e-12);
+        assert!(OptimizerConfig { lr: 0.0, ..c }.validate().is_err());
+    }
+}
