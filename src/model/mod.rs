@@ -1,10 +1,14 @@
 //! Layer 3: Hugging Face checkpoints (config, safetensors weights), the transformer forward
-//! with hooks, LoRA adapters, and generation with a KV cache.
+//! with hooks, LoRA adapters, generation with a KV cache, pooled embeddings, and the embedded
+//! default model.
 
 pub mod batch;
 pub mod config;
+pub mod embed;
+pub mod embedded;
 pub mod generate;
 pub mod linear;
+pub mod open;
 pub mod params;
 pub mod transformer;
 pub mod vocab;
@@ -12,8 +16,10 @@ pub mod weights;
 
 pub use batch::Batch;
 pub use config::{Architecture, Config, Llama3RopeScaling};
+pub use embed::{embed_prompt, Embedding};
 pub use generate::{KvCache, SamplingOptions};
 pub use linear::{Linear, Lora};
+pub use open::open_model;
 pub use params::{ParamSource, SeededInit};
 pub use transformer::{
     Block, BlockActivations, Forward, ForwardSpec, LoadOptions, Perturbation, Transformer,
