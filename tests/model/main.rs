@@ -1,6 +1,9 @@
 //! Model-layer tests: checkpoints load, the forward matches transformers on fixtures written
 //! by `scripts/make_model_fixtures.py`, tokenisation matches, generation is exact.
 
+mod bad_input;
+mod embed;
+mod embedded;
 mod fixtures;
 mod forward;
 mod generation;
