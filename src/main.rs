@@ -190,6 +190,15 @@ fn generate(options: &GpuOptions, args: &GenerateArgs) -> Result<()> {
     let gpu = Gpu::with_options(options)?;
     let (model, tokenizer) = args.model.open(&gpu)?;
     let prompt_ids = args.prompt.encode(&tokenizer)?;
+    let context = model.config.max_position_embeddings;
+    if prompt_ids.len() + args.max_tokens > context {
+        return Err(Error::InvalidArgument(format!(
+            "a {}-token prompt and --max-tokens {} exceed the model's context of {context} \
+             tokens",
+            prompt_ids.len(),
+            args.max_tokens
+        )));
+    }
     let sampling = SamplingOptions {
         max_tokens: args.max_tokens,
         temperature: args.temperature,

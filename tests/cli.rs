@@ -63,7 +63,7 @@ fn generate_json_gives_transformers_greedy_continuation_of_stories260k() {
 }
 
 #[test]
-fn generate_streams_text_and_reports_speed_on_the_default_model() {
+fn generate_streams_text_reports_speed_and_rejects_bad_requests() {
     let out = es2(&[
         "generate",
         "--prompt",
@@ -88,6 +88,10 @@ fn generate_streams_text_and_reports_speed_on_the_default_model() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no chat template"));
+    // So is asking for more tokens than the model's context.
+    let out = es2(&["generate", "--prompt", "Hi", "--max-tokens", "100000000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context of 2048 tokens"));
 }
 
 /// `embed --json` gives L + 1 hidden states of width C whose values (last position) are the
