@@ -115,3 +115,23 @@ fn text_stream_holds_back_partial_characters() {
     assert_eq!(stream.step(0xE4).unwrap(), None);
     assert_eq!(stream.finish().unwrap(), "\u{FFFD}");
 }
+
+#[test]
+fn default_model_written_as_a_folder_loads_identically() {
+    let gpu = gpu();
+    let dir = std::env::temp_dir().join(format!("es2-wgpu-{}-tiny-llama", std::process::id()));
+    let model = embedded::find(embedded::DEFAULT).unwrap();
+    model.write_hf_folder(gpu, &dir).unwrap();
+    let (from_folder, folder_tok) =
+        open_model(gpu, dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (built_in, tok) = tiny();
+    let ids = tok.encode_prompt("héllo", true).unwrap();
+    assert_eq!(folder_tok.encode_prompt("héllo", true).unwrap(), ids);
+    assert_eq!(folder_tok.eos_ids(), tok.eos_ids());
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(logits(&from_folder, &ids)),
+        bits(logits(&built_in, &ids))
+    );
+}
