@@ -1,9 +1,17 @@
 //! The `es2-wgpu` command line: a thin layer over the library.
 
+use std::io::Write;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use es2_wgpu::gpu::{survey_adapters, AdapterSurvey, GpuOptions};
+use es2_wgpu::model::{
+    embed_prompt, embedded, open_model, Embedding, LoadOptions, SamplingOptions,
+};
+use es2_wgpu::ops::pool::Pool;
+use es2_wgpu::text::Tokenizer;
+use es2_wgpu::{Error, Gpu, Result};
 
 #[derive(Parser)]
 #[command(
@@ -45,12 +53,102 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Continue a prompt, streaming the text as it is made.
+    Generate(GenerateArgs),
+    /// A prompt's hidden state after the embedding and after every block, pooled over its tokens.
+    Embed(EmbedArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hugging Face model folder, or the name of a model built into es2-wgpu.
+    #[arg(long, default_value = embedded::DEFAULT)]
+    model: String,
+}
+
+impl ModelArgs {
+    fn open(&self, gpu: &Gpu) -> Result<(es2_wgpu::model::Transformer, Tokenizer)> {
+        open_model(gpu, &self.model, &LoadOptions::default())
+    }
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
+impl PromptArgs {
+    fn encode(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+        tokenizer.encode_prompt(&self.prompt, self.chat)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Most tokens to generate (generation also stops at an end-of-sequence token).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 picks the most likely token every time.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: draw from the smallest set of tokens holding this much probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object {prompt_ids, output_ids, text} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Which position's hidden state to report: the last token's, or the mean over the prompt.
+    #[arg(long, value_enum, default_value_t = PoolArg::Last)]
+    pool: PoolArg,
+    /// Also report the next-token logits at the last position.
+    #[arg(long)]
+    logits: bool,
+    /// Print one JSON object {hidden_states, logits} instead of a per-layer summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PoolArg {
+    Last,
+    Mean,
+}
+
+impl From<PoolArg> for Pool {
+    fn from(p: PoolArg) -> Pool {
+        match p {
+            PoolArg::Last => Pool::Last,
+            PoolArg::Mean => Pool::Mean,
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Info { json } => info(&cli.gpu.options(), *json),
+        Command::Generate(args) => generate(&cli.gpu.options(), args),
+        Command::Embed(args) => embed(&cli.gpu.options(), args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,16 +159,160 @@ fn main() -> ExitCode {
     }
 }
 
-fn info(options: &GpuOptions, json: bool) -> es2_wgpu::Result<()> {
+fn info(options: &GpuOptions, json: bool) -> Result<()> {
     let survey = survey_adapters(options)?;
     if json {
-        let text = serde_json::to_string_pretty(&survey)
-            .map_err(|e| es2_wgpu::Error::InvalidArgument(format!("serialising info: {e}")))?;
-        println!("{text}");
+        println!("{}", to_json(&survey, true)?);
     } else {
         print_survey(&survey);
     }
     Ok(())
+}
+
+fn to_json(value: &impl serde::Serialize, pretty: bool) -> Result<String> {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    };
+    text.map_err(|e| Error::InvalidArgument(format!("writing JSON: {e}")))
+}
+
+fn generate(options: &GpuOptions, args: &GenerateArgs) -> Result<()> {
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        return Err(Error::InvalidArgument(
+            "--temperature must be 0 or more".into(),
+        ));
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Error::InvalidArgument("--top-p must be in (0, 1]".into()));
+    }
+    let gpu = Gpu::with_options(options)?;
+    let (model, tokenizer) = args.model.open(&gpu)?;
+    let prompt_ids = args.prompt.encode(&tokenizer)?;
+    let context = model.config.max_position_embeddings;
+    if prompt_ids.len() + args.max_tokens > context {
+        return Err(Error::InvalidArgument(format!(
+            "a {}-token prompt and --max-tokens {} exceed the model's context of {context} \
+             tokens",
+            prompt_ids.len(),
+            args.max_tokens
+        )));
+    }
+    let sampling = SamplingOptions {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_ids: tokenizer.eos_ids().to_vec(),
+        adapters: true,
+    };
+    let mut stream = tokenizer.stream(&prompt_ids)?;
+    let mut text = String::new();
+    let mut emit = |piece: &str| -> Result<()> {
+        text.push_str(piece);
+        if args.json {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(piece.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| Error::io("stdout", e))
+    };
+    let start = Instant::now();
+    let mut first_token = None;
+    let output_ids = model.generate(&gpu, &prompt_ids, &sampling, |id| {
+        first_token.get_or_insert_with(Instant::now);
+        match stream.step(id)? {
+            Some(piece) => emit(&piece),
+            None => Ok(()),
+        }
+    })?;
+    emit(&stream.finish()?)?;
+    if args.json {
+        let result = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "output_ids": output_ids,
+            "text": text,
+        });
+        println!("{}", to_json(&result, false)?);
+    } else {
+        println!();
+        report_speed(prompt_ids.len(), output_ids.len(), start, first_token);
+    }
+    Ok(())
+}
+
+/// Tokens per second on stderr: the prompt's pass up to the first token, then decoding.
+fn report_speed(prompt: usize, generated: usize, start: Instant, first: Option<Instant>) {
+    let Some(first) = first else { return };
+    let to_first = first.duration_since(start).as_secs_f64();
+    let decoding = first.elapsed().as_secs_f64();
+    let rate = if generated > 1 && decoding > 0.0 {
+        format!("{:.1} tokens/s", (generated - 1) as f64 / decoding)
+    } else {
+        "n/a".into()
+    };
+    eprintln!(
+        "{generated} tokens; first after {:.0} ms ({prompt}-token prompt), then {rate}",
+        to_first * 1e3
+    );
+}
+
+fn embed(options: &GpuOptions, args: &EmbedArgs) -> Result<()> {
+    let gpu = Gpu::with_options(options)?;
+    let (model, tokenizer) = args.model.open(&gpu)?;
+    let ids = args.prompt.encode(&tokenizer)?;
+    let embedding = embed_prompt(&gpu, &model, &ids, args.pool.into(), args.logits)?;
+    if args.json {
+        println!("{}", to_json(&embedding, false)?);
+    } else {
+        print_embedding(&embedding, &tokenizer, ids.len(), args.pool);
+    }
+    Ok(())
+}
+
+fn print_embedding(e: &Embedding, tokenizer: &Tokenizer, tokens: usize, pool: PoolArg) {
+    let at = match pool {
+        PoolArg::Last => "the last token",
+        PoolArg::Mean => "the mean over the tokens",
+    };
+    println!("hidden states of a {tokens}-token prompt at {at}:");
+    let last = e.hidden_states.len() - 1;
+    for (i, h) in e.hidden_states.iter().enumerate() {
+        let what = match i {
+            0 => "embedding".to_string(),
+            i if i == last => "final norm".to_string(),
+            i => format!("block {}", i - 1),
+        };
+        println!(
+            "  [{i:>2}] {what:<10} norm {:>9.4}  {}",
+            norm(h),
+            preview(h)
+        );
+    }
+    if let Some(logits) = &e.logits {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        println!("logits at the last token: norm {:.4}; top 5:", norm(logits));
+        for &id in order.iter().take(5) {
+            let text = tokenizer.decode(&[id as u32]).unwrap_or_default();
+            println!("  {id:>7} {:>10.4}  {text:?}", logits[id]);
+        }
+    }
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The first few values of a vector.
+fn preview(v: &[f32]) -> String {
+    let shown: Vec<String> = v.iter().take(4).map(|x| format!("{x:+.4}")).collect();
+    format!("[{}, ...]", shown.join(", "))
 }
 
 fn print_survey(survey: &AdapterSurvey) {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorInfo};
-use safetensors::SafeTensors;
+use safetensors::{SafeTensorError, SafeTensors};
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -221,12 +221,8 @@ fn open_shard(path: &Path) -> Result<Shard> {
     // SAFETY: the map is read-only; as with every memory-mapped loader, the file must not be
     // truncated by another process while the checkpoint is open.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-        Error::format(
-            path,
-            format!("not a valid safetensors file (truncated or corrupt?): {e:?}"),
-        )
-    })?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&map)
+        .map_err(|e| Error::format(path, header_problem(&map, &e)))?;
     let tensors = metadata
         .tensors()
         .into_iter()
@@ -237,5 +233,59 @@ fn open_shard(path: &Path) -> Result<Shard> {
         map,
         data_start: 8 + header_len,
         tensors,
+    })
+}
+
+/// Explains why safetensors rejected a file, naming the tensor to blame where one is.
+fn header_problem(bytes: &[u8], err: &SafeTensorError) -> String {
+    let blamed = match err {
+        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::TensorInvalidInfo => {
+            blame_tensor(bytes)
+        }
+        _ => None,
+    };
+    blamed.unwrap_or_else(|| format!("not a valid safetensors file (truncated or corrupt?): {err}"))
+}
+
+/// The first tensor (in file order) whose byte range disagrees with its shape and dtype or
+/// runs past the end of the file, or the stray bytes after the last one.
+fn blame_tensor(bytes: &[u8]) -> Option<String> {
+    let header_len = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header_end = header_len.checked_add(8)?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(bytes.get(8..header_end)?).ok()?;
+    let data_len = bytes.len() - header_end;
+    let mut tensors: Vec<(&String, TensorInfo)> = header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .filter_map(|(name, v)| Some((name, serde_json::from_value(v.clone()).ok()?)))
+        .collect();
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    for (name, info) in &tensors {
+        let (start, end) = info.data_offsets;
+        let needed = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.bitsize(), |n, &d| n.checked_mul(d))
+            .map(|bits| bits / 8);
+        if end.checked_sub(start) != needed {
+            return Some(format!(
+                "tensor {name}: data_offsets [{start}, {end}] do not hold shape {:?} of {:?}",
+                info.shape, info.dtype
+            ));
+        }
+        if end > data_len {
+            return Some(format!(
+                "truncated or lying header: tensor {name} ends at byte {end} of the data, \
+                 but the file holds {data_len} bytes of data"
+            ));
+        }
+    }
+    let used = tensors.last().map_or(0, |(_, info)| info.data_offsets.1);
+    (used < data_len).then(|| {
+        format!(
+            "{} bytes after the last tensor's data: the header does not describe the file",
+            data_len - used
+        )
     })
 }

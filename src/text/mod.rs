@@ -6,4 +6,4 @@ pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
 pub use dataset::load_prompts;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{TextStream, Tokenizer};

@@ -199,6 +199,53 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+
+    /// An incremental decoder for the tokens that follow `context` (the prompt): each
+    /// [`TextStream::step`] gives the new text as transformers' text-generation pipeline
+    /// would (decoded with the prompt, the prompt's text cut off), holding back a multi-byte
+    /// character until its last byte arrives. Special tokens are skipped.
+    pub fn stream(&self, context: &[u32]) -> Result<TextStream<'_>> {
+        Ok(TextStream {
+            tokenizer: self,
+            ids: context.to_vec(),
+            prefix: self.decode(context)?,
+            prefix_index: context.len(),
+        })
+    }
+}
+
+/// Text for generated tokens, one piece at a time; see [`Tokenizer::stream`].
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    /// Ids still needed to decode the next piece in context: the tail of what came before
+    /// (whose text is `prefix`) and the tokens not yet turned into text.
+    ids: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl TextStream<'_> {
+    /// The text that `id` completes, if any (none while a character is incomplete).
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        tokenizers::step_decode_stream(
+            &self.tokenizer.inner,
+            vec![id],
+            true,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(|e| Error::InvalidArgument(format!("cannot decode token {id}: {e}")))
+    }
+
+    /// Whatever is still held back (an incomplete character, decoded lossily).
+    pub fn finish(self) -> Result<String> {
+        let text = self.tokenizer.decode(&self.ids)?;
+        Ok(text
+            .strip_prefix(self.prefix.as_str())
+            .unwrap_or_default()
+            .to_owned())
+    }
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {

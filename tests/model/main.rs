@@ -2,6 +2,9 @@
 //! by `scripts/make_model_fixtures.py`, tokenisation matches, generation is exact.
 
 mod backward;
+mod bad_input;
+mod embed;
+mod embedded;
 mod fixtures;
 mod forward;
 mod generation;

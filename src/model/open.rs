@@ -1,0 +1,78 @@
+//! Opening a model by what a user types after `--model`: a Hugging Face model folder, or the
+//! name of an embedded model.
+
+use std::path::Path;
+
+use super::config::Config;
+use super::embedded::{self, EmbeddedModel};
+use super::transformer::{LoadOptions, Transformer};
+use super::weights::Checkpoint;
+use crate::gpu::Gpu;
+use crate::text::Tokenizer;
+use crate::{Error, Result};
+
+/// Loads the model and tokenizer named by `spec`: a folder holding `config.json`,
+/// `tokenizer.json` and safetensors weights, or the name of an embedded model
+/// ([`embedded::names`]). A folder wins over an embedded model of the same name.
+pub fn open_model(
+    gpu: &Gpu,
+    spec: &str,
+    options: &LoadOptions,
+) -> Result<(Transformer, Tokenizer)> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return open_folder(gpu, path, options);
+    }
+    if let Some(model) = embedded::find(spec) {
+        return open_embedded(gpu, model, options);
+    }
+    let what = if path.exists() {
+        "is not a folder"
+    } else {
+        "does not exist"
+    };
+    Err(Error::InvalidArgument(format!(
+        "--model {spec}: the path {what}, and it is not the name of an embedded model \
+         (embedded: {})",
+        embedded::names().join(", ")
+    )))
+}
+
+/// Loads a Hugging Face model folder. The small files are read first, so that a missing
+/// tokenizer is reported before the weights are uploaded.
+pub fn open_folder(
+    gpu: &Gpu,
+    dir: &Path,
+    options: &LoadOptions,
+) -> Result<(Transformer, Tokenizer)> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(Error::format(
+            &config_path,
+            "missing: a model folder needs config.json, tokenizer.json and safetensors weights",
+        ));
+    }
+    let config = Config::from_file(&config_path)?;
+    let tokenizer = Tokenizer::from_dir(dir, &config.eos_token_ids)?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let model = Transformer::from_source(gpu, config, &checkpoint, options)?;
+    Ok((model, tokenizer))
+}
+
+/// Builds an embedded model: its tokenizer from code, its weights from its seed.
+pub fn open_embedded(
+    gpu: &Gpu,
+    model: &EmbeddedModel,
+    options: &LoadOptions,
+) -> Result<(Transformer, Tokenizer)> {
+    let config = model.config()?;
+    let tokenizer = Tokenizer::from_json(
+        &model.tokenizer_json(),
+        None,
+        Some(model.eos_token()),
+        Some(model.chat_template()),
+    )
+    .map_err(|message| Error::format(format!("embedded model {}", model.name), message))?;
+    let transformer = Transformer::from_source(gpu, config, &model.init()?, options)?;
+    Ok((transformer, tokenizer))
+}

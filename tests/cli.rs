@@ -1,0 +1,171 @@
+//! The `es2-wgpu` binary: `generate`, `embed` and `info` as a user runs them.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use es2_wgpu::model::{embedded, open_model, Batch, ForwardSpec, LoadOptions};
+use es2_wgpu::testing::{assert_close, download, f64s, gpu};
+use es2_wgpu::Recorder;
+use serde_json::Value;
+
+fn manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn stories() -> String {
+    let dir = manifest().join("../shared/models/stories260K-hf");
+    dir.to_str().unwrap().to_owned()
+}
+
+fn es2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_es2-wgpu"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+/// Runs a command that must succeed and returns its stdout as JSON.
+fn es2_json(args: &[&str]) -> Value {
+    let out = es2(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON: {e}"))
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn generate_json_gives_transformers_greedy_continuation_of_stories260k() {
+    let refs: Value = serde_json::from_str(
+        &std::fs::read_to_string(manifest().join("tests/fixtures/stories260k.reference.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let case = &refs["prompts"][0];
+    assert_eq!(case["prompt"], "Once upon a time");
+    let want = u32s(&case["greedy_ids"]);
+    let max = want.len().to_string();
+    let out = es2_json(&[
+        "generate",
+        "--model",
+        &stories(),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        &max,
+        "--json",
+    ]);
+    assert_eq!(u32s(&out["prompt_ids"]), u32s(&case["prompt_ids"]));
+    assert_eq!(u32s(&out["output_ids"]), want);
+    assert_eq!(out["text"], case["greedy_text"]);
+}
+
+#[test]
+fn generate_streams_text_reports_speed_and_rejects_bad_requests() {
+    let out = es2(&[
+        "generate",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "3",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("tokens/s"), "{stderr}");
+    assert!(!out.stdout.is_empty());
+    // --chat on a model without a chat template is an error, not a panic.
+    let out = es2(&[
+        "generate",
+        "--model",
+        &stories(),
+        "--prompt",
+        "Hi",
+        "--chat",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no chat template"));
+    // So is asking for more tokens than the model's context.
+    let out = es2(&["generate", "--prompt", "Hi", "--max-tokens", "100000000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context of 2048 tokens"));
+}
+
+/// `embed --json` gives L + 1 hidden states of width C whose values (last position) are the
+/// library forward's.
+fn check_embed(model_spec: &str, prompt: &str, args: &[&str]) {
+    let mut argv = vec!["embed", "--prompt", prompt, "--logits", "--json"];
+    argv.extend_from_slice(args);
+    let out = es2_json(&argv);
+    let gpu = gpu();
+    let (model, tok) = open_model(gpu, model_spec, &LoadOptions::default()).unwrap();
+    let ids = tok.encode(prompt).unwrap();
+    let batch = Batch::new(gpu, std::slice::from_ref(&ids), model.config.vocab_size).unwrap();
+    let mut rec = Recorder::new(gpu);
+    let spec = ForwardSpec {
+        last_hidden: model.layers(),
+        logits: true,
+        adapters: true,
+        perturb: None,
+    };
+    let forward = model.forward(&mut rec, &batch, &spec);
+    rec.finish().unwrap();
+
+    let states = out["hidden_states"].as_array().unwrap();
+    assert_eq!(states.len(), model.layers() + 1, "{model_spec}");
+    let (t, c) = (ids.len(), model.config.hidden_size);
+    for (i, state) in states.iter().enumerate() {
+        let got: Vec<f32> = serde_json::from_value(state.clone()).unwrap();
+        assert_eq!(got.len(), c);
+        let want = download(gpu, forward.hidden_state(i));
+        assert_close(
+            &format!("{model_spec} cli hidden_states[{i}]"),
+            &got,
+            &f64s(&want[(t - 1) * c..]),
+            1e-6,
+        );
+    }
+    let logits: Vec<f32> = serde_json::from_value(out["logits"].clone()).unwrap();
+    assert_eq!(logits.len(), model.config.vocab_size);
+}
+
+#[test]
+fn embed_json_on_the_default_model_matches_the_library() {
+    check_embed(embedded::DEFAULT, "héllo 世界", &[]);
+}
+
+#[test]
+fn embed_json_on_stories260k_matches_the_library() {
+    let model = stories();
+    check_embed(&model, "Once upon a time", &["--model", &model]);
+}
+
+#[test]
+fn embed_text_summary_lists_every_hidden_state() {
+    let out = es2(&["embed", "--prompt", "Hi", "--pool", "mean"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mean over the tokens"), "{text}");
+    assert!(
+        text.contains("[ 0] embedding") && text.contains("final norm"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_model_path_fails_naming_the_path() {
+    let out = es2(&["embed", "--model", "no/such/folder", "--prompt", "Hi"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no/such/folder"), "{stderr}");
+    assert!(stderr.contains(embedded::DEFAULT), "{stderr}");
+}
+
+#[test]
+fn info_json_parses() {
+    let out = es2_json(&["info", "--json"]);
+    assert!(out["adapters"].as_array().is_some_and(|a| !a.is_empty()));
+}

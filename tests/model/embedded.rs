@@ -1,0 +1,137 @@
+//! The embedded default model: it loads with no files, its weights are deterministic and its
+//! logits usable, its chat template renders, and its byte-level tokenizer takes any text.
+
+use es2_wgpu::model::{embedded, open_model, Batch, ForwardSpec, LoadOptions, Transformer};
+use es2_wgpu::testing::{download, gpu};
+use es2_wgpu::text::{Message, Tokenizer};
+use es2_wgpu::Recorder;
+
+fn tiny() -> (Transformer, Tokenizer) {
+    open_model(gpu(), embedded::DEFAULT, &LoadOptions::default()).unwrap()
+}
+
+fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
+    let gpu = gpu();
+    let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
+    let mut rec = Recorder::new(gpu);
+    let spec = ForwardSpec {
+        last_hidden: model.layers(),
+        logits: true,
+        adapters: true,
+        perturb: None,
+    };
+    let out = model.forward(&mut rec, &batch, &spec);
+    rec.finish().unwrap();
+    download(gpu, out.logits.as_ref().unwrap())
+}
+
+fn std_dev(v: &[f32]) -> f64 {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    (v.iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt()
+}
+
+#[test]
+fn default_model_logits_are_finite_varied_and_identical_across_loads() {
+    let (model, tok) = tiny();
+    assert_eq!(model.config.vocab_size, tok.vocab_size());
+    assert_eq!((model.layers(), model.config.intermediate_size), (4, 172));
+    let ids = tok.encode("The quick brown fox").unwrap();
+    let first = logits(&model, &ids);
+    assert!(first.iter().all(|x| x.is_finite()));
+    let v = model.config.vocab_size;
+    let rows: Vec<&[f32]> = first.chunks(v).collect();
+    for row in &rows {
+        // N(0, 0.02²) weights over a unit-RMS hidden state of width 64: about 0.16.
+        let s = std_dev(row);
+        assert!((0.05..1.0).contains(&s), "logit spread {s}");
+    }
+    assert_ne!(
+        rows[0],
+        rows[rows.len() - 1],
+        "positions give different logits"
+    );
+    let (again, _) = tiny();
+    let second = logits(&again, &ids);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first), bits(&second), "two loads differ");
+}
+
+#[test]
+fn default_chat_template_renders_chatml() {
+    let (_, tok) = tiny();
+    let text = tok.render_chat(&[Message::user("hi")], true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = tok.encode_prompt("hi", true).unwrap();
+    assert_eq!(ids[0], 257, "<|im_start|> is one special token");
+    assert_eq!(ids.iter().filter(|&&id| id == 258).count(), 1);
+    assert_eq!(tok.eos_ids(), &[258]);
+    assert_eq!(tok.decode(&ids).unwrap(), "user\nhi\nassistant\n");
+}
+
+#[test]
+fn byte_level_tokenizer_round_trips_any_utf8() {
+    let (_, tok) = tiny();
+    for text in [
+        "héllo 世界",
+        "  leading spaces, tabs\tand\nnewlines\r\n",
+        "emoji 🦀🦀 and a NUL \u{0} and ÿ",
+        "<|im_end|>",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        if text.starts_with("<|") {
+            assert_eq!(ids, vec![258]);
+            continue;
+        }
+        let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(ids, bytes, "one token per byte for {text:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+    }
+}
+
+#[test]
+fn text_stream_holds_back_partial_characters() {
+    let (_, tok) = tiny();
+    let context = tok.encode("é").unwrap();
+    let mut stream = tok.stream(&context).unwrap();
+    let pieces: Vec<Option<String>> = "世!"
+        .bytes()
+        .map(|b| stream.step(u32::from(b)).unwrap())
+        .collect();
+    assert_eq!(
+        pieces,
+        vec![None, None, Some("世".to_string()), Some("!".to_string())]
+    );
+    // The end-of-turn token is special: it adds no text.
+    assert_eq!(stream.step(258).unwrap(), None);
+    // A character cut off by the end of generation comes out lossily.
+    assert_eq!(stream.step(0xE4).unwrap(), None);
+    assert_eq!(stream.finish().unwrap(), "\u{FFFD}");
+}
+
+#[test]
+fn default_model_written_as_a_folder_loads_identically() {
+    let gpu = gpu();
+    let dir = std::env::temp_dir().join(format!("es2-wgpu-{}-tiny-llama", std::process::id()));
+    let model = embedded::find(embedded::DEFAULT).unwrap();
+    model.write_hf_folder(gpu, &dir).unwrap();
+    let (from_folder, folder_tok) =
+        open_model(gpu, dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (built_in, tok) = tiny();
+    let ids = tok.encode_prompt("héllo", true).unwrap();
+    assert_eq!(folder_tok.encode_prompt("héllo", true).unwrap(), ids);
+    assert_eq!(folder_tok.eos_ids(), tok.eos_ids());
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(logits(&from_folder, &ids)),
+        bits(logits(&built_in, &ids))
+    );
+}
