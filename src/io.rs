@@ -52,11 +52,23 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     })
 }
 
-/// Where a tensor to be saved lives: already on the host, or on the GPU (read back only when
-/// the writer reaches it, so one tensor at a time is in host memory).
+/// Where a tensor to be saved lives: already on the host, or on the GPU as one tensor or as
+/// consecutive row chunks (read back only when the writer reaches it, so one tensor at a time
+/// is in host memory).
 pub enum SaveTensor<'a> {
-    Host { shape: Vec<usize>, data: Vec<f32> },
-    Device { gpu: &'a Gpu, tensor: Tensor },
+    Host {
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    },
+    Device {
+        gpu: &'a Gpu,
+        tensor: Tensor,
+    },
+    Chunks {
+        gpu: &'a Gpu,
+        shape: Vec<usize>,
+        chunks: Vec<Tensor>,
+    },
 }
 
 struct Pending<'a> {
@@ -76,19 +88,55 @@ impl View for Pending<'_> {
     fn data(&self) -> Cow<'_, [u8]> {
         match &self.source {
             SaveTensor::Host { data, .. } => Cow::Borrowed(bytemuck::cast_slice(data)),
-            // The View trait cannot fail; a failed readback after a successful run is a
-            // device loss, which wgpu reports on its own.
-            SaveTensor::Device { gpu, tensor } => Cow::Owned(
-                tensor
-                    .to_bytes(gpu)
-                    .unwrap_or_else(|e| panic!("reading {tensor:?} back for saving failed: {e}")),
-            ),
+            SaveTensor::Device { gpu, tensor } => Cow::Owned(read_back(gpu, tensor)),
+            SaveTensor::Chunks { gpu, chunks, .. } => {
+                Cow::Owned(chunks.iter().flat_map(|c| read_back(gpu, c)).collect())
+            }
         }
     }
 
     fn data_len(&self) -> usize {
         self.shape.iter().product::<usize>() * 4
     }
+}
+
+/// The View trait cannot fail; a readback failing after a successful run is a lost device,
+/// which wgpu reports on its own.
+fn read_back(gpu: &Gpu, tensor: &Tensor) -> Vec<u8> {
+    tensor
+        .to_bytes(gpu)
+        .unwrap_or_else(|e| panic!("reading {tensor:?} back for saving failed: {e}"))
+}
+
+/// Builds the folder `dir` through `fill` in a temporary sibling folder, then swaps it in:
+/// an existing `dir` is replaced only once the new one is complete.
+pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&temp);
+    std::fs::create_dir_all(&temp).map_err(|e| Error::io(&temp, e))?;
+    if let Err(e) = fill(&temp) {
+        let _ = std::fs::remove_dir_all(&temp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&temp, dir).map_err(|e| Error::io(dir, e))?;
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
 }
 
 /// Writes f32 tensors to a safetensors file, atomically, with optional string metadata.
@@ -103,6 +151,7 @@ pub fn write_safetensors(
             let shape = match &source {
                 SaveTensor::Host { shape, .. } => shape.clone(),
                 SaveTensor::Device { tensor, .. } => tensor.dims().to_vec(),
+                SaveTensor::Chunks { shape, .. } => shape.clone(),
             };
             (name, Pending { shape, source })
         })

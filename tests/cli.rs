@@ -110,6 +110,7 @@ fn check_embed(model_spec: &str, prompt: &str, args: &[&str]) {
         logits: true,
         adapters: true,
         perturb: None,
+        lora_dropout: None,
     };
     let forward = model.forward(&mut rec, &batch, &spec);
     rec.finish().unwrap();

@@ -41,6 +41,7 @@ pub fn embed_prompt(
         logits: false,
         adapters: true,
         perturb: None,
+        lora_dropout: None,
     };
     let forward = model.forward(&mut rec, &batch, &spec);
     let pooled: Vec<Tensor> = (0..=layers)

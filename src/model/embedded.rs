@@ -2,17 +2,14 @@
 //! no download: a Hugging Face `config.json` and chat template from `models/<name>/`, a
 //! byte-level tokenizer built here in code, and seeded deterministic weights.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::ops::Range;
+use std::io::Write;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Map, Value};
 
 use super::config::Config;
-use super::params::{ParamSource, SeededInit};
-use super::transformer::{LoadOptions, Transformer};
+use super::params::SeededInit;
+use super::transformer::LoadOptions;
 use crate::gpu::Gpu;
 use crate::{Error, Result};
 
@@ -98,7 +95,13 @@ impl EmbeddedModel {
     /// Writes the model out as a Hugging Face folder (config, tokenizer, chat template and f32
     /// `model.safetensors`) that transformers and [`super::open_model`] load as it is.
     pub fn write_hf_folder(&self, gpu: &Gpu, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let (model, _) = super::open::open_embedded(gpu, self, &LoadOptions::default())?;
+        super::save::save_pretrained(gpu, &model, self.name, dir)
+    }
+
+    /// The tokenizer side of a Hugging Face folder: `tokenizer.json`, `tokenizer_config.json`
+    /// and `chat_template.jinja`.
+    pub fn write_tokenizer_files(&self, dir: &Path) -> Result<()> {
         let tokenizer_config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": null,
@@ -106,71 +109,14 @@ impl EmbeddedModel {
             "pad_token": SPECIAL_TOKENS[0],
         });
         let files = [
-            ("config.json", self.config_json.to_owned()),
             ("tokenizer.json", self.tokenizer_json()),
             ("tokenizer_config.json", tokenizer_config.to_string()),
             ("chat_template.jinja", self.chat_template.to_owned()),
         ];
         for (name, text) in files {
-            let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            crate::io::atomic_write(&dir.join(name), |w| w.write_all(text.as_bytes()))?;
         }
-        self.write_weights(gpu, &dir.join("model.safetensors"))
-    }
-
-    fn write_weights(&self, gpu: &Gpu, path: &Path) -> Result<()> {
-        let init = self.init()?;
-        // The loader knows every tensor's name and shape: load once, noting what it asks for.
-        let recording = Recording {
-            source: &init,
-            seen: RefCell::default(),
-        };
-        Transformer::from_source(gpu, self.config()?, &recording, &LoadOptions::default())?;
-        let tensors = recording
-            .seen
-            .into_inner()
-            .into_iter()
-            .map(|(name, shape)| {
-                let bytes: Vec<u8> = init
-                    .tensor(&name, &shape)?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                Ok((name, shape, bytes))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let views = tensors
-            .iter()
-            .map(|(name, shape, bytes)| {
-                TensorView::new(Dtype::F32, shape.clone(), bytes).map(|view| (name.as_str(), view))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::format(path, e.to_string()))?;
-        let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-        safetensors::serialize_to_file(views, Some(metadata), path)
-            .map_err(|e| Error::format(path, e.to_string()))
-    }
-}
-
-/// A parameter source that notes the name and shape of every tensor asked of it.
-struct Recording<'a> {
-    source: &'a dyn ParamSource,
-    seen: RefCell<Vec<(String, Vec<usize>)>>,
-}
-
-impl ParamSource for Recording<'_> {
-    fn contains(&self, name: &str) -> bool {
-        self.source.contains(name)
-    }
-
-    fn rows(&self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<Vec<f32>> {
-        // Vocabulary matrices arrive in row chunks; note each tensor once.
-        if rows.start == 0 {
-            self.seen
-                .borrow_mut()
-                .push((name.to_owned(), shape.to_vec()));
-        }
-        self.source.rows(name, shape, rows)
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ pub mod linear;
 pub mod lora;
 pub mod open;
 pub mod params;
+pub mod save;
 pub mod transformer;
 pub mod vocab;
 pub mod weights;
@@ -27,6 +28,7 @@ pub use linear::{Linear, LinearGrads, Lora};
 pub use lora::LoraConfig;
 pub use open::open_model;
 pub use params::{ParamSource, SeededInit};
+pub use save::save_pretrained;
 pub use transformer::{
     Block, BlockActivations, Forward, ForwardSpec, LoadOptions, Perturbation, Transformer,
 };

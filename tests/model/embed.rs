@@ -20,6 +20,7 @@ fn full_forward(model: &Transformer, ids: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
         logits: true,
         adapters: true,
         perturb: None,
+        lora_dropout: None,
     };
     let out = model.forward(&mut rec, &batch, &spec);
     rec.finish().unwrap();

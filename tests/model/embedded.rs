@@ -19,6 +19,7 @@ fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
         logits: true,
         adapters: true,
         perturb: None,
+        lora_dropout: None,
     };
     let out = model.forward(&mut rec, &batch, &spec);
     rec.finish().unwrap();

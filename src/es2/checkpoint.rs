@@ -1,0 +1,142 @@
+//! Checkpoints: `out/checkpoints/step-NNNNNN/` holding `trainable.safetensors` (the trainable
+//! parameters and their AdamW moments) and `state.json` (step, configuration, base statistics,
+//! data samplers, evaluations). Each folder is built aside and renamed into place, so a crash
+//! leaves either the previous checkpoint or the complete new one.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::data::Sampler;
+use super::engine::Es2Engine;
+use super::objective::BaseStats;
+use super::trainer::{Evaluation, TrainConfig};
+use crate::gpu::Gpu;
+use crate::io::{atomic_dir, write_json, write_safetensors, SaveTensor};
+use crate::model::{Checkpoint, Transformer};
+use crate::{Error, Result};
+
+const STATE: &str = "state.json";
+const TENSORS: &str = "trainable.safetensors";
+const FOLDER: &str = "checkpoints";
+
+/// Everything but the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub step: usize,
+    pub config: TrainConfig,
+    pub base_stats: BaseStats,
+    pub samplers: [Sampler; 2],
+    pub evaluations: Vec<Evaluation>,
+}
+
+impl CheckpointState {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(STATE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("not a checkpoint state: {e}")))
+    }
+}
+
+/// The checkpoint folder for `step` under output folder `out`.
+pub fn folder(out: &Path, step: usize) -> PathBuf {
+    out.join(FOLDER).join(format!("step-{step:06}"))
+}
+
+/// Writes the checkpoint and keeps the newest `keep` (at least this one).
+pub fn save(
+    gpu: &Gpu,
+    out: &Path,
+    state: &CheckpointState,
+    model: &Transformer,
+    engine: &Es2Engine,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = folder(out, state.step);
+    atomic_dir(&dir, |tmp| {
+        let mut tensors = Vec::new();
+        let params = engine.grads.named(model);
+        for ((p, m), v) in params
+            .iter()
+            .zip(&engine.optimizer.m)
+            .zip(&engine.optimizer.v)
+        {
+            for (kind, t) in [("param", &p.param), ("adam_m", m), ("adam_v", v)] {
+                tensors.push((
+                    format!("{kind}/{}", p.name),
+                    SaveTensor::Device {
+                        gpu,
+                        tensor: t.clone(),
+                    },
+                ));
+            }
+        }
+        write_safetensors(&tmp.join(TENSORS), tensors, None)?;
+        write_json(&tmp.join(STATE), state)
+    })?;
+    prune(out, keep.max(1))?;
+    Ok(dir)
+}
+
+fn checkpoints(out: &Path) -> Result<Vec<PathBuf>> {
+    let root = out.join(FOLDER);
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| Error::io(&root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+                && p.join(STATE).exists()
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn prune(out: &Path, keep: usize) -> Result<()> {
+    let all = checkpoints(out)?;
+    for old in &all[..all.len().saturating_sub(keep)] {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    }
+    Ok(())
+}
+
+/// `dir` itself when it is a checkpoint, else the newest checkpoint of output folder `dir`.
+pub fn resolve(dir: &Path) -> Result<PathBuf> {
+    if dir.join(STATE).exists() {
+        return Ok(dir.to_owned());
+    }
+    checkpoints(dir)?.pop().ok_or_else(|| {
+        Error::format(
+            dir,
+            format!("no checkpoint to resume: neither {STATE} nor {FOLDER}/step-*/ is here"),
+        )
+    })
+}
+
+/// Loads the trainable parameters and AdamW moments saved in `dir` into `model` and `engine`.
+pub fn restore_tensors(
+    gpu: &Gpu,
+    dir: &Path,
+    model: &Transformer,
+    engine: &mut Es2Engine,
+) -> Result<()> {
+    let checkpoint = Checkpoint::open_file(&dir.join(TENSORS))?;
+    let params = engine.grads.named(model);
+    for ((p, m), v) in params
+        .iter()
+        .zip(&engine.optimizer.m)
+        .zip(&engine.optimizer.v)
+    {
+        for (kind, t) in [("param", &p.param), ("adam_m", m), ("adam_v", v)] {
+            let data = checkpoint.load_f32(&format!("{kind}/{}", p.name), t.dims())?;
+            t.write_f32(gpu, &data)?;
+        }
+    }
+    Ok(())
+}

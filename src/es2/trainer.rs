@@ -1,0 +1,557 @@
+//! The training loop: data, base-model statistics, steps with a learning-rate schedule,
+//! held-out evaluation, the metrics log, atomic checkpoints with exact resume, and the final
+//! outputs (a PEFT adapter, optionally merged, or a full model folder).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, CheckpointState};
+use super::data::{read_prompts, split, tokenize_prompts, Sampler, Side, Split};
+use super::engine::{measure_base_stats, Es2Engine, StepReport};
+use super::metrics::MetricsLog;
+use super::objective::{embeddings_on_host, forward_spec, record_kl, Es2Config};
+use super::optimizer::OptimizerConfig;
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::model::{open_model, Batch, LoadOptions, LoraConfig, Trainable, Transformer};
+use crate::ops::separation::reference::layer_distance;
+use crate::ops::separation::Pair;
+use crate::text::Tokenizer;
+use crate::{Error, Result};
+
+/// Everything a run is configured with (stored in every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct TrainConfig {
+    /// A model folder or the name of an embedded model.
+    pub model: String,
+    /// Harmful / harmless prompt files; `None` uses the built-in sets.
+    pub harmful: Option<PathBuf>,
+    pub harmless: Option<PathBuf>,
+    pub out: PathBuf,
+    pub objective: Es2Config,
+    /// LoRA settings; `None` is full fine-tuning.
+    pub lora: Option<LoraConfig>,
+    pub optimizer: OptimizerConfig,
+    pub steps: usize,
+    pub harmful_batch: usize,
+    pub harmless_batch: usize,
+    /// Prompts longer than this many tokens keep their last `max_len` tokens.
+    pub max_len: usize,
+    pub seed: u64,
+    pub val_fraction: f32,
+    /// Held-out evaluation every this many steps (and at the start and end); 0: start/end.
+    pub eval_every: usize,
+    /// A checkpoint every this many steps; 0: none.
+    pub save_every: usize,
+    /// Checkpoints kept on disk.
+    pub keep_checkpoints: usize,
+    /// Training prompts per side used to measure the base statistics.
+    pub base_prompts: usize,
+    /// Held-out prompts per side used by an evaluation.
+    pub eval_prompts: usize,
+    /// Wrap prompts in the model's chat template (when it has one).
+    pub chat: bool,
+    /// Also write a merged Hugging Face model folder (LoRA runs).
+    pub merge: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: crate::model::embedded::DEFAULT.to_owned(),
+            harmful: None,
+            harmless: None,
+            out: PathBuf::from("es2-out"),
+            objective: Es2Config::default(),
+            lora: Some(LoraConfig::default()),
+            optimizer: OptimizerConfig::default(),
+            steps: 200,
+            harmful_batch: 8,
+            harmless_batch: 8,
+            max_len: 128,
+            seed: 0,
+            val_fraction: 0.1,
+            eval_every: 50,
+            save_every: 100,
+            keep_checkpoints: 2,
+            base_prompts: 128,
+            eval_prompts: 64,
+            chat: true,
+            merge: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if self.harmful_batch == 0 || self.harmless_batch == 0 {
+            return bad("--harmful-batch and --harmless-batch must be at least 1".into());
+        }
+        if self.max_len < 2 {
+            return bad(format!(
+                "--max-len must be at least 2, got {}",
+                self.max_len
+            ));
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
+        self.objective.validate()?;
+        self.optimizer.validate()
+    }
+
+    fn trainable(&self) -> Trainable {
+        if self.lora.is_some() {
+            Trainable::Lora
+        } else {
+            Trainable::Full
+        }
+    }
+}
+
+/// Held-out measurements at one point of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub step: usize,
+    /// D_l on held-out prompts (normalised by the training ν_l as in the objective).
+    pub distance: Vec<f64>,
+    /// T²·KL(base ‖ tuned) per held-out harmless token (the objective's direction and T).
+    pub kl: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub layers: Vec<usize>,
+    pub before: Evaluation,
+    pub after: Evaluation,
+    pub steps: usize,
+    pub seconds: f64,
+    pub out: PathBuf,
+}
+
+/// Progress callbacks, so the library stays free of terminal output.
+pub trait TrainObserver {
+    fn message(&mut self, _text: &str) {}
+    fn step(&mut self, _step: usize, _total: usize, _report: &StepReport, _tokens_per_s: f64) {}
+    fn evaluation(&mut self, _eval: &Evaluation) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl TrainObserver for Quiet {}
+
+/// A training run in progress.
+pub struct Trainer<'g> {
+    gpu: &'g Gpu,
+    pub config: TrainConfig,
+    pub model: Transformer,
+    frozen: Option<Transformer>,
+    pub tokenizer: Tokenizer,
+    harmful: Split,
+    harmless: Split,
+    samplers: [Sampler; 2],
+    pub engine: Es2Engine,
+    /// Steps completed.
+    pub step: usize,
+    evaluations: Vec<Evaluation>,
+    metrics: MetricsLog,
+}
+
+impl<'g> Trainer<'g> {
+    /// Prepares a fresh run: loads the model (adding LoRA adapters, or a frozen copy for full
+    /// fine-tuning), the data, and measures the base statistics.
+    pub fn new(
+        gpu: &'g Gpu,
+        config: TrainConfig,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (mut model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
+        let frozen = match &config.lora {
+            Some(lora) => {
+                model.attach_lora(gpu, lora, config.seed)?;
+                None
+            }
+            None => Some(open_model(gpu, &config.model, &LoadOptions::default())?.0),
+        };
+        let (harmful, harmless) = load_data(&config, &tokenizer)?;
+        observer.message(&format!(
+            "{} prompts: {} harmful + {} harmless for training, {} + {} held out",
+            config.model,
+            harmful.train.len(),
+            harmless.train.len(),
+            harmful.val.len(),
+            harmless.val.len()
+        ));
+        let layers = config.objective.resolved_layers(model.layers())?;
+        let base_model = frozen.as_ref().unwrap_or(&model);
+        let take = |p: &[Vec<u32>], n: usize| p[..p.len().min(n)].to_vec();
+        let h = batches(
+            gpu,
+            &take(&harmful.train, config.base_prompts),
+            config.harmful_batch,
+            model.config.vocab_size,
+        )?;
+        let s = batches(
+            gpu,
+            &take(&harmless.train, config.base_prompts),
+            config.harmless_batch,
+            model.config.vocab_size,
+        )?;
+        let stats = measure_base_stats(gpu, base_model, &config.objective, &h, &s)?;
+        observer.message(&format!(
+            "base model over layers {layers:?}: D = {:?}, margins {:?}",
+            round(&stats.distance),
+            round(&stats.margin)
+        ));
+        let engine = Es2Engine::new(
+            gpu,
+            &model,
+            config.trainable(),
+            config.objective.clone(),
+            config.optimizer.clone(),
+            stats,
+            config.lora.as_ref().map_or(0.0, |l| l.dropout),
+        )?;
+        let metrics = MetricsLog::create(&config.out.join("metrics.jsonl"))?;
+        let seeds = [config.seed ^ 0x4841_524D, config.seed ^ 0x5341_4645];
+        Ok(Trainer {
+            gpu,
+            model,
+            frozen,
+            tokenizer,
+            harmful,
+            harmless,
+            samplers: seeds.map(Sampler::new),
+            engine,
+            step: 0,
+            evaluations: Vec::new(),
+            metrics,
+            config,
+        })
+    }
+
+    /// Continues the run saved in checkpoint folder `dir` (or the latest checkpoint of an
+    /// output folder). `steps` extends the run when given.
+    pub fn resume(
+        gpu: &'g Gpu,
+        dir: &Path,
+        steps: Option<usize>,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<Self> {
+        let dir = checkpoint::resolve(dir)?;
+        let state = CheckpointState::read(&dir)?;
+        let mut config = state.config.clone();
+        if let Some(steps) = steps {
+            config.steps = steps;
+        }
+        config.validate()?;
+        let (mut model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
+        let frozen = match &config.lora {
+            Some(lora) => {
+                model.attach_lora(gpu, lora, config.seed)?;
+                None
+            }
+            None => Some(open_model(gpu, &config.model, &LoadOptions::default())?.0),
+        };
+        let (harmful, harmless) = load_data(&config, &tokenizer)?;
+        let mut engine = Es2Engine::new(
+            gpu,
+            &model,
+            config.trainable(),
+            config.objective.clone(),
+            config.optimizer.clone(),
+            state.base_stats.clone(),
+            config.lora.as_ref().map_or(0.0, |l| l.dropout),
+        )?;
+        checkpoint::restore_tensors(gpu, &dir, &model, &mut engine)?;
+        engine.optimizer.step = state.step as u64;
+        let metrics = MetricsLog::resume(&config.out.join("metrics.jsonl"), state.step)?;
+        observer.message(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            state.step
+        ));
+        Ok(Trainer {
+            gpu,
+            model,
+            frozen,
+            tokenizer,
+            harmful,
+            harmless,
+            samplers: state.samplers.clone(),
+            engine,
+            step: state.step,
+            evaluations: state.evaluations.clone(),
+            metrics,
+            config,
+        })
+    }
+
+    /// Runs the remaining steps, evaluating and checkpointing as configured, and writes the
+    /// outputs.
+    pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<Summary> {
+        let started = Instant::now();
+        if self.evaluations.is_empty() {
+            let before = self.evaluate()?;
+            observer.evaluation(&before);
+            self.metrics.evaluation(&before)?;
+            self.evaluations.push(before);
+        }
+        let total = self.config.steps;
+        while self.step < total {
+            let step_started = Instant::now();
+            let report = self.train_step()?;
+            let tokens_per_s =
+                report.tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9);
+            let lr = self.config.optimizer.lr_at(self.step, total);
+            self.metrics.step(
+                self.step,
+                &report,
+                lr,
+                tokens_per_s,
+                &self.engine.base_stats,
+            )?;
+            observer.step(self.step, total, &report, tokens_per_s);
+            let every = self.config.eval_every;
+            if (every > 0 && self.step % every == 0) || self.step == total {
+                let eval = self.evaluate()?;
+                observer.evaluation(&eval);
+                self.metrics.evaluation(&eval)?;
+                self.evaluations.push(eval);
+            }
+            let save = self.config.save_every;
+            if save > 0 && self.step % save == 0 && self.step < total {
+                let dir = self.save_checkpoint()?;
+                observer.message(&format!("checkpoint {}", dir.display()));
+            }
+        }
+        self.write_outputs(observer)?;
+        let before = self
+            .evaluations
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Numerical("no evaluation".into()))?;
+        let after = self
+            .evaluations
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::Numerical("no evaluation".into()))?;
+        let summary = Summary {
+            layers: self.engine.layers.clone(),
+            before,
+            after,
+            steps: self.step,
+            seconds: started.elapsed().as_secs_f64(),
+            out: self.config.out.clone(),
+        };
+        crate::io::write_json(&self.config.out.join("summary.json"), &summary)?;
+        Ok(summary)
+    }
+
+    /// One step on the next batches.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let vocab = self.model.config.vocab_size;
+        let [h_sampler, s_sampler] = &mut self.samplers;
+        let harmful = Batch::new(
+            self.gpu,
+            &h_sampler.next(&self.harmful.train, self.config.harmful_batch),
+            vocab,
+        )?;
+        let harmless = Batch::new(
+            self.gpu,
+            &s_sampler.next(&self.harmless.train, self.config.harmless_batch),
+            vocab,
+        )?;
+        let lr = self
+            .config
+            .optimizer
+            .lr_at(self.step + 1, self.config.steps);
+        let seed = (self.config.seed as u32) ^ ((self.step as u32 + 1).wrapping_mul(0x85EB_CA6B));
+        let report = self.engine.step(
+            self.gpu,
+            &self.model,
+            self.frozen.as_ref(),
+            &harmful,
+            &harmless,
+            lr,
+            seed,
+        )?;
+        self.step += 1;
+        Ok(report)
+    }
+
+    /// Held-out separation per layer and KL to the base model.
+    pub fn evaluate(&self) -> Result<Evaluation> {
+        let cfg = &self.config;
+        let vocab = self.model.config.vocab_size;
+        let (h_val, s_val) = (
+            eval_set(&self.harmful, cfg.eval_prompts),
+            eval_set(&self.harmless, cfg.eval_prompts),
+        );
+        let h = batches(self.gpu, h_val, cfg.harmful_batch, vocab)?;
+        let s = batches(self.gpu, s_val, cfg.harmless_batch, vocab)?;
+        let layers = &self.engine.layers;
+        let eh = embeddings_on_host(self.gpu, &self.model, &h, layers, cfg.objective.pool, true)?;
+        let es = embeddings_on_host(self.gpu, &self.model, &s, layers, cfg.objective.pool, true)?;
+        let stats = &self.engine.base_stats;
+        let options = cfg.objective.separation_options();
+        let cols = self.model.config.hidden_size;
+        let distance = (0..layers.len())
+            .map(|i| {
+                let nu = f64::from(stats.nu[i]);
+                let centroid: Vec<f64> = stats.centroid[i * cols..(i + 1) * cols]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect();
+                let other = if cfg.objective.pair == Pair::BaseCentroid {
+                    &centroid
+                } else {
+                    &es[i]
+                };
+                layer_distance(&eh[i], other, cols, nu, &options)
+            })
+            .collect();
+        Ok(Evaluation {
+            step: self.step,
+            distance,
+            kl: self.held_out_kl(&s)?,
+        })
+    }
+
+    fn held_out_kl(&self, batches: &[Batch]) -> Result<f64> {
+        let (mut total, mut positions) = (0.0, 0usize);
+        let options = self.config.objective.kl_options();
+        for batch in batches {
+            let mut rec = Recorder::new(self.gpu);
+            let tuned = self
+                .model
+                .forward(&mut rec, batch, &forward_spec(&[], true, true));
+            let base_model = self.frozen.as_ref().unwrap_or(&self.model);
+            let base = base_model.forward(&mut rec, batch, &forward_spec(&[], true, false));
+            let (Some(zt), Some(zb)) = (tuned.logits, base.logits) else {
+                return Err(Error::Numerical(
+                    "evaluation forward produced no logits".into(),
+                ));
+            };
+            let mask = batch.position_mask();
+            let mask_t = Tensor::from_u32(self.gpu, [mask.len()], &mask)?;
+            let rows = Tensor::empty(self.gpu, [mask.len()], DType::F32);
+            let scratch = Tensor::empty(self.gpu, zt.shape().clone(), DType::F32);
+            record_kl(&mut rec, &zt, &zb, &mask_t, &rows, &scratch, &options, 0.0);
+            rec.finish()?;
+            total += rows
+                .to_f32(self.gpu)?
+                .iter()
+                .map(|&x| f64::from(x))
+                .sum::<f64>();
+            positions += batch.tokens();
+        }
+        Ok(total / positions.max(1) as f64)
+    }
+
+    /// Writes a checkpoint of the current step; returns its folder.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let state = CheckpointState {
+            step: self.step,
+            config: self.config.clone(),
+            base_stats: self.engine.base_stats.clone(),
+            samplers: self.samplers.clone(),
+            evaluations: self.evaluations.clone(),
+        };
+        checkpoint::save(
+            self.gpu,
+            &self.config.out,
+            &state,
+            &self.model,
+            &self.engine,
+            self.config.keep_checkpoints,
+        )
+    }
+
+    fn write_outputs(&mut self, observer: &mut dyn TrainObserver) -> Result<()> {
+        let out = self.config.out.clone();
+        match &self.config.lora {
+            Some(lora) => {
+                self.model
+                    .save_adapter(self.gpu, &out, lora, &self.config.model)?;
+                observer.message(&format!("adapter: {}", out.display()));
+                if self.config.merge {
+                    let mut merged =
+                        open_model(self.gpu, &self.config.model, &LoadOptions::default())?.0;
+                    merged.load_adapter(self.gpu, &out)?;
+                    merged.merge_lora(self.gpu)?;
+                    let dir = out.join("merged");
+                    crate::model::save_pretrained(
+                        self.gpu,
+                        &merged,
+                        &self.tokenizer_source(),
+                        &dir,
+                    )?;
+                    observer.message(&format!("merged model: {}", dir.display()));
+                }
+            }
+            None => {
+                let dir = out.join("model");
+                crate::model::save_pretrained(
+                    self.gpu,
+                    &self.model,
+                    &self.tokenizer_source(),
+                    &dir,
+                )?;
+                observer.message(&format!("model: {}", dir.display()));
+            }
+        }
+        Ok(())
+    }
+
+    fn tokenizer_source(&self) -> String {
+        self.config.model.clone()
+    }
+}
+
+fn round(xs: &[f32]) -> Vec<f32> {
+    xs.iter().map(|x| (x * 1e4).round() / 1e4).collect()
+}
+
+/// The held-out prompts, or (without any) the training prompts, capped at `n`.
+fn eval_set(split: &Split, n: usize) -> &[Vec<u32>] {
+    let set = if split.val.is_empty() {
+        &split.train
+    } else {
+        &split.val
+    };
+    &set[..set.len().min(n)]
+}
+
+fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<(Split, Split)> {
+    let chat = config.chat && tokenizer.has_chat_template();
+    let side = |path: &Option<PathBuf>, side: Side, salt: u64| -> Result<Split> {
+        let prompts = read_prompts(path.as_deref(), side)?;
+        let ids = tokenize_prompts(tokenizer, &prompts, chat, config.max_len)?;
+        split(ids, config.val_fraction, config.seed ^ salt)
+    };
+    let harmful = side(&config.harmful, Side::Harmful, 1)?;
+    let harmless = side(&config.harmless, Side::Harmless, 2)?;
+    if harmful.train.is_empty() || harmless.train.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no training prompts remain after holding out --val-fraction".into(),
+        ));
+    }
+    Ok((harmful, harmless))
+}
+
+/// `prompts` in batches of at most `size`.
+fn batches(gpu: &Gpu, prompts: &[Vec<u32>], size: usize, vocab: usize) -> Result<Vec<Batch>> {
+    prompts
+        .chunks(size.max(1))
+        .map(|chunk| Batch::new(gpu, chunk, vocab))
+        .collect()
+}
