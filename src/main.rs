@@ -1,5 +1,7 @@
 //! The `es2-wgpu` command line: a thin layer over the library.
 
+mod cli;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -57,6 +59,9 @@ enum Command {
     Generate(GenerateArgs),
     /// A prompt's hidden state after the embedding and after every block, pooled over its tokens.
     Embed(EmbedArgs),
+    /// Harden a model with Embedding Space Separation (with no arguments: the built-in model on
+    /// the built-in prompt sets).
+    Train(Box<cli::train::TrainArgs>),
 }
 
 #[derive(Args)]
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
         Command::Info { json } => info(&cli.gpu.options(), *json),
         Command::Generate(args) => generate(&cli.gpu.options(), args),
         Command::Embed(args) => embed(&cli.gpu.options(), args),
+        Command::Train(args) => cli::train::run(&cli.gpu.options(), args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

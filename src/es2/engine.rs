@@ -29,6 +29,8 @@ pub struct Es2Engine {
 pub struct StepReport {
     #[serde(flatten)]
     pub values: ObjectiveValues,
+    /// D_l / D_l(base) per chosen layer.
+    pub relative_distance: Vec<f32>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Real (non-padding) tokens processed.
@@ -137,15 +139,17 @@ impl Es2Engine {
         rec.copy_elements(&out.kl_rows, 0, &packed, l2, n);
         rec.copy_elements(&norm_sq, 0, &packed, l2 + n, 1);
         rec.submit();
-        let values = packed.to_f32(gpu)?;
-        let report = StepReport {
-            values: ObjectiveValues::from_parts(
-                &values[..l2],
-                &values[l2..l2 + n],
+        let packed_values = packed.to_f32(gpu)?;
+        let values = ObjectiveValues::from_parts(
+                &packed_values[..l2],
+                &packed_values[l2..l2 + n],
                 out.kl_positions,
                 self.config.lambda,
-            ),
-            grad_norm: f64::from(values[l2 + n]).sqrt(),
+            );
+        let report = StepReport {
+            relative_distance: self.base_stats.relative(&values.distance),
+            values,
+            grad_norm: f64::from(packed_values[l2 + n]).sqrt(),
             tokens: harmful.tokens() + harmless.tokens(),
         };
         if !report.values.loss.is_finite() || !report.grad_norm.is_finite() {

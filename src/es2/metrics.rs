@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::engine::StepReport;
-use super::objective::BaseStats;
 use super::trainer::Evaluation;
 use crate::{Error, Result};
 
@@ -74,7 +73,6 @@ impl MetricsLog {
         r: &StepReport,
         lr: f64,
         tokens_per_s: f64,
-        base: &BaseStats,
     ) -> Result<()> {
         self.write(json!({
             "step": step,
@@ -82,7 +80,7 @@ impl MetricsLog {
             "sep": r.values.sep,
             "kl": r.values.kl,
             "distance": r.values.distance,
-            "relative_distance": base.relative(&r.values.distance),
+            "relative_distance": r.relative_distance,
             "lr": lr,
             "grad_norm": r.grad_norm,
             "tokens": r.tokens,

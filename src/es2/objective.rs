@@ -107,6 +107,32 @@ impl Es2Config {
     }
 }
 
+/// Parses `--layers`: "all", or comma-separated indices and inclusive ranges ("2,4,8-12").
+pub fn parse_layers(text: &str) -> Result<Vec<usize>> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("all") {
+        return Ok(Vec::new());
+    }
+    let bad = |part: &str| Error::InvalidArgument(format!("--layers: '{part}' is not a layer index or a range like 2-5"));
+    let mut layers = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad(part))?, b.trim().parse().map_err(|_| bad(part))?);
+                if a > b {
+                    return Err(bad(part));
+                }
+                layers.extend(a..=b);
+            }
+            None => layers.push(part.parse().map_err(|_| bad(part))?),
+        }
+    }
+    if layers.is_empty() {
+        return Err(Error::InvalidArgument("--layers names no layer".into()));
+    }
+    Ok(layers)
+}
+
 /// Constants measured once on the base model over the training prompts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaseStats {

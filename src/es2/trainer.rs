@@ -85,6 +85,25 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The defaults for `model`: the global ones, overridden by an embedded model's preset.
+    pub fn for_model(model: &str) -> Result<Self> {
+        let mut config = TrainConfig {
+            model: model.to_owned(),
+            ..TrainConfig::default()
+        };
+        let is_folder = Path::new(model).is_dir();
+        if let Some(embedded) = crate::model::embedded::find(model).filter(|_| !is_folder) {
+            let p = embedded.training_preset()?;
+            config.steps = p.steps.unwrap_or(config.steps);
+            config.optimizer.lr = p.lr.unwrap_or(config.optimizer.lr);
+            config.harmful_batch = p.harmful_batch.unwrap_or(config.harmful_batch);
+            config.harmless_batch = p.harmless_batch.unwrap_or(config.harmless_batch);
+            config.max_len = p.max_len.unwrap_or(config.max_len);
+            config.eval_every = p.eval_every.unwrap_or(config.eval_every);
+        }
+        Ok(config)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.steps == 0 {
@@ -317,7 +336,6 @@ impl<'g> Trainer<'g> {
                 &report,
                 lr,
                 tokens_per_s,
-                &self.engine.base_stats,
             )?;
             observer.step(self.step, total, &report, tokens_per_s);
             let every = self.config.eval_every;

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::kernel::KernelCache;
 use super::pool::BufferPool;
+use super::timing::{KernelTime, Profile};
 use crate::{Error, Result};
 
 /// Environment variable that picks an adapter by index or name substring.
@@ -82,6 +83,7 @@ pub struct Gpu {
     limits: wgpu::Limits,
     pub(crate) kernels: KernelCache,
     pub(crate) pool: Arc<BufferPool>,
+    profile: std::sync::Mutex<Profile>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -133,6 +135,7 @@ impl Gpu {
             limits,
             kernels: KernelCache::default(),
             pool: Arc::new(BufferPool::default()),
+            profile: Default::default(),
         })
     }
 
@@ -182,6 +185,41 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+    }
+
+    /// Starts timing every dispatch (each in its own pass, waiting at every submission) into
+    /// a per-kernel profile; a no-op without timestamp queries.
+    pub fn start_profiling(&self) {
+        self.lock_profile().active = self.has_timestamps();
+    }
+
+    pub fn is_profiling(&self) -> bool {
+        self.lock_profile().active
+    }
+
+    /// Stops profiling and returns the time per kernel, largest first.
+    pub fn take_profile(&self) -> Vec<KernelTime> {
+        let profile = std::mem::take(&mut *self.lock_profile());
+        let mut times: Vec<KernelTime> = profile
+            .kernels
+            .into_iter()
+            .map(|(kernel, (dispatches, seconds))| KernelTime { kernel, dispatches, seconds })
+            .collect();
+        times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        times
+    }
+
+    pub(crate) fn add_to_profile(&self, times: &[(&'static str, f64)]) {
+        let mut profile = self.lock_profile();
+        for &(kernel, seconds) in times {
+            let entry = profile.kernels.entry(kernel).or_default();
+            entry.0 += 1;
+            entry.1 += seconds;
+        }
+    }
+
+    fn lock_profile(&self) -> std::sync::MutexGuard<'_, Profile> {
+        self.profile.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Hands queued uploads to the GPU. `Tensor` uploads are staged until the next submission;

@@ -17,3 +17,4 @@ pub use kernel::{
 };
 pub use recorder::{Grid, Recorder};
 pub use tensor::{DType, Shape, Tensor};
+pub use timing::KernelTime;

@@ -56,18 +56,24 @@ pub struct Recorder<'g> {
     uniforms: Vec<UniformChunk>,
     keep_alive: Vec<Arc<PooledBuffer>>,
     timestamps: Option<Timestamps>,
+    /// Timings go to the device's profile (see [`Gpu::start_profiling`]) rather than to the
+    /// caller.
+    profiling: bool,
     dispatches: usize,
 }
 
 impl<'g> Recorder<'g> {
+    /// A recorder; while the device is profiling, every dispatch is timed into the profile.
     pub fn new(gpu: &'g Gpu) -> Self {
+        let timestamps = gpu.is_profiling().then(|| Timestamps::new(gpu)).flatten();
         Recorder {
             gpu,
             encoder: Some(gpu.device.create_command_encoder(&Default::default())),
             pass: None,
             uniforms: Vec::new(),
             keep_alive: Vec::new(),
-            timestamps: None,
+            profiling: timestamps.is_some(),
+            timestamps,
             dispatches: 0,
         }
     }
@@ -78,6 +84,7 @@ impl<'g> Recorder<'g> {
         let timestamps = Timestamps::new(gpu)?;
         let mut recorder = Recorder::new(gpu);
         recorder.timestamps = Some(timestamps);
+        recorder.profiling = false;
         Some(recorder)
     }
 
@@ -138,6 +145,9 @@ impl<'g> Recorder<'g> {
             let [x, y, z] = grid.0;
             pass.dispatch_workgroups(x, y, z);
         };
+        if self.profiling && self.timestamps.as_ref().is_some_and(Timestamps::is_full) {
+            self.collect_profile();
+        }
         if let Some(timestamps) = self.timestamps.as_mut() {
             // A timed dispatch gets a pass of its own, bracketed by two timestamps.
             self.pass = None;
@@ -226,11 +236,33 @@ impl<'g> Recorder<'g> {
         self.submit_encoder(encoder)
     }
 
-    /// Submits the recorded work without waiting for it.
+    /// Submits the recorded work without waiting for it (a profiling recorder waits, to
+    /// read its timings).
     pub fn submit(mut self) -> wgpu::SubmissionIndex {
         self.end_pass();
         let encoder = self.encoder.take();
-        self.submit_encoder(encoder)
+        let index = self.submit_encoder(encoder);
+        if self.profiling {
+            self.record_timings();
+        }
+        index
+    }
+
+    /// Submits what is recorded, adds its timings to the device's profile, and continues with
+    /// fresh timestamp queries.
+    fn collect_profile(&mut self) {
+        self.flush();
+        self.record_timings();
+        self.timestamps = Timestamps::new(self.gpu);
+    }
+
+    fn record_timings(&mut self) {
+        if let Some(t) = self.timestamps.take() {
+            // A failed timing read is a failed device, which the next real readback reports.
+            if let Ok(times) = t.read(self.gpu) {
+                self.gpu.add_to_profile(&times);
+            }
+        }
     }
 
     /// Submits and blocks until the GPU has finished.

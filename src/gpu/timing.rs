@@ -47,6 +47,11 @@ impl Timestamps {
         }
     }
 
+    /// Whether another timed pass would not fit.
+    pub(crate) fn is_full(&self) -> bool {
+        2 * self.labels.len() as u32 + 2 > MAX_QUERIES
+    }
+
     fn used(&self) -> u32 {
         2 * self.labels.len() as u32
     }
@@ -81,4 +86,19 @@ impl Timestamps {
             })
             .collect())
     }
+}
+
+/// Accumulated kernel time per entry point while the device is profiling.
+#[derive(Debug, Default)]
+pub(crate) struct Profile {
+    pub(crate) active: bool,
+    pub(crate) kernels: std::collections::BTreeMap<&'static str, (u64, f64)>,
+}
+
+/// One entry point's share of a profile.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelTime {
+    pub kernel: &'static str,
+    pub dispatches: u64,
+    pub seconds: f64,
 }

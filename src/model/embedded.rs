@@ -28,13 +28,26 @@ pub struct EmbeddedModel {
     pub name: &'static str,
     config_json: &'static str,
     chat_template: &'static str,
+    training_json: &'static str,
     seed: u64,
+}
+
+/// Training settings an embedded model prefers over the global defaults (each optional).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct TrainingPreset {
+    pub steps: Option<usize>,
+    pub lr: Option<f64>,
+    pub harmful_batch: Option<usize>,
+    pub harmless_batch: Option<usize>,
+    pub max_len: Option<usize>,
+    pub eval_every: Option<usize>,
 }
 
 static MODELS: [EmbeddedModel; 1] = [EmbeddedModel {
     name: DEFAULT,
     config_json: include_str!("../../models/tiny-llama/config.json"),
     chat_template: include_str!("../../models/tiny-llama/chat_template.jinja"),
+    training_json: include_str!("../../models/tiny-llama/training.json"),
     seed: 0x0e52_71a7,
 }];
 
@@ -58,6 +71,12 @@ impl EmbeddedModel {
     pub fn config(&self) -> Result<Config> {
         Config::from_json(self.config_json)
             .map_err(|message| Error::format(self.origin("config.json"), message))
+    }
+
+    /// The training settings this model prefers (`models/<name>/training.json`).
+    pub fn training_preset(&self) -> Result<TrainingPreset> {
+        serde_json::from_str(self.training_json)
+            .map_err(|e| Error::format(self.origin("training.json"), e.to_string()))
     }
 
     /// Its ChatML chat template.

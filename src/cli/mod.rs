@@ -1,0 +1,3 @@
+//! Subcommands with enough flags to deserve a file of their own.
+
+pub mod train;
