@@ -59,6 +59,14 @@ enum Command {
     Generate(GenerateArgs),
     /// A prompt's hidden state after the embedding and after every block, pooled over its tokens.
     Embed(EmbedArgs),
+    /// Write a model as a Hugging Face folder, with a --lora adapter merged into its weights.
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The folder to write (replaced only once the new one is complete).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Harden a model with Embedding Space Separation (with no arguments: the built-in model on
     /// the built-in prompt sets).
     Train(Box<cli::train::TrainArgs>),
@@ -69,11 +77,18 @@ struct ModelArgs {
     /// A Hugging Face model folder, or the name of a model built into es2-wgpu.
     #[arg(long, default_value = embedded::DEFAULT)]
     model: String,
+    /// A PEFT LoRA adapter folder to apply (e.g. the --out folder of `es2-wgpu train`).
+    #[arg(long)]
+    lora: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
     fn open(&self, gpu: &Gpu) -> Result<(es2_wgpu::model::Transformer, Tokenizer)> {
-        open_model(gpu, &self.model, &LoadOptions::default())
+        let (mut model, tokenizer) = open_model(gpu, &self.model, &LoadOptions::default())?;
+        if let Some(dir) = &self.lora {
+            model.load_adapter(gpu, dir)?;
+        }
+        Ok((model, tokenizer))
     }
 }
 
@@ -155,6 +170,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(&cli.gpu.options(), args),
         Command::Embed(args) => embed(&cli.gpu.options(), args),
         Command::Train(args) => cli::train::run(&cli.gpu.options(), args),
+        Command::Export { model, out } => export(&cli.gpu.options(), model, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -263,6 +279,17 @@ fn report_speed(prompt: usize, generated: usize, start: Instant, first: Option<I
         "{generated} tokens; first after {:.0} ms ({prompt}-token prompt), then {rate}",
         to_first * 1e3
     );
+}
+
+fn export(options: &GpuOptions, args: &ModelArgs, out: &std::path::Path) -> Result<()> {
+    let gpu = Gpu::with_options(options)?;
+    let (mut model, _) = args.open(&gpu)?;
+    if model.has_lora() {
+        model.merge_lora(&gpu)?;
+    }
+    es2_wgpu::model::save_pretrained(&gpu, &model, &args.model, out)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
 }
 
 fn embed(options: &GpuOptions, args: &EmbedArgs) -> Result<()> {

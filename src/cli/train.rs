@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use es2_wgpu::es2::{Evaluation, OptimizerConfig, Schedule, StepReport, Summary, TrainConfig, TrainObserver, Trainer};
+use es2_wgpu::es2::{
+    Evaluation, OptimizerConfig, Schedule, StepReport, Summary, TrainConfig, TrainObserver, Trainer,
+};
 use es2_wgpu::model::{embedded, LoraConfig};
 use es2_wgpu::ops::kl::KlDirection;
 use es2_wgpu::ops::pool::Pool;
@@ -124,6 +126,9 @@ pub struct TrainArgs {
     /// Feed prompts as plain text even when the model has a chat template.
     #[arg(long)]
     no_chat: bool,
+    /// Replace the results of an earlier run in --out.
+    #[arg(long)]
+    overwrite: bool,
     /// Print the summary as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -154,7 +159,11 @@ impl TrainArgs {
             rank: self.lora_rank,
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
-            targets: self.lora_targets.iter().map(|t| t.trim().trim_end_matches("_proj").to_owned()).collect(),
+            targets: self
+                .lora_targets
+                .iter()
+                .map(|t| t.trim().trim_end_matches("_proj").to_owned())
+                .collect(),
         });
         let mut config = TrainConfig::for_model(&self.model)?;
         let preset = config.clone();
@@ -181,6 +190,7 @@ impl TrainArgs {
             save_every: self.save_every,
             chat: !self.no_chat,
             merge: self.merge,
+            overwrite: self.overwrite,
             ..config
         };
         let o = &mut config.objective;
@@ -246,7 +256,10 @@ impl TrainObserver for Progress {
         let text = format!(
             "held-out at step {}: D = {:?}, KL = {:.5}",
             eval.step,
-            eval.distance.iter().map(|d| (d * 1e4).round() / 1e4).collect::<Vec<_>>(),
+            eval.distance
+                .iter()
+                .map(|d| (d * 1e4).round() / 1e4)
+                .collect::<Vec<_>>(),
             eval.kl
         );
         self.message(&text);
@@ -265,7 +278,8 @@ pub fn run(options: &GpuOptions, args: &TrainArgs) -> Result<()> {
         bar.finish_and_clear();
     }
     if args.json {
-        let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&summary)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         println!("{text}");
     } else {
         print_summary(&summary);
@@ -274,12 +288,20 @@ pub fn run(options: &GpuOptions, args: &TrainArgs) -> Result<()> {
 }
 
 fn print_summary(s: &Summary) {
-    println!("ES2 finished: {} steps in {:.1} s; outputs in {}", s.steps, s.seconds, s.out.display());
+    println!(
+        "ES2 finished: {} steps in {:.1} s; outputs in {}",
+        s.steps,
+        s.seconds,
+        s.out.display()
+    );
     println!("held-out separation per layer (D_l, normalised by the base model's ν_l):");
     println!("  layer      before       after    ratio");
     for (i, layer) in s.layers.iter().enumerate() {
         let (b, a) = (s.before.distance[i], s.after.distance[i]);
         println!("  {layer:>5}  {b:>10.4}  {a:>10.4}  {:>7.2}x", a / b);
     }
-    println!("held-out KL to the base model per token: {:.5} → {:.5}", s.before.kl, s.after.kl);
+    println!(
+        "held-out KL to the base model per token: {:.5} → {:.5}",
+        s.before.kl, s.after.kl
+    );
 }

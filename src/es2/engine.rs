@@ -141,11 +141,11 @@ impl Es2Engine {
         rec.submit();
         let packed_values = packed.to_f32(gpu)?;
         let values = ObjectiveValues::from_parts(
-                &packed_values[..l2],
-                &packed_values[l2..l2 + n],
-                out.kl_positions,
-                self.config.lambda,
-            );
+            &packed_values[..l2],
+            &packed_values[l2..l2 + n],
+            out.kl_positions,
+            self.config.lambda,
+        );
         let report = StepReport {
             relative_distance: self.base_stats.relative(&values.distance),
             values,

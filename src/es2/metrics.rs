@@ -67,13 +67,7 @@ impl MetricsLog {
     }
 
     /// A training step's line.
-    pub fn step(
-        &mut self,
-        step: usize,
-        r: &StepReport,
-        lr: f64,
-        tokens_per_s: f64,
-    ) -> Result<()> {
+    pub fn step(&mut self, step: usize, r: &StepReport, lr: f64, tokens_per_s: f64) -> Result<()> {
         self.write(json!({
             "step": step,
             "loss": r.values.loss,

@@ -113,12 +113,19 @@ pub fn parse_layers(text: &str) -> Result<Vec<usize>> {
     if text.eq_ignore_ascii_case("all") {
         return Ok(Vec::new());
     }
-    let bad = |part: &str| Error::InvalidArgument(format!("--layers: '{part}' is not a layer index or a range like 2-5"));
+    let bad = |part: &str| {
+        Error::InvalidArgument(format!(
+            "--layers: '{part}' is not a layer index or a range like 2-5"
+        ))
+    };
     let mut layers = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad(part))?, b.trim().parse().map_err(|_| bad(part))?);
+                let (a, b): (usize, usize) = (
+                    a.trim().parse().map_err(|_| bad(part))?,
+                    b.trim().parse().map_err(|_| bad(part))?,
+                );
                 if a > b {
                     return Err(bad(part));
                 }

@@ -55,6 +55,8 @@ pub struct TrainConfig {
     pub chat: bool,
     /// Also write a merged Hugging Face model folder (LoRA runs).
     pub merge: bool,
+    /// Replace the results of an earlier run in `out` instead of refusing to.
+    pub overwrite: bool,
 }
 
 impl Default for TrainConfig {
@@ -80,6 +82,7 @@ impl Default for TrainConfig {
             eval_prompts: 64,
             chat: true,
             merge: false,
+            overwrite: false,
         }
     }
 }
@@ -192,6 +195,7 @@ impl<'g> Trainer<'g> {
         observer: &mut dyn TrainObserver,
     ) -> Result<Self> {
         config.validate()?;
+        check_out_dir(&config.out, config.overwrite)?;
         let (mut model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
         let frozen = match &config.lora {
             Some(lora) => {
@@ -318,38 +322,11 @@ impl<'g> Trainer<'g> {
     /// outputs.
     pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<Summary> {
         let started = Instant::now();
-        if self.evaluations.is_empty() {
-            let before = self.evaluate()?;
-            observer.evaluation(&before);
-            self.metrics.evaluation(&before)?;
-            self.evaluations.push(before);
+        while self.step < self.config.steps {
+            self.advance(observer)?;
         }
-        let total = self.config.steps;
-        while self.step < total {
-            let step_started = Instant::now();
-            let report = self.train_step()?;
-            let tokens_per_s =
-                report.tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9);
-            let lr = self.config.optimizer.lr_at(self.step, total);
-            self.metrics.step(
-                self.step,
-                &report,
-                lr,
-                tokens_per_s,
-            )?;
-            observer.step(self.step, total, &report, tokens_per_s);
-            let every = self.config.eval_every;
-            if (every > 0 && self.step % every == 0) || self.step == total {
-                let eval = self.evaluate()?;
-                observer.evaluation(&eval);
-                self.metrics.evaluation(&eval)?;
-                self.evaluations.push(eval);
-            }
-            let save = self.config.save_every;
-            if save > 0 && self.step % save == 0 && self.step < total {
-                let dir = self.save_checkpoint()?;
-                observer.message(&format!("checkpoint {}", dir.display()));
-            }
+        if self.evaluations.last().is_none_or(|e| e.step != self.step) {
+            self.record_evaluation(observer)?;
         }
         self.write_outputs(observer)?;
         let before = self
@@ -374,7 +351,40 @@ impl<'g> Trainer<'g> {
         Ok(summary)
     }
 
-    /// One step on the next batches.
+    /// One logged step: the held-out evaluation before the first step, the step, its metrics
+    /// line, and the evaluation and checkpoint when they fall due.
+    pub fn advance(&mut self, observer: &mut dyn TrainObserver) -> Result<StepReport> {
+        if self.evaluations.is_empty() {
+            self.record_evaluation(observer)?;
+        }
+        let total = self.config.steps;
+        let started = Instant::now();
+        let report = self.train_step()?;
+        let tokens_per_s = report.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let lr = self.config.optimizer.lr_at(self.step, total);
+        self.metrics.step(self.step, &report, lr, tokens_per_s)?;
+        observer.step(self.step, total, &report, tokens_per_s);
+        let every = self.config.eval_every;
+        if (every > 0 && self.step % every == 0) || self.step == total {
+            self.record_evaluation(observer)?;
+        }
+        let save = self.config.save_every;
+        if save > 0 && self.step % save == 0 && self.step < total {
+            let dir = self.save_checkpoint()?;
+            observer.message(&format!("checkpoint {}", dir.display()));
+        }
+        Ok(report)
+    }
+
+    fn record_evaluation(&mut self, observer: &mut dyn TrainObserver) -> Result<()> {
+        let eval = self.evaluate()?;
+        observer.evaluation(&eval);
+        self.metrics.evaluation(&eval)?;
+        self.evaluations.push(eval);
+        Ok(())
+    }
+
+    /// One step on the next batches (not logged; see [`Trainer::advance`]).
     pub fn train_step(&mut self) -> Result<StepReport> {
         let vocab = self.model.config.vocab_size;
         let [h_sampler, s_sampler] = &mut self.samplers;
@@ -533,6 +543,29 @@ impl<'g> Trainer<'g> {
     fn tokenizer_source(&self) -> String {
         self.config.model.clone()
     }
+}
+
+/// Files that mark `out` as holding an earlier run's results.
+const RUN_FILES: [&str; 4] = [
+    "metrics.jsonl",
+    "summary.json",
+    "adapter_model.safetensors",
+    "checkpoints",
+];
+
+fn check_out_dir(out: &Path, overwrite: bool) -> Result<()> {
+    if overwrite {
+        return Ok(());
+    }
+    if let Some(found) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
+        return Err(Error::InvalidArgument(format!(
+            "{} already holds a run ({found}); choose another --out, continue it with --resume {}, \
+             or pass --overwrite",
+            out.display(),
+            out.display()
+        )));
+    }
+    Ok(())
 }
 
 fn round(xs: &[f32]) -> Vec<f32> {

@@ -203,7 +203,11 @@ impl Gpu {
         let mut times: Vec<KernelTime> = profile
             .kernels
             .into_iter()
-            .map(|(kernel, (dispatches, seconds))| KernelTime { kernel, dispatches, seconds })
+            .map(|(kernel, (dispatches, seconds))| KernelTime {
+                kernel,
+                dispatches,
+                seconds,
+            })
             .collect();
         times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         times
@@ -219,7 +223,9 @@ impl Gpu {
     }
 
     fn lock_profile(&self) -> std::sync::MutexGuard<'_, Profile> {
-        self.profile.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.profile
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Hands queued uploads to the GPU. `Tensor` uploads are staged until the next submission;

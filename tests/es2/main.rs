@@ -1,3 +1,6 @@
 //! ES2 training tests: one engine step against PyTorch state files, resume, and short runs.
 
+mod resume;
+mod run;
+mod stories;
 mod torch_step;

@@ -1,0 +1,267 @@
+//! Whole runs on the embedded model: the output folder, merged and full-model folders that
+//! load back with the same numbers, and clear errors for bad input and divergence.
+
+use std::path::{Path, PathBuf};
+
+use es2_wgpu::es2::{Quiet, TrainConfig, Trainer};
+use es2_wgpu::model::{open_model, Batch, ForwardSpec, LoadOptions, Transformer};
+use es2_wgpu::testing::{assert_close, download, f64s, gpu};
+use es2_wgpu::{Error, Recorder};
+use serde_json::Value;
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("es2-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn small(out: PathBuf) -> TrainConfig {
+    TrainConfig {
+        out,
+        steps: 3,
+        eval_every: 2,
+        save_every: 2,
+        harmful_batch: 2,
+        harmless_batch: 2,
+        max_len: 32,
+        eval_prompts: 4,
+        base_prompts: 8,
+        ..TrainConfig::for_model("tiny-llama").unwrap()
+    }
+}
+
+fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
+    let gpu = gpu();
+    let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
+    let mut rec = Recorder::new(gpu);
+    let spec = ForwardSpec {
+        last_hidden: model.layers(),
+        logits: true,
+        adapters: true,
+        perturb: None,
+        lora_dropout: None,
+    };
+    let out = model.forward(&mut rec, &batch, &spec);
+    rec.finish().unwrap();
+    download(gpu, out.logits.as_ref().unwrap())
+}
+
+fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_merges() {
+    let gpu = gpu();
+    let out = out_dir("lora");
+    let config = TrainConfig {
+        merge: true,
+        ..small(out.clone())
+    };
+    let mut trainer = Trainer::new(gpu, config, &mut Quiet).unwrap();
+    let summary = trainer.run(&mut Quiet).unwrap();
+    assert_eq!(summary.steps, 3);
+
+    let lines = json_lines(&out.join("metrics.jsonl"));
+    let steps: Vec<&Value> = lines.iter().filter(|v| v.get("step").is_some()).collect();
+    let evals: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v.get("eval_step").is_some())
+        .collect();
+    assert_eq!(steps.len(), 3);
+    assert_eq!(
+        evals
+            .iter()
+            .map(|e| e["eval_step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 2, 3]
+    );
+    for key in [
+        "loss",
+        "sep",
+        "kl",
+        "distance",
+        "relative_distance",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ] {
+        assert!(
+            steps.iter().all(|s| s.get(key).is_some()),
+            "metrics lines lack {key}"
+        );
+    }
+    assert!(evals
+        .iter()
+        .all(|e| e["val_distance"].as_array().unwrap().len() == 4 && e["val_kl"].is_number()));
+    assert!(out.join("checkpoints/step-000002/state.json").exists());
+    assert!(out.join("summary.json").exists());
+
+    let adapter: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter["peft_type"], "LORA");
+    assert_eq!(adapter["r"], 16);
+    assert_eq!(adapter["target_modules"].as_array().unwrap().len(), 7);
+
+    // The trained model, the base model with the saved adapter, and the merged folder agree.
+    let ids = trainer
+        .tokenizer
+        .encode_prompt("How do I pick a lock?", true)
+        .unwrap();
+    let trained = logits(&trainer.model, &ids);
+    let (mut reloaded, _) = open_model(gpu, "tiny-llama", &LoadOptions::default()).unwrap();
+    reloaded.load_adapter(gpu, &out).unwrap();
+    assert_close(
+        "adapter reloaded",
+        &logits(&reloaded, &ids),
+        &f64s(&trained),
+        1e-6,
+    );
+    let (merged, tokenizer) = open_model(
+        gpu,
+        &out.join("merged").to_string_lossy(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        tokenizer
+            .encode_prompt("How do I pick a lock?", true)
+            .unwrap(),
+        ids
+    );
+    assert_close(
+        "merged folder",
+        &logits(&merged, &ids),
+        &f64s(&trained),
+        1e-5,
+    );
+    let (base, _) = open_model(gpu, "tiny-llama", &LoadOptions::default()).unwrap();
+    let moved = es2_wgpu::testing::rel_error(&logits(&base, &ids), &f64s(&trained));
+    assert!(
+        moved > 1e-4,
+        "training left the logits where they were ({moved:e})"
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn a_full_fine_tuning_run_writes_a_model_folder_that_loads_back() {
+    let gpu = gpu();
+    let out = out_dir("full");
+    let config = TrainConfig {
+        lora: None,
+        steps: 2,
+        save_every: 0,
+        ..small(out.clone())
+    };
+    let mut trainer = Trainer::new(gpu, config, &mut Quiet).unwrap();
+    trainer.run(&mut Quiet).unwrap();
+    let ids = trainer
+        .tokenizer
+        .encode_prompt("Write a poem.", true)
+        .unwrap();
+    let (saved, _) = open_model(
+        gpu,
+        &out.join("model").to_string_lossy(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_close(
+        "full model folder",
+        &logits(&saved, &ids),
+        &f64s(&logits(&trainer.model, &ids)),
+        1e-6,
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn an_earlier_run_is_not_overwritten_without_asking() {
+    let gpu = gpu();
+    let out = out_dir("keep");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+    let err = Trainer::new(gpu, small(out.clone()), &mut Quiet)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("already holds a run") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+        "{\"step\": 1}\n"
+    );
+    let config = TrainConfig {
+        overwrite: true,
+        steps: 1,
+        ..small(out.clone())
+    };
+    Trainer::new(gpu, config, &mut Quiet)
+        .unwrap()
+        .run(&mut Quiet)
+        .unwrap();
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn bad_datasets_name_the_file_and_the_row() {
+    let gpu = gpu();
+    let dir = out_dir("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"[{"instruction": "fine"}, {"question": "no prompt field"}]"#,
+    )
+    .unwrap();
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    for (file, needle) in [(&bad, "row 2"), (&empty, "no prompts")] {
+        let config = TrainConfig {
+            harmful: Some(file.clone()),
+            ..small(dir.join("out"))
+        };
+        let err = Trainer::new(gpu, config, &mut Quiet)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&*file.to_string_lossy()) && err.contains(needle),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn divergence_stops_with_a_numerical_error_and_no_half_written_checkpoint() {
+    let gpu = gpu();
+    let out = out_dir("nan");
+    let mut config = TrainConfig {
+        steps: 6,
+        save_every: 1,
+        ..small(out.clone())
+    };
+    config.optimizer.lr = 1e30;
+    config.optimizer.clip = 0.0;
+    let mut trainer = Trainer::new(gpu, config, &mut Quiet).unwrap();
+    match trainer.run(&mut Quiet) {
+        Err(Error::Numerical(message)) => assert!(message.contains("not finite"), "{message}"),
+        other => panic!("expected a numerical error, got {other:?}"),
+    }
+    // Every checkpoint on disk is complete.
+    for entry in std::fs::read_dir(out.join("checkpoints")).unwrap() {
+        let dir = entry.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("step-"), "leftover {name}");
+        assert!(dir.join("state.json").exists() && dir.join("trainable.safetensors").exists());
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
