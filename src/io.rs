@@ -12,11 +12,8 @@ use safetensors::tensor::{Dtype, View};
 use crate::gpu::{Gpu, Tensor};
 use crate::{Error, Result};
 
-/// Writes `path` through `write`, atomically: readers see the old file or the whole new one.
-pub fn atomic_write(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
-) -> Result<()> {
+/// A hidden sibling of `path` to build it aside (its folder is created).
+fn sibling(path: &Path, tag: &str) -> Result<PathBuf> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -26,7 +23,15 @@ pub fn atomic_write(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let temp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    Ok(dir.join(format!(".{name}.{tag}-{}", std::process::id())))
+}
+
+/// Writes `path` through `write`, atomically: readers see the old file or the whole new one.
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let temp = sibling(path, "tmp")?;
     let result = (|| {
         let file = File::create(&temp)?;
         let mut writer = BufWriter::new(file);
@@ -111,23 +116,14 @@ fn read_back(gpu: &Gpu, tensor: &Tensor) -> Vec<u8> {
 /// Builds the folder `dir` through `fill` in a temporary sibling folder, then swaps it in:
 /// an existing `dir` is replaced only once the new one is complete.
 pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let temp = sibling(dir, "tmp")?;
     let _ = std::fs::remove_dir_all(&temp);
     std::fs::create_dir_all(&temp).map_err(|e| Error::io(&temp, e))?;
     if let Err(e) = fill(&temp) {
         let _ = std::fs::remove_dir_all(&temp);
         return Err(e);
     }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let old = sibling(dir, "old")?;
     let had_old = dir.exists();
     if had_old {
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
@@ -156,16 +152,7 @@ pub fn write_safetensors(
             (name, Pending { shape, source })
         })
         .collect();
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let temp = sibling(path, "tmp")?;
     let written = safetensors::serialize_to_file(pending, metadata, &temp)
         .map_err(|e| Error::format(path, format!("cannot write safetensors: {e:?}")))
         .and_then(|()| {

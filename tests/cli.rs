@@ -5,7 +5,6 @@ use std::process::{Command, Output};
 
 use es2_wgpu::model::{embedded, open_model, Batch, ForwardSpec, LoadOptions};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
-use es2_wgpu::Recorder;
 use serde_json::Value;
 
 fn manifest() -> PathBuf {
@@ -104,16 +103,9 @@ fn check_embed(model_spec: &str, prompt: &str, args: &[&str]) {
     let (model, tok) = open_model(gpu, model_spec, &LoadOptions::default()).unwrap();
     let ids = tok.encode(prompt).unwrap();
     let batch = Batch::new(gpu, std::slice::from_ref(&ids), model.config.vocab_size).unwrap();
-    let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let forward = model.forward(&mut rec, &batch, &spec);
-    rec.finish().unwrap();
+    let forward = model
+        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .unwrap();
 
     let states = out["hidden_states"].as_array().unwrap();
     assert_eq!(states.len(), model.layers() + 1, "{model_spec}");

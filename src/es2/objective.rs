@@ -229,12 +229,11 @@ impl BaseTensors {
 
 /// The forward needed for `layers` (transformers' hidden index l + 1), with logits or not.
 pub fn forward_spec(layers: &[usize], logits: bool, adapters: bool) -> ForwardSpec<'static> {
+    let last_hidden = layers.iter().max().map_or(0, |l| l + 1);
     ForwardSpec {
-        last_hidden: layers.iter().max().map_or(0, |l| l + 1),
         logits,
         adapters,
-        perturb: None,
-        lora_dropout: None,
+        ..ForwardSpec::hidden(last_hidden)
     }
 }
 

@@ -11,7 +11,7 @@ use super::checkpoint::{self, CheckpointState};
 use super::data::{read_prompts, split, tokenize_prompts, Sampler, Side, Split};
 use super::engine::{measure_base_stats, Es2Engine, StepReport};
 use super::metrics::MetricsLog;
-use super::objective::{embeddings_on_host, forward_spec, record_kl, Es2Config};
+use super::objective::{embeddings_on_host, forward_spec, record_kl, BaseStats, Es2Config};
 use super::optimizer::OptimizerConfig;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::{open_model, Batch, LoadOptions, LoraConfig, Trainable, Transformer};
@@ -196,69 +196,25 @@ impl<'g> Trainer<'g> {
     ) -> Result<Self> {
         config.validate()?;
         check_out_dir(&config.out, config.overwrite)?;
-        let (mut model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
-        let frozen = match &config.lora {
-            Some(lora) => {
-                model.attach_lora(gpu, lora, config.seed)?;
-                None
-            }
-            None => Some(open_model(gpu, &config.model, &LoadOptions::default())?.0),
-        };
-        let (harmful, harmless) = load_data(&config, &tokenizer)?;
+        let setup = Setup::load(gpu, &config)?;
         observer.message(&format!(
             "{} prompts: {} harmful + {} harmless for training, {} + {} held out",
             config.model,
-            harmful.train.len(),
-            harmless.train.len(),
-            harmful.val.len(),
-            harmless.val.len()
+            setup.harmful.train.len(),
+            setup.harmless.train.len(),
+            setup.harmful.val.len(),
+            setup.harmless.val.len()
         ));
-        let layers = config.objective.resolved_layers(model.layers())?;
-        let base_model = frozen.as_ref().unwrap_or(&model);
-        let take = |p: &[Vec<u32>], n: usize| p[..p.len().min(n)].to_vec();
-        let h = batches(
-            gpu,
-            &take(&harmful.train, config.base_prompts),
-            config.harmful_batch,
-            model.config.vocab_size,
-        )?;
-        let s = batches(
-            gpu,
-            &take(&harmless.train, config.base_prompts),
-            config.harmless_batch,
-            model.config.vocab_size,
-        )?;
-        let stats = measure_base_stats(gpu, base_model, &config.objective, &h, &s)?;
+        let stats = setup.measure_base_stats(gpu, &config)?;
         observer.message(&format!(
-            "base model over layers {layers:?}: D = {:?}, margins {:?}",
+            "base model over layers {:?}: D = {:?}, margins {:?}",
+            stats.layers,
             round(&stats.distance),
             round(&stats.margin)
         ));
-        let engine = Es2Engine::new(
-            gpu,
-            &model,
-            config.trainable(),
-            config.objective.clone(),
-            config.optimizer.clone(),
-            stats,
-            config.lora.as_ref().map_or(0.0, |l| l.dropout),
-        )?;
         let metrics = MetricsLog::create(&config.out.join("metrics.jsonl"))?;
         let seeds = [config.seed ^ 0x4841_524D, config.seed ^ 0x5341_4645];
-        Ok(Trainer {
-            gpu,
-            model,
-            frozen,
-            tokenizer,
-            harmful,
-            harmless,
-            samplers: seeds.map(Sampler::new),
-            engine,
-            step: 0,
-            evaluations: Vec::new(),
-            metrics,
-            config,
-        })
+        setup.into_trainer(gpu, config, stats, seeds.map(Sampler::new), metrics)
     }
 
     /// Continues the run saved in checkpoint folder `dir` (or the latest checkpoint of an
@@ -271,51 +227,25 @@ impl<'g> Trainer<'g> {
     ) -> Result<Self> {
         let dir = checkpoint::resolve(dir)?;
         let state = CheckpointState::read(&dir)?;
-        let mut config = state.config.clone();
+        let mut config = state.config;
         if let Some(steps) = steps {
             config.steps = steps;
         }
         config.validate()?;
-        let (mut model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
-        let frozen = match &config.lora {
-            Some(lora) => {
-                model.attach_lora(gpu, lora, config.seed)?;
-                None
-            }
-            None => Some(open_model(gpu, &config.model, &LoadOptions::default())?.0),
-        };
-        let (harmful, harmless) = load_data(&config, &tokenizer)?;
-        let mut engine = Es2Engine::new(
-            gpu,
-            &model,
-            config.trainable(),
-            config.objective.clone(),
-            config.optimizer.clone(),
-            state.base_stats.clone(),
-            config.lora.as_ref().map_or(0.0, |l| l.dropout),
-        )?;
-        checkpoint::restore_tensors(gpu, &dir, &model, &mut engine)?;
-        engine.optimizer.step = state.step as u64;
+        let setup = Setup::load(gpu, &config)?;
         let metrics = MetricsLog::resume(&config.out.join("metrics.jsonl"), state.step)?;
+        let mut trainer =
+            setup.into_trainer(gpu, config, state.base_stats, state.samplers, metrics)?;
+        checkpoint::restore_tensors(gpu, &dir, &trainer.model, &mut trainer.engine)?;
+        trainer.engine.optimizer.step = state.step as u64;
+        trainer.step = state.step;
+        trainer.evaluations = state.evaluations;
         observer.message(&format!(
             "resumed from {} at step {}",
             dir.display(),
             state.step
         ));
-        Ok(Trainer {
-            gpu,
-            model,
-            frozen,
-            tokenizer,
-            harmful,
-            harmless,
-            samplers: state.samplers.clone(),
-            engine,
-            step: state.step,
-            evaluations: state.evaluations.clone(),
-            metrics,
-            config,
-        })
+        Ok(trainer)
     }
 
     /// Runs the remaining steps, evaluating and checkpointing as configured, and writes the
@@ -542,6 +472,86 @@ impl<'g> Trainer<'g> {
 
     fn tokenizer_source(&self) -> String {
         self.config.model.clone()
+    }
+}
+
+/// What a fresh and a resumed run both load before training.
+struct Setup {
+    model: Transformer,
+    frozen: Option<Transformer>,
+    tokenizer: Tokenizer,
+    harmful: Split,
+    harmless: Split,
+}
+
+impl Setup {
+    /// The model (with fresh adapters, or with a frozen copy for full fine-tuning) and the
+    /// tokenised, split prompts.
+    fn load(gpu: &Gpu, config: &TrainConfig) -> Result<Self> {
+        let (mut model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
+        let frozen = match &config.lora {
+            Some(lora) => {
+                model.attach_lora(gpu, lora, config.seed)?;
+                None
+            }
+            None => Some(open_model(gpu, &config.model, &LoadOptions::default())?.0),
+        };
+        let (harmful, harmless) = load_data(config, &tokenizer)?;
+        Ok(Setup {
+            model,
+            frozen,
+            tokenizer,
+            harmful,
+            harmless,
+        })
+    }
+
+    /// ν, D(base), margins and centroid over (a capped number of) the training prompts.
+    fn measure_base_stats(&self, gpu: &Gpu, config: &TrainConfig) -> Result<BaseStats> {
+        let vocab = self.model.config.vocab_size;
+        let take = |p: &[Vec<u32>]| p[..p.len().min(config.base_prompts)].to_vec();
+        let h = batches(gpu, &take(&self.harmful.train), config.harmful_batch, vocab)?;
+        let s = batches(
+            gpu,
+            &take(&self.harmless.train),
+            config.harmless_batch,
+            vocab,
+        )?;
+        let base = self.frozen.as_ref().unwrap_or(&self.model);
+        measure_base_stats(gpu, base, &config.objective, &h, &s)
+    }
+
+    fn into_trainer<'g>(
+        self,
+        gpu: &'g Gpu,
+        config: TrainConfig,
+        stats: BaseStats,
+        samplers: [Sampler; 2],
+        metrics: MetricsLog,
+    ) -> Result<Trainer<'g>> {
+        let engine = Es2Engine::new(
+            gpu,
+            &self.model,
+            config.trainable(),
+            config.objective.clone(),
+            config.optimizer.clone(),
+            stats,
+            config.lora.as_ref().map_or(0.0, |l| l.dropout),
+        )?;
+        Ok(Trainer {
+            gpu,
+            model: self.model,
+            frozen: self.frozen,
+            tokenizer: self.tokenizer,
+            harmful: self.harmful,
+            harmless: self.harmless,
+            samplers,
+            engine,
+            step: 0,
+            evaluations: Vec::new(),
+            metrics,
+            config,
+        })
     }
 }
 

@@ -36,13 +36,7 @@ pub fn embed_prompt(
     let (t, c) = (ids.len(), model.config.hidden_size);
     let layers = model.layers();
     let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: layers,
-        logits: false,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
+    let spec = ForwardSpec::hidden(layers);
     let forward = model.forward(&mut rec, &batch, &spec);
     let pooled: Vec<Tensor> = (0..=layers)
         .map(|i| {

@@ -114,6 +114,27 @@ pub struct ForwardSpec<'a> {
     pub lora_dropout: Option<(f32, u32)>,
 }
 
+impl ForwardSpec<'static> {
+    /// Every hidden state and the logits, adapters on: plain inference.
+    pub fn full(layers: usize) -> Self {
+        ForwardSpec {
+            last_hidden: layers,
+            logits: true,
+            adapters: true,
+            perturb: None,
+            lora_dropout: None,
+        }
+    }
+
+    /// The hidden states up to `last_hidden` and no logits, adapters on.
+    pub fn hidden(last_hidden: usize) -> Self {
+        ForwardSpec {
+            logits: false,
+            ..Self::full(last_hidden)
+        }
+    }
+}
+
 /// `hidden_states[hidden] += delta` (`delta [B·T, C]`) before anything reads it.
 #[derive(Debug, Clone, Copy)]
 pub struct Perturbation<'a> {
@@ -285,6 +306,14 @@ impl Transformer {
             logits,
             blocks,
         }
+    }
+
+    /// Runs [`Transformer::forward`] in a recorder of its own and waits for it.
+    pub fn forward_now(&self, gpu: &Gpu, batch: &Batch, spec: &ForwardSpec) -> Result<Forward> {
+        let mut rec = Recorder::new(gpu);
+        let out = self.forward(&mut rec, batch, spec);
+        rec.finish()?;
+        Ok(out)
     }
 
     pub(crate) fn final_norm_forward(&self, rec: &mut Recorder, x: &Tensor) -> (Tensor, Tensor) {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use es2_wgpu::es2::{Quiet, TrainConfig, Trainer};
 use es2_wgpu::model::{open_model, Batch, ForwardSpec, LoadOptions, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
-use es2_wgpu::{Error, Recorder};
+use es2_wgpu::Error;
 use serde_json::Value;
 
 fn out_dir(name: &str) -> PathBuf {
@@ -33,16 +33,9 @@ fn small(out: PathBuf) -> TrainConfig {
 fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
-    let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let out = model.forward(&mut rec, &batch, &spec);
-    rec.finish().unwrap();
+    let out = model
+        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .unwrap();
     download(gpu, out.logits.as_ref().unwrap())
 }
 

@@ -58,16 +58,9 @@ fn probe(model: &Transformer, seed: u64) -> Probe {
 
 fn loss(model: &Transformer, p: &Probe) -> f64 {
     let gpu = gpu();
-    let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let out = model.forward(&mut rec, &p.batch, &spec);
-    rec.finish().unwrap();
+    let out = model
+        .forward_now(gpu, &p.batch, &ForwardSpec::full(model.layers()))
+        .unwrap();
     let dot = |a: &Tensor, b: &Tensor| -> f64 {
         download(gpu, a)
             .iter()
@@ -86,14 +79,7 @@ fn gradients(model: &Transformer, p: &Probe, trainable: Trainable) -> Gradients 
     let gpu = gpu();
     let grads = Gradients::new(gpu, model, trainable);
     let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let out = model.forward(&mut rec, &p.batch, &spec);
+    let out = model.forward(&mut rec, &p.batch, &ForwardSpec::full(model.layers()));
     let seeds = Seeds {
         logits: Some(&p.w_logits),
         hidden: &p.w_hidden,

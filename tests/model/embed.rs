@@ -6,7 +6,6 @@ use es2_wgpu::model::{
 };
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
-use es2_wgpu::Recorder;
 
 use crate::fixtures::{model_dir, Reference};
 
@@ -14,16 +13,9 @@ use crate::fixtures::{model_dir, Reference};
 fn full_forward(model: &Transformer, ids: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
-    let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let out = model.forward(&mut rec, &batch, &spec);
-    rec.finish().unwrap();
+    let out = model
+        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .unwrap();
     let hidden = (0..=model.layers())
         .map(|i| download(gpu, out.hidden_state(i)))
         .collect();

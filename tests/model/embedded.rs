@@ -4,7 +4,6 @@
 use es2_wgpu::model::{embedded, open_model, Batch, ForwardSpec, LoadOptions, Transformer};
 use es2_wgpu::testing::{download, gpu};
 use es2_wgpu::text::{Message, Tokenizer};
-use es2_wgpu::Recorder;
 
 fn tiny() -> (Transformer, Tokenizer) {
     open_model(gpu(), embedded::DEFAULT, &LoadOptions::default()).unwrap()
@@ -13,16 +12,9 @@ fn tiny() -> (Transformer, Tokenizer) {
 fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
-    let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let out = model.forward(&mut rec, &batch, &spec);
-    rec.finish().unwrap();
+    let out = model
+        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .unwrap();
     download(gpu, out.logits.as_ref().unwrap())
 }
 

@@ -1,6 +1,5 @@
 use es2_wgpu::model::{Batch, ForwardSpec, LoadOptions, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
-use es2_wgpu::Recorder;
 
 use crate::fixtures::{model_dir, Reference, MODELS};
 
@@ -8,16 +7,16 @@ const TOL: f64 = 1e-4;
 
 fn full_forward(model: &Transformer, batch: &Batch) -> (Vec<f32>, Vec<Vec<f32>>) {
     let gpu = gpu();
-    let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: false,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let out = model.forward(&mut rec, batch, &spec);
-    rec.finish().unwrap();
+    let out = model
+        .forward_now(
+            gpu,
+            batch,
+            &ForwardSpec {
+                adapters: false,
+                ..ForwardSpec::full(model.layers())
+            },
+        )
+        .unwrap();
     let logits = download(gpu, out.logits.as_ref().unwrap());
     let hidden = (0..=model.layers())
         .map(|i| download(gpu, out.hidden_state(i)))

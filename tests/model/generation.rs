@@ -4,7 +4,6 @@ use es2_wgpu::model::generate::argmax;
 use es2_wgpu::model::{Batch, ForwardSpec, LoadOptions, SamplingOptions, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 use es2_wgpu::text::Tokenizer;
-use es2_wgpu::Recorder;
 use serde_json::Value;
 
 use crate::fixtures::{fixtures, model_dir};
@@ -17,16 +16,9 @@ fn stories_dir() -> PathBuf {
 fn last_logits_recomputed(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
-    let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec {
-        last_hidden: model.layers(),
-        logits: true,
-        adapters: true,
-        perturb: None,
-        lora_dropout: None,
-    };
-    let out = model.forward(&mut rec, &batch, &spec);
-    rec.finish().unwrap();
+    let out = model
+        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .unwrap();
     let v = model.config.vocab_size;
     download(gpu, out.logits.as_ref().unwrap())[(ids.len() - 1) * v..].to_vec()
 }
