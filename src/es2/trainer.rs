@@ -447,31 +447,17 @@ impl<'g> Trainer<'g> {
                     merged.load_adapter(self.gpu, &out)?;
                     merged.merge_lora(self.gpu)?;
                     let dir = out.join("merged");
-                    crate::model::save_pretrained(
-                        self.gpu,
-                        &merged,
-                        &self.tokenizer_source(),
-                        &dir,
-                    )?;
+                    crate::model::save_pretrained(self.gpu, &merged, &self.config.model, &dir)?;
                     observer.message(&format!("merged model: {}", dir.display()));
                 }
             }
             None => {
                 let dir = out.join("model");
-                crate::model::save_pretrained(
-                    self.gpu,
-                    &self.model,
-                    &self.tokenizer_source(),
-                    &dir,
-                )?;
+                crate::model::save_pretrained(self.gpu, &self.model, &self.config.model, &dir)?;
                 observer.message(&format!("model: {}", dir.display()));
             }
         }
         Ok(())
-    }
-
-    fn tokenizer_source(&self) -> String {
-        self.config.model.clone()
     }
 }
 
