@@ -32,7 +32,9 @@ struct Params {
     alpha: f32,
     // 1: C += product; 0: C = product.
     accumulate: u32,
-    _pad: u32,
+    // Split K (when not 0): workgroup z sums k in [z·k_split, (z + 1)·k_split) of the one
+    // batch entry into slab z of C (partial sums that the launcher adds up).
+    k_split: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -78,17 +80,17 @@ fn stored_index(row: u32, col: u32, row_stride: u32, transposed: bool) -> u32 {
     return row * row_stride + col;
 }
 
-// op(A)[row, col] of batch matrix `base`, or 0 outside the M×K matrix.
-fn load_a(base: u32, row: u32, col: u32) -> f32 {
-    if row >= params.m || col >= params.k {
+// op(A)[row, col] of batch matrix `base`, or 0 outside the M×k_end matrix.
+fn load_a(base: u32, row: u32, col: u32, k_end: u32) -> f32 {
+    if row >= params.m || col >= k_end {
         return 0.0;
     }
     return a[base + stored_index(row, col, params.a_row_stride, TRANSPOSE_A)];
 }
 
-// op(B)[row, col] of batch matrix `base`, or 0 outside the K×N matrix.
-fn load_b(base: u32, row: u32, col: u32) -> f32 {
-    if row >= params.k || col >= params.n {
+// op(B)[row, col] of batch matrix `base`, or 0 outside the k_end×N matrix.
+fn load_b(base: u32, row: u32, col: u32, k_end: u32) -> f32 {
+    if row >= k_end || col >= params.n {
         return 0.0;
     }
     return b[base + stored_index(row, col, params.b_row_stride, TRANSPOSE_B)];
@@ -109,18 +111,20 @@ fn slot_index(e: vec2<u32>, groups: u32) -> u32 {
     return e.x * groups + e.y;
 }
 
-// Fills a_tile and b_tile with the K step starting at k0 (zeros outside the matrices).
-fn load_tiles(thread: u32, a_base: u32, b_base: u32, row0: u32, col0: u32, k0: u32) {
+// Fills a_tile and b_tile with the K step starting at k0 (zeros outside the matrices and
+// from k_end on).
+fn load_tiles(thread: u32, a_base: u32, b_base: u32, row0: u32, col0: u32, k0: u32,
+              k_end: u32) {
     let threads = GROUP_M * GROUP_N;
     for (var slot = thread; slot < TILE_K * A_GROUPS; slot += threads) {
         let e = tile_entry(slot, A_GROUPS, !TRANSPOSE_A);
         let row = row0 + 4u * e.y;
         let k = k0 + e.x;
         a_tile[slot_index(e, A_GROUPS)] = vec4<f32>(
-            load_a(a_base, row, k),
-            load_a(a_base, row + 1u, k),
-            load_a(a_base, row + 2u, k),
-            load_a(a_base, row + 3u, k),
+            load_a(a_base, row, k, k_end),
+            load_a(a_base, row + 1u, k, k_end),
+            load_a(a_base, row + 2u, k, k_end),
+            load_a(a_base, row + 3u, k, k_end),
         );
     }
     for (var slot = thread; slot < TILE_K * B_GROUPS; slot += threads) {
@@ -128,10 +132,10 @@ fn load_tiles(thread: u32, a_base: u32, b_base: u32, row0: u32, col0: u32, k0: u
         let col = col0 + 4u * e.y;
         let k = k0 + e.x;
         b_tile[slot_index(e, B_GROUPS)] = vec4<f32>(
-            load_b(b_base, k, col),
-            load_b(b_base, k, col + 1u),
-            load_b(b_base, k, col + 2u),
-            load_b(b_base, k, col + 3u),
+            load_b(b_base, k, col, k_end),
+            load_b(b_base, k, col + 1u, k_end),
+            load_b(b_base, k, col + 2u, k_end),
+            load_b(b_base, k, col + 3u, k_end),
         );
     }
 }
@@ -151,12 +155,16 @@ fn block_index(first: u32, i: u32, stride: u32) -> u32 {
     return first + (i / 4u) * stride + i % 4u;
 }
 
-// op(A)·op(B) for this thread's block of this workgroup's tile (batch = workgroup z).
+// op(A)·op(B) for this thread's block of this workgroup's tile (batch = workgroup z, or the
+// part of K that workgroup z sums when K is split).
 // Must be called in uniform control flow: it synchronises the workgroup. The loops over the
 // block have constant trip counts, so the compiler unrolls them and keeps the block in
 // registers.
 fn multiply_block(wid: vec3<u32>, lid: vec3<u32>) -> Block {
-    let batch = wid.z;
+    let split = params.k_split > 0u;
+    let batch = select(wid.z, 0u, split);
+    let k_begin = select(0u, wid.z * params.k_split, split);
+    let k_end = select(params.k, min(k_begin + params.k_split, params.k), split);
     let a_base = params.a_offset + batch * params.a_batch_stride;
     let b_base = params.b_offset + batch * params.b_batch_stride;
     let tile_row0 = wid.y * 4u * A_GROUPS;
@@ -164,8 +172,8 @@ fn multiply_block(wid: vec3<u32>, lid: vec3<u32>) -> Block {
     let thread = lid.y * GROUP_N + lid.x;
 
     var sums: array<Groups, MAX_BLOCK>;
-    for (var k0 = 0u; k0 < params.k; k0 += TILE_K) {
-        load_tiles(thread, a_base, b_base, tile_row0, tile_col0, k0);
+    for (var k0 = k_begin; k0 < k_end; k0 += TILE_K) {
+        load_tiles(thread, a_base, b_base, tile_row0, tile_col0, k0, k_end);
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
             var a_col: Groups;

@@ -25,6 +25,14 @@ const GPU_MAX_TILE: u32 = 128;
 /// workgroup per core, where the per-workgroup overhead of small tiles costs more than the
 /// parallelism gains.
 const GPU_MIN_WORKGROUPS: usize = 128;
+/// A product whose grid is too small for the device splits K into at most this many parts,
+/// each at least `MIN_SPLIT_STEPS` K steps long, summed by workgroups side by side into
+/// partial products that `reduce::sum_rows` adds up (the LoRA weight gradients: M or N is the
+/// rank, K the tokens). Too small means fewer workgroups than twice the cores of a CPU adapter
+/// (so that uneven grids balance), or fewer threads than `GPU_MIN_THREADS` on a GPU.
+const MAX_SPLITS: usize = 16;
+const MIN_SPLIT_STEPS: usize = 4;
+const GPU_MIN_THREADS: usize = 32_768;
 /// Rows and columns of C one thread computes at most (the WGSL `MAX_BLOCK`).
 const MAX_BLOCK: u32 = 8;
 /// Most workgroups along one grid dimension.
@@ -198,11 +206,12 @@ struct Params {
     bias_offset: u32,
     alpha: f32,
     accumulate: u32,
-    _pad: u32,
+    k_split: u32,
 }
 
 impl Params {
-    fn new(g: &Gemm) -> Params {
+    /// The parameters of `g`, with K split into parts of `k_split` (0: not split).
+    fn new(g: &Gemm, k_split: usize) -> Params {
         let u = |v: usize| u32::try_from(v).expect("checked against the tensor sizes");
         Params {
             m: u(g.m),
@@ -220,7 +229,7 @@ impl Params {
             bias_offset: u(g.bias_offset),
             alpha: g.options.alpha,
             accumulate: u32::from(g.options.accumulate),
-            _pad: 0,
+            k_split: u(k_split),
         }
     }
 }
@@ -384,14 +393,71 @@ pub fn gemm(
         );
     }
     let cpu = rec.gpu().info().device_type == wgpu::DeviceType::Cpu;
-    launch(rec, g, Tiles::choose(g, cpu), a, b, bias, c);
+    let tiles = Tiles::choose(g, cpu);
+    let dense_c = g.c.offset == 0 && g.c.row_stride == g.n && c.numel() == g.m * g.n;
+    let splits = if g.batch == 1 && bias.is_none() && dense_c {
+        split_count(g, tiles, cpu)
+    } else {
+        1
+    };
+    if splits > 1 {
+        launch_split(rec, g, tiles, splits, a, b, c);
+    } else {
+        launch(rec, g, tiles, 0, a, b, bias, c);
+    }
 }
 
-/// Records a checked `g` with `tiles`.
+/// Into how many parts to split K (1: not at all) so that the grid fills the device, each
+/// part at least [`MIN_SPLIT_STEPS`] K steps long.
+fn split_count(g: &Gemm, tiles: Tiles, cpu: bool) -> usize {
+    let groups = workgroups(g, tiles.extents());
+    let wanted = if cpu {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (2 * cores).div_ceil(groups)
+    } else {
+        let threads = groups * tiles.threads.iter().product::<u32>() as usize;
+        GPU_MIN_THREADS.div_ceil(threads)
+    };
+    let deepest = g.k / (MIN_SPLIT_STEPS * TILE_K as usize);
+    wanted.min(deepest).clamp(1, MAX_SPLITS)
+}
+
+/// Records `g` (one product into all of a dense C, no bias) with K in `splits` parts: each
+/// part's product goes to a slab of a scratch tensor, and `reduce::sum_rows` adds the slabs
+/// into C in order (deterministic, like every other sum here).
+fn launch_split(
+    rec: &mut Recorder,
+    g: &Gemm,
+    tiles: Tiles,
+    splits: usize,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+) {
+    let part = g.k.div_ceil(splits).next_multiple_of(TILE_K as usize);
+    let splits = g.k.div_ceil(part);
+    let partial = Tensor::empty(rec.gpu(), [splits, g.m * g.n], DType::F32);
+    let parts = Gemm {
+        batch: splits,
+        c: Strided::dense(g.m, g.n),
+        options: MatmulOptions {
+            accumulate: false,
+            ..g.options
+        },
+        ..*g
+    };
+    launch(rec, &parts, tiles, part, a, b, None, &partial);
+    reduce::sum_rows(rec, &partial, c, g.options.accumulate);
+}
+
+/// Records a checked `g` with `tiles`, K split into parts of `k_split` (0: not split; then
+/// workgroup z is a part of K instead of a batch entry, and writes slab z of C).
+#[allow(clippy::too_many_arguments)]
 fn launch(
     rec: &mut Recorder,
     g: &Gemm,
     tiles: Tiles,
+    k_split: usize,
     a: &Tensor,
     b: &Tensor,
     bias: Option<&Tensor>,
@@ -413,7 +479,12 @@ fn launch(
         None => vec![a, b, c],
     };
     let [x, y, z] = grid.map(|d| d as u32);
-    rec.dispatch(&kernel, &tensors, &Params::new(g), Grid::xyz(x, y, z));
+    rec.dispatch(
+        &kernel,
+        &tensors,
+        &Params::new(g, k_split),
+        Grid::xyz(x, y, z),
+    );
 }
 
 /// Rows of `t` as a matrix with `cols` columns (all leading dimensions flattened).
@@ -623,7 +694,7 @@ mod tests {
     }
 
     #[test]
-    fn tiles_fit_narrow_matrices_and_shrink_for_small_gpu_grids() {
+    fn tiles_fit_narrow_matrices_and_small_gpu_grids_shrink_or_split() {
         // The CPU adapter: as narrow as the matrix, at most 64.
         assert_eq!(extents_chosen(592, 16, true), [64, 16]);
         assert_eq!(extents_chosen(16, 64, true), [16, 64]);
@@ -634,11 +705,45 @@ mod tests {
         assert_eq!(extents_chosen(512, 1024, false), [64, 64]);
         assert_eq!(extents_chosen(16, 4096, false), [16, 32]);
         assert_eq!(extents_chosen(1, 1, false), [16, 16]);
+        // A LoRA weight gradient of an 8B model on a GPU: 128 workgroups of 32 threads, so K
+        // (4096 tokens) splits into 8 parts; an ample grid does not split.
+        let lora = Gemm::dense(16, 4096, 4096, true, false);
+        assert_eq!(split_count(&lora, Tiles::choose(&lora, false), false), 8);
+        let big = Gemm::dense(512, 4864, 896, false, true);
+        assert_eq!(split_count(&big, Tiles::choose(&big, false), false), 1);
         for extent in [16, 32, 64, 128] {
             let tiles = Tiles::with_extents([extent, extent]);
             assert_eq!(tiles.extents(), [extent, extent]);
             assert!(tiles.threads.iter().product::<u32>() <= 256, "{tiles:?}");
         }
+    }
+
+    #[test]
+    fn split_k_matches_the_reference_and_accumulates() {
+        let gpu = gpu();
+        // LoRA's weight-gradient layout (Aᵀ·B), K = 203 in parts of 48, 48, 48, 48 and 11.
+        let (m, n, k) = (16, 37, 203);
+        let g = Gemm::dense(m, n, k, true, false).with(MatmulOptions::accumulate().scaled(-0.5));
+        let (a, b, init) = (
+            randn(4, m * k, 1.0),
+            randn(5, k * n, 1.0),
+            randn(6, m * n, 1.0),
+        );
+        let (ta, tb) = (upload(gpu, [k, m], &a), upload(gpu, [k, n], &b));
+        let run = || {
+            let c = upload(gpu, [m, n], &init);
+            let mut rec = Recorder::new(gpu);
+            let tiles = Tiles::choose(&g, true);
+            launch_split(&mut rec, &g, tiles, 5, &ta, &tb, &c);
+            rec.finish().unwrap();
+            download(gpu, &c)
+        };
+        let mut want = f64s(&init);
+        reference::gemm(&g, &f64s(&a), &f64s(&b), None, &mut want);
+        let out = run();
+        assert!(rel_error(&out, &want) < 1e-5, "{}", rel_error(&out, &want));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out), bits(&run()));
     }
 
     /// Every tile configuration the chooser can pick computes the same bits: each output sums
@@ -674,7 +779,7 @@ mod tests {
             let tiles = Tiles::with_extents(extents);
             let c = poisoned(gpu, [batch * m * n]);
             let mut rec = Recorder::new(gpu);
-            launch(&mut rec, &g, tiles, &ta, &tb, Some(&tbias), &c);
+            launch(&mut rec, &g, tiles, 0, &ta, &tb, Some(&tbias), &c);
             rec.finish().unwrap();
             let out = download(gpu, &c);
             assert!(rel_error(&out, &want) < 1e-5, "{tiles:?}");
