@@ -469,7 +469,9 @@ override GROUPS: u32 = (HEAD_DIM + 3u) / 4u;
 // Streamed tiles as vec4 rows: A (K, or scale·Q in dK/dV) then B (V, or dO).
 var<workgroup> stream: array<vec4<f32>, 2u * INNER * GROUPS>;
 
-// Group g (elements 4g .. 4g + 3, zero past HEAD_DIM) of a row of each input.
+// Group g (elements 4g .. 4g + 3, zero past HEAD_DIM) of a row of each input. One loader per
+// tensor: WGSL cannot take a storage buffer as an argument, and one loader that switched over
+// tensors would make every entry point bind all four (the forward has no dout).
 
 fn query_group(b: u32, t: u32, h: u32, g: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
