@@ -28,17 +28,56 @@ const REDUCE_WG: u32 = 256u;
 var<workgroup> sum_tree: array<f32, REDUCE_WG>;
 var<workgroup> online_tree: array<vec3<f32>, REDUCE_WG>;
 
-// The sum of every thread's `value`.
-fn workgroup_sum(lid: u32, value: f32) -> f32 {
+// Sums `value` over each aligned segment of `width` threads (a power of two dividing
+// REDUCE_WG) into the segment's first entry of sum_tree: log2(width) halving steps.
+fn sum_segments(lid: u32, value: f32, width: u32) {
     sum_tree[lid] = value;
     workgroupBarrier();
-    for (var stride = REDUCE_WG / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
+    for (var stride = width / 2u; stride > 0u; stride = stride / 2u) {
+        if lid % width < stride {
             sum_tree[lid] = sum_tree[lid] + sum_tree[lid + stride];
         }
         workgroupBarrier();
     }
+}
+
+// The sum of every thread's `value`.
+fn workgroup_sum(lid: u32, value: f32) -> f32 {
+    sum_segments(lid, value, REDUCE_WG);
     return workgroupUniformLoad(&sum_tree[0]);
+}
+
+// ---- Several rows per workgroup ----
+//
+// Row kernels over narrow rows give each row ROW_THREADS threads (a power of two dividing
+// REDUCE_WG, set by the launcher per row width) instead of a whole workgroup: a workgroup of
+// REDUCE_WG threads covers REDUCE_WG / ROW_THREADS consecutive rows, and a row's reduction
+// takes log2(ROW_THREADS) steps instead of log2(REDUCE_WG), with no idle threads.
+override ROW_THREADS: u32 = REDUCE_WG;
+
+// The row this thread works on (rows past the last one have threads too: they must take
+// part in the reductions, reading and writing nothing).
+fn row_of_thread(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return flat_workgroup_id(wid, nwg) * (REDUCE_WG / ROW_THREADS) + lid / ROW_THREADS;
+}
+
+// Columns of row `row` of a [rows, cols] matrix: 0 past the last row, whose threads only
+// join the reductions.
+fn cols_of_row(row: u32, rows: u32, cols: u32) -> u32 {
+    return select(0u, cols, row < rows);
+}
+
+// This thread's index among its row's ROW_THREADS threads.
+fn lane_in_row(lid: u32) -> u32 {
+    return lid % ROW_THREADS;
+}
+
+// The sum of `value` over the threads of this thread's row, the same for each of them.
+fn sum_across_row(lid: u32, value: f32) -> f32 {
+    sum_segments(lid, value, ROW_THREADS);
+    let total = sum_tree[lid - lane_in_row(lid)];
+    workgroupBarrier(); // the tree is free again for the next call
+    return total;
 }
 
 // ---- Online softmax statistics ----

@@ -1,9 +1,10 @@
 // LayerNorm (GPT-2): y = (x − mean) · rstd · w + b with rstd = 1/sqrt(var + eps), per row of
 // x [rows, C] (biased variance, two passes over the row as torch computes it).
 //
-// Same scheme as rmsnorm.wgsl: one workgroup per row reducing through `workgroup_sum`
-// (common.wgsl); the weight gradient is summed per block of rows into partials [blocks, C]
-// that `reduce::sum_rows` finishes (the bias gradient is a plain `sum_rows` of dy).
+// Same scheme as rmsnorm.wgsl: ROW_THREADS threads per row reducing through
+// `sum_across_row` (common.wgsl); the weight gradient is summed per block of rows into
+// partials [blocks, C] that `reduce::sum_rows` finishes (the bias gradient is a plain
+// `sum_rows` of dy).
 
 struct Params {
     rows: u32,
@@ -27,34 +28,33 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> dw_partial: array<f32>;
 
 // Threads per column block of `layernorm_dw_partial`. The row kernels run REDUCE_WG threads
-// (common.wgsl) for `workgroup_sum`.
+// (common.wgsl), ROW_THREADS per row.
 override WG: u32 = 256u;
 
 @compute @workgroup_size(REDUCE_WG)
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let row = flat_workgroup_id(wid, nwg);
-    if row >= params.rows {
-        return;
-    }
+    let row = row_of_thread(wid, nwg, lid);
+    let lane = lane_in_row(lid);
+    let cols = cols_of_row(row, params.rows, params.cols);
     let base = row * params.cols;
     let n = f32(params.cols);
     var sum = 0.0;
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         sum = sum + x[base + c];
     }
-    let m = workgroup_sum(lid, sum) / n;
+    let m = sum_across_row(lid, sum) / n;
     var squares = 0.0;
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         let d = x[base + c] - m;
         squares = squares + d * d;
     }
-    let r = 1.0 / sqrt(workgroup_sum(lid, squares) / n + params.eps);
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    let r = 1.0 / sqrt(sum_across_row(lid, squares) / n + params.eps);
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         y[base + c] = (x[base + c] - m) * r * w[c] + b[c];
     }
-    if lid == 0u {
+    if lane == 0u && cols > 0u {
         mean_out[row] = m;
         rstd_out[row] = r;
     }
@@ -65,24 +65,24 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn layernorm_backward(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
-    let row = flat_workgroup_id(wid, nwg);
-    if row >= params.rows {
-        return;
-    }
+    let row = row_of_thread(wid, nwg, lid);
+    let lane = lane_in_row(lid);
+    let cols = cols_of_row(row, params.rows, params.cols);
     let base = row * params.cols;
     let n = f32(params.cols);
-    let m = mean[row];
-    let r = rstd[row];
+    // Rows past the last one read no statistics (their loops are empty).
+    let m = select(0.0, mean[min(row, params.rows - 1u)], cols > 0u);
+    let r = select(0.0, rstd[min(row, params.rows - 1u)], cols > 0u);
     var g_sum = 0.0;
     var gx_sum = 0.0;
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         let g = dy[base + c] * w[c];
         g_sum = g_sum + g;
         gx_sum = gx_sum + g * (x[base + c] - m) * r;
     }
-    let g_mean = workgroup_sum(lid, g_sum) / n;
-    let gx_mean = workgroup_sum(lid, gx_sum) / n;
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    let g_mean = sum_across_row(lid, g_sum) / n;
+    let gx_mean = sum_across_row(lid, gx_sum) / n;
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         let x_hat = (x[base + c] - m) * r;
         dx[base + c] = r * (dy[base + c] * w[c] - g_mean - x_hat * gx_mean);
     }

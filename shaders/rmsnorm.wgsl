@@ -1,9 +1,9 @@
 // RMSNorm (Llama): y = x · rstd · w with rstd = 1/sqrt(mean(x²) + eps), per row of x [rows, C].
 //
-// The row reductions run one workgroup per row through `workgroup_sum` (common.wgsl), a
-// fixed-order tree, so results are bit-identical across runs. The weight gradient is summed
-// per block of rows into partials [blocks, C] (one thread per column and block);
-// `reduce::sum_rows` finishes it.
+// Each row is reduced by ROW_THREADS threads through `sum_across_row` (common.wgsl), a
+// fixed-order tree, so results are bit-identical across runs; a workgroup covers several
+// narrow rows. The weight gradient is summed per block of rows into partials [blocks, C] (one
+// thread per column and block); `reduce::sum_rows` finishes it.
 
 struct Params {
     rows: u32,
@@ -24,30 +24,29 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> dw_partial: array<f32>;
 
 // Threads per column block of `rmsnorm_dw_partial`. The row kernels run REDUCE_WG threads
-// (common.wgsl) for `workgroup_sum`.
+// (common.wgsl), ROW_THREADS per row.
 override WG: u32 = 256u;
 
 @compute @workgroup_size(REDUCE_WG)
 fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
-    let row = flat_workgroup_id(wid, nwg);
-    if row >= params.rows {
-        return;
-    }
+    let row = row_of_thread(wid, nwg, lid);
+    let lane = lane_in_row(lid);
+    let cols = cols_of_row(row, params.rows, params.cols);
     let base = row * params.cols;
     var squares = 0.0;
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         let v = x[base + c];
         squares = squares + v * v;
     }
-    let mean_square = workgroup_sum(lid, squares) / f32(params.cols);
+    let mean_square = sum_across_row(lid, squares) / f32(params.cols);
     let r = 1.0 / sqrt(mean_square + params.eps);
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         // (x · rstd) · w, in the order transformers' LlamaRMSNorm multiplies.
         y[base + c] = x[base + c] * r * w[c];
     }
-    if lid == 0u {
+    if lane == 0u && cols > 0u {
         rstd_out[row] = r;
     }
 }
@@ -57,18 +56,21 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn rmsnorm_backward(@builtin(workgroup_id) wid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
-    let row = flat_workgroup_id(wid, nwg);
-    if row >= params.rows {
-        return;
-    }
+    let row = row_of_thread(wid, nwg, lid);
+    let lane = lane_in_row(lid);
+    let cols = cols_of_row(row, params.rows, params.cols);
     let base = row * params.cols;
     var gx = 0.0;
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         gx = gx + dy[base + c] * w[c] * x[base + c];
     }
+    let total = sum_across_row(lid, gx);
+    if cols == 0u {
+        return;
+    }
     let r = rstd[row];
-    let correction = r * r * workgroup_sum(lid, gx) / f32(params.cols);
-    for (var c = lid; c < params.cols; c = c + REDUCE_WG) {
+    let correction = r * r * total / f32(params.cols);
+    for (var c = lane; c < cols; c = c + ROW_THREADS) {
         dx[base + c] = r * (dy[base + c] * w[c] - x[base + c] * correction);
     }
 }

@@ -14,9 +14,16 @@
 //! `[B, Hq, T]` of row statistics (so that the dK/dV kernel fits in 7 storage bindings without
 //! `seq_lens`), then dQ per query tile and dK/dV per key tile. dK/dV of a kv head sums over
 //! the query heads of its group inside one workgroup: deterministic, no atomics.
+//!
+//! Heads up to 64 wide run in the "rows" layout, one thread per query (or key) row held in
+//! registers, which spends its time on arithmetic rather than on exchanging scores through
+//! workgroup memory (10x faster at head dimension 16 on lavapipe, 4x at 64); wider heads
+//! spread each row over several threads ("lanes"). See `shaders/attention.wgsl`.
 
 use super::common::expect_elements;
-use crate::gpu::{read, read_write, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::gpu::{
+    read, read_write, Access, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor,
+};
 use crate::shader;
 
 static SHADER: Shader = shader!("attention");
@@ -31,17 +38,52 @@ const MAX_LANES: u32 = 16;
 const MAX_DIMS_PER_LANE: u32 = 8;
 /// Largest streamed tile (keys in the forward and dQ, queries in dK/dV).
 const MAX_INNER: u32 = 64;
+/// Largest head dimension of the rows layout: one thread holds a row in registers (the WGSL
+/// `MAX_ROW_GROUPS` vec4s).
+const MAX_ROWS_LAYOUT_HEAD_DIM: u32 = 64;
+/// Threads (outer rows) per workgroup, and the largest streamed tile, in the rows layout
+/// (32 and 32 measured best on lavapipe at head dimensions 16 and 64, within 10% of 16..64).
+const ROWS_LAYOUT_THREADS: u32 = 32;
+const ROWS_LAYOUT_MAX_INNER: u32 = 32;
 /// Threads per workgroup of the backward preprocess (one thread per query row).
 const ROW_WG: u32 = 64;
 /// Bytes of one `RowStats` (lse f32, delta f32, keys u32) in the WGSL.
 const ROW_STATS_BYTES: u32 = 12;
 const ROW_STATS_WORDS: usize = 3;
 
-static FORWARD: KernelSpec = KernelSpec {
-    shader: &SHADER,
-    entry: "attention_forward",
+/// An entry point in both layouts: lanes (any head) and rows (small heads), with the same
+/// bindings.
+struct Entry {
+    lanes: KernelSpec,
+    rows: KernelSpec,
+}
+
+impl Entry {
+    const fn new(
+        lanes: &'static str,
+        rows: &'static str,
+        bindings: &'static [(u32, Access)],
+    ) -> Self {
+        Entry {
+            lanes: KernelSpec {
+                shader: &SHADER,
+                entry: lanes,
+                bindings,
+            },
+            rows: KernelSpec {
+                shader: &SHADER,
+                entry: rows,
+                bindings,
+            },
+        }
+    }
+}
+
+static FORWARD: Entry = Entry::new(
+    "attention_forward",
+    "attention_forward_rows",
     // q, k, v, seq_lens, out, lse
-    bindings: &[
+    &[
         read(1),
         read(2),
         read(3),
@@ -49,24 +91,24 @@ static FORWARD: KernelSpec = KernelSpec {
         read_write(5),
         read_write(6),
     ],
-};
+);
 static PREPROCESS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "attention_backward_preprocess",
     // seq_lens, out, lse, dout, row statistics
     bindings: &[read(4), read(7), read(8), read(9), read_write(10)],
 };
-static BACKWARD_DQ: KernelSpec = KernelSpec {
-    shader: &SHADER,
-    entry: "attention_backward_dq",
+static BACKWARD_DQ: Entry = Entry::new(
+    "attention_backward_dq",
+    "attention_backward_dq_rows",
     // q, k, v, dout, row statistics, dq
-    bindings: &[read(1), read(2), read(3), read(9), read(11), read_write(12)],
-};
-static BACKWARD_DKV: KernelSpec = KernelSpec {
-    shader: &SHADER,
-    entry: "attention_backward_dkv",
+    &[read(1), read(2), read(3), read(9), read(11), read_write(12)],
+);
+static BACKWARD_DKV: Entry = Entry::new(
+    "attention_backward_dkv",
+    "attention_backward_dkv_rows",
     // q, k, v, dout, row statistics, dk, dv
-    bindings: &[
+    &[
         read(1),
         read(2),
         read(3),
@@ -75,7 +117,7 @@ static BACKWARD_DKV: KernelSpec = KernelSpec {
         read_write(13),
         read_write(14),
     ],
-};
+);
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,27 +278,44 @@ impl Params {
     }
 }
 
+/// How the kernels spread an outer row over threads (see the WGSL header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `lanes` threads per row, scores exchanged through workgroup memory: any head.
+    Lanes,
+    /// One thread per row, held in registers: heads up to [`MAX_ROWS_LAYOUT_HEAD_DIM`].
+    Rows,
+}
+
 /// Tile sizes of the attention kernels (WGSL overrides), chosen per head dimension so that the
 /// workgroup tiles fit the device's workgroup memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tiles {
+    layout: Layout,
     head_dim: u32,
     /// Outer rows per workgroup.
     rows: u32,
-    /// Threads per outer row.
+    /// Threads per outer row (1 in the rows layout).
     lanes: u32,
     /// Rows of the streamed tile.
     inner: u32,
 }
 
 impl Tiles {
-    /// The largest tiles (rows first, then inner) whose workgroup memory fits `limit` bytes.
+    /// The rows layout for small heads, else lanes; the largest tiles (rows first, then
+    /// inner) whose workgroup memory fits `limit` bytes.
     fn choose(head_dim: usize, limit: u32) -> Tiles {
         let head_dim = head_dim as u32;
-        let lanes = head_dim.next_power_of_two().min(MAX_LANES);
-        for rows in halvings(ROWS) {
-            for inner in halvings(MAX_INNER) {
+        let (layout, lanes, most_rows, most_inner) = if head_dim <= MAX_ROWS_LAYOUT_HEAD_DIM {
+            (Layout::Rows, 1, ROWS_LAYOUT_THREADS, ROWS_LAYOUT_MAX_INNER)
+        } else {
+            let lanes = head_dim.next_power_of_two().min(MAX_LANES);
+            (Layout::Lanes, lanes, ROWS, MAX_INNER)
+        };
+        for rows in halvings(most_rows) {
+            for inner in halvings(most_inner) {
                 let tiles = Tiles {
+                    layout,
                     head_dim,
                     rows,
                     lanes,
@@ -274,7 +333,8 @@ impl Tiles {
         Tiles::choose(head_dim, gpu.limits().max_compute_workgroup_storage_size)
     }
 
-    /// Mirrors the WGSL `outer`, `inner`, `weights` and `inner_stats` workgroup arrays.
+    /// Mirrors the WGSL workgroup arrays an entry point of the layout uses: `outer`, `inner`,
+    /// `weights` and `inner_stats`, or `stream` and `inner_stats`.
     fn workgroup_bytes(&self) -> u32 {
         let Tiles {
             head_dim: d,
@@ -282,7 +342,10 @@ impl Tiles {
             inner,
             ..
         } = *self;
-        let floats = 2 * rows * d + 2 * inner * d + 2 * rows * inner;
+        let floats = match self.layout {
+            Layout::Lanes => 2 * rows * d + 2 * inner * d + 2 * rows * inner,
+            Layout::Rows => 2 * inner * 4 * d.div_ceil(4),
+        };
         4 * floats + ROW_STATS_BYTES * inner
     }
 
@@ -296,12 +359,12 @@ impl Tiles {
         ]
     }
 
-    /// Launches `spec` with one workgroup per (tile of `len` outer rows, head, batch) of
-    /// `[len, heads, batch]`.
+    /// Launches `entry` (in this layout) with one workgroup per (tile of `len` outer rows,
+    /// head, batch) of `[len, heads, batch]`.
     fn launch(
         &self,
         rec: &mut Recorder,
-        spec: &'static KernelSpec,
+        entry: &'static Entry,
         tensors: &[&Tensor],
         params: &Params,
         [len, heads, batch]: [usize; 3],
@@ -313,6 +376,10 @@ impl Tiles {
             tiles <= max && heads <= max && batch <= max,
             "attention: grid ({tiles}, {heads}, {batch}) exceeds {max} workgroups per dimension"
         );
+        let spec = match self.layout {
+            Layout::Lanes => &entry.lanes,
+            Layout::Rows => &entry.rows,
+        };
         let kernel = gpu.kernel(spec, &self.overrides());
         let grid = Grid::xyz(tiles as u32, heads as u32, batch as u32);
         rec.dispatch(&kernel, tensors, params, grid);
@@ -531,14 +598,22 @@ mod tests {
                 let tiles = Tiles::choose(head_dim, limit);
                 assert!(tiles.workgroup_bytes() <= limit);
                 assert!(tiles.rows * tiles.lanes <= 256, "{tiles:?}");
-                assert!(
-                    head_dim as u32 <= tiles.lanes * MAX_DIMS_PER_LANE,
-                    "{tiles:?}"
-                );
+                let per_thread = match tiles.layout {
+                    Layout::Lanes => tiles.lanes * MAX_DIMS_PER_LANE,
+                    Layout::Rows => MAX_ROWS_LAYOUT_HEAD_DIM,
+                };
+                assert!(head_dim as u32 <= per_thread, "{tiles:?}");
             }
         }
-        // Small heads get the widest streamed tile, and the full outer tile fits lavapipe.
-        assert_eq!(Tiles::choose(8, 32_768).inner, MAX_INNER);
-        assert_eq!(Tiles::choose(128, 32_768).rows, ROWS);
+        // Small heads get one thread per row and the widest streamed tile; the full outer
+        // tile of large heads fits lavapipe.
+        let small = Tiles::choose(8, 32_768);
+        assert_eq!(
+            (small.layout, small.inner),
+            (Layout::Rows, ROWS_LAYOUT_MAX_INNER)
+        );
+        assert_eq!(Tiles::choose(64, 16_384).layout, Layout::Rows);
+        let large = Tiles::choose(128, 32_768);
+        assert_eq!((large.layout, large.rows), (Layout::Lanes, ROWS));
     }
 }

@@ -6,7 +6,7 @@
 //! That plumbing (shape checks, one-workgroup-per-row launches, partial-then-sum weight
 //! gradients) is shared with `layernorm` through the `pub(crate)` helpers at the end.
 
-use super::common::{expect_dtype, expect_elements, launch_per_column_block, launch_per_row};
+use super::common::{expect_dtype, expect_elements, launch_per_column_block, launch_rows};
 use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
@@ -136,7 +136,7 @@ impl RowParams {
     }
 }
 
-/// One workgroup per row (`eps` is read by forwards only).
+/// Several rows per workgroup when rows are narrow (`eps` is read by forwards only).
 pub(crate) fn launch_row_norm(
     rec: &mut Recorder,
     spec: &'static KernelSpec,
@@ -144,7 +144,8 @@ pub(crate) fn launch_row_norm(
     shape: RowShape,
     eps: f32,
 ) {
-    launch_per_row(rec, spec, tensors, &RowParams::new(shape, eps), shape.rows);
+    let params = RowParams::new(shape, eps);
+    launch_rows(rec, spec, tensors, &params, [shape.rows, shape.cols]);
 }
 
 /// A deterministic weight gradient: `partial_spec` (bound to `tensors` then the partials)
