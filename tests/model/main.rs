@@ -8,4 +8,5 @@ mod embedded;
 mod fixtures;
 mod forward;
 mod generation;
+mod hooks;
 mod tokenizer;
