@@ -1,33 +1,52 @@
-use es2_wgpu::es2::{Quiet, TrainConfig, Trainer};
-use es2_wgpu::Gpu;
+//! Where a training step's GPU time goes: runs one warm-up step of the default training
+//! configuration for a model (the built-in `tiny-llama` unless a model folder or name is given),
+//! then times every dispatch of three steps with timestamp queries and prints the kernels by
+//! total time.
+//!
+//! ```sh
+//! cargo run --release --example profile_step [-- MODEL]
+//! ```
+
 use std::time::Instant;
-fn main() {
-    let gpu = Gpu::new().unwrap();
+
+use es2_wgpu::es2::{Quiet, TrainConfig, Trainer};
+use es2_wgpu::{Gpu, Result};
+
+fn main() -> Result<()> {
+    let model = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "tiny-llama".into());
+    let gpu = Gpu::new()?;
     let config = TrainConfig {
-        steps: 10,
-        out: "/tmp/prof-out".into(),
+        out: std::env::temp_dir().join("es2-profile-step"),
         eval_every: 0,
         save_every: 0,
-        ..TrainConfig::default()
+        overwrite: true,
+        ..TrainConfig::for_model(&model)?
     };
-    let mut t = Trainer::new(&gpu, config, &mut Quiet).unwrap();
-    t.train_step().unwrap();
+    let mut trainer = Trainer::new(&gpu, config, &mut Quiet)?;
+    trainer.train_step()?;
     gpu.start_profiling();
     for _ in 0..3 {
-        let s = Instant::now();
-        let r = t.train_step().unwrap();
-        println!("step {:?} tokens {}", s.elapsed(), r.tokens);
-    }
-    let prof = gpu.take_profile();
-    let total: f64 = prof.iter().map(|k| k.seconds).sum();
-    println!("total gpu {total:.3}");
-    for k in prof.iter().take(25) {
+        let started = Instant::now();
+        let report = trainer.train_step()?;
         println!(
-            "{:40} {:6} {:8.3} s {:5.1}%",
+            "step: {:.3} s for {} tokens (timed dispatch by dispatch)",
+            started.elapsed().as_secs_f64(),
+            report.tokens
+        );
+    }
+    let kernels = gpu.take_profile();
+    let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+    println!("GPU time of 3 steps: {total:.3} s");
+    for k in &kernels {
+        println!(
+            "{:32} {:6} dispatches {:9.3} s {:5.1}%",
             k.kernel,
             k.dispatches,
             k.seconds,
             100.0 * k.seconds / total
         );
     }
+    Ok(())
 }

@@ -129,6 +129,10 @@ pub struct TrainArgs {
     /// Replace the results of an earlier run in --out.
     #[arg(long)]
     overwrite: bool,
+    /// Time every kernel with timestamp queries and print where the GPU time went (slows
+    /// the run: each dispatch gets a pass of its own).
+    #[arg(long)]
+    profile: bool,
     /// Print the summary as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -273,6 +277,9 @@ pub fn run(options: &GpuOptions, args: &TrainArgs) -> Result<()> {
         Some(dir) => Trainer::resume(&gpu, dir, args.steps, &mut progress)?,
         None => Trainer::new(&gpu, args.config()?, &mut progress)?,
     };
+    if args.profile {
+        gpu.start_profiling();
+    }
     let summary = trainer.run(&mut progress)?;
     if let Some(bar) = &progress.bar {
         bar.finish_and_clear();
@@ -284,7 +291,22 @@ pub fn run(options: &GpuOptions, args: &TrainArgs) -> Result<()> {
     } else {
         print_summary(&summary);
     }
+    if args.profile {
+        print_profile(&gpu.take_profile());
+    }
     Ok(())
+}
+
+fn print_profile(kernels: &[es2_wgpu::gpu::KernelTime]) {
+    let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+    println!("GPU time by kernel ({total:.3} s in all):");
+    for k in kernels {
+        let share = 100.0 * k.seconds / total.max(1e-12);
+        println!(
+            "  {:32} {:>8} dispatches {:>9.3} s {share:>5.1}%",
+            k.kernel, k.dispatches, k.seconds
+        );
+    }
 }
 
 fn print_summary(s: &Summary) {
