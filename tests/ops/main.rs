@@ -26,5 +26,6 @@ mod reduce;
 mod residual;
 mod rmsnorm;
 mod rope;
+mod runtime;
 mod separation;
 mod softmax;

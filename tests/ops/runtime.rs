@@ -1,0 +1,94 @@
+//! The gpu layer itself: the buffer pool, uploads and readbacks of every dtype, and the
+//! recorder's guarantee that a tensor dropped after being recorded is not reused before the
+//! submission.
+
+use es2_wgpu::gpu::DType;
+use es2_wgpu::ops::cast::cast;
+use es2_wgpu::ops::residual::scale_forward;
+use es2_wgpu::testing::*;
+use es2_wgpu::{Recorder, Tensor};
+
+#[test]
+fn dropped_tensors_return_to_the_pool_and_are_reused() {
+    // A device of its own: the shared one's pool is busy with the other tests.
+    let gpu = &es2_wgpu::Gpu::new().expect("the pool test needs an adapter");
+    let shape = [777, 13];
+    let before = gpu.pooled_bytes();
+    let t = Tensor::empty(gpu, shape, DType::F32);
+    drop(t);
+    let parked = gpu.pooled_bytes();
+    assert!(
+        parked > before,
+        "a dropped tensor's buffer is parked in the pool"
+    );
+    let again = Tensor::empty(gpu, shape, DType::F32);
+    assert!(gpu.pooled_bytes() < parked, "the parked buffer is reused");
+    drop(again);
+    gpu.trim_pool();
+    assert_eq!(gpu.pooled_bytes(), 0, "trimming releases every idle buffer");
+}
+
+#[test]
+fn every_dtype_round_trips_through_upload_and_readback() {
+    let gpu = gpu();
+    let ids: Vec<u32> = (0..37).map(|i| i * 7919).collect();
+    assert_eq!(
+        Tensor::from_u32(gpu, [37], &ids)
+            .unwrap()
+            .to_u32(gpu)
+            .unwrap(),
+        ids
+    );
+    let values = randn(3, 37, 2.0);
+    let halves: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let brains: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let (h, b) = (
+        Tensor::from_f16(gpu, [37], &halves).unwrap(),
+        Tensor::from_bf16(gpu, [37], &brains).unwrap(),
+    );
+    let (hf, bf) = (poisoned(gpu, [37]), poisoned(gpu, [37]));
+    let mut rec = Recorder::new(gpu);
+    cast(&mut rec, &h, &hf);
+    cast(&mut rec, &b, &bf);
+    rec.finish().unwrap();
+    let widened = |xs: Vec<f32>| xs.into_iter().map(f64::from).collect::<Vec<_>>();
+    assert_close(
+        "f16 upload",
+        &download(gpu, &hf),
+        &widened(halves.iter().map(|x| x.to_f32()).collect()),
+        0.0,
+    );
+    assert_close(
+        "bf16 upload",
+        &download(gpu, &bf),
+        &widened(brains.iter().map(|x| x.to_f32()).collect()),
+        0.0,
+    );
+    let err = Tensor::from_f32(gpu, [4], &[1.0; 3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs 16 bytes, got 12"), "{err}");
+    assert!(
+        h.to_f32(gpu).is_err(),
+        "reading f16 data as f32 is an error"
+    );
+}
+
+#[test]
+fn a_tensor_dropped_after_recording_is_not_overwritten_before_submission() {
+    let gpu = gpu();
+    let n = 4099;
+    let x = randn(5, n, 1.0);
+    let y = poisoned(gpu, [n]);
+    let mut rec = Recorder::new(gpu);
+    {
+        let source = upload(gpu, [n], &x);
+        scale_forward(&mut rec, &source, &y, 2.0);
+    }
+    // Without the recorder's hold on `source`, this upload could take its buffer and land
+    // before the recorded scale runs.
+    let _other = upload(gpu, [n], &vec![-1.0; n]);
+    rec.finish().unwrap();
+    let want: Vec<f64> = x.iter().map(|&v| 2.0 * f64::from(v)).collect();
+    assert_close("scale of a dropped input", &download(gpu, &y), &want, 0.0);
+}
