@@ -276,7 +276,9 @@ pub fn unpool_gradients(
         .map(|(slot, &layer)| {
             let de = Tensor::empty(gpu, [b, cols], DType::F32);
             rec.copy_elements(d_pooled, slot * b * cols, &de, 0, b * cols);
-            let dh = Tensor::zeros(gpu, [b, t, cols], DType::F32);
+            // Zeroed in the step's command buffer, not by a submission of its own.
+            let dh = Tensor::empty(gpu, [b, t, cols], DType::F32);
+            rec.zero(&dh);
             pool_backward(rec, &de, &batch.seq_lens, pool, &dh);
             (layer + 1, dh.reshape([b * t, cols]))
         })
