@@ -3,12 +3,13 @@
 //! vocabulary 259, LoRA rank 16), and at the 0.5B benchmark shapes:
 //!
 //! ```sh
-//! cargo run --release --example kernel_shapes [gemm|gemm-big|attention|rmsnorm]
+//! cargo run --release --example kernel_shapes [gemm|gemm-big|gemm-f16|attention|rmsnorm]
 //! LP_NUM_THREADS=1 cargo run --release --example kernel_shapes   # lavapipe on one core
 //! ```
 //!
 //! Each kernel runs 3 rounds of timestamped dispatches; the fastest time is printed (the
-//! least disturbed by other load on a shared machine). Without an argument, all but gemm-big.
+//! least disturbed by other load on a shared machine). Without an argument, all but gemm-big
+//! and gemm-f16 (the 0.5B products that read the weight, with it in f32 and then in f16).
 
 use es2_wgpu::ops::attention::{attention_backward, attention_forward, AttentionShape};
 use es2_wgpu::ops::matmul::{gemm, Gemm, MatmulOptions};
@@ -60,7 +61,8 @@ fn best_times(gpu: &Gpu, record: impl Fn(&mut Recorder)) -> Vec<(&'static str, f
     best
 }
 
-fn gemms(gpu: &Gpu, shapes: &[GemmShape]) {
+/// Times each product with its B operand (the weight) stored as `b_dtype` (f32 or f16).
+fn gemms(gpu: &Gpu, shapes: &[GemmShape], b_dtype: DType) {
     let mut total = 0.0;
     for &(m, n, k, ta, tb, accumulate) in shapes {
         let options = if accumulate {
@@ -70,7 +72,16 @@ fn gemms(gpu: &Gpu, shapes: &[GemmShape]) {
         };
         let g = Gemm::dense(m, n, k, ta, tb).with(options);
         let a = upload(gpu, [m * k], &randn(1, m * k, 1.0));
-        let b = upload(gpu, [n * k], &randn(2, n * k, 1.0));
+        let b = match b_dtype {
+            DType::F16 => {
+                let values: Vec<half::f16> = randn(2, n * k, 1.0)
+                    .into_iter()
+                    .map(half::f16::from_f32)
+                    .collect();
+                Tensor::from_f16(gpu, [n * k], &values).expect("upload")
+            }
+            _ => upload(gpu, [n * k], &randn(2, n * k, 1.0)),
+        };
         let c = Tensor::zeros(gpu, [m * n], DType::F32);
         // All dispatches of the call (a split K adds the sum of the partial products).
         let times = best_times(gpu, |rec| gemm(rec, &g, &a, &b, None, &c));
@@ -83,7 +94,7 @@ fn gemms(gpu: &Gpu, shapes: &[GemmShape]) {
             if tb { "·Bᵀ" } else { "·B" }
         );
         println!(
-            "gemm {m:5} x {n:5} x {k:5} {layout:6} {:9.3} ms {gflops:7.2} GFLOP/s",
+            "gemm {m:5} x {n:5} x {k:5} {layout:6} B {b_dtype} {:9.3} ms {gflops:7.2} GFLOP/s",
             seconds * 1e3
         );
     }
@@ -152,10 +163,16 @@ fn main() {
     let which = std::env::args().nth(1).unwrap_or_default();
     let all = which.is_empty();
     if all || which == "gemm" {
-        gemms(gpu, &STEP_GEMMS);
+        gemms(gpu, &STEP_GEMMS, DType::F32);
     }
     if which == "gemm-big" {
-        gemms(gpu, &BIG_GEMMS);
+        gemms(gpu, &BIG_GEMMS, DType::F32);
+    }
+    if which == "gemm-f16" {
+        // The forward and the input gradient: the products that read a frozen weight.
+        for dtype in [DType::F32, DType::F16] {
+            gemms(gpu, &BIG_GEMMS[..2], dtype);
+        }
     }
     if all || which == "attention" {
         attention(gpu);

@@ -3,8 +3,8 @@
 // fits, as the `half` crate and x86 F16C do).
 //
 // Nothing here needs shader-f16: 16-bit data is read and written as array<u32>, two elements
-// per word, element 2k in the low half (the little-endian byte order of the host's arrays).
-// f32 data is moved as raw bits too. The conversions are integer code rather than
+// per word (see half_of_word and f16_to_f32_bits in common.wgsl, shared with matmul's f16
+// weights). f32 data is moved as raw bits too. The conversions are integer code rather than
 // unpack2x16float / pack2x16float because WGSL lets those flush subnormals, round either way,
 // and return an indeterminate value for NaN, inf and out-of-range inputs.
 
@@ -36,29 +36,6 @@ fn shift_right_round_even(bits: u32, shift: u32) -> u32 {
     let dropped = bits & ((1u << shift) - 1u);
     let round_up = dropped > half || (dropped == half && (kept & 1u) == 1u);
     return kept + select(0u, 1u, round_up);
-}
-
-fn f16_to_f32_bits(h: u32) -> u32 {
-    let sign = (h & 0x8000u) << 16u;
-    let exponent = (h >> 10u) & 0x1fu;
-    let mantissa = h & 0x3ffu;
-    if exponent == 0x1fu {
-        if mantissa == 0u {
-            return sign | 0x7f800000u;
-        }
-        return sign | 0x7fc00000u | (mantissa << 13u);
-    }
-    if exponent == 0u {
-        if mantissa == 0u {
-            return sign;
-        }
-        // A subnormal mantissa·2^-24 with its leading one at bit p is 1.x·2^(p-24): a normal
-        // f32 with biased exponent p + 103 and the bits below p as its mantissa.
-        let p = firstLeadingBit(mantissa);
-        return sign | ((p + 103u) << 23u) | ((mantissa << (23u - p)) & 0x7fffffu);
-    }
-    // Rebias: 127 - 15 = 112.
-    return sign | ((exponent + 112u) << 23u) | (mantissa << 13u);
 }
 
 fn f32_to_f16_bits(x: u32) -> u32 {
@@ -121,8 +98,7 @@ fn widen_to_f32(@builtin(workgroup_id) wid: vec3<u32>,
     if i >= params.n {
         return;
     }
-    let h = (src16[i / 2u] >> (16u * (i & 1u))) & 0xffffu;
-    dst32[i] = widen(h);
+    dst32[i] = widen(half_of_word(src16[i / 2u], i));
 }
 
 // One thread per output word (two elements), so no two threads write the same word. With an

@@ -121,3 +121,40 @@ fn workgroup_online_merge(lid: u32, own: vec3<f32>) -> vec3<f32> {
     }
     return workgroupUniformLoad(&online_tree[0]);
 }
+
+// ---- 16-bit data without shader-f16 ----
+//
+// f16 (and bf16) tensors are bound as array<u32>: element i is half i % 2 of word i / 2,
+// element 2k in the low half (the little-endian byte order of the host's arrays). The
+// widening is integer code rather than unpack2x16float, which WGSL lets flush subnormals and
+// leave NaN and inf indeterminate: it is exact for every input.
+
+// The 16 bits of element `i` out of `word`, the word that holds it.
+fn half_of_word(word: u32, i: u32) -> u32 {
+    return (word >> (16u * (i & 1u))) & 0xffffu;
+}
+
+// The f32 bit pattern of the f16 value with bits `h`: ±0, subnormals, ±inf kept; NaN stays
+// NaN (quieted, payload kept), as the `half` crate and x86 F16C widen.
+fn f16_to_f32_bits(h: u32) -> u32 {
+    let sign = (h & 0x8000u) << 16u;
+    let exponent = (h >> 10u) & 0x1fu;
+    let mantissa = h & 0x3ffu;
+    if exponent == 0x1fu {
+        if mantissa == 0u {
+            return sign | 0x7f800000u;
+        }
+        return sign | 0x7fc00000u | (mantissa << 13u);
+    }
+    if exponent == 0u {
+        if mantissa == 0u {
+            return sign;
+        }
+        // A subnormal mantissa·2^-24 with its leading one at bit p is 1.x·2^(p-24): a normal
+        // f32 with biased exponent p + 103 and the bits below p as its mantissa.
+        let p = firstLeadingBit(mantissa);
+        return sign | ((p + 103u) << 23u) | ((mantissa << (23u - p)) & 0x7fffffu);
+    }
+    // Rebias: 127 - 15 = 112.
+    return sign | ((exponent + 112u) << 23u) | (mantissa << 13u);
+}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, View};
 
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::{Error, Result};
 
 /// A hidden sibling of `path` to build it aside (its folder is created).
@@ -57,9 +57,9 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     })
 }
 
-/// Where a tensor to be saved lives: already on the host, or on the GPU as one tensor or as
-/// consecutive row chunks (read back only when the writer reaches it, so one tensor at a time
-/// is in host memory).
+/// Where a tensor to be saved lives: already on the host (f32), or on the GPU as one tensor or
+/// as consecutive row chunks (read back only when the writer reaches it, so one tensor at a
+/// time is in host memory, and written in the element type it is stored in).
 pub enum SaveTensor<'a> {
     Host {
         shape: Vec<usize>,
@@ -76,14 +76,31 @@ pub enum SaveTensor<'a> {
     },
 }
 
+impl SaveTensor<'_> {
+    /// The element type it is stored, and written, in.
+    fn dtype(&self) -> DType {
+        match self {
+            SaveTensor::Host { .. } => DType::F32,
+            SaveTensor::Device { tensor, .. } => tensor.dtype(),
+            SaveTensor::Chunks { chunks, .. } => chunks.first().map_or(DType::F32, Tensor::dtype),
+        }
+    }
+}
+
 struct Pending<'a> {
     shape: Vec<usize>,
+    dtype: DType,
     source: SaveTensor<'a>,
 }
 
 impl View for Pending<'_> {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        match self.dtype {
+            DType::F32 => Dtype::F32,
+            DType::F16 => Dtype::F16,
+            DType::BF16 => Dtype::BF16,
+            DType::U32 => Dtype::U32,
+        }
     }
 
     fn shape(&self) -> &[usize] {
@@ -101,7 +118,7 @@ impl View for Pending<'_> {
     }
 
     fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * 4
+        self.shape.iter().product::<usize>() * self.dtype.size_bytes()
     }
 }
 
@@ -135,7 +152,8 @@ pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     Ok(())
 }
 
-/// Writes f32 tensors to a safetensors file, atomically, with optional string metadata.
+/// Writes tensors to a safetensors file, atomically, with optional string metadata. Each is
+/// written in its own element type (host data is f32; the chunks of one tensor share theirs).
 pub fn write_safetensors(
     path: &Path,
     tensors: Vec<(String, SaveTensor)>,
@@ -149,7 +167,15 @@ pub fn write_safetensors(
                 SaveTensor::Device { tensor, .. } => tensor.dims().to_vec(),
                 SaveTensor::Chunks { shape, .. } => shape.clone(),
             };
-            (name, Pending { shape, source })
+            let dtype = source.dtype();
+            (
+                name,
+                Pending {
+                    shape,
+                    dtype,
+                    source,
+                },
+            )
         })
         .collect();
     let temp = sibling(path, "tmp")?;

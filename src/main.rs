@@ -80,11 +80,19 @@ struct ModelArgs {
     /// A PEFT LoRA adapter folder to apply (e.g. the --out folder of `es2-wgpu train`).
     #[arg(long)]
     lora: Option<std::path::PathBuf>,
+    /// Keep the blocks' projection weights in f16, at half their GPU memory (compute stays
+    /// f32; `export` then writes them as f16, except those a --lora adapter is merged into).
+    #[arg(long)]
+    f16_weights: bool,
 }
 
 impl ModelArgs {
     fn open(&self, gpu: &Gpu) -> Result<(es2_wgpu::model::Transformer, Tokenizer)> {
-        let (mut model, tokenizer) = open_model(gpu, &self.model, &LoadOptions::default())?;
+        let options = LoadOptions {
+            f16_weights: self.f16_weights,
+            ..LoadOptions::default()
+        };
+        let (mut model, tokenizer) = open_model(gpu, &self.model, &options)?;
         if let Some(dir) = &self.lora {
             model.load_adapter(gpu, dir)?;
         }

@@ -162,3 +162,50 @@ fn info_json_parses() {
     let out = es2_json(&["info", "--json"]);
     assert!(out["adapters"].as_array().is_some_and(|a| !a.is_empty()));
 }
+
+/// `--f16-weights` on a checkpoint whose weights are f16 in the file: generation gives the
+/// f32 load's tokens (the storage is exact), and `export` writes the projections as F16.
+#[test]
+fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
+    let model = manifest().join("tests/fixtures/models/qwen2-f16");
+    let model = model.to_str().unwrap();
+    let generate = |extra: &[&str]| {
+        let mut argv = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "hello there",
+            "--max-tokens",
+            "8",
+            "--json",
+        ];
+        argv.extend_from_slice(extra);
+        u32s(&es2_json(&argv)["output_ids"])
+    };
+    assert_eq!(generate(&["--f16-weights"]), generate(&[]));
+
+    let out = std::env::temp_dir().join(format!("es2-cli-f16-{}", std::process::id()));
+    let exported = es2(&[
+        "export",
+        "--model",
+        model,
+        "--f16-weights",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dtype = |name: &str| file.tensor(name).unwrap().dtype();
+    assert_eq!(
+        dtype("model.layers.0.mlp.down_proj.weight"),
+        safetensors::Dtype::F16
+    );
+    assert_eq!(dtype("model.norm.weight"), safetensors::Dtype::F32);
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -83,6 +83,10 @@ pub struct TrainArgs {
     /// Also write a merged Hugging Face model folder (out/merged).
     #[arg(long)]
     merge: bool,
+    /// Keep the frozen base weights' block projections in f16, at half their GPU memory
+    /// (the model of a LoRA run; the frozen reference copy under --full). Compute stays f32.
+    #[arg(long)]
+    f16_weights: bool,
 
     /// Learning rate [default: 1e-4; an embedded model's preset may differ].
     #[arg(long)]
@@ -195,6 +199,7 @@ impl TrainArgs {
             chat: !self.no_chat,
             merge: self.merge,
             overwrite: self.overwrite,
+            f16_weights: self.f16_weights,
             ..config
         };
         let o = &mut config.objective;

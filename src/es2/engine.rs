@@ -61,7 +61,7 @@ impl Es2Engine {
                 "LoRA training needs adapters on the model".into(),
             ));
         }
-        let grads = Gradients::new(gpu, model, trainable);
+        let grads = Gradients::new(gpu, model, trainable)?;
         let params = grads.named(model);
         let base_tensors = BaseTensors::new(gpu, &base_stats, model.config.hidden_size)?;
         Ok(Es2Engine {

@@ -57,6 +57,10 @@ pub struct TrainConfig {
     pub merge: bool,
     /// Replace the results of an earlier run in `out` instead of refusing to.
     pub overwrite: bool,
+    /// Store the frozen base weights' block projections in f16 (half their memory; see
+    /// [`LoadOptions::f16_weights`]): the whole model of a LoRA run, the frozen reference copy
+    /// of a full fine-tune (whose trained copy stays f32).
+    pub f16_weights: bool,
 }
 
 impl Default for TrainConfig {
@@ -83,6 +87,7 @@ impl Default for TrainConfig {
             chat: true,
             merge: false,
             overwrite: false,
+            f16_weights: false,
         }
     }
 }
@@ -197,6 +202,7 @@ impl<'g> Trainer<'g> {
         config.validate()?;
         check_out_dir(&config.out, config.overwrite)?;
         let setup = Setup::load(gpu, &config)?;
+        observer.message(&setup.weights_message());
         observer.message(&format!(
             "{} prompts: {} harmful + {} harmless for training, {} + {} held out",
             config.model,
@@ -233,6 +239,7 @@ impl<'g> Trainer<'g> {
         }
         config.validate()?;
         let setup = Setup::load(gpu, &config)?;
+        observer.message(&setup.weights_message());
         let metrics = MetricsLog::resume(&config.out.join("metrics.jsonl"), state.step)?;
         let mut trainer =
             setup.into_trainer(gpu, config, state.base_stats, state.samplers, metrics)?;
@@ -442,6 +449,8 @@ impl<'g> Trainer<'g> {
                     .save_adapter(self.gpu, &out, lora, &self.config.model)?;
                 observer.message(&format!("adapter: {}", out.display()));
                 if self.config.merge {
+                    // The base in f32 whatever the run used: merged weights keep the update
+                    // that f16 would round away.
                     let mut merged =
                         open_model(self.gpu, &self.config.model, &LoadOptions::default())?.0;
                     merged.load_adapter(self.gpu, &out)?;
@@ -472,15 +481,23 @@ struct Setup {
 
 impl Setup {
     /// The model (with fresh adapters, or with a frozen copy for full fine-tuning) and the
-    /// tokenised, split prompts.
+    /// tokenised, split prompts. The frozen weights are f16 when `config.f16_weights`.
     fn load(gpu: &Gpu, config: &TrainConfig) -> Result<Self> {
-        let (mut model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
-        let frozen = match &config.lora {
+        let frozen_options = LoadOptions {
+            f16_weights: config.f16_weights,
+            ..LoadOptions::default()
+        };
+        let (model, tokenizer, frozen) = match &config.lora {
             Some(lora) => {
+                let (mut model, tokenizer) = open_model(gpu, &config.model, &frozen_options)?;
                 model.attach_lora(gpu, lora, config.seed)?;
-                None
+                (model, tokenizer, None)
             }
-            None => Some(open_model(gpu, &config.model, &LoadOptions::default())?.0),
+            None => {
+                let (model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
+                let frozen = open_model(gpu, &config.model, &frozen_options)?.0;
+                (model, tokenizer, Some(frozen))
+            }
         };
         let (harmful, harmless) = load_data(config, &tokenizer)?;
         Ok(Setup {
@@ -490,6 +507,27 @@ impl Setup {
             harmful,
             harmless,
         })
+    }
+
+    /// One line on the GPU memory the weights take.
+    fn weights_message(&self) -> String {
+        let mut bytes = self.model.parameter_bytes();
+        let mut what = "weights";
+        if let Some(frozen) = &self.frozen {
+            bytes += frozen.parameter_bytes();
+            what = "weights (trained and frozen copies)";
+        }
+        let f16 = !self
+            .frozen
+            .as_ref()
+            .unwrap_or(&self.model)
+            .f16_weight_names()
+            .is_empty();
+        format!(
+            "{what}: {} on the GPU, block projections of the frozen base in {}",
+            human_bytes(bytes),
+            if f16 { "f16" } else { "f32" }
+        )
     }
 
     /// ν, D(base), margins and centroid over (a capped number of) the training prompts.
@@ -562,6 +600,18 @@ fn check_out_dir(out: &Path, overwrite: bool) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `bytes` in KiB, MiB or GiB.
+fn human_bytes(bytes: u64) -> String {
+    let mut value = bytes as f64;
+    for unit in ["B", "KiB", "MiB"] {
+        if value < 1024.0 {
+            return format!("{value:.1} {unit}");
+        }
+        value /= 1024.0;
+    }
+    format!("{value:.2} GiB")
 }
 
 fn round(xs: &[f32]) -> Vec<f32> {

@@ -6,6 +6,7 @@ use super::linear::LinearGrads;
 use super::transformer::{projection_name, Transformer, PROJECTIONS};
 use super::vocab::VocabMatrix;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::{Error, Result};
 
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +51,17 @@ fn zeros_like(gpu: &Gpu, t: &Tensor) -> Tensor {
 }
 
 impl Gradients {
-    /// Zeroed gradient buffers for `trainable`.
-    pub fn new(gpu: &Gpu, model: &Transformer, trainable: Trainable) -> Self {
+    /// Zeroed gradient buffers for `trainable`. Full fine-tuning of a model whose weights are
+    /// stored in f16 is refused: those weights are frozen (their gradients and updates need
+    /// f32).
+    pub fn new(gpu: &Gpu, model: &Transformer, trainable: Trainable) -> Result<Self> {
         let full = trainable == Trainable::Full;
+        if let Some(name) = model.f16_weight_names().first().filter(|_| full) {
+            return Err(Error::InvalidArgument(format!(
+                "full fine-tuning trains every weight in f32, but {name} is stored in f16 (the \
+                 model was loaded with f16 weights): load it in f32, or train LoRA adapters"
+            )));
+        }
         let blocks = model
             .blocks
             .iter()
@@ -75,7 +84,7 @@ impl Gradients {
                 }),
             })
             .collect();
-        Gradients {
+        Ok(Gradients {
             trainable,
             embed: full.then(|| model.embed.zeros_like(gpu)),
             blocks,
@@ -85,7 +94,7 @@ impl Gradients {
                 .as_ref()
                 .filter(|_| full)
                 .map(|h| h.zeros_like(gpu)),
-        }
+        })
     }
 
     /// The gradient buffer of the LM head (the embedding's when tied), if it trains.

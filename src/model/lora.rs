@@ -11,8 +11,9 @@ use serde_json::json;
 use super::linear::Lora;
 use super::transformer::{projection_name, Transformer, PROJECTIONS};
 use super::weights::Checkpoint;
-use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::io::{write_json, write_safetensors, SaveTensor};
+use crate::ops::cast::cast;
 use crate::ops::matmul::{gemm, Gemm, MatmulOptions};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -229,7 +230,9 @@ impl Transformer {
         write_json(&dir.join("adapter_config.json"), &adapter_config)
     }
 
-    /// Folds every adapter into its base weight (`W += scale·B·A`) and removes it.
+    /// Folds every adapter into its base weight (`W += scale·B·A`) and removes it. A weight
+    /// stored in f16 is first widened into an f32 copy that replaces it, since rounding the
+    /// sum back to f16 would lose much of a small update: merged projections are f32.
     pub fn merge_lora(&mut self, gpu: &Gpu) -> Result<()> {
         let mut rec = Recorder::new(gpu);
         for block in &mut self.blocks {
@@ -240,6 +243,11 @@ impl Transformer {
                 let Some(lora) = linear.lora.take() else {
                     continue;
                 };
+                if linear.weight.dtype() == DType::F16 {
+                    let wide = Tensor::empty(gpu, linear.weight.shape().clone(), DType::F32);
+                    cast(&mut rec, &linear.weight, &wide);
+                    linear.weight = wide;
+                }
                 let (out, inp, r) = (linear.out_features(), linear.in_features(), lora.rank());
                 let product = Gemm::dense(out, inp, r, false, false)
                     .with(MatmulOptions::accumulate().scaled(lora.scale));

@@ -1,7 +1,7 @@
 //! Writing a model out as a Hugging Face folder that transformers loads as it loads the
-//! original: `config.json`, f32 `model.safetensors`, and the tokenizer files (copied from the
-//! source folder, or generated for an embedded model). The folder is built aside and renamed
-//! into place.
+//! original: `config.json`, `model.safetensors` (f32, with the projection weights in f16 where
+//! the model stores them so), and the tokenizer files (copied from the source folder, or
+//! generated for an embedded model). The folder is built aside and renamed into place.
 
 use std::path::Path;
 

@@ -21,7 +21,8 @@ use crate::ops::dropout::Dropout;
 use crate::ops::residual::{accumulate, residual_forward};
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, rope_inv_freq};
-use crate::Result;
+use crate::{Error, Result};
+use half::{f16, slice::HalfFloatSliceExt};
 
 /// One decoder block's parameters.
 #[derive(Debug, Clone)]
@@ -85,6 +86,23 @@ pub struct LoadOptions {
     /// Treat bindings larger than this as impossible (defaults to the adapter's limit); a
     /// small value forces the vocabulary-sized matrices into many chunks.
     pub max_binding_bytes: Option<u64>,
+    /// Store the blocks' projection weights (q, k, v, o, gate, up, down: over 95% of a large
+    /// model) in f16, at half the memory. They are rounded to nearest on the host, one tensor
+    /// at a time; the kernels widen them exactly, so all arithmetic stays f32. Such a model
+    /// runs, generates and trains LoRA adapters, but its own weights cannot train (full
+    /// fine-tuning needs f32). Embeddings, LM head, norms and biases stay f32.
+    pub f16_weights: bool,
+}
+
+impl LoadOptions {
+    /// The element type of the blocks' projection weights.
+    pub fn projection_dtype(&self) -> DType {
+        if self.f16_weights {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
 }
 
 /// A decoder-only transformer on the GPU.
@@ -218,7 +236,7 @@ impl Transformer {
         };
         let embed = vocab("model.embed_tokens.weight")?;
         let blocks = (0..c.num_hidden_layers)
-            .map(|layer| load_block(gpu, c, source, layer))
+            .map(|layer| load_block(gpu, c, source, layer, options.projection_dtype()))
             .collect::<Result<Vec<_>>>()?;
         let final_norm = upload(gpu, source, "model.norm.weight", &[c.hidden_size])?;
         let lm_head = if c.tie_word_embeddings {
@@ -241,6 +259,41 @@ impl Transformer {
     /// The output projection (the embedding when tied).
     pub fn lm_head(&self) -> &VocabMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes the base weights take on the GPU (adapters not counted).
+    pub fn parameter_bytes(&self) -> u64 {
+        let vocab = |m: &VocabMatrix| m.chunks.iter().map(Tensor::size_bytes).sum::<u64>();
+        let blocks: u64 = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let projections: u64 = PROJECTIONS
+                    .iter()
+                    .filter_map(|p| b.projection(p))
+                    .map(|l| l.weight.size_bytes() + l.bias.as_ref().map_or(0, Tensor::size_bytes))
+                    .sum();
+                projections + b.attn_norm.size_bytes() + b.mlp_norm.size_bytes()
+            })
+            .sum();
+        vocab(&self.embed)
+            + blocks
+            + self.final_norm.size_bytes()
+            + self.lm_head.as_ref().map_or(0, vocab)
+    }
+
+    /// The Hugging Face names of the weights stored in f16 (see [`LoadOptions::f16_weights`]).
+    pub fn f16_weight_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for p in PROJECTIONS {
+                let linear = block.projection(p).expect("PROJECTIONS names projections");
+                if linear.weight.dtype() == DType::F16 {
+                    names.push(format!("{}.weight", projection_name(layer, p)));
+                }
+            }
+        }
+        names
     }
 
     /// Number of decoder blocks L (hidden-state indices run 0..=L).
@@ -495,19 +548,59 @@ fn upload(gpu: &Gpu, source: &dyn ParamSource, name: &str, shape: &[usize]) -> R
     Tensor::from_f32(gpu, shape, &data)
 }
 
+/// Tensor `name` uploaded as `dtype`: f32, or f16 rounded to nearest even on the host (only
+/// this tensor is ever held twice, as f32 and as f16).
+fn upload_as(
+    gpu: &Gpu,
+    source: &dyn ParamSource,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    match dtype {
+        DType::F32 => upload(gpu, source, name, shape),
+        DType::F16 => {
+            let halves = to_f16(name, &source.tensor(name, shape)?)?;
+            Tensor::from_f16(gpu, shape, &halves)
+        }
+        other => unreachable!("weights are stored as f32 or f16, not {other}"),
+    }
+}
+
+/// `data` rounded to f16 (round to nearest even, as the cast kernel), or an error naming
+/// tensor `name` when a finite value lies beyond f16's range and would become infinite.
+fn to_f16(name: &str, data: &[f32]) -> Result<Vec<f16>> {
+    let mut halves = vec![f16::ZERO; data.len()];
+    halves.convert_from_f32_slice(data);
+    let overflow = data
+        .iter()
+        .zip(&halves)
+        .position(|(x, h)| x.is_finite() && h.is_infinite());
+    if let Some(i) = overflow {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: element {i} ({}) is beyond the f16 range (±65504); load this model \
+             without f16 weights (--f16-weights)",
+            data[i]
+        )));
+    }
+    Ok(halves)
+}
+
+/// A projection with its weight stored as `dtype` and its bias (if any) as f32.
 fn load_linear(
     gpu: &Gpu,
     source: &dyn ParamSource,
     name: &str,
-    out_features: usize,
-    in_features: usize,
+    (out_features, in_features): (usize, usize),
     bias: bool,
+    dtype: DType,
 ) -> Result<Linear> {
-    let weight = upload(
+    let weight = upload_as(
         gpu,
         source,
         &format!("{name}.weight"),
         &[out_features, in_features],
+        dtype,
     )?;
     let bias = if bias {
         Some(upload(
@@ -522,11 +615,25 @@ fn load_linear(
     Ok(Linear::new(weight, bias))
 }
 
-fn load_block(gpu: &Gpu, c: &Config, source: &dyn ParamSource, layer: usize) -> Result<Block> {
+/// Block `layer`, its projection weights stored as `dtype`.
+fn load_block(
+    gpu: &Gpu,
+    c: &Config,
+    source: &dyn ParamSource,
+    layer: usize,
+    dtype: DType,
+) -> Result<Block> {
     let prefix = format!("model.layers.{layer}");
     let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
     let proj = |p: &str, out, inp, bias| {
-        load_linear(gpu, source, &projection_name(layer, p), out, inp, bias)
+        load_linear(
+            gpu,
+            source,
+            &projection_name(layer, p),
+            (out, inp),
+            bias,
+            dtype,
+        )
     };
     let block = Block {
         attn_norm: upload(

@@ -3,6 +3,10 @@
 //! operand is stored transposed) is fixed per pipeline, so no transpose kernel ever runs.
 //!
 //! Weights are stored PyTorch-style, `W [N, K]` (out × in); activations are row-major `[.., K]`.
+//! A frozen weight may be f16 (`DType::F16`, half the memory): the forward and the input
+//! gradient read it through the GEMM's B operand, which widens f16 exactly to f32 as it loads
+//! a tile, so the product equals the f32 product of the same (f16-representable) values, bit
+//! for bit. Everything else is f32, and so is all arithmetic.
 //! Every launcher takes [`MatmulOptions`]: handing a backward the forward's `alpha` gives the
 //! gradient of the scaled forward.
 
@@ -234,17 +238,29 @@ impl Params {
     }
 }
 
-/// Asserts that `batch` matrices of `rows × cols` laid out as `layout` lie inside `tensor`
-/// (and that every index fits the kernel's u32 arithmetic).
+/// Asserts that `tensor` has one of the element types in `dtypes`, and that `batch` matrices
+/// of `rows × cols` laid out as `layout` lie inside it (and that every index fits the kernel's
+/// u32 arithmetic). Offsets and strides count elements whatever their width: the kernel finds
+/// a 16-bit element i in half i % 2 of word i / 2, so any element offset, odd or even, works,
+/// and the last word is there because bindings are padded to 4 bytes.
 fn check_operand(
     name: &str,
     tensor: &Tensor,
+    dtypes: &[DType],
     layout: &Strided,
     batch: usize,
     dims: (usize, usize),
 ) {
     let (rows, cols) = dims;
-    assert_eq!(tensor.dtype(), DType::F32, "gemm: {name} must be f32");
+    assert!(
+        dtypes.contains(&tensor.dtype()),
+        "gemm: {name} {tensor:?} must be {}",
+        dtypes
+            .iter()
+            .map(DType::to_string)
+            .collect::<Vec<_>>()
+            .join(" or ")
+    );
     assert!(
         layout.row_stride >= cols,
         "gemm: {name} row stride {} is shorter than its {cols} columns",
@@ -318,10 +334,12 @@ impl Tiles {
         ]
     }
 
-    fn overrides(&self, g: &Gemm) -> [(&'static str, u32); 7] {
+    /// The overrides for `g` with a B operand of type `b_dtype`.
+    fn overrides(&self, g: &Gemm, b_dtype: DType) -> [(&'static str, u32); 8] {
         [
             ("TRANSPOSE_A", u32::from(g.transpose_a)),
             ("TRANSPOSE_B", u32::from(g.transpose_b)),
+            ("B_F16", u32::from(b_dtype == DType::F16)),
             ("GROUP_M", self.threads[0]),
             ("GROUP_N", self.threads[1]),
             ("BLOCK_M", self.block[0]),
@@ -356,6 +374,7 @@ fn workgroups(g: &Gemm, [rows, cols]: [u32; 2]) -> usize {
 /// Records `C[b] = alpha·op(A[b])·op(B[b]) (+ bias) (+ C[b])` for every `b < g.batch`, as
 /// described by `g`. `bias` (f32, `bias[g.bias_offset + n]` for column n) is added unscaled.
 /// C must not overlap A, B or bias, and distinct batch entries of C must not overlap.
+/// B is f32 or f16 (frozen weights; widened exactly as it is read); A, bias and C are f32.
 pub fn gemm(
     rec: &mut Recorder,
     g: &Gemm,
@@ -371,10 +390,10 @@ pub fn gemm(
     // With K = 0 the product is empty; the kernel still writes bias (+ C), so A and B are
     // not read and need no extent.
     if g.k > 0 {
-        check_operand("A", a, &g.a, g.batch, a_dims);
-        check_operand("B", b, &g.b, g.batch, b_dims);
+        check_operand("A", a, &[DType::F32], &g.a, g.batch, a_dims);
+        check_operand("B", b, &[DType::F32, DType::F16], &g.b, g.batch, b_dims);
     }
-    check_operand("C", c, &g.c, g.batch, c_dims);
+    check_operand("C", c, &[DType::F32], &g.c, g.batch, c_dims);
     assert!(
         batches_disjoint(g),
         "gemm: batch entries of C may overlap ({:?}, {}x{}, batch {})",
@@ -387,6 +406,7 @@ pub fn gemm(
         check_operand(
             "bias",
             bias,
+            &[DType::F32],
             &Strided::broadcast(g.n).at(g.bias_offset),
             1,
             (1, g.n),
@@ -473,7 +493,7 @@ fn launch(
         g.batch
     );
     let spec = if bias.is_some() { &GEMM_BIAS } else { &GEMM };
-    let kernel = rec.gpu().kernel(spec, &tiles.overrides(g));
+    let kernel = rec.gpu().kernel(spec, &tiles.overrides(g, b.dtype()));
     let tensors: Vec<&Tensor> = match bias {
         Some(bias) => vec![a, b, bias, c],
         None => vec![a, b, c],
@@ -515,7 +535,8 @@ fn weight_dims(w: &Tensor) -> (usize, usize) {
     (w.dims()[0], w.dims()[1])
 }
 
-/// `Y = alpha·X·Wᵀ (+ bias) (+ Y)`: `x [.., K]`, `w [N, K]`, `bias [N]`, `y [.., N]`.
+/// `Y = alpha·X·Wᵀ (+ bias) (+ Y)`: `x [.., K]`, `w [N, K]` (f32 or f16), `bias [N]`,
+/// `y [.., N]`.
 pub fn matmul_forward(
     rec: &mut Recorder,
     x: &Tensor,
@@ -543,7 +564,7 @@ pub fn matmul_forward(
     );
 }
 
-/// `dX = alpha·dY·W` (or `+=`): `dy [.., N]`, `w [N, K]`, `dx [.., K]`.
+/// `dX = alpha·dY·W` (or `+=`): `dy [.., N]`, `w [N, K]` (f32 or f16), `dx [.., K]`.
 pub fn matmul_backward_input(
     rec: &mut Recorder,
     dy: &Tensor,
@@ -564,7 +585,7 @@ pub fn matmul_backward_input(
 }
 
 /// `dW = alpha·dYᵀ·X` (or `+=`, as parameter gradients do): `dy [.., N]`, `x [.., K]`,
-/// `dw [N, K]`.
+/// `dw [N, K]`, all f32 (a weight stored in f16 is frozen: it has no gradient).
 pub fn matmul_backward_weight(
     rec: &mut Recorder,
     dy: &Tensor,
@@ -572,6 +593,13 @@ pub fn matmul_backward_weight(
     dw: &Tensor,
     options: MatmulOptions,
 ) {
+    for (name, t) in [("dy", dy), ("x", x), ("dw", dw)] {
+        assert_eq!(
+            t.dtype(),
+            DType::F32,
+            "matmul_backward_weight: {name} {t:?} must be f32 (f16 weights are frozen)"
+        );
+    }
     let (n, k) = weight_dims(dw);
     let m = shared_rows("matmul_backward_weight", ("dy", dy, n), ("x", x, k));
     gemm(

@@ -77,7 +77,7 @@ fn loss(model: &Transformer, p: &Probe) -> f64 {
 
 fn gradients(model: &Transformer, p: &Probe, trainable: Trainable) -> Gradients {
     let gpu = gpu();
-    let grads = Gradients::new(gpu, model, trainable);
+    let grads = Gradients::new(gpu, model, trainable).unwrap();
     let mut rec = Recorder::new(gpu);
     let out = model.forward(&mut rec, &p.batch, &ForwardSpec::full(model.layers()));
     let seeds = Seeds {
@@ -155,11 +155,10 @@ fn full_backward_matches_directional_finite_differences() {
     check(&model, Trainable::Full, 3e-4);
 }
 
-#[test]
-fn lora_backward_matches_directional_finite_differences() {
+/// The LoRA backward on fixture model `name` loaded with `options`.
+fn check_lora(name: &str, options: &LoadOptions) {
     let gpu = gpu();
-    let mut model =
-        Transformer::load(gpu, &model_dir("qwen2-f16"), &LoadOptions::default()).unwrap();
+    let mut model = Transformer::load(gpu, &model_dir(name), options).unwrap();
     let config = LoraConfig {
         rank: 3,
         alpha: 6.0,
@@ -167,7 +166,7 @@ fn lora_backward_matches_directional_finite_differences() {
     };
     model.attach_lora(gpu, &config, 5).unwrap();
     // PEFT starts B at zero; make it nonzero so that every adapter gradient is exercised.
-    let grads = Gradients::new(gpu, &model, Trainable::Lora);
+    let grads = Gradients::new(gpu, &model, Trainable::Lora).unwrap();
     let mut rng = Rng::new(9);
     for p in grads
         .named(&model)
@@ -179,4 +178,22 @@ fn lora_backward_matches_directional_finite_differences() {
             .unwrap();
     }
     check(&model, Trainable::Lora, 3e-4);
+}
+
+#[test]
+fn lora_backward_matches_directional_finite_differences() {
+    check_lora("qwen2-f16", &LoadOptions::default());
+}
+
+/// The frozen base weights rounded to f16 (a model of its own, whose forward and input
+/// gradients dX = dY·W both read the f16 weights).
+#[test]
+fn lora_backward_with_f16_base_weights_matches_directional_finite_differences() {
+    check_lora(
+        "llama-f32",
+        &LoadOptions {
+            f16_weights: true,
+            ..LoadOptions::default()
+        },
+    );
 }

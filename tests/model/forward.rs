@@ -5,7 +5,7 @@ use crate::fixtures::{model_dir, Reference, MODELS};
 
 const TOL: f64 = 1e-4;
 
-fn full_forward(model: &Transformer, batch: &Batch) -> (Vec<f32>, Vec<Vec<f32>>) {
+pub fn full_forward(model: &Transformer, batch: &Batch) -> (Vec<f32>, Vec<Vec<f32>>) {
     let gpu = gpu();
     let out = model
         .forward_now(
@@ -24,7 +24,7 @@ fn full_forward(model: &Transformer, batch: &Batch) -> (Vec<f32>, Vec<Vec<f32>>)
     (logits, hidden)
 }
 
-fn check_against_transformers(name: &str, options: &LoadOptions) {
+pub fn check_against_transformers(name: &str, options: &LoadOptions) {
     let gpu = gpu();
     let model = Transformer::load(gpu, &model_dir(name), options).unwrap();
     let r = Reference::load(name);
@@ -88,6 +88,7 @@ fn chunked_vocabulary_matches_unsplit() {
     let whole = Transformer::load(gpu, &model_dir(name), &LoadOptions::default()).unwrap();
     let tiny = LoadOptions {
         max_binding_bytes: Some(64 * 48 * 4),
+        ..LoadOptions::default()
     };
     let split = Transformer::load(gpu, &model_dir(name), &tiny).unwrap();
     assert_eq!(whole.embed.chunks.len(), 1);

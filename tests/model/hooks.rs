@@ -95,7 +95,7 @@ fn input_embedding_gradient_matches_directional_differences_through_a_perturbati
     }
     let w = upload(gpu, [batch.rows(), v], &w);
     // L = Σ w·logits; its gradient with respect to hidden_states[0] from the backward.
-    let grads = Gradients::new(gpu, &model, Trainable::Lora);
+    let grads = Gradients::new(gpu, &model, Trainable::Lora).unwrap();
     let mut rec = Recorder::new(gpu);
     let out = model.forward(&mut rec, &batch, &ForwardSpec::full(model.layers()));
     let seeds = Seeds {

@@ -5,6 +5,7 @@ mod backward;
 mod bad_input;
 mod embed;
 mod embedded;
+mod f16_weights;
 mod fixtures;
 mod forward;
 mod generation;

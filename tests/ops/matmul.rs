@@ -1,6 +1,7 @@
 use es2_wgpu::ops::matmul::{self, reference, Gemm, MatmulOptions, Strided};
 use es2_wgpu::testing::*;
 use es2_wgpu::{Recorder, Tensor};
+use half::f16;
 
 const TOL: f64 = 1e-5;
 
@@ -368,4 +369,173 @@ fn gemm_rejects_an_operand_that_runs_past_its_tensor() {
     g.a = g.a.at(1);
     let mut rec = Recorder::new(gpu);
     matmul::gemm(&mut rec, &g, &ta, &tb, None, &tc);
+}
+
+// ---- f16 weights (the GEMM's B operand) ----
+
+/// `n` random weights rounded to f16, every seventh scaled into f16's subnormal range: the
+/// f16 values, and the same values as f32 (exact: every f16 is an f32).
+fn f16_weights(seed: u64, n: usize) -> (Vec<f16>, Vec<f32>) {
+    let halves: Vec<f16> = randn(seed, n, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| f16::from_f32(if i % 7 == 3 { w * 1e-6 } else { w }))
+        .collect();
+    let widened = halves.iter().map(|h| h.to_f32()).collect();
+    (halves, widened)
+}
+
+/// The weight `[n, k]` uploaded as f16 and, holding the same values, as f32.
+fn weight_pair(seed: u64, n: usize, k: usize) -> (Tensor, Tensor, Vec<f32>) {
+    let gpu = gpu();
+    let (halves, values) = f16_weights(seed, n * k);
+    let w16 = Tensor::from_f16(gpu, [n, k], &halves).unwrap();
+    (w16, upload(gpu, [n, k], &values), values)
+}
+
+/// (M, N, K) with K and N odd; the last splits K on a CPU adapter (one workgroup, K = 301 in
+/// the input gradient).
+const F16_SHAPES: [(usize, usize, usize); 5] = [
+    (37, 29, 53),
+    (1, 29, 53),
+    (37, 1, 53),
+    (37, 29, 1),
+    (7, 301, 9),
+];
+
+#[test]
+fn f16_weights_match_the_reference_and_the_f32_path_bit_for_bit() {
+    let gpu = gpu();
+    for (case, &(m, n, k)) in F16_SHAPES.iter().enumerate() {
+        let seed = 1000 + 10 * case as u64;
+        let (w16, w32, w) = weight_pair(seed, n, k);
+        let (x, b, dy) = (
+            randn(seed + 1, m * k, 1.0),
+            randn(seed + 2, n, 1.0),
+            randn(seed + 3, m * n, 1.0),
+        );
+        let (tx, tb, tdy) = (
+            upload(gpu, [m, k], &x),
+            upload(gpu, [n], &b),
+            upload(gpu, [m, n], &dy),
+        );
+        let options = MatmulOptions::default().scaled(0.75);
+        // (y, dx) with the f16 weight, then with the f32 one.
+        let run = |w: &Tensor| {
+            let (y, dx) = (poisoned(gpu, [m, n]), poisoned(gpu, [m, k]));
+            let mut rec = Recorder::new(gpu);
+            matmul::matmul_forward(&mut rec, &tx, w, Some(&tb), &y, options);
+            matmul::matmul_backward_input(&mut rec, &tdy, w, &dx, options);
+            rec.finish().unwrap();
+            (download(gpu, &y), download(gpu, &dx))
+        };
+        let ((y16, dx16), (y32, dx32)) = (run(&w16), run(&w32));
+
+        let wd = f64s(&w);
+        let name = format!("{m}x{n}x{k} f16 weight");
+        let want_y = reference::matmul_forward(&f64s(&x), &wd, Some(&f64s(&b)), (m, n, k), 0.75);
+        let want_dx = reference::matmul_backward_input(&f64s(&dy), &wd, (m, n, k), 0.75);
+        assert_close(&format!("matmul_forward {name}"), &y16, &want_y, TOL);
+        assert_close(
+            &format!("matmul_backward_input {name}"),
+            &dx16,
+            &want_dx,
+            TOL,
+        );
+        // Same tiles, same order of the sums: only the load differs, and it is exact.
+        assert_bit_identical(&format!("matmul_forward {name} vs f32"), &y16, &y32);
+        assert_bit_identical(
+            &format!("matmul_backward_input {name} vs f32"),
+            &dx16,
+            &dx32,
+        );
+    }
+}
+
+#[test]
+fn gemm_reads_f16_b_at_odd_offsets_and_strides_in_both_layouts() {
+    let gpu = gpu();
+    let (batch, m, n, k) = (2, 19, 23, 31);
+    for transpose_b in [false, true] {
+        // B starts at element 3, with an odd row stride and an odd batch stride, so its
+        // elements fall in either half of their words.
+        let (rows, cols) = if transpose_b { (n, k) } else { (k, n) };
+        let b_layout = Strided {
+            offset: 3,
+            row_stride: cols + 2,
+            batch_stride: rows * (cols + 2) + 1,
+        };
+        let g = Gemm {
+            batch,
+            b: b_layout,
+            ..Gemm::dense(m, n, k, false, transpose_b)
+        };
+        let len = 3 + batch * b_layout.batch_stride;
+        let (halves, b) = f16_weights(1100 + u64::from(transpose_b), len);
+        let a = randn(1102, batch * m * k, 1.0);
+        let init = randn(1103, batch * m * n, 1.0);
+        let (ta, tb16, tb32) = (
+            upload(gpu, [a.len()], &a),
+            Tensor::from_f16(gpu, [len], &halves).unwrap(),
+            upload(gpu, [len], &b),
+        );
+        for options in [MatmulOptions::default(), MatmulOptions::accumulate()] {
+            let g = g.with(options.scaled(-1.5));
+            let c_init = if options.accumulate {
+                init.clone()
+            } else {
+                vec![f32::NAN; init.len()]
+            };
+            let run = |tb: &Tensor| {
+                let c = upload(gpu, [c_init.len()], &c_init);
+                let mut rec = Recorder::new(gpu);
+                matmul::gemm(&mut rec, &g, &ta, tb, None, &c);
+                rec.finish().unwrap();
+                download(gpu, &c)
+            };
+            let (out16, out32) = (run(&tb16), run(&tb32));
+            let name = format!(
+                "gemm f16 B transpose_b={transpose_b} offset 3 accumulate={}",
+                options.accumulate
+            );
+            let want = reference_gemm(&g, &a, &b, None, &c_init);
+            assert_close(&name, &out16, &want, TOL);
+            assert_bit_identical(&format!("{name} vs f32"), &out16, &out32);
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "f16 weights are frozen")]
+fn matmul_backward_weight_refuses_an_f16_gradient() {
+    let gpu = gpu();
+    let (m, n, k) = (3, 5, 7);
+    let (tdy, tx) = (
+        upload(gpu, [m, n], &randn(1200, m * n, 1.0)),
+        upload(gpu, [m, k], &randn(1201, m * k, 1.0)),
+    );
+    let dw = Tensor::from_f16(gpu, [n, k], &f16_weights(1202, n * k).0).unwrap();
+    let mut rec = Recorder::new(gpu);
+    matmul::matmul_backward_weight(&mut rec, &tdy, &tx, &dw, MatmulOptions::accumulate());
+}
+
+#[test]
+#[should_panic(expected = "gemm: A Tensor([4, 5], f16) must be f32")]
+fn gemm_takes_f16_only_for_b() {
+    let gpu = gpu();
+    let (m, n, k) = (4, 3, 5);
+    let ta = Tensor::from_f16(gpu, [m, k], &f16_weights(1300, m * k).0).unwrap();
+    let (tb, tc) = (
+        upload(gpu, [n, k], &randn(1301, n * k, 1.0)),
+        poisoned(gpu, [m, n]),
+    );
+    let mut rec = Recorder::new(gpu);
+    matmul::gemm(
+        &mut rec,
+        &Gemm::dense(m, n, k, false, true),
+        &ta,
+        &tb,
+        None,
+        &tc,
+    );
 }

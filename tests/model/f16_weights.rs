@@ -1,0 +1,243 @@
+//! Models loaded with f16 projection weights (`LoadOptions::f16_weights`): the forward against
+//! transformers and against the f32 load, generation, merging adapters, saving, and the
+//! refusal to train f16 weights. (The LoRA backward with f16 weights is in backward.rs.)
+
+use es2_wgpu::gpu::DType;
+use es2_wgpu::model::{
+    save_pretrained, Batch, Checkpoint, ForwardSpec, Gradients, LoadOptions, LoraConfig,
+    SamplingOptions, Trainable, Transformer,
+};
+use es2_wgpu::rng::Rng;
+use es2_wgpu::testing::{assert_bit_identical, assert_close, download, f64s, gpu};
+use safetensors::tensor::Dtype;
+
+use crate::fixtures::{model_dir, Reference};
+use crate::forward::{check_against_transformers, full_forward};
+
+fn f16_options() -> LoadOptions {
+    LoadOptions {
+        f16_weights: true,
+        ..LoadOptions::default()
+    }
+}
+
+fn load(name: &str, options: &LoadOptions) -> Transformer {
+    Transformer::load(gpu(), &model_dir(name), options).unwrap()
+}
+
+/// The fixture's own sequences as a batch.
+fn fixture_batch(name: &str, model: &Transformer) -> Batch {
+    let r = Reference::load(name);
+    Batch::new(gpu(), &r.sequences(), model.config.vocab_size).unwrap()
+}
+
+/// Elements of the blocks' projection weights.
+fn projection_elements(model: &Transformer) -> u64 {
+    model
+        .blocks
+        .iter()
+        .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
+        .map(|l| l.weight.numel() as u64)
+        .sum()
+}
+
+#[test]
+fn qwen2_f16_stored_in_f16_matches_transformers_and_the_f32_load_bit_for_bit() {
+    check_against_transformers("qwen2-f16", &f16_options());
+    // The file holds f16 values, so f16 storage is exact, and the GEMM widens them exactly
+    // before the same f32 arithmetic: the logits cannot differ at all.
+    let (half, full) = (
+        load("qwen2-f16", &f16_options()),
+        load("qwen2-f16", &LoadOptions::default()),
+    );
+    let batch = fixture_batch("qwen2-f16", &full);
+    let (logits16, hidden16) = full_forward(&half, &batch);
+    let (logits32, hidden32) = full_forward(&full, &batch);
+    assert_bit_identical("qwen2-f16 logits, f16 vs f32 weights", &logits16, &logits32);
+    for (i, (h16, h32)) in hidden16.iter().zip(&hidden32).enumerate() {
+        assert_bit_identical(&format!("qwen2-f16 hidden_states[{i}]"), h16, h32);
+    }
+}
+
+#[test]
+fn llama_f32_with_weights_rounded_to_f16_stays_close_to_the_f32_load() {
+    let (half, full) = (
+        load("llama-f32", &f16_options()),
+        load("llama-f32", &LoadOptions::default()),
+    );
+    assert_eq!(half.blocks[0].q.weight.dtype(), DType::F16);
+    assert_eq!(half.blocks[2].down.weight.dtype(), DType::F16);
+    assert_eq!(half.embed.chunks[0].dtype(), DType::F32);
+    assert_eq!(half.blocks[0].attn_norm.dtype(), DType::F32);
+    let batch = fixture_batch("llama-f32", &full);
+    let (logits16, hidden16) = full_forward(&half, &batch);
+    let (logits32, hidden32) = full_forward(&full, &batch);
+    // f16 keeps 11 significant bits: each weight moves by at most 2^-12 of itself.
+    assert_close(
+        "llama-f32 logits, f16 vs f32 weights",
+        &logits16,
+        &f64s(&logits32),
+        5e-3,
+    );
+    let last = hidden16.len() - 1;
+    assert_close(
+        "llama-f32 final hidden state, f16 vs f32 weights",
+        &hidden16[last],
+        &f64s(&hidden32[last]),
+        5e-3,
+    );
+    // Exactly the projection weights shrink, by two bytes an element.
+    assert_eq!(
+        full.parameter_bytes() - half.parameter_bytes(),
+        2 * projection_elements(&full)
+    );
+    eprintln!(
+        "llama-f32 weights: {} bytes in f32, {} with f16 projections",
+        full.parameter_bytes(),
+        half.parameter_bytes()
+    );
+}
+
+#[test]
+fn generation_with_f16_weights_gives_the_tokens_of_the_f32_load() {
+    let gpu = gpu();
+    let prompt = [5u32, 17, 250, 3, 99, 42, 7];
+    let options = SamplingOptions {
+        max_tokens: 10,
+        ..SamplingOptions::default()
+    };
+    let generate = |options_: &LoadOptions| {
+        load("qwen2-f16", options_)
+            .generate(gpu, &prompt, &options, |_| Ok(()))
+            .unwrap()
+    };
+    let tokens = generate(&f16_options());
+    assert_eq!(tokens.len(), 10);
+    assert_eq!(tokens, generate(&LoadOptions::default()));
+}
+
+/// qwen2-f16 with the same adapters (B nonzero), loaded with f16 or f32 weights.
+fn with_adapters(options: &LoadOptions) -> Transformer {
+    let gpu = gpu();
+    let mut model = load("qwen2-f16", options);
+    let config = LoraConfig {
+        rank: 2,
+        ..LoraConfig::default()
+    };
+    model.attach_lora(gpu, &config, 11).unwrap();
+    let mut rng = Rng::new(12);
+    for block in &model.blocks {
+        for linear in [&block.q, &block.v, &block.down] {
+            let b = &linear.lora.as_ref().unwrap().b;
+            b.write_f32(gpu, &rng.normal_vec(b.numel(), 0.1)).unwrap();
+        }
+    }
+    model
+}
+
+/// The logits over `batch` with the adapters on.
+fn logits_with_adapters(model: &Transformer, batch: &Batch) -> Vec<f32> {
+    let out = model
+        .forward_now(gpu(), batch, &ForwardSpec::full(model.layers()))
+        .unwrap();
+    download(gpu(), out.logits.as_ref().unwrap())
+}
+
+#[test]
+fn merging_adapters_into_f16_weights_widens_them_to_f32() {
+    let gpu = gpu();
+    let (mut half, mut full) = (
+        with_adapters(&f16_options()),
+        with_adapters(&LoadOptions::default()),
+    );
+    let batch = fixture_batch("qwen2-f16", &full);
+    let unmerged = logits_with_adapters(&half, &batch);
+    half.merge_lora(gpu).unwrap();
+    full.merge_lora(gpu).unwrap();
+    assert!(half.f16_weight_names().is_empty(), "merged weights are f32");
+    let (merged16, _) = full_forward(&half, &batch);
+    let (merged32, _) = full_forward(&full, &batch);
+    // Widening is exact, so both merges compute the same f32 weights.
+    assert_bit_identical("merged from f16 vs from f32", &merged16, &merged32);
+    assert_close(
+        "f16 weights: merged vs adapters on",
+        &merged16,
+        &f64s(&unmerged),
+        1e-5,
+    );
+}
+
+#[test]
+fn saving_writes_f16_projections_that_load_back_exactly() {
+    let gpu = gpu();
+    let half = load("qwen2-f16", &f16_options());
+    let dir = std::env::temp_dir().join(format!("es2-f16-save-{}", std::process::id()));
+    let source = model_dir("qwen2-f16");
+    save_pretrained(gpu, &half, source.to_str().unwrap(), &dir).unwrap();
+
+    let saved = Checkpoint::open(&dir).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dtype = |name: &str| file.tensor(name).unwrap().dtype();
+    assert_eq!(dtype("model.layers.1.mlp.gate_proj.weight"), Dtype::F16);
+    assert_eq!(dtype("model.layers.1.self_attn.q_proj.bias"), Dtype::F32);
+    assert_eq!(dtype("model.embed_tokens.weight"), Dtype::F32);
+    assert!(saved.contains("model.layers.2.self_attn.o_proj.weight"));
+
+    // Loaded back in f32 or f16, the model computes what the original f32 load does.
+    let original = load("qwen2-f16", &LoadOptions::default());
+    let batch = fixture_batch("qwen2-f16", &original);
+    let (want, _) = full_forward(&original, &batch);
+    for options in [LoadOptions::default(), f16_options()] {
+        let reloaded = Transformer::load(gpu, &dir, &options).unwrap();
+        let (got, _) = full_forward(&reloaded, &batch);
+        assert_bit_identical(
+            &format!(
+                "saved f16 weights reloaded (f16_weights: {})",
+                options.f16_weights
+            ),
+            &got,
+            &want,
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn full_fine_tuning_of_f16_weights_is_refused_clearly() {
+    let gpu = gpu();
+    let half = load("llama-f32", &f16_options());
+    let err = Gradients::new(gpu, &half, Trainable::Full)
+        .expect_err("f16 weights cannot train")
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.self_attn.q_proj.weight is stored in f16"),
+        "{err}"
+    );
+    // LoRA on the same model is fine: only the adapters train.
+    let mut half = half;
+    half.attach_lora(gpu, &LoraConfig::default(), 1).unwrap();
+    assert!(Gradients::new(gpu, &half, Trainable::Lora).is_ok());
+}
+
+#[test]
+fn a_weight_beyond_the_f16_range_is_a_clear_error() {
+    let gpu = gpu();
+    let dir = std::env::temp_dir().join(format!("es2-f16-range-{}", std::process::id()));
+    let model = load("llama-f32", &LoadOptions::default());
+    let w = &model.blocks[1].up.weight;
+    let mut values = download(gpu, w);
+    values[7] = 1e6;
+    w.write_f32(gpu, &values).unwrap();
+    save_pretrained(gpu, &model, model_dir("llama-f32").to_str().unwrap(), &dir).unwrap();
+    let err = Transformer::load(gpu, &dir, &f16_options())
+        .expect_err("1e6 does not fit f16")
+        .to_string();
+    assert!(
+        err.contains(
+            "model.layers.1.mlp.up_proj.weight: element 7 (1000000) is beyond the f16 range"
+        ),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
