@@ -68,7 +68,6 @@ impl Transformer {
             for seed in seed_at(layers) {
                 accumulate(rec, seed, &dnormed, 1.0);
             }
-            let dw = norm_grad_or_scratch(rec, &grads.final_norm, &self.final_norm);
             rmsnorm_backward(
                 rec,
                 &forward.residual[layers],
@@ -76,7 +75,7 @@ impl Transformer {
                 rstd,
                 &dnormed,
                 &dx,
-                &dw,
+                grads.final_norm.as_ref(),
                 true,
             );
         } else {
@@ -169,7 +168,6 @@ impl Transformer {
             dup_g,
         );
         let dmid = f32_tensor(&[rows, cfg.hidden_size]);
-        let dw = norm_grad_or_scratch(rec, &grads.mlp_norm, &block.mlp_norm);
         rmsnorm_backward(
             rec,
             &saved.mid,
@@ -177,7 +175,7 @@ impl Transformer {
             &saved.mlp_rstd,
             &dmlp_in,
             &dmid,
-            &dw,
+            grads.mlp_norm.as_ref(),
             true,
         );
         accumulate(rec, dout, &dmid, 1.0);
@@ -246,7 +244,6 @@ impl Transformer {
             true,
             dv_g,
         );
-        let dw = norm_grad_or_scratch(rec, &grads.attn_norm, &block.attn_norm);
         rmsnorm_backward(
             rec,
             x,
@@ -254,15 +251,9 @@ impl Transformer {
             &saved.attn_rstd,
             &dattn_in,
             dx_in,
-            &dw,
+            grads.attn_norm.as_ref(),
             true,
         );
         accumulate(rec, &dmid, dx_in, 1.0);
     }
-}
-
-/// The norm's gradient buffer when it trains; otherwise a scratch the kernel may write.
-fn norm_grad_or_scratch(rec: &mut Recorder, grad: &Option<Tensor>, weight: &Tensor) -> Tensor {
-    grad.clone()
-        .unwrap_or_else(|| Tensor::empty(rec.gpu(), weight.shape().clone(), DType::F32))
 }

@@ -49,8 +49,8 @@ pub fn rmsnorm_forward(
     launch_row_norm(rec, &FORWARD, &[x, w, y, rstd], shape, eps);
 }
 
-/// Gradients of [`rmsnorm_forward`]: `dx` is overwritten; `dw` is accumulated (`+=`) when
-/// `accumulate_dw`, overwritten otherwise.
+/// Gradients of [`rmsnorm_forward`]: `dx` is overwritten; `dw`, when given, is accumulated
+/// (`+=`) when `accumulate_dw`, overwritten otherwise.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     rec: &mut Recorder,
@@ -59,7 +59,7 @@ pub fn rmsnorm_backward(
     rstd: &Tensor,
     dy: &Tensor,
     dx: &Tensor,
-    dw: &Tensor,
+    dw: Option<&Tensor>,
     accumulate_dw: bool,
 ) {
     let op = "rmsnorm_backward";
@@ -68,10 +68,13 @@ pub fn rmsnorm_backward(
     shape.expect_per_row(op, "rstd", rstd);
     shape.expect_like_x(op, "dy", dy);
     shape.expect_like_x(op, "dx", dx);
-    shape.expect_per_column(op, "dw", dw);
     launch_row_norm(rec, &BACKWARD, &[x, w, rstd, dy, dx], shape, 0.0);
-    let partial_inputs = [x, rstd, dy];
-    weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, accumulate_dw);
+    // A frozen weight (LoRA training) needs no gradient: skip its two passes.
+    if let Some(dw) = dw {
+        shape.expect_per_column(op, "dw", dw);
+        let partial_inputs = [x, rstd, dy];
+        weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, accumulate_dw);
+    }
 }
 
 // ---- Plumbing shared with `layernorm` ----

@@ -33,7 +33,16 @@ fn gpu_backward(x: &[f32], w: &[f32], dy: &[f32], rows: usize, dw0: Option<&[f32
     };
     let mut rec = Recorder::new(gpu);
     rmsnorm::rmsnorm_forward(&mut rec, &tx, &tw, &ty, &trstd, EPS);
-    rmsnorm::rmsnorm_backward(&mut rec, &tx, &tw, &trstd, &tdy, &tdx, &tdw, dw0.is_some());
+    rmsnorm::rmsnorm_backward(
+        &mut rec,
+        &tx,
+        &tw,
+        &trstd,
+        &tdy,
+        &tdx,
+        Some(&tdw),
+        dw0.is_some(),
+    );
     rec.finish().unwrap();
     Backward {
         dx: download(gpu, &tdx),
@@ -129,4 +138,29 @@ fn rmsnorm_backward_is_bit_identical_across_runs() {
     );
     assert_bit_identical("rmsnorm_backward dx", &a.dx, &b.dx);
     assert_bit_identical("rmsnorm_backward dw", &a.dw, &b.dw);
+}
+
+#[test]
+fn rmsnorm_backward_without_a_weight_gradient_gives_the_same_dx() {
+    // Frozen norms (LoRA training) skip the weight-gradient passes; dx must not change.
+    let gpu = gpu();
+    let (rows, cols) = (37, 101);
+    let (x, dy) = (randn(21, rows * cols, 1.0), randn(22, rows * cols, 1.0));
+    let w = randn(23, cols, 1.0);
+    let with_dw = gpu_backward(&x, &w, &dy, rows, None);
+    let (tx, tw, tdy) = (
+        upload(gpu, [rows, cols], &x),
+        upload(gpu, [cols], &w),
+        upload(gpu, [rows, cols], &dy),
+    );
+    let (ty, trstd, tdx) = (
+        poisoned(gpu, [rows, cols]),
+        poisoned(gpu, [rows]),
+        poisoned(gpu, [rows, cols]),
+    );
+    let mut rec = Recorder::new(gpu);
+    rmsnorm::rmsnorm_forward(&mut rec, &tx, &tw, &ty, &trstd, EPS);
+    rmsnorm::rmsnorm_backward(&mut rec, &tx, &tw, &trstd, &tdy, &tdx, None, false);
+    rec.finish().unwrap();
+    assert_bit_identical("rmsnorm dx without dw", &download(gpu, &tdx), &with_dw.dx);
 }
