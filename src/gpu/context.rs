@@ -278,6 +278,23 @@ impl Gpu {
     pub fn trim_pool(&self) {
         self.pool.clear();
     }
+
+    /// Bytes of tensor and uniform buffers held from the driver now: in use, or idle in the
+    /// pool (staging and query buffers are not counted).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.pool.allocated_bytes()
+    }
+
+    /// The high-water mark of [`Gpu::allocated_bytes`] since the device was made or since the
+    /// last [`Gpu::reset_peak_bytes`]: the GPU memory a piece of work really needed.
+    pub fn peak_bytes(&self) -> u64 {
+        self.pool.peak_bytes()
+    }
+
+    /// Starts a new high-water mark at what is allocated now.
+    pub fn reset_peak_bytes(&self) {
+        self.pool.reset_peak();
+    }
 }
 
 /// Lists every adapter and picks one.

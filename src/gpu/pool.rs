@@ -2,6 +2,7 @@
 //! tensors of the same size, so a steady-state step allocates nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 /// Usage of every tensor buffer: bound as storage, copied in and out.
@@ -15,10 +16,13 @@ const SIZE_QUANTUM: u64 = 256;
 
 type Key = (u64, u32);
 
-/// Idle buffers keyed by (rounded size, usage bits).
+/// Idle buffers keyed by (rounded size, usage bits), and the bytes the pool holds from the
+/// driver (in use or idle) with their high-water mark: what the device really had to allocate.
 #[derive(Default)]
 pub(crate) struct BufferPool {
     idle: Mutex<HashMap<Key, Vec<wgpu::Buffer>>>,
+    allocated: AtomicU64,
+    peak: AtomicU64,
 }
 
 impl BufferPool {
@@ -42,6 +46,8 @@ impl BufferPool {
         let key = (size, usage.bits());
         let reused = self.lock().get_mut(&key).and_then(Vec::pop);
         let buffer = reused.unwrap_or_else(|| {
+            let now = self.allocated.fetch_add(size, Ordering::Relaxed) + size;
+            self.peak.fetch_max(now, Ordering::Relaxed);
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
                 size,
@@ -67,8 +73,28 @@ impl BufferPool {
             .sum()
     }
 
+    /// Bytes of every buffer the pool has created and not yet released (in use or idle).
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// The most [`BufferPool::allocated_bytes`] has been since the last reset.
+    pub(crate) fn peak_bytes(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new high-water mark from what is allocated now.
+    pub(crate) fn reset_peak(&self) {
+        self.peak.store(self.allocated_bytes(), Ordering::Relaxed);
+    }
+
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        let released: u64 = self
+            .lock()
+            .drain()
+            .map(|((size, _), list)| size * list.len() as u64)
+            .sum();
+        self.allocated.fetch_sub(released, Ordering::Relaxed);
     }
 }
 
