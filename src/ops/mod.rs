@@ -12,6 +12,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
 pub mod grad_norm;
+pub mod hook;
 pub mod kl;
 pub mod layernorm;
 pub mod matmul;

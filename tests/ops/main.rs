@@ -18,6 +18,7 @@ mod cross_entropy;
 mod dropout;
 mod embedding;
 mod grad_norm;
+mod hook;
 mod kl;
 mod layernorm;
 mod matmul;
