@@ -8,7 +8,7 @@
 //! cargo run --release --example step_memory -- qwen2.5-0.5b --batch 4 --max-len 64 --f16
 //! ```
 
-use es2_wgpu::es2::{measure_base_stats, Es2Config, Es2Engine, OptimizerConfig};
+use es2_wgpu::es2::{measure_base_stats, Es2Config, Es2Engine, ModelPair, OptimizerConfig};
 use es2_wgpu::model::{Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer};
 use es2_wgpu::rng::Rng;
 use es2_wgpu::{Error, Gpu, Result};
@@ -115,7 +115,11 @@ fn main() -> Result<()> {
     gpu.reset_peak_bytes();
     let before_step = gpu.allocated_bytes();
     let started = std::time::Instant::now();
-    let report = engine.step(&gpu, &model, None, &harmful, &harmless, 1e-4, 1)?;
+    let models = ModelPair {
+        tuned: model,
+        frozen: None,
+    };
+    let report = engine.step(&gpu, &models, &harmful, &harmless, 1e-4, 1)?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = gpu.peak_bytes();
     println!(
@@ -137,9 +141,6 @@ fn main() -> Result<()> {
         "peak beyond the weights:      {:10.1} MiB",
         mib(peak.saturating_sub(weights))
     );
-    println!(
-        "step: loss {:.6}, {:.1} s",
-        report.values.loss, seconds
-    );
+    println!("step: loss {:.6}, {:.1} s", report.values.loss, seconds);
     Ok(())
 }

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use es2_wgpu::model::{embedded, open_model, Batch, ForwardSpec, LoadOptions};
+use es2_wgpu::model::{
+    embedded, open_model, Batch, LoadOptions, Output as PassOutput, Pass, SavePolicy,
+};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 use serde_json::Value;
 
@@ -104,7 +106,11 @@ fn check_embed(model_spec: &str, prompt: &str, args: &[&str]) {
     let ids = tok.encode(prompt).unwrap();
     let batch = Batch::new(gpu, std::slice::from_ref(&ids), model.config.vocab_size).unwrap();
     let forward = model
-        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .run_now(
+            gpu,
+            &batch,
+            &Pass::new(PassOutput::Logits).saving(SavePolicy::BlockInputs),
+        )
         .unwrap();
 
     let states = out["hidden_states"].as_array().unwrap();

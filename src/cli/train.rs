@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use es2_wgpu::es2::{
     Evaluation, OptimizerConfig, Schedule, StepReport, Summary, TrainConfig, TrainObserver, Trainer,
 };
-use es2_wgpu::model::{embedded, LoraConfig};
+use es2_wgpu::model::{embedded, LoraConfig, Projection};
 use es2_wgpu::ops::kl::KlDirection;
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::ops::separation::{Distance, LossShape, Pair};
@@ -163,15 +163,16 @@ value_enum!(ScheduleArg => Schedule { Constant => Schedule::Constant, Cosine => 
 
 impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
-        let lora = (!self.full).then(|| LoraConfig {
+        let targets = self
+            .lora_targets
+            .iter()
+            .map(|t| Projection::parse(t.trim()))
+            .collect::<Result<Vec<_>>>()?;
+        let lora = (!self.full).then_some(LoraConfig {
             rank: self.lora_rank,
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
-            targets: self
-                .lora_targets
-                .iter()
-                .map(|t| t.trim().trim_end_matches("_proj").to_owned())
-                .collect(),
+            targets,
         });
         let mut config = TrainConfig::for_model(&self.model)?;
         let preset = config.clone();

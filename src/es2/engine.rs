@@ -3,13 +3,37 @@
 //! norm and AdamW, recorded into one command buffer with a single readback of the scalars.
 
 use super::objective::{
-    embeddings_on_host, forward_spec, record_objective, BaseStats, BaseTensors, Es2Config,
-    ObjectiveInputs, ObjectiveValues,
+    embedding_hooks, embedding_output, embeddings_on_host, record_objective, BaseStats,
+    BaseTensors, Es2Config, ObjectiveInputs, ObjectiveValues,
 };
 use super::optimizer::{AdamW, OptimizerConfig};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
-use crate::model::{Batch, ForwardSpec, Gradients, Seeds, Trainable, Transformer};
+use crate::model::{
+    Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Trainable, Transformer,
+};
 use crate::{Error, Result};
+
+/// The model being trained and the reference it is held to: under LoRA the same weights with
+/// the adapters off, under full fine-tuning a frozen copy of the base.
+#[derive(Debug)]
+pub struct ModelPair {
+    pub tuned: Transformer,
+    /// The frozen base of a full fine-tune; `None` under LoRA.
+    pub frozen: Option<Transformer>,
+}
+
+impl ModelPair {
+    /// The base model's forward settings: its weights, adapters off.
+    pub fn base(&self) -> (&Transformer, Pass<'static>) {
+        let model = self.frozen.as_ref().unwrap_or(&self.tuned);
+        (model, Pass::new(Output::Logits).base())
+    }
+
+    /// The model that supplies base statistics and reference logits.
+    pub fn base_model(&self) -> &Transformer {
+        self.base().0
+    }
+}
 
 /// The state that persists across steps.
 #[derive(Debug)]
@@ -20,7 +44,7 @@ pub struct Es2Engine {
     base_tensors: BaseTensors,
     pub grads: Gradients,
     pub optimizer: AdamW,
-    /// Dropout on the LoRA adapters' input.
+    /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,
 }
 
@@ -75,38 +99,47 @@ impl Es2Engine {
         })
     }
 
-    /// One step on `harmful` and `harmless` at learning rate `lr`. `frozen` supplies the base
-    /// logits under full fine-tuning; under LoRA they come from `model` with adapters off.
-    #[allow(clippy::too_many_arguments)]
+    /// One step on `harmful` and `harmless` at learning rate `lr`, with LoRA dropout masks
+    /// drawn from `dropout_seed`.
     pub fn step(
         &mut self,
         gpu: &Gpu,
-        model: &Transformer,
-        frozen: Option<&Transformer>,
+        models: &ModelPair,
         harmful: &Batch,
         harmless: &Batch,
         lr: f64,
         dropout_seed: u32,
     ) -> Result<StepReport> {
+        let model = &models.tuned;
         let mut rec = Recorder::new(gpu);
         let params = self.grads.named(model);
         self.grads.zero(&mut rec, model);
 
-        let dropout = (self.lora_dropout > 0.0).then_some((self.lora_dropout, dropout_seed));
-        let tuned = |logits: bool, dropout| ForwardSpec {
-            lora_dropout: dropout,
-            ..forward_spec(&self.layers, logits, true)
+        let dropout = (self.lora_dropout > 0.0).then_some(LoraDropout {
+            p: self.lora_dropout,
+            seed: dropout_seed,
+        });
+        let hooks = embedding_hooks(&self.layers, self.config.pool);
+        let train = |output, dropout| {
+            Pass::new(output)
+                .with_hooks(&hooks)
+                .with_dropout(dropout)
+                .saving(SavePolicy::Everything)
         };
-        let s_fwd = model.forward(&mut rec, harmless, &tuned(true, dropout));
-        let base_model = frozen.unwrap_or(model);
-        let base_fwd = base_model.forward(&mut rec, harmless, &forward_spec(&[], true, false));
+        let (base_model, base_pass) = models.base();
+        let base_fwd = base_model.run(&mut rec, harmless, &base_pass)?;
         let base_logits = base_fwd
             .logits
             .ok_or_else(|| Error::InvalidArgument("the base forward produced no logits".into()))?;
+        let s_fwd = model.run(&mut rec, harmless, &train(Output::Logits, dropout))?;
         // Harmful prompts need the network only up to the deepest chosen layer; their
         // adapters draw other dropout masks than the harmless batch's.
-        let h_dropout = dropout.map(|(p, seed)| (p, seed ^ 0x5A5A_5A5A));
-        let h_fwd = model.forward(&mut rec, harmful, &tuned(false, h_dropout));
+        let h_dropout = dropout.map(|d| LoraDropout {
+            seed: d.seed ^ 0x5A5A_5A5A,
+            ..d
+        });
+        let h_output = embedding_output(&self.layers);
+        let h_fwd = model.run(&mut rec, harmful, &train(h_output, h_dropout))?;
 
         let objective = record_objective(
             &mut rec,
@@ -119,16 +152,17 @@ impl Es2Engine {
                 base_logits: &base_logits,
             },
         )?;
+        drop(base_logits);
         let s_seeds = Seeds {
             logits: Some(&objective.harmless_logits),
             hidden: &objective.harmless_hidden,
         };
-        model.backward(&mut rec, harmless, &s_fwd, &s_seeds, &self.grads)?;
+        model.backward(&mut rec, harmless, s_fwd, &s_seeds, &[], &self.grads)?;
         let h_seeds = Seeds {
             logits: None,
             hidden: &objective.harmful_hidden,
         };
-        model.backward(&mut rec, harmful, &h_fwd, &h_seeds, &self.grads)?;
+        model.backward(&mut rec, harmful, h_fwd, &h_seeds, &[], &self.grads)?;
         let norm_sq = self.optimizer.record_step(&mut rec, &params, lr);
 
         // One readback: D_l and φ(D_l), the per-position KL, the squared gradient norm.
@@ -154,8 +188,8 @@ impl Es2Engine {
         };
         if !report.values.loss.is_finite() || !report.grad_norm.is_finite() {
             return Err(Error::Numerical(format!(
-                "step {}: the loss or gradient norm is not finite (loss {}, grad norm {}); lower --lr \
-                 or enable --clip",
+                "step {}: the loss or gradient norm is not finite (loss {}, grad norm {}); lower \
+                 the learning rate (lr) or clip the gradient norm (clip)",
                 self.optimizer.step, report.values.loss, report.grad_norm
             )));
         }

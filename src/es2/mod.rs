@@ -8,7 +8,7 @@ pub mod objective;
 pub mod optimizer;
 pub mod trainer;
 
-pub use engine::{measure_base_stats, Es2Engine, StepReport};
+pub use engine::{measure_base_stats, Es2Engine, ModelPair, StepReport};
 pub use objective::{BaseStats, Es2Config};
 pub use optimizer::{OptimizerConfig, Schedule};
 pub use trainer::{Evaluation, Quiet, Summary, TrainConfig, TrainObserver, Trainer};

@@ -5,9 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
-use crate::model::{Batch, Forward, ForwardSpec, Transformer};
-use crate::ops::kl::{kl_loss, KlDirection, KlOptions};
-use crate::ops::pool::{pool_backward, pool_forward, Pool};
+use crate::model::embed::pooled_hidden_states;
+use crate::model::{Batch, Forward, Hook, Output, Transformer};
+use crate::ops::kl::{kl_loss_in_parts, KlDirection, KlOptions};
+use crate::ops::pool::{pool_backward, Pool};
 use crate::ops::separation::{
     separation_loss, Distance, LossShape, Pair, SeparationInputs, SeparationOptions,
     SeparationOutputs,
@@ -163,7 +164,7 @@ impl BaseStats {
         harmless: &[Vec<f64>],
         cols: usize,
     ) -> BaseStats {
-        use crate::ops::separation::reference::layer_distance;
+        use crate::eval::heldout::{comparison_side, layer_distance};
         let mut stats = BaseStats {
             layers: layers.to_vec(),
             nu: Vec::new(),
@@ -182,11 +183,7 @@ impl BaseStats {
             let centroid: Vec<f64> = (0..cols)
                 .map(|c| rows.iter().map(|r| r[c]).sum::<f64>() / rows.len() as f64)
                 .collect();
-            let other: &[f64] = if config.pair == Pair::BaseCentroid {
-                &centroid
-            } else {
-                s
-            };
+            let other = comparison_side(&options, s, &centroid);
             let distance = layer_distance(h, other, cols, nu, &options);
             stats.nu.push(nu as f32);
             stats.distance.push(distance as f32);
@@ -227,35 +224,38 @@ impl BaseTensors {
     }
 }
 
-/// The forward needed for `layers` (transformers' hidden index l + 1), with logits or not.
-pub fn forward_spec(layers: &[usize], logits: bool, adapters: bool) -> ForwardSpec<'static> {
-    let last_hidden = layers.iter().max().map_or(0, |l| l + 1);
-    ForwardSpec {
-        logits,
-        adapters,
-        ..ForwardSpec::hidden(last_hidden)
-    }
+/// transformers' hidden-state index of block `layer`'s output embedding e_l.
+pub fn embedding_index(layer: usize) -> usize {
+    layer + 1
 }
 
-/// Pools every chosen layer's hidden states into one `[L, B, C]` tensor.
-pub fn pooled_embeddings(
-    rec: &mut Recorder,
-    forward: &Forward,
-    batch: &Batch,
-    layers: &[usize],
-    pool: Pool,
-) -> Tensor {
-    let gpu = rec.gpu();
-    let cols = forward.residual[0].dims()[1];
-    let (b, t) = (batch.batch, batch.seq);
-    let stacked = Tensor::empty(gpu, [layers.len(), b, cols], DType::F32);
-    let one = Tensor::empty(gpu, [b, cols], DType::F32);
-    for (slot, &layer) in layers.iter().enumerate() {
-        let hidden = forward.hidden_state(layer + 1).reshape([b, t, cols]);
-        pool_forward(rec, &hidden, &batch.seq_lens, pool, &one);
-        rec.copy_elements(&one, 0, &stacked, slot * b * cols, b * cols);
+/// Hooks that capture e_l for every chosen layer, pooled (hook i captures layer `layers[i]`).
+pub fn embedding_hooks(layers: &[usize], pool: Pool) -> Vec<Hook> {
+    layers
+        .iter()
+        .map(|&l| Hook::capture(embedding_index(l), pool))
+        .collect()
+}
+
+/// How far a pass must run to reach every chosen layer (no logits).
+pub fn embedding_output(layers: &[usize]) -> Output {
+    Output::Hidden(layers.iter().max().map_or(0, |&l| embedding_index(l)))
+}
+
+/// The pooled embeddings a pass captured with [`embedding_hooks`], stacked as `[L, B, C]`.
+pub fn stacked_embeddings(rec: &mut Recorder, forward: &Forward, layers: usize) -> Result<Tensor> {
+    let captured = |i: usize| {
+        forward.captured(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("the pass did not capture embedding {i}"))
+        })
+    };
+    let first = captured(0)?;
+    let (b, cols) = (first.dims()[0], first.dims()[1]);
+    let stacked = Tensor::empty(rec.gpu(), [layers, b, cols], DType::F32);
+    for slot in 0..layers {
+        rec.copy_elements(captured(slot)?, 0, &stacked, slot * b * cols, b * cols);
     }
-    stacked
+    Ok(stacked)
 }
 
 /// Gradients at hidden states (transformers' index, `[B·T, C]`) from gradients of the pooled
@@ -280,7 +280,7 @@ pub fn unpool_gradients(
             let dh = Tensor::empty(gpu, [b, t, cols], DType::F32);
             rec.zero(&dh);
             pool_backward(rec, &de, &batch.seq_lens, pool, &dh);
-            (layer + 1, dh.reshape([b * t, cols]))
+            (embedding_index(layer), dh.reshape([b * t, cols]))
         })
         .collect()
 }
@@ -326,8 +326,8 @@ pub fn record_objective(
     let (h_batch, h_fwd) = inputs.harmful;
     let (s_batch, s_fwd) = inputs.harmless;
     let layers = inputs.layers;
-    let eh = pooled_embeddings(rec, h_fwd, h_batch, layers, cfg.pool);
-    let es = pooled_embeddings(rec, s_fwd, s_batch, layers, cfg.pool);
+    let eh = stacked_embeddings(rec, h_fwd, layers.len())?;
+    let es = stacked_embeddings(rec, s_fwd, layers.len())?;
     let options = cfg.separation_options();
     let per_layer = Tensor::empty(gpu, [2, layers.len()], DType::F32);
     let deh = Tensor::empty(gpu, eh.shape().clone(), DType::F32);
@@ -367,7 +367,7 @@ pub fn record_objective(
     let kl_rows = Tensor::empty(gpu, [s_batch.rows()], DType::F32);
     let dzt = Tensor::empty(gpu, zt.shape().clone(), DType::F32);
     let grad_scale = cfg.lambda / positions as f32;
-    record_kl(
+    kl_loss_in_parts(
         rec,
         zt,
         inputs.base_logits,
@@ -392,46 +392,6 @@ pub fn record_objective(
             kl_positions: positions,
         },
     })
-}
-
-/// The KL kernel over row parts that each fit one storage binding.
-#[allow(clippy::too_many_arguments)]
-pub fn record_kl(
-    rec: &mut Recorder,
-    zt: &Tensor,
-    zb: &Tensor,
-    mask: &Tensor,
-    rows_out: &Tensor,
-    dzt: &Tensor,
-    options: &KlOptions,
-    grad_scale: f32,
-) {
-    let gpu = rec.gpu();
-    let (rows, vocab) = (zt.dims()[0], zt.dims()[1]);
-    let part = crate::model::VocabMatrix::chunk_rows_for(rows, vocab, gpu.max_binding_bytes());
-    if part >= rows {
-        kl_loss(rec, zt, zb, mask, rows_out, dzt, options, grad_scale);
-        return;
-    }
-    for start in (0..rows).step_by(part) {
-        let n = part.min(rows - start);
-        let view = |t: &Tensor| t.rows_view(gpu, start, n);
-        // The mask and per-row loss are small; copy their part instead of aligning a view.
-        let mask_part = Tensor::empty(gpu, [n], DType::U32);
-        rec.copy_elements(mask, start, &mask_part, 0, n);
-        let loss_part = Tensor::empty(gpu, [n], DType::F32);
-        kl_loss(
-            rec,
-            &view(zt),
-            &view(zb),
-            &mask_part,
-            &loss_part,
-            &view(dzt),
-            options,
-            grad_scale,
-        );
-        rec.copy_elements(&loss_part, 0, rows_out, start, n);
-    }
 }
 
 /// Scalars of one objective evaluation, read back from [`ObjectiveOutputs`].
@@ -465,7 +425,7 @@ impl ObjectiveValues {
 }
 
 /// Runs `model` over `batches` (no gradients) and returns each chosen layer's pooled
-/// embeddings on the host, `[L][n, C]` with the rows of all batches concatenated.
+/// embeddings e_l on the host, `[L][n·C]` with the rows of all batches concatenated.
 pub fn embeddings_on_host(
     gpu: &Gpu,
     model: &Transformer,
@@ -474,17 +434,6 @@ pub fn embeddings_on_host(
     pool: Pool,
     adapters: bool,
 ) -> Result<Vec<Vec<f64>>> {
-    let mut out = vec![Vec::new(); layers.len()];
-    for batch in batches {
-        let mut rec = Recorder::new(gpu);
-        let forward = model.forward(&mut rec, batch, &forward_spec(layers, false, adapters));
-        let pooled = pooled_embeddings(&mut rec, &forward, batch, layers, pool);
-        rec.finish()?;
-        let values = pooled.to_f32(gpu)?;
-        let per_layer = values.len() / layers.len();
-        for (slot, chunk) in values.chunks(per_layer).enumerate() {
-            out[slot].extend(chunk.iter().map(|&x| f64::from(x)));
-        }
-    }
-    Ok(out)
+    let hidden: Vec<usize> = layers.iter().map(|&l| embedding_index(l)).collect();
+    pooled_hidden_states(gpu, model, batches, &hidden, pool, adapters)
 }

@@ -9,14 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointState};
 use super::data::{read_prompts, split, tokenize_prompts, Sampler, Side, Split};
-use super::engine::{measure_base_stats, Es2Engine, StepReport};
+use super::engine::{measure_base_stats, Es2Engine, ModelPair, StepReport};
 use super::metrics::MetricsLog;
-use super::objective::{embeddings_on_host, forward_spec, record_kl, BaseStats, Es2Config};
+use super::objective::{embedding_index, BaseStats, Es2Config};
 use super::optimizer::OptimizerConfig;
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
-use crate::model::{open_model, Batch, LoadOptions, LoraConfig, Trainable, Transformer};
-use crate::ops::separation::reference::layer_distance;
-use crate::ops::separation::Pair;
+use crate::eval::heldout::{heldout_kl, heldout_separation, SeparationSpec};
+use crate::gpu::Gpu;
+use crate::model::{open_model, Batch, LoadOptions, LoraConfig, Output, Pass, Trainable};
 use crate::text::Tokenizer;
 use crate::{Error, Result};
 
@@ -178,8 +177,8 @@ impl TrainObserver for Quiet {}
 pub struct Trainer<'g> {
     gpu: &'g Gpu,
     pub config: TrainConfig,
-    pub model: Transformer,
-    frozen: Option<Transformer>,
+    /// The model in training and its reference (see [`ModelPair`]).
+    pub models: ModelPair,
     pub tokenizer: Tokenizer,
     harmful: Split,
     harmless: Split,
@@ -243,7 +242,7 @@ impl<'g> Trainer<'g> {
         let metrics = MetricsLog::resume(&config.out.join("metrics.jsonl"), state.step)?;
         let mut trainer =
             setup.into_trainer(gpu, config, state.base_stats, state.samplers, metrics)?;
-        checkpoint::restore_tensors(gpu, &dir, &trainer.model, &mut trainer.engine)?;
+        checkpoint::restore_tensors(gpu, &dir, &trainer.models.tuned, &mut trainer.engine)?;
         trainer.engine.optimizer.step = state.step as u64;
         trainer.step = state.step;
         trainer.evaluations = state.evaluations;
@@ -323,7 +322,7 @@ impl<'g> Trainer<'g> {
 
     /// One step on the next batches (not logged; see [`Trainer::advance`]).
     pub fn train_step(&mut self) -> Result<StepReport> {
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.models.tuned.config.vocab_size;
         let [h_sampler, s_sampler] = &mut self.samplers;
         let harmful = Batch::new(
             self.gpu,
@@ -340,15 +339,9 @@ impl<'g> Trainer<'g> {
             .optimizer
             .lr_at(self.step + 1, self.config.steps);
         let seed = (self.config.seed as u32) ^ ((self.step as u32 + 1).wrapping_mul(0x85EB_CA6B));
-        let report = self.engine.step(
-            self.gpu,
-            &self.model,
-            self.frozen.as_ref(),
-            &harmful,
-            &harmless,
-            lr,
-            seed,
-        )?;
+        let report = self
+            .engine
+            .step(self.gpu, &self.models, &harmful, &harmless, lr, seed)?;
         self.step += 1;
         Ok(report)
     }
@@ -356,70 +349,47 @@ impl<'g> Trainer<'g> {
     /// Held-out separation per layer and KL to the base model.
     pub fn evaluate(&self) -> Result<Evaluation> {
         let cfg = &self.config;
-        let vocab = self.model.config.vocab_size;
-        let (h_val, s_val) = (
+        let model = &self.models.tuned;
+        let vocab = model.config.vocab_size;
+        let h = batches(
+            self.gpu,
             eval_set(&self.harmful, cfg.eval_prompts),
+            cfg.harmful_batch,
+            vocab,
+        )?;
+        let s = batches(
+            self.gpu,
             eval_set(&self.harmless, cfg.eval_prompts),
-        );
-        let h = batches(self.gpu, h_val, cfg.harmful_batch, vocab)?;
-        let s = batches(self.gpu, s_val, cfg.harmless_batch, vocab)?;
-        let layers = &self.engine.layers;
-        let eh = embeddings_on_host(self.gpu, &self.model, &h, layers, cfg.objective.pool, true)?;
-        let es = embeddings_on_host(self.gpu, &self.model, &s, layers, cfg.objective.pool, true)?;
+            cfg.harmless_batch,
+            vocab,
+        )?;
         let stats = &self.engine.base_stats;
-        let options = cfg.objective.separation_options();
-        let cols = self.model.config.hidden_size;
-        let distance = (0..layers.len())
-            .map(|i| {
-                let nu = f64::from(stats.nu[i]);
-                let centroid: Vec<f64> = stats.centroid[i * cols..(i + 1) * cols]
-                    .iter()
-                    .map(|&x| f64::from(x))
-                    .collect();
-                let other = if cfg.objective.pair == Pair::BaseCentroid {
-                    &centroid
-                } else {
-                    &es[i]
-                };
-                layer_distance(&eh[i], other, cols, nu, &options)
-            })
+        let hidden: Vec<usize> = self
+            .engine
+            .layers
+            .iter()
+            .map(|&l| embedding_index(l))
             .collect();
+        let spec = SeparationSpec {
+            hidden: &hidden,
+            pool: cfg.objective.pool,
+            options: cfg.objective.separation_options(),
+            nu: &stats.nu,
+            base_centroid: &stats.centroid,
+        };
+        let tuned = (model, Pass::new(Output::Logits));
+        let kl = heldout_kl(
+            self.gpu,
+            tuned,
+            self.models.base(),
+            &s,
+            &cfg.objective.kl_options(),
+        )?;
         Ok(Evaluation {
             step: self.step,
-            distance,
-            kl: self.held_out_kl(&s)?,
+            distance: heldout_separation(self.gpu, model, &h, &s, &spec)?,
+            kl,
         })
-    }
-
-    fn held_out_kl(&self, batches: &[Batch]) -> Result<f64> {
-        let (mut total, mut positions) = (0.0, 0usize);
-        let options = self.config.objective.kl_options();
-        for batch in batches {
-            let mut rec = Recorder::new(self.gpu);
-            let tuned = self
-                .model
-                .forward(&mut rec, batch, &forward_spec(&[], true, true));
-            let base_model = self.frozen.as_ref().unwrap_or(&self.model);
-            let base = base_model.forward(&mut rec, batch, &forward_spec(&[], true, false));
-            let (Some(zt), Some(zb)) = (tuned.logits, base.logits) else {
-                return Err(Error::Numerical(
-                    "evaluation forward produced no logits".into(),
-                ));
-            };
-            let mask = batch.position_mask();
-            let mask_t = Tensor::from_u32(self.gpu, [mask.len()], &mask)?;
-            let rows = Tensor::empty(self.gpu, [mask.len()], DType::F32);
-            let scratch = Tensor::empty(self.gpu, zt.shape().clone(), DType::F32);
-            record_kl(&mut rec, &zt, &zb, &mask_t, &rows, &scratch, &options, 0.0);
-            rec.finish()?;
-            total += rows
-                .to_f32(self.gpu)?
-                .iter()
-                .map(|&x| f64::from(x))
-                .sum::<f64>();
-            positions += batch.tokens();
-        }
-        Ok(total / positions.max(1) as f64)
     }
 
     /// Writes a checkpoint of the current step; returns its folder.
@@ -435,7 +405,7 @@ impl<'g> Trainer<'g> {
             self.gpu,
             &self.config.out,
             &state,
-            &self.model,
+            &self.models.tuned,
             &self.engine,
             self.config.keep_checkpoints,
         )
@@ -445,7 +415,8 @@ impl<'g> Trainer<'g> {
         let out = self.config.out.clone();
         match &self.config.lora {
             Some(lora) => {
-                self.model
+                self.models
+                    .tuned
                     .save_adapter(self.gpu, &out, lora, &self.config.model)?;
                 observer.message(&format!("adapter: {}", out.display()));
                 if self.config.merge {
@@ -462,7 +433,12 @@ impl<'g> Trainer<'g> {
             }
             None => {
                 let dir = out.join("model");
-                crate::model::save_pretrained(self.gpu, &self.model, &self.config.model, &dir)?;
+                crate::model::save_pretrained(
+                    self.gpu,
+                    &self.models.tuned,
+                    &self.config.model,
+                    &dir,
+                )?;
                 observer.message(&format!("model: {}", dir.display()));
             }
         }
@@ -472,8 +448,7 @@ impl<'g> Trainer<'g> {
 
 /// What a fresh and a resumed run both load before training.
 struct Setup {
-    model: Transformer,
-    frozen: Option<Transformer>,
+    models: ModelPair,
     tokenizer: Tokenizer,
     harmful: Split,
     harmless: Split,
@@ -487,22 +462,29 @@ impl Setup {
             f16_weights: config.f16_weights,
             ..LoadOptions::default()
         };
-        let (model, tokenizer, frozen) = match &config.lora {
+        let (models, tokenizer) = match &config.lora {
             Some(lora) => {
                 let (mut model, tokenizer) = open_model(gpu, &config.model, &frozen_options)?;
                 model.attach_lora(gpu, lora, config.seed)?;
-                (model, tokenizer, None)
+                let models = ModelPair {
+                    tuned: model,
+                    frozen: None,
+                };
+                (models, tokenizer)
             }
             None => {
                 let (model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
                 let frozen = open_model(gpu, &config.model, &frozen_options)?.0;
-                (model, tokenizer, Some(frozen))
+                let models = ModelPair {
+                    tuned: model,
+                    frozen: Some(frozen),
+                };
+                (models, tokenizer)
             }
         };
         let (harmful, harmless) = load_data(config, &tokenizer)?;
         Ok(Setup {
-            model,
-            frozen,
+            models,
             tokenizer,
             harmful,
             harmless,
@@ -511,18 +493,13 @@ impl Setup {
 
     /// One line on the GPU memory the weights take.
     fn weights_message(&self) -> String {
-        let mut bytes = self.model.parameter_bytes();
+        let mut bytes = self.models.tuned.parameter_bytes();
         let mut what = "weights";
-        if let Some(frozen) = &self.frozen {
+        if let Some(frozen) = &self.models.frozen {
             bytes += frozen.parameter_bytes();
             what = "weights (trained and frozen copies)";
         }
-        let f16 = !self
-            .frozen
-            .as_ref()
-            .unwrap_or(&self.model)
-            .f16_weight_names()
-            .is_empty();
+        let f16 = !self.models.base_model().f16_weight_names().is_empty();
         format!(
             "{what}: {} on the GPU, block projections of the frozen base in {}",
             human_bytes(bytes),
@@ -532,7 +509,7 @@ impl Setup {
 
     /// ν, D(base), margins and centroid over (a capped number of) the training prompts.
     fn measure_base_stats(&self, gpu: &Gpu, config: &TrainConfig) -> Result<BaseStats> {
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.models.tuned.config.vocab_size;
         let take = |p: &[Vec<u32>]| p[..p.len().min(config.base_prompts)].to_vec();
         let h = batches(gpu, &take(&self.harmful.train), config.harmful_batch, vocab)?;
         let s = batches(
@@ -541,8 +518,7 @@ impl Setup {
             config.harmless_batch,
             vocab,
         )?;
-        let base = self.frozen.as_ref().unwrap_or(&self.model);
-        measure_base_stats(gpu, base, &config.objective, &h, &s)
+        measure_base_stats(gpu, self.models.base_model(), &config.objective, &h, &s)
     }
 
     fn into_trainer<'g>(
@@ -555,7 +531,7 @@ impl Setup {
     ) -> Result<Trainer<'g>> {
         let engine = Es2Engine::new(
             gpu,
-            &self.model,
+            &self.models.tuned,
             config.trainable(),
             config.objective.clone(),
             config.optimizer.clone(),
@@ -564,8 +540,7 @@ impl Setup {
         )?;
         Ok(Trainer {
             gpu,
-            model: self.model,
-            frozen: self.frozen,
+            models: self.models,
             tokenizer: self.tokenizer,
             harmful: self.harmful,
             harmless: self.harmless,

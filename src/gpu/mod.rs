@@ -16,5 +16,5 @@ pub use kernel::{
     read, read_write, Access, Kernel, KernelSpec, Overrides, Shader, MAX_STORAGE_BINDINGS,
 };
 pub use recorder::{Grid, Recorder};
-pub use tensor::{DType, Shape, Tensor};
+pub use tensor::{rows_per_binding, DType, Shape, Tensor};
 pub use timing::KernelTime;

@@ -109,6 +109,19 @@ impl From<Vec<usize>> for Shape {
     }
 }
 
+/// Rows of a chunked tensor keep their byte offsets aligned for any width when a part starts
+/// at a multiple of this many rows.
+const PART_ROW_ALIGN: usize = 64;
+
+/// The most rows (a multiple of 64, at least 64, at most `rows`) of a `[rows, cols]` f32 matrix
+/// that fit one binding of `max_binding` bytes: how vocabulary-sized matrices and the tensors
+/// that follow their rows are split into parts.
+pub fn rows_per_binding(rows: usize, cols: usize, max_binding: u64) -> usize {
+    let fit = (max_binding / (cols.max(1) as u64 * 4)) as usize;
+    let aligned = (fit / PART_ROW_ALIGN * PART_ROW_ALIGN).max(PART_ROW_ALIGN);
+    aligned.min(rows.max(1))
+}
+
 /// A tensor in GPU memory. Cloning shares the storage. Dropping the last handle returns the
 /// buffer to the device's pool.
 #[derive(Clone)]

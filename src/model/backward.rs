@@ -1,21 +1,21 @@
-//! The backward pass, block by block in reverse (llm.c style): from gradients at the logits
-//! and/or at any hidden states down to every trainable parameter and to the input embeddings.
-//! Parameter gradients accumulate (`+=`); activation gradients overwrite.
+//! One decoder block's backward, written out in reverse of its forward (llm.c style), and the
+//! final norm's. The block loop that calls them (seeds, taps, recomputation) is in
+//! `runner.rs`. Parameter gradients accumulate (`+=`); activation gradients overwrite.
 
 use super::batch::Batch;
 use super::grads::{BlockGrads, Gradients};
-use super::transformer::{Block, BlockActivations, Forward, Transformer};
+use super::names::Projection;
+use super::transformer::{Block, BlockActivations, Transformer};
 use crate::gpu::{DType, Recorder, Tensor};
 use crate::ops::activation::swiglu_backward;
 use crate::ops::attention::{attention_backward, AttentionShape};
-use crate::ops::embedding::{embedding_backward, EmbeddingGradIndex};
 use crate::ops::residual::accumulate;
 use crate::ops::rmsnorm::rmsnorm_backward;
 use crate::ops::rope::rope_backward;
-use crate::Result;
 
 /// Where the backward starts: the gradient of the loss with respect to the logits and/or to
-/// hidden states (transformers' indexing, `[B·T, C]` each; several may be given).
+/// hidden states (transformers' indexing, `[B·T, C]` each, with respect to the state after its
+/// hooks; several may be given).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Seeds<'a> {
     pub logits: Option<&'a Tensor>,
@@ -23,100 +23,32 @@ pub struct Seeds<'a> {
 }
 
 impl Transformer {
-    /// Records the backward of `forward` (which must have been run on `batch` with the same
-    /// adapters setting) and accumulates into `grads`. Returns the gradient with respect to
-    /// the input embeddings `hidden_states[0]`.
-    pub fn backward(
+    /// The final norm's backward: `dx = ∂L/∂h_L` from `dnormed`, and its weight's gradient
+    /// when it trains.
+    pub(crate) fn final_norm_backward(
         &self,
         rec: &mut Recorder,
-        batch: &Batch,
-        forward: &Forward,
-        seeds: &Seeds,
+        h_last: &Tensor,
+        rstd: &Tensor,
+        dnormed: &Tensor,
+        dx: &Tensor,
         grads: &Gradients,
-    ) -> Result<Tensor> {
-        let gpu = rec.gpu();
-        let layers = self.layers();
-        let top = forward.residual.len() - 1;
-        let rows = batch.rows();
-        let c = self.config.hidden_size;
-        let seed_at = |index: usize| {
-            seeds
-                .hidden
-                .iter()
-                .filter(move |(i, _)| *i == index)
-                .map(|(_, t)| t)
-        };
-
-        // Gradient at the top of the residual stream that was run.
-        let mut dx = Tensor::empty(gpu, [rows, c], DType::F32);
-        if top == layers && (seeds.logits.is_some() || seed_at(layers).next().is_some()) {
-            let (normed, rstd) = forward
-                .normed
-                .as_ref()
-                .expect("a backward through the final norm needs the forward's normed output");
-            let dnormed = Tensor::empty(gpu, [rows, c], DType::F32);
-            match seeds.logits {
-                Some(dlogits) => self.lm_head().project_backward(
-                    rec,
-                    normed,
-                    dlogits,
-                    &dnormed,
-                    grads.lm_head_grad(self),
-                ),
-                None => rec.zero(&dnormed),
-            }
-            for seed in seed_at(layers) {
-                accumulate(rec, seed, &dnormed, 1.0);
-            }
-            rmsnorm_backward(
-                rec,
-                &forward.residual[layers],
-                &self.final_norm,
-                rstd,
-                &dnormed,
-                &dx,
-                grads.final_norm.as_ref(),
-                true,
-            );
-        } else {
-            rec.zero(&dx);
-            if top < layers {
-                for seed in seed_at(top) {
-                    accumulate(rec, seed, &dx, 1.0);
-                }
-            }
-        }
-
-        for layer in (0..top).rev() {
-            let dx_in = Tensor::empty(gpu, [rows, c], DType::F32);
-            self.block_backward(
-                rec,
-                &self.blocks[layer],
-                &forward.residual[layer],
-                &forward.blocks[layer],
-                batch,
-                &dx,
-                &dx_in,
-                &grads.blocks[layer],
-            );
-            dx = dx_in;
-            for seed in seed_at(layer) {
-                accumulate(rec, seed, &dx, 1.0);
-            }
-        }
-
-        if let Some(dembed) = &grads.embed {
-            let index = EmbeddingGradIndex::new(gpu, &batch.padded_ids)?;
-            for (first, chunk) in dembed.parts() {
-                embedding_backward(rec, &index, &dx, chunk, first);
-            }
-        }
-        Ok(dx)
+    ) {
+        rmsnorm_backward(
+            rec,
+            h_last,
+            &self.final_norm,
+            rstd,
+            dnormed,
+            dx,
+            grads.final_norm.as_ref(),
+            true,
+        );
     }
 
     /// One block's backward: `dx_in = ∂L/∂x` from `dout = ∂L/∂(block output)`.
     #[allow(clippy::too_many_arguments)]
-    fn block_backward(
+    pub(crate) fn block_backward(
         &self,
         rec: &mut Recorder,
         block: &Block,
@@ -131,42 +63,29 @@ impl Transformer {
         let cfg = &self.config;
         let rows = batch.rows();
         let f32_tensor = |dims: &[usize]| Tensor::empty(gpu, dims, DType::F32);
-        let [dq_g, dk_g, dv_g, do_g, dgate_g, dup_g, ddown_g] = &grads.proj;
-        let [h_q, h_k, h_v, h_o, h_gate, h_up, h_down] = &saved.lora;
+        // dx (+)= the input gradient of projection p from dy; its parameters' gradients +=.
+        let project_back =
+            |rec: &mut Recorder, p: Projection, x: &Tensor, dy: &Tensor, dx: &Tensor, add| {
+                let lora = saved.lora[p].as_ref();
+                block.proj[p].backward(rec, x, lora, dy, dx, add, &grads.proj[p]);
+            };
 
         // MLP: out = mid + down(swiglu(gate(n2), up(n2))), n2 = rmsnorm(mid).
         let dact = f32_tensor(&[rows, cfg.intermediate_size]);
-        block.down.backward(
-            rec,
-            &saved.act,
-            h_down.as_ref(),
-            dout,
-            &dact,
-            false,
-            ddown_g,
-        );
+        project_back(rec, Projection::Down, &saved.act, dout, &dact, false);
         let dgate = f32_tensor(&[rows, cfg.intermediate_size]);
         let dup = f32_tensor(&[rows, cfg.intermediate_size]);
         swiglu_backward(rec, &saved.gate, &saved.up, &dact, &dgate, &dup);
         let dmlp_in = f32_tensor(&[rows, cfg.hidden_size]);
-        block.gate.backward(
+        project_back(
             rec,
+            Projection::Gate,
             &saved.mlp_in,
-            h_gate.as_ref(),
             &dgate,
             &dmlp_in,
             false,
-            dgate_g,
         );
-        block.up.backward(
-            rec,
-            &saved.mlp_in,
-            h_up.as_ref(),
-            &dup,
-            &dmlp_in,
-            true,
-            dup_g,
-        );
+        project_back(rec, Projection::Up, &saved.mlp_in, &dup, &dmlp_in, true);
         let dmid = f32_tensor(&[rows, cfg.hidden_size]);
         rmsnorm_backward(
             rec,
@@ -184,9 +103,7 @@ impl Transformer {
         let (b, t, d) = (batch.batch, batch.seq, cfg.head_dim);
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let dattn = f32_tensor(&[rows, hq * d]);
-        block
-            .o
-            .backward(rec, &saved.attn, h_o.as_ref(), &dmid, &dattn, false, do_g);
+        project_back(rec, Projection::O, &saved.attn, &dmid, &dattn, false);
         let (dq, dk, dv) = (
             f32_tensor(&[b, t, hq, d]),
             f32_tensor(&[b, t, hkv, d]),
@@ -216,33 +133,23 @@ impl Transformer {
         rope_backward(rec, &dq, &self.inv_freq, &dq_raw.reshape([b, t, hq, d]), 0);
         rope_backward(rec, &dk, &self.inv_freq, &dk_raw.reshape([b, t, hkv, d]), 0);
         let dattn_in = f32_tensor(&[rows, cfg.hidden_size]);
-        block.q.backward(
+        let dv_flat = dv.reshape([rows, hkv * d]);
+        project_back(
             rec,
+            Projection::Q,
             &saved.attn_in,
-            h_q.as_ref(),
             &dq_raw,
             &dattn_in,
             false,
-            dq_g,
         );
-        block.k.backward(
+        project_back(rec, Projection::K, &saved.attn_in, &dk_raw, &dattn_in, true);
+        project_back(
             rec,
+            Projection::V,
             &saved.attn_in,
-            h_k.as_ref(),
-            &dk_raw,
-            &dattn_in,
-            true,
-            dk_g,
-        );
-        let dv_flat = dv.reshape([rows, hkv * d]);
-        block.v.backward(
-            rec,
-            &saved.attn_in,
-            h_v.as_ref(),
             &dv_flat,
             &dattn_in,
             true,
-            dv_g,
         );
         rmsnorm_backward(
             rec,

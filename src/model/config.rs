@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::names::Projection;
 pub use crate::ops::rope::Llama3RopeScaling;
 use crate::{Error, Result};
 
@@ -166,6 +167,27 @@ impl Config {
     }
 
     /// Width of the query projection output (heads × head_dim).
+    /// `(out_features, in_features)` of projection `p`.
+    pub fn projection_shape(&self, p: Projection) -> (usize, usize) {
+        let (hidden, ffn) = (self.hidden_size, self.intermediate_size);
+        match p {
+            Projection::Q => (self.q_dim(), hidden),
+            Projection::K | Projection::V => (self.kv_dim(), hidden),
+            Projection::O => (hidden, self.q_dim()),
+            Projection::Gate | Projection::Up => (ffn, hidden),
+            Projection::Down => (hidden, ffn),
+        }
+    }
+
+    /// Whether projection `p` has a bias in this architecture's configuration.
+    pub fn projection_has_bias(&self, p: Projection) -> bool {
+        match p {
+            Projection::Q | Projection::K | Projection::V => self.qkv_bias,
+            Projection::O => self.o_bias,
+            Projection::Gate | Projection::Up | Projection::Down => self.mlp_bias,
+        }
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_attention_heads * self.head_dim
     }

@@ -5,9 +5,11 @@
 use serde::Serialize;
 
 use super::batch::Batch;
-use super::transformer::{ForwardSpec, Transformer};
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
-use crate::ops::pool::{pool_forward, Pool};
+use super::hooks::Hook;
+use super::runner::{Output, Pass};
+use super::transformer::Transformer;
+use crate::gpu::{Gpu, Recorder};
+use crate::ops::pool::Pool;
 use crate::{Error, Result};
 
 /// The embeddings of one prompt.
@@ -33,33 +35,61 @@ pub fn embed_prompt(
         return Err(Error::InvalidArgument("the prompt has no tokens".into()));
     }
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size)?;
-    let (t, c) = (ids.len(), model.config.hidden_size);
     let layers = model.layers();
+    let hooks: Vec<Hook> = (0..=layers).map(|i| Hook::capture(i, pool)).collect();
+    let output = if with_logits {
+        Output::LastLogits
+    } else {
+        Output::Hidden(layers)
+    };
     let mut rec = Recorder::new(gpu);
-    let spec = ForwardSpec::hidden(layers);
-    let forward = model.forward(&mut rec, &batch, &spec);
-    let pooled: Vec<Tensor> = (0..=layers)
-        .map(|i| {
-            let e = Tensor::empty(gpu, [1, c], DType::F32);
-            let h = forward.hidden_state(i).reshape([1, t, c]);
-            pool_forward(&mut rec, &h, &batch.seq_lens, pool, &e);
-            e
-        })
-        .collect();
-    // Only the last position's logits are wanted: project that one row.
-    let logits = with_logits.then(|| {
-        let last = Tensor::empty(gpu, [1, c], DType::F32);
-        rec.copy_elements(forward.hidden_state(layers), (t - 1) * c, &last, 0, c);
-        let logits = Tensor::empty(gpu, [1, model.config.vocab_size], DType::F32);
-        model.lm_head().project(&mut rec, &last, &logits);
-        logits
-    });
+    let forward = model.run(&mut rec, &batch, &Pass::new(output).with_hooks(&hooks))?;
     rec.finish()?;
+    let hidden_states = (0..hooks.len())
+        .map(|i| {
+            forward
+                .captured(i)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("hidden state {i} was not captured"))
+                })?
+                .to_f32(gpu)
+        })
+        .collect::<Result<_>>()?;
     Ok(Embedding {
-        hidden_states: pooled
-            .iter()
-            .map(|e| e.to_f32(gpu))
-            .collect::<Result<_>>()?,
-        logits: logits.map(|l| l.to_f32(gpu)).transpose()?,
+        hidden_states,
+        logits: forward.logits.map(|l| l.to_f32(gpu)).transpose()?,
     })
+}
+
+/// Runs `model` over `batches` with no gradient and returns, for each index in `hidden`, that
+/// hidden state pooled with `pool` on the host (`[n·C]`, the sequences of all batches in
+/// order). `adapters` off gives the base model.
+pub fn pooled_hidden_states(
+    gpu: &Gpu,
+    model: &Transformer,
+    batches: &[Batch],
+    hidden: &[usize],
+    pool: Pool,
+    adapters: bool,
+) -> Result<Vec<Vec<f64>>> {
+    let hooks: Vec<Hook> = hidden.iter().map(|&i| Hook::capture(i, pool)).collect();
+    let top = hidden.iter().copied().max().unwrap_or(0);
+    let pass = Pass {
+        adapters,
+        ..Pass::new(Output::Hidden(top))
+    }
+    .with_hooks(&hooks);
+    let mut out = vec![Vec::new(); hidden.len()];
+    for batch in batches {
+        let mut rec = Recorder::new(gpu);
+        let forward = model.run(&mut rec, batch, &pass)?;
+        rec.finish()?;
+        for (slot, values) in out.iter_mut().enumerate() {
+            let captured = forward.captured(slot).ok_or_else(|| {
+                Error::InvalidArgument(format!("hidden state {slot} not captured"))
+            })?;
+            values.extend(captured.to_f32(gpu)?.iter().map(|&x| f64::from(x)));
+        }
+    }
+    Ok(out)
 }

@@ -2,7 +2,9 @@
 //! nucleus).
 
 use super::batch::Batch;
-use super::transformer::{KvTarget, ProjectionMode, Transformer};
+use super::hooks::Hook;
+use super::runner::{CacheTarget, Output, Pass};
+use super::transformer::Transformer;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -78,13 +80,15 @@ impl Transformer {
     }
 
     /// Runs `ids` after the tokens already in `cache`, appends their keys and values, and
-    /// returns the logits at the last of them.
+    /// returns the logits at the last of them. `hooks` act on these tokens (their positions
+    /// count the cached ones: [`Positions::Last`](super::Positions::Last) is the newest).
     pub fn decode(
         &self,
         gpu: &Gpu,
         cache: &mut KvCache,
         ids: &[u32],
         adapters: bool,
+        hooks: &[Hook],
     ) -> Result<Vec<f32>> {
         let past = cache.len;
         if past + ids.len() > cache.capacity {
@@ -96,35 +100,26 @@ impl Transformer {
         }
         let batch = Batch::new(gpu, &[ids.to_vec()], self.config.vocab_size)?;
         let seq_lens = Tensor::from_u32(gpu, [1], &[(past + ids.len()) as u32])?;
-        let mut rec = Recorder::new(gpu);
-        let c = self.config.hidden_size;
-        let mut x = Tensor::empty(gpu, [ids.len(), c], DType::F32);
-        self.embed.lookup(&mut rec, &batch.ids, &x);
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let target = KvTarget::Cache {
-                k: &cache.k[layer],
-                v: &cache.v[layer],
-                past,
-                capacity: cache.capacity,
-                seq_lens: &seq_lens,
-            };
-            let mode = ProjectionMode {
-                adapters,
-                dropout: None,
-                layer,
-            };
-            x = self
-                .block_forward(&mut rec, block, &x, &batch, mode, target)
-                .0;
+        let target = CacheTarget {
+            k: &cache.k,
+            v: &cache.v,
+            past,
+            capacity: cache.capacity,
+            seq_lens: &seq_lens,
+        };
+        let pass = Pass {
+            adapters,
+            ..Pass::new(Output::LastLogits)
         }
-        let last = Tensor::empty(gpu, [1, c], DType::F32);
-        rec.copy_elements(&x, (ids.len() - 1) * c, &last, 0, c);
-        let (normed, _) = self.final_norm_forward(&mut rec, &last);
-        let logits = Tensor::empty(gpu, [1, self.config.vocab_size], DType::F32);
-        self.lm_head().project(&mut rec, &normed, &logits);
+        .with_hooks(hooks);
+        let mut rec = Recorder::new(gpu);
+        let forward = self.run_with(&mut rec, &batch, &pass, Some(target))?;
         rec.finish()?;
         cache.len += ids.len();
-        logits.to_f32(gpu)
+        forward
+            .logits
+            .ok_or_else(|| Error::InvalidArgument("decoding produced no logits".into()))?
+            .to_f32(gpu)
     }
 
     /// Generates after `prompt`, calling `on_token` with each new id as it is made; returns
@@ -134,6 +129,19 @@ impl Transformer {
         gpu: &Gpu,
         prompt: &[u32],
         options: &SamplingOptions,
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        self.generate_hooked(gpu, prompt, options, &[], on_token)
+    }
+
+    /// [`Transformer::generate`] with `hooks` acting on the prompt and again at every decoding
+    /// step (an attack that steers the residual stream keeps steering what is generated).
+    pub fn generate_hooked(
+        &self,
+        gpu: &Gpu,
+        prompt: &[u32],
+        options: &SamplingOptions,
+        hooks: &[Hook],
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<Vec<u32>> {
         if prompt.is_empty() {
@@ -141,7 +149,7 @@ impl Transformer {
         }
         let mut cache = self.kv_cache(gpu, prompt.len() + options.max_tokens);
         let mut rng = Rng::new(options.seed);
-        let mut logits = self.decode(gpu, &mut cache, prompt, options.adapters)?;
+        let mut logits = self.decode(gpu, &mut cache, prompt, options.adapters, hooks)?;
         let mut out = Vec::new();
         while out.len() < options.max_tokens {
             let next = sample(&logits, options.temperature, options.top_p, &mut rng);
@@ -150,7 +158,7 @@ impl Transformer {
             if options.stop_ids.contains(&next) || out.len() == options.max_tokens {
                 break;
             }
-            logits = self.decode(gpu, &mut cache, &[next], options.adapters)?;
+            logits = self.decode(gpu, &mut cache, &[next], options.adapters, hooks)?;
         }
         Ok(out)
     }

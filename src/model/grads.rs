@@ -3,7 +3,8 @@
 //! without lookups; and the one walk that names parameters and gradients in the same order.
 
 use super::linear::LinearGrads;
-use super::transformer::{projection_name, Transformer, PROJECTIONS};
+use super::names::{LoraMatrix, Param, PerProjection};
+use super::transformer::Transformer;
 use super::vocab::VocabMatrix;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::{Error, Result};
@@ -22,14 +23,12 @@ pub enum Trainable {
 pub struct BlockGrads {
     pub attn_norm: Option<Tensor>,
     pub mlp_norm: Option<Tensor>,
-    /// In [`PROJECTIONS`] order.
-    pub proj: [LinearGrads; 7],
+    pub proj: PerProjection<LinearGrads>,
 }
 
 /// Gradient buffers for the trainable parameters of a [`Transformer`].
 #[derive(Debug, Clone)]
 pub struct Gradients {
-    pub trainable: Trainable,
     pub embed: Option<VocabMatrix>,
     pub blocks: Vec<BlockGrads>,
     pub final_norm: Option<Tensor>,
@@ -68,8 +67,8 @@ impl Gradients {
             .map(|block| BlockGrads {
                 attn_norm: full.then(|| zeros_like(gpu, &block.attn_norm)),
                 mlp_norm: full.then(|| zeros_like(gpu, &block.mlp_norm)),
-                proj: PROJECTIONS.map(|p| {
-                    let linear = block.projection(p).expect("PROJECTIONS names projections");
+                proj: PerProjection::from_fn(|p| {
+                    let linear = &block.proj[p];
                     let lora = linear.lora.as_ref().filter(|_| !full);
                     LinearGrads {
                         weight: full.then(|| zeros_like(gpu, &linear.weight)),
@@ -85,7 +84,6 @@ impl Gradients {
             })
             .collect();
         Ok(Gradients {
-            trainable,
             embed: full.then(|| model.embed.zeros_like(gpu)),
             blocks,
             final_norm: full.then(|| zeros_like(gpu, &model.final_norm)),
@@ -108,85 +106,39 @@ impl Gradients {
 
     /// Every trainable parameter with its gradient, in a fixed order.
     pub fn named(&self, model: &Transformer) -> Vec<NamedParam> {
+        let arch = model.config.architecture;
         let mut out = Vec::new();
-        let mut push = |name: String, param: &Tensor, grad: &Option<Tensor>| {
+        let mut push = |param: Param, value: &Tensor, grad: &Option<Tensor>| {
             if let Some(grad) = grad {
                 out.push(NamedParam {
-                    name,
-                    param: param.clone(),
+                    name: param.hf_name(arch),
+                    param: value.clone(),
                     grad: grad.clone(),
                 });
             }
         };
-        let push_vocab = |out: &mut Vec<NamedParam>,
-                          name: &str,
-                          param: &VocabMatrix,
-                          grad: &Option<VocabMatrix>| {
-            let Some(grad) = grad else { return };
-            let split = param.chunks.len() > 1;
-            for ((first, p), g) in param.parts().zip(&grad.chunks) {
-                let name = if split {
-                    format!("{name}@{first}")
-                } else {
-                    name.to_owned()
-                };
-                out.push(NamedParam {
-                    name,
-                    param: p.clone(),
-                    grad: g.clone(),
-                });
-            }
-        };
-        let mut vocab = Vec::new();
-        push_vocab(
-            &mut vocab,
-            "model.embed_tokens.weight",
-            &model.embed,
-            &self.embed,
-        );
         for (layer, (block, grads)) in model.blocks.iter().zip(&self.blocks).enumerate() {
-            let prefix = format!("model.layers.{layer}");
-            push(
-                format!("{prefix}.input_layernorm.weight"),
-                &block.attn_norm,
-                &grads.attn_norm,
-            );
-            push(
-                format!("{prefix}.post_attention_layernorm.weight"),
-                &block.mlp_norm,
-                &grads.mlp_norm,
-            );
-            for (p, g) in PROJECTIONS.iter().zip(&grads.proj) {
-                let linear = block.projection(p).expect("PROJECTIONS names projections");
-                let name = projection_name(layer, p);
-                push(format!("{name}.weight"), &linear.weight, &g.weight);
+            push(Param::AttnNorm(layer), &block.attn_norm, &grads.attn_norm);
+            push(Param::MlpNorm(layer), &block.mlp_norm, &grads.mlp_norm);
+            for ((p, linear), g) in block.proj.iter().zip(grads.proj.values()) {
+                push(Param::Weight(layer, p), &linear.weight, &g.weight);
                 if let Some(bias) = &linear.bias {
-                    push(format!("{name}.bias"), bias, &g.bias);
+                    push(Param::Bias(layer, p), bias, &g.bias);
                 }
                 if let Some(lora) = &linear.lora {
-                    push(
-                        format!("base_model.model.{name}.lora_A.weight"),
-                        &lora.a,
-                        &g.lora_a,
-                    );
-                    push(
-                        format!("base_model.model.{name}.lora_B.weight"),
-                        &lora.b,
-                        &g.lora_b,
-                    );
+                    push(Param::Lora(layer, p, LoraMatrix::A), &lora.a, &g.lora_a);
+                    push(Param::Lora(layer, p, LoraMatrix::B), &lora.b, &g.lora_b);
                 }
             }
         }
-        push(
-            "model.norm.weight".to_owned(),
-            &model.final_norm,
-            &self.final_norm,
-        );
+        push(Param::FinalNorm, &model.final_norm, &self.final_norm);
+        // The vocabulary matrices go first and last, chunk by chunk.
+        let mut named = vocab_params(arch, Param::Embed, &model.embed, &self.embed);
+        named.append(&mut out);
         if let Some(head) = &model.lm_head {
-            push_vocab(&mut out, "lm_head.weight", head, &self.lm_head);
+            named.extend(vocab_params(arch, Param::LmHead, head, &self.lm_head));
         }
-        vocab.append(&mut out);
-        vocab
+        named
     }
 
     /// Zeroes every gradient buffer (a step's gradients accumulate from zero).
@@ -195,4 +147,32 @@ impl Gradients {
             rec.zero(&p.grad);
         }
     }
+}
+
+/// The chunks of a vocabulary matrix and its gradient; chunks of a split matrix are named
+/// `name@first_row`.
+fn vocab_params(
+    arch: super::config::Architecture,
+    param: Param,
+    value: &VocabMatrix,
+    grad: &Option<VocabMatrix>,
+) -> Vec<NamedParam> {
+    let Some(grad) = grad else {
+        return Vec::new();
+    };
+    let name = param.hf_name(arch);
+    let split = value.chunks.len() > 1;
+    value
+        .parts()
+        .zip(&grad.chunks)
+        .map(|((first, p), g)| NamedParam {
+            name: if split {
+                format!("{name}@{first}")
+            } else {
+                name.clone()
+            },
+            param: p.clone(),
+            grad: g.clone(),
+        })
+        .collect()
 }

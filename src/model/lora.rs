@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::linear::Lora;
-use super::transformer::{projection_name, Transformer, PROJECTIONS};
+use super::names::{LoraMatrix, Param, Projection};
+use super::transformer::Transformer;
 use super::weights::Checkpoint;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::io::{write_json, write_safetensors, SaveTensor};
@@ -26,8 +27,8 @@ pub struct LoraConfig {
     pub alpha: f32,
     /// Dropout on the adapter's input during training.
     pub dropout: f32,
-    /// Projections by short name: q, k, v, o, gate, up, down.
-    pub targets: Vec<String>,
+    /// The projections that get an adapter (short names in JSON: q, k, v, o, gate, up, down).
+    pub targets: Vec<Projection>,
 }
 
 impl Default for LoraConfig {
@@ -38,7 +39,7 @@ impl Default for LoraConfig {
             rank: 16,
             alpha: 16.0,
             dropout: 0.0,
-            targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            targets: Projection::ALL.to_vec(),
         }
     }
 }
@@ -48,57 +49,32 @@ impl LoraConfig {
         self.alpha / self.rank as f32
     }
 
-    /// Checks the rank, alpha, dropout and target names.
+    /// Checks the rank, alpha, dropout and targets.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(Error::InvalidArgument(
-                "--lora-rank must be at least 1".into(),
+                "lora.rank must be at least 1".into(),
             ));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(Error::InvalidArgument(format!(
-                "--lora-alpha must be > 0, got {}",
+                "lora.alpha must be > 0, got {}",
                 self.alpha
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::InvalidArgument(format!(
-                "--lora-dropout must be in [0, 1), got {}",
+                "lora.dropout must be in [0, 1), got {}",
                 self.dropout
             )));
         }
         if self.targets.is_empty() {
             return Err(Error::InvalidArgument(
-                "--lora-targets names no projection".into(),
+                "lora.targets names no projection".into(),
             ));
-        }
-        for t in &self.targets {
-            if !PROJECTIONS.contains(&t.as_str()) {
-                return Err(Error::InvalidArgument(format!(
-                    "--lora-targets: unknown projection '{t}' (expected some of {})",
-                    PROJECTIONS.join(", ")
-                )));
-            }
         }
         Ok(())
     }
-}
-
-/// `q` ↔ `q_proj`.
-fn peft_module(short: &str) -> String {
-    format!("{short}_proj")
-}
-
-fn short_module(peft: &str) -> Option<&str> {
-    let short = peft.strip_suffix("_proj")?;
-    PROJECTIONS.contains(&short).then_some(short)
-}
-
-fn peft_name(layer: usize, proj: &str, matrix: &str) -> String {
-    format!(
-        "base_model.model.{}.lora_{matrix}.weight",
-        projection_name(layer, proj)
-    )
 }
 
 impl Transformer {
@@ -108,8 +84,8 @@ impl Transformer {
         config.validate()?;
         let mut rng = Rng::new(seed);
         for block in &mut self.blocks {
-            for target in &config.targets {
-                let linear = block.projection_mut(target).expect("validated target");
+            for &target in &config.targets {
+                let linear = &mut block.proj[target];
                 let (out, inp) = (linear.out_features(), linear.in_features());
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a = rng.uniform_vec(config.rank * inp, -bound, bound);
@@ -144,10 +120,10 @@ impl Transformer {
             .ok_or_else(|| bad("target_modules must be a list".into()))?
             .iter()
             .map(|t| {
-                t.as_str()
-                    .and_then(short_module)
-                    .map(str::to_owned)
-                    .ok_or_else(|| bad(format!("unsupported target module {t}")))
+                let name = t
+                    .as_str()
+                    .ok_or_else(|| bad(format!("target module {t} is not a string")))?;
+                Projection::parse(name).map_err(|e| bad(format!("target_modules: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         let config = LoraConfig {
@@ -159,12 +135,14 @@ impl Transformer {
         config.validate().map_err(|e| bad(e.to_string()))?;
         let weights_path = dir.join("adapter_model.safetensors");
         let checkpoint = Checkpoint::open_file(&weights_path)?;
+        let arch = self.config.architecture;
         for (layer, block) in self.blocks.iter_mut().enumerate() {
-            for target in &config.targets {
-                let linear = block.projection_mut(target).expect("validated target");
+            for &target in &config.targets {
+                let linear = &mut block.proj[target];
                 let (out, inp) = (linear.out_features(), linear.in_features());
-                let a = checkpoint.load_f32(&peft_name(layer, target, "A"), &[rank, inp])?;
-                let b = checkpoint.load_f32(&peft_name(layer, target, "B"), &[out, rank])?;
+                let name = |m| Param::Lora(layer, target, m).hf_name(arch);
+                let a = checkpoint.load_f32(&name(LoraMatrix::A), &[rank, inp])?;
+                let b = checkpoint.load_f32(&name(LoraMatrix::B), &[out, rank])?;
                 linear.lora = Some(Lora {
                     a: Tensor::from_f32(gpu, [rank, inp], &a)?,
                     b: Tensor::from_f32(gpu, [out, rank], &b)?,
@@ -184,14 +162,15 @@ impl Transformer {
         base_model: &str,
     ) -> Result<()> {
         let mut tensors = Vec::new();
+        let arch = self.config.architecture;
         for (layer, block) in self.blocks.iter().enumerate() {
-            for proj in PROJECTIONS {
-                let Some(lora) = &block.projection(proj).and_then(|l| l.lora.as_ref()) else {
+            for (p, linear) in block.proj.iter() {
+                let Some(lora) = &linear.lora else {
                     continue;
                 };
-                for (matrix, t) in [("A", &lora.a), ("B", &lora.b)] {
+                for (matrix, t) in [(LoraMatrix::A, &lora.a), (LoraMatrix::B, &lora.b)] {
                     tensors.push((
-                        peft_name(layer, proj, matrix),
+                        Param::Lora(layer, p, matrix).hf_name(arch),
                         SaveTensor::Device {
                             gpu,
                             tensor: t.clone(),
@@ -218,7 +197,7 @@ impl Transformer {
             "r": config.rank,
             "lora_alpha": config.alpha,
             "lora_dropout": config.dropout,
-            "target_modules": config.targets.iter().map(|t| peft_module(t)).collect::<Vec<_>>(),
+            "target_modules": config.targets.iter().map(|t| t.module()).collect::<Vec<_>>(),
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
@@ -236,10 +215,7 @@ impl Transformer {
     pub fn merge_lora(&mut self, gpu: &Gpu) -> Result<()> {
         let mut rec = Recorder::new(gpu);
         for block in &mut self.blocks {
-            for proj in PROJECTIONS {
-                let linear = block
-                    .projection_mut(proj)
-                    .expect("PROJECTIONS names projections");
+            for (_, linear) in block.proj.iter_mut() {
                 let Some(lora) = linear.lora.take() else {
                     continue;
                 };
@@ -259,10 +235,8 @@ impl Transformer {
 
     /// Whether any adapter is attached.
     pub fn has_lora(&self) -> bool {
-        self.blocks.iter().any(|b| {
-            PROJECTIONS
-                .iter()
-                .any(|p| b.projection(p).is_some_and(|l| l.lora.is_some()))
-        })
+        self.blocks
+            .iter()
+            .any(|b| b.proj.values().any(|l| l.lora.is_some()))
     }
 }

@@ -1,6 +1,7 @@
-//! Layer 3: Hugging Face checkpoints (config, safetensors weights), the transformer forward
-//! with hooks, LoRA adapters, generation with a KV cache, pooled embeddings, and the embedded
-//! default model.
+//! Layer 4 (above `text`): Hugging Face checkpoints (config, safetensors weights), the
+//! decoder's blocks, the one block loop that runs them for every pass (`runner`: hooks,
+//! gradient taps, save policies, the KV cache), LoRA adapters, generation, pooled embeddings,
+//! and the embedded default models.
 
 pub mod backward;
 pub mod batch;
@@ -9,10 +10,13 @@ pub mod embed;
 pub mod embedded;
 pub mod generate;
 pub mod grads;
+pub mod hooks;
 pub mod linear;
 pub mod lora;
+pub mod names;
 pub mod open;
 pub mod params;
+pub mod runner;
 pub mod save;
 pub mod transformer;
 pub mod vocab;
@@ -24,13 +28,14 @@ pub use config::{Architecture, Config, Llama3RopeScaling};
 pub use embed::{embed_prompt, Embedding};
 pub use generate::{KvCache, SamplingOptions};
 pub use grads::{BlockGrads, Gradients, NamedParam, Trainable};
+pub use hooks::{Capture, Hook, HookAction, Positions};
 pub use linear::{Linear, LinearGrads, Lora};
 pub use lora::LoraConfig;
+pub use names::{LoraMatrix, Param, PerProjection, Projection};
 pub use open::open_model;
 pub use params::{ParamSource, SeededInit};
+pub use runner::{Forward, Output, Pass, SavePolicy};
 pub use save::save_pretrained;
-pub use transformer::{
-    Block, BlockActivations, Forward, ForwardSpec, LoadOptions, Perturbation, Transformer,
-};
+pub use transformer::{Block, BlockActivations, LoadOptions, LoraDropout, Transformer};
 pub use vocab::VocabMatrix;
 pub use weights::Checkpoint;

@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use super::embedded;
-use super::transformer::{projection_name, Transformer, PROJECTIONS};
+use super::names::Param;
+use super::transformer::Transformer;
 use crate::gpu::Gpu;
 use crate::io::{atomic_dir, write_json, write_safetensors, SaveTensor};
 use crate::{Error, Result};
@@ -33,31 +34,21 @@ impl Transformer {
             shape: vec![m.rows, m.cols],
             chunks: m.chunks.clone(),
         };
-        let mut out = vec![("model.embed_tokens.weight".to_owned(), vocab(&self.embed))];
+        let name = |param: Param| param.hf_name(self.config.architecture);
+        let mut out = vec![(name(Param::Embed), vocab(&self.embed))];
         for (layer, block) in self.blocks.iter().enumerate() {
-            let prefix = format!("model.layers.{layer}");
-            out.push((
-                format!("{prefix}.input_layernorm.weight"),
-                one(&block.attn_norm),
-            ));
-            out.push((
-                format!("{prefix}.post_attention_layernorm.weight"),
-                one(&block.mlp_norm),
-            ));
-            for proj in PROJECTIONS {
-                let linear = block
-                    .projection(proj)
-                    .expect("PROJECTIONS names projections");
-                let name = projection_name(layer, proj);
-                out.push((format!("{name}.weight"), one(&linear.weight)));
+            out.push((name(Param::AttnNorm(layer)), one(&block.attn_norm)));
+            out.push((name(Param::MlpNorm(layer)), one(&block.mlp_norm)));
+            for (p, linear) in block.proj.iter() {
+                out.push((name(Param::Weight(layer, p)), one(&linear.weight)));
                 if let Some(bias) = &linear.bias {
-                    out.push((format!("{name}.bias"), one(bias)));
+                    out.push((name(Param::Bias(layer, p)), one(bias)));
                 }
             }
         }
-        out.push(("model.norm.weight".to_owned(), one(&self.final_norm)));
+        out.push((name(Param::FinalNorm), one(&self.final_norm)));
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_owned(), vocab(head)));
+            out.push((name(Param::LmHead), vocab(head)));
         }
         out
     }

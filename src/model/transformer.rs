@@ -1,16 +1,13 @@
-//! The Llama-family decoder (Llama, Mistral, Qwen2): parameters on the GPU and the forward
-//! pass, written out one block at a time as in llm.c. The forward can stop at any hidden
-//! state, add a perturbation to one, and keep what the backward needs.
-//!
-//! Hidden states follow transformers' `output_hidden_states`: index 0 is the token embedding,
-//! index `i` (1 ≤ i < L) the residual stream after block `i − 1`, and index `L` the output of
-//! the final RMSNorm.
+//! The Llama-family decoder (Llama, Mistral, Qwen2): its parameters on the GPU and one decoder
+//! block's forward, written out as in llm.c. The block loop that runs the blocks (with hooks, a
+//! save policy and a KV cache) is in `runner.rs`; the block's backward in `backward.rs`.
 
 use std::path::Path;
 
 use super::batch::Batch;
 use super::config::Config;
 use super::linear::{Linear, LoraActivations};
+use super::names::{Param, PerProjection, Projection};
 use super::params::ParamSource;
 use super::vocab::VocabMatrix;
 use super::weights::Checkpoint;
@@ -18,7 +15,7 @@ use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::ops::activation::swiglu_forward;
 use crate::ops::attention::{attention_forward, AttentionShape};
 use crate::ops::dropout::Dropout;
-use crate::ops::residual::{accumulate, residual_forward};
+use crate::ops::residual::residual_forward;
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, rope_inv_freq};
 use crate::{Error, Result};
@@ -28,56 +25,9 @@ use half::{f16, slice::HalfFloatSliceExt};
 #[derive(Debug, Clone)]
 pub struct Block {
     pub attn_norm: Tensor,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
     pub mlp_norm: Tensor,
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
-}
-
-/// The projections of a block by name, in a fixed order (LoRA targets, PEFT names).
-pub const PROJECTIONS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
-
-impl Block {
-    /// The projection called `name` (one of [`PROJECTIONS`]).
-    pub fn projection(&self, name: &str) -> Option<&Linear> {
-        Some(match name {
-            "q" => &self.q,
-            "k" => &self.k,
-            "v" => &self.v,
-            "o" => &self.o,
-            "gate" => &self.gate,
-            "up" => &self.up,
-            "down" => &self.down,
-            _ => return None,
-        })
-    }
-
-    /// Mutable access to the projection called `name`.
-    pub fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        Some(match name {
-            "q" => &mut self.q,
-            "k" => &mut self.k,
-            "v" => &mut self.v,
-            "o" => &mut self.o,
-            "gate" => &mut self.gate,
-            "up" => &mut self.up,
-            "down" => &mut self.down,
-            _ => return None,
-        })
-    }
-}
-
-/// The Hugging Face tensor name of projection `proj` in layer `layer`.
-pub fn projection_name(layer: usize, proj: &str) -> String {
-    let group = match proj {
-        "q" | "k" | "v" | "o" => "self_attn",
-        _ => "mlp",
-    };
-    format!("model.layers.{layer}.{group}.{proj}_proj")
+    /// q, k, v, o, gate, up, down.
+    pub proj: PerProjection<Linear>,
 }
 
 /// How to place the model on the device.
@@ -117,49 +67,6 @@ pub struct Transformer {
     pub inv_freq: Tensor,
 }
 
-/// What a forward pass computes.
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardSpec<'a> {
-    /// The highest hidden-state index needed (0..=L); blocks above it are not run.
-    pub last_hidden: usize,
-    /// Compute logits (implies `last_hidden == L`).
-    pub logits: bool,
-    /// Run the LoRA adapters (off gives the base model).
-    pub adapters: bool,
-    /// Add a vector to one hidden state.
-    pub perturb: Option<Perturbation<'a>>,
-    /// Dropout on the LoRA adapters' inputs (training only): (p, seed).
-    pub lora_dropout: Option<(f32, u32)>,
-}
-
-impl ForwardSpec<'static> {
-    /// Every hidden state and the logits, adapters on: plain inference.
-    pub fn full(layers: usize) -> Self {
-        ForwardSpec {
-            last_hidden: layers,
-            logits: true,
-            adapters: true,
-            perturb: None,
-            lora_dropout: None,
-        }
-    }
-
-    /// The hidden states up to `last_hidden` and no logits, adapters on.
-    pub fn hidden(last_hidden: usize) -> Self {
-        ForwardSpec {
-            logits: false,
-            ..Self::full(last_hidden)
-        }
-    }
-}
-
-/// `hidden_states[hidden] += delta` (`delta [B·T, C]`) before anything reads it.
-#[derive(Debug, Clone, Copy)]
-pub struct Perturbation<'a> {
-    pub hidden: usize,
-    pub delta: &'a Tensor,
-}
-
 /// What one block's forward leaves for its backward.
 #[derive(Debug)]
 pub struct BlockActivations {
@@ -176,29 +83,8 @@ pub struct BlockActivations {
     pub gate: Tensor,
     pub up: Tensor,
     pub act: Tensor,
-    /// The adapters' saved state per projection, in [`PROJECTIONS`] order.
-    pub lora: [Option<LoraActivations>; 7],
-}
-
-/// The result of [`Transformer::forward`].
-#[derive(Debug)]
-pub struct Forward {
-    /// Residual stream `x_0 ..= x_k` (`x_0` the embedding, `x_{l+1}` after block `l`).
-    pub residual: Vec<Tensor>,
-    /// `norm(x_L)` and its rstd, when the last hidden state or logits were asked for.
-    pub normed: Option<(Tensor, Tensor)>,
-    pub logits: Option<Tensor>,
-    pub blocks: Vec<BlockActivations>,
-}
-
-impl Forward {
-    /// transformers' `hidden_states[index]` as `[B·T, C]`.
-    pub fn hidden_state(&self, index: usize) -> &Tensor {
-        match &self.normed {
-            Some((normed, _)) if index + 1 == self.residual.len() => normed,
-            _ => &self.residual[index],
-        }
-    }
+    /// The adapters' saved state per projection.
+    pub lora: PerProjection<Option<LoraActivations>>,
 }
 
 /// Where a block's keys and values go: straight into attention (training, full prompts), or
@@ -212,6 +98,14 @@ pub(crate) enum KvTarget<'a> {
         capacity: usize,
         seq_lens: &'a Tensor,
     },
+}
+
+/// Dropout on the LoRA adapters' inputs (training only): probability `p`, masks drawn from
+/// `seed` (every projection of every layer draws its own).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraDropout {
+    pub p: f32,
+    pub seed: u32,
 }
 
 impl Transformer {
@@ -234,15 +128,16 @@ impl Transformer {
         let vocab = |name: &str| {
             VocabMatrix::load(gpu, source, name, c.vocab_size, c.hidden_size, max_binding)
         };
-        let embed = vocab("model.embed_tokens.weight")?;
+        let name = |param: Param| param.hf_name(c.architecture);
+        let embed = vocab(&name(Param::Embed))?;
         let blocks = (0..c.num_hidden_layers)
             .map(|layer| load_block(gpu, c, source, layer, options.projection_dtype()))
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = upload(gpu, source, "model.norm.weight", &[c.hidden_size])?;
+        let final_norm = upload(gpu, source, &name(Param::FinalNorm), &[c.hidden_size])?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(vocab("lm_head.weight")?)
+            Some(vocab(&name(Param::LmHead))?)
         };
         let inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
         let inv_freq = Tensor::from_f32(gpu, [inv_freq.len()], &inv_freq)?;
@@ -268,9 +163,9 @@ impl Transformer {
             .blocks
             .iter()
             .map(|b| {
-                let projections: u64 = PROJECTIONS
-                    .iter()
-                    .filter_map(|p| b.projection(p))
+                let projections: u64 = b
+                    .proj
+                    .values()
                     .map(|l| l.weight.size_bytes() + l.bias.as_ref().map_or(0, Tensor::size_bytes))
                     .sum();
                 projections + b.attn_norm.size_bytes() + b.mlp_norm.size_bytes()
@@ -286,10 +181,9 @@ impl Transformer {
     pub fn f16_weight_names(&self) -> Vec<String> {
         let mut names = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
-            for p in PROJECTIONS {
-                let linear = block.projection(p).expect("PROJECTIONS names projections");
+            for (p, linear) in block.proj.iter() {
                 if linear.weight.dtype() == DType::F16 {
-                    names.push(format!("{}.weight", projection_name(layer, p)));
+                    names.push(Param::Weight(layer, p).hf_name(self.config.architecture));
                 }
             }
         }
@@ -299,74 +193,6 @@ impl Transformer {
     /// Number of decoder blocks L (hidden-state indices run 0..=L).
     pub fn layers(&self) -> usize {
         self.blocks.len()
-    }
-
-    /// Records a forward pass over `batch`; see [`ForwardSpec`].
-    pub fn forward(&self, rec: &mut Recorder, batch: &Batch, spec: &ForwardSpec) -> Forward {
-        let layers = self.layers();
-        assert!(
-            spec.last_hidden <= layers,
-            "hidden state {} past the last ({layers})",
-            spec.last_hidden
-        );
-        let gpu = rec.gpu();
-        let rows = batch.rows();
-        let c = self.config.hidden_size;
-        let x0 = Tensor::empty(gpu, [rows, c], DType::F32);
-        self.embed.lookup(rec, &batch.ids, &x0);
-        apply_perturbation(rec, spec, 0, &x0);
-
-        let run = if spec.logits {
-            layers
-        } else {
-            spec.last_hidden.min(layers)
-        };
-        let mut residual = vec![x0];
-        let mut blocks = Vec::with_capacity(run);
-        for (layer, block) in self.blocks.iter().take(run).enumerate() {
-            let x = &residual[layer];
-            let mode = ProjectionMode {
-                adapters: spec.adapters,
-                dropout: spec.lora_dropout,
-                layer,
-            };
-            let (out, saved) = self.block_forward(rec, block, x, batch, mode, KvTarget::Fresh);
-            // hidden_states[L] is the normed output, so a perturbation there is applied below.
-            if layer + 1 < layers {
-                apply_perturbation(rec, spec, layer + 1, &out);
-            }
-            residual.push(out);
-            blocks.push(saved);
-        }
-
-        let wants_normed = spec.logits || spec.last_hidden == layers;
-        let normed = wants_normed.then(|| {
-            let (normed, rstd) = self.final_norm_forward(rec, &residual[layers]);
-            apply_perturbation(rec, spec, layers, &normed);
-            (normed, rstd)
-        });
-        let logits = match (&normed, spec.logits) {
-            (Some((normed, _)), true) => {
-                let logits = Tensor::empty(gpu, [rows, self.config.vocab_size], DType::F32);
-                self.lm_head().project(rec, normed, &logits);
-                Some(logits)
-            }
-            _ => None,
-        };
-        Forward {
-            residual,
-            normed,
-            logits,
-            blocks,
-        }
-    }
-
-    /// Runs [`Transformer::forward`] in a recorder of its own and waits for it.
-    pub fn forward_now(&self, gpu: &Gpu, batch: &Batch, spec: &ForwardSpec) -> Result<Forward> {
-        let mut rec = Recorder::new(gpu);
-        let out = self.forward(&mut rec, batch, spec);
-        rec.finish()?;
-        Ok(out)
     }
 
     pub(crate) fn final_norm_forward(&self, rec: &mut Recorder, x: &Tensor) -> (Tensor, Tensor) {
@@ -404,14 +230,15 @@ impl Transformer {
         let attn_in = f32_tensor(&[rows, cfg.hidden_size]);
         let attn_rstd = f32_tensor(&[rows]);
         rmsnorm_forward(rec, x, &block.attn_norm, &attn_in, &attn_rstd, eps);
-        let (q_raw, k_raw, v) = (
-            block.q.output(gpu, rows),
-            block.k.output(gpu, rows),
-            block.v.output(gpu, rows),
-        );
-        let lora_q = mode.forward(rec, &block.q, "q", &attn_in, &q_raw);
-        let lora_k = mode.forward(rec, &block.k, "k", &attn_in, &k_raw);
-        let lora_v = mode.forward(rec, &block.v, "v", &attn_in, &v);
+        let mut lora = PerProjection::default();
+        let mut project = |rec: &mut Recorder, p: Projection, x: &Tensor| {
+            let y = block.proj[p].output(gpu, rows);
+            lora[p] = mode.forward(rec, &block.proj[p], p, x, &y);
+            y
+        };
+        let q_raw = project(rec, Projection::Q, &attn_in);
+        let k_raw = project(rec, Projection::K, &attn_in);
+        let v = project(rec, Projection::V, &attn_in);
 
         let (b, t, d) = (batch.batch, batch.seq, cfg.head_dim);
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -466,21 +293,18 @@ impl Transformer {
         }
 
         let attn_flat = attn.reshape([rows, hq * d]);
-        let o = block.o.output(gpu, rows);
-        let lora_o = mode.forward(rec, &block.o, "o", &attn_flat, &o);
+        let o = project(rec, Projection::O, &attn_flat);
         let mid = f32_tensor(&[rows, cfg.hidden_size]);
         residual_forward(rec, x, &o, &mid, 1.0);
 
         let mlp_in = f32_tensor(&[rows, cfg.hidden_size]);
         let mlp_rstd = f32_tensor(&[rows]);
         rmsnorm_forward(rec, &mid, &block.mlp_norm, &mlp_in, &mlp_rstd, eps);
-        let (gate, up) = (block.gate.output(gpu, rows), block.up.output(gpu, rows));
-        let lora_gate = mode.forward(rec, &block.gate, "gate", &mlp_in, &gate);
-        let lora_up = mode.forward(rec, &block.up, "up", &mlp_in, &up);
+        let gate = project(rec, Projection::Gate, &mlp_in);
+        let up = project(rec, Projection::Up, &mlp_in);
         let act = f32_tensor(&[rows, cfg.intermediate_size]);
         swiglu_forward(rec, &gate, &up, &act);
-        let down = block.down.output(gpu, rows);
-        let lora_down = mode.forward(rec, &block.down, "down", &act, &down);
+        let down = project(rec, Projection::Down, &act);
         let out = f32_tensor(&[rows, cfg.hidden_size]);
         residual_forward(rec, &mid, &down, &out, 1.0);
 
@@ -498,9 +322,7 @@ impl Transformer {
             gate,
             up,
             act,
-            lora: [
-                lora_q, lora_k, lora_v, lora_o, lora_gate, lora_up, lora_down,
-            ],
+            lora,
         };
         (out, saved)
     }
@@ -510,7 +332,7 @@ impl Transformer {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ProjectionMode {
     pub adapters: bool,
-    pub dropout: Option<(f32, u32)>,
+    pub dropout: Option<LoraDropout>,
     pub layer: usize,
 }
 
@@ -519,27 +341,17 @@ impl ProjectionMode {
         &self,
         rec: &mut Recorder,
         linear: &Linear,
-        name: &str,
+        projection: Projection,
         x: &Tensor,
         y: &Tensor,
     ) -> Option<LoraActivations> {
-        let index = PROJECTIONS.iter().position(|p| *p == name).unwrap_or(0);
         // Every projection of every layer draws its own mask from the step's seed.
-        let dropout = self
-            .dropout
-            .filter(|&(p, _)| p > 0.0)
-            .map(|(p, seed)| Dropout {
-                p,
-                seed: seed
-                    ^ ((self.layer * PROJECTIONS.len() + index) as u32).wrapping_mul(0x9E37_79B9),
-            });
+        let slot = (self.layer * Projection::ALL.len() + projection.index()) as u32;
+        let dropout = self.dropout.filter(|d| d.p > 0.0).map(|d| Dropout {
+            p: d.p,
+            seed: d.seed ^ slot.wrapping_mul(0x9E37_79B9),
+        });
         linear.forward(rec, x, y, self.adapters, dropout)
-    }
-}
-
-fn apply_perturbation(rec: &mut Recorder, spec: &ForwardSpec, index: usize, hidden: &Tensor) {
-    if let Some(p) = spec.perturb.filter(|p| p.hidden == index) {
-        accumulate(rec, p.delta, hidden, 1.0);
     }
 }
 
@@ -579,34 +391,36 @@ fn to_f16(name: &str, data: &[f32]) -> Result<Vec<f16>> {
     if let Some(i) = overflow {
         return Err(Error::InvalidArgument(format!(
             "{name}: element {i} ({}) is beyond the f16 range (±65504); load this model \
-             without f16 weights (--f16-weights)",
+             with f32 weights (f16_weights off)",
             data[i]
         )));
     }
     Ok(halves)
 }
 
-/// A projection with its weight stored as `dtype` and its bias (if any) as f32.
+/// Projection `p` of block `layer`: its weight stored as `dtype`, its bias (if the
+/// architecture has one there) as f32.
 fn load_linear(
     gpu: &Gpu,
+    c: &Config,
     source: &dyn ParamSource,
-    name: &str,
-    (out_features, in_features): (usize, usize),
-    bias: bool,
+    (layer, p): (usize, Projection),
     dtype: DType,
 ) -> Result<Linear> {
+    let (out_features, in_features) = c.projection_shape(p);
+    let name = |param: Param| param.hf_name(c.architecture);
     let weight = upload_as(
         gpu,
         source,
-        &format!("{name}.weight"),
+        &name(Param::Weight(layer, p)),
         &[out_features, in_features],
         dtype,
     )?;
-    let bias = if bias {
+    let bias = if c.projection_has_bias(p) {
         Some(upload(
             gpu,
             source,
-            &format!("{name}.bias"),
+            &name(Param::Bias(layer, p)),
             &[out_features],
         )?)
     } else {
@@ -623,38 +437,18 @@ fn load_block(
     layer: usize,
     dtype: DType,
 ) -> Result<Block> {
-    let prefix = format!("model.layers.{layer}");
-    let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
-    let proj = |p: &str, out, inp, bias| {
-        load_linear(
+    let norm = |param: Param| {
+        upload(
             gpu,
             source,
-            &projection_name(layer, p),
-            (out, inp),
-            bias,
-            dtype,
+            &param.hf_name(c.architecture),
+            &[c.hidden_size],
         )
     };
     let block = Block {
-        attn_norm: upload(
-            gpu,
-            source,
-            &format!("{prefix}.input_layernorm.weight"),
-            &[hidden],
-        )?,
-        q: proj("q", c.q_dim(), hidden, c.qkv_bias)?,
-        k: proj("k", c.kv_dim(), hidden, c.qkv_bias)?,
-        v: proj("v", c.kv_dim(), hidden, c.qkv_bias)?,
-        o: proj("o", hidden, c.q_dim(), c.o_bias)?,
-        mlp_norm: upload(
-            gpu,
-            source,
-            &format!("{prefix}.post_attention_layernorm.weight"),
-            &[hidden],
-        )?,
-        gate: proj("gate", ffn, hidden, c.mlp_bias)?,
-        up: proj("up", ffn, hidden, c.mlp_bias)?,
-        down: proj("down", hidden, ffn, c.mlp_bias)?,
+        attn_norm: norm(Param::AttnNorm(layer))?,
+        mlp_norm: norm(Param::MlpNorm(layer))?,
+        proj: PerProjection::try_from_fn(|p| load_linear(gpu, c, source, (layer, p), dtype))?,
     };
     gpu.flush_uploads();
     Ok(block)

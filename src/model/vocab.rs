@@ -1,16 +1,12 @@
 //! Vocabulary-sized matrices (the token embedding and the LM head), split into row chunks so
 //! that no binding exceeds the adapter's `max_storage_buffer_binding_size`.
 
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::gpu::{rows_per_binding, DType, Gpu, Recorder, Tensor};
 use crate::ops::embedding::embedding_forward;
 use crate::ops::matmul::{gemm, Gemm, MatmulOptions, Strided};
 use crate::Result;
 
 use super::params::ParamSource;
-
-/// Rows of a chunked logits or activation tensor keep their byte offsets aligned for any
-/// width when a part starts at a multiple of this many rows.
-const ROW_ALIGN: usize = 64;
 
 /// A `[rows, cols]` f32 matrix stored as consecutive row chunks of `chunk_rows` rows.
 #[derive(Debug, Clone)]
@@ -27,9 +23,7 @@ pub struct VocabMatrix {
 impl VocabMatrix {
     /// Largest chunk (a multiple of 64 rows) whose binding fits `max_binding` bytes.
     pub fn chunk_rows_for(rows: usize, cols: usize, max_binding: u64) -> usize {
-        let fit = (max_binding / (cols.max(1) as u64 * 4)) as usize;
-        let aligned = (fit / ROW_ALIGN * ROW_ALIGN).max(ROW_ALIGN);
-        aligned.min(rows.max(1))
+        rows_per_binding(rows, cols, max_binding)
     }
 
     /// Loads tensor `name` (`[rows, cols]`) chunk by chunk.

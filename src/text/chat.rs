@@ -13,9 +13,18 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message from the user.
     pub fn user(content: impl Into<String>) -> Self {
         Message {
             role: "user".into(),
+            content: content.into(),
+        }
+    }
+
+    /// A message from the assistant (the model).
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Message {
+            role: "assistant".into(),
             content: content.into(),
         }
     }

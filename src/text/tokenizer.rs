@@ -170,6 +170,69 @@ impl Tokenizer {
         }
     }
 
+    /// A conversation as training tokens: the ids, and for each id whether the model learns
+    /// to produce it (the tokens of every assistant turn, with what the template writes to
+    /// close the turn). With `chat` the conversation goes through the chat template; without,
+    /// it is the plain text of its messages, each reply followed by the end-of-sequence token.
+    pub fn encode_conversation(
+        &self,
+        messages: &[Message],
+        chat: bool,
+    ) -> Result<(Vec<u32>, Vec<bool>)> {
+        if chat {
+            self.encode_chat_conversation(messages)
+        } else {
+            self.encode_plain_conversation(messages)
+        }
+    }
+
+    fn encode_chat_conversation(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>)> {
+        let text = self.render_chat(messages, false)?;
+        // Each assistant turn is the text its message adds after the generation prompt.
+        let mut spans = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            if message.role != "assistant" {
+                continue;
+            }
+            let before = self.render_chat(&messages[..i], true)?;
+            let through = self.render_chat(&messages[..=i], false)?;
+            if !through.starts_with(&before) || !text.starts_with(&through) {
+                return Err(Error::InvalidArgument(format!(
+                    "the chat template does not render message {i} as an extension of the                      messages before it, so its reply tokens cannot be found"
+                )));
+            }
+            spans.push(before.len()..through.len());
+        }
+        let encoding = self
+            .inner
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::InvalidArgument(format!("cannot tokenise {text:?}: {e}")))?;
+        let trained = encoding
+            .get_offsets()
+            .iter()
+            .map(|&(start, end)| end > start && spans.iter().any(|s| s.contains(&start)))
+            .collect();
+        Ok((encoding.get_ids().to_vec(), trained))
+    }
+
+    fn encode_plain_conversation(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>)> {
+        let eos = *self.eos_ids.first().ok_or_else(|| {
+            Error::InvalidArgument("the tokenizer has no end-of-sequence token".into())
+        })?;
+        let (mut ids, mut trained) = (Vec::new(), Vec::new());
+        for (i, message) in messages.iter().enumerate() {
+            let learn = message.role == "assistant";
+            // The first message starts the sequence (the tokenizer adds BOS there).
+            let mut piece = self.encode_with(&message.content, i == 0)?;
+            if learn {
+                piece.push(eos);
+            }
+            trained.extend(std::iter::repeat_n(learn, piece.len()));
+            ids.extend(piece);
+        }
+        Ok((ids, trained))
+    }
+
     /// Text for `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

@@ -50,7 +50,7 @@ fn trained_bits(trainer: &Trainer) -> Vec<(String, Vec<u32>)> {
     trainer
         .engine
         .grads
-        .named(&trainer.model)
+        .named(&trainer.models.tuned)
         .iter()
         .map(|p| (p.name.clone(), bits(&download(gpu(), &p.param))))
         .collect()

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use es2_wgpu::es2::{Quiet, TrainConfig, TrainObserver, Trainer};
-use es2_wgpu::model::{open_model, Batch, ForwardSpec, LoadOptions, Transformer};
+use es2_wgpu::model::{open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 use es2_wgpu::Error;
 use serde_json::Value;
@@ -34,7 +34,11 @@ fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
     let out = model
-        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .run_now(
+            gpu,
+            &batch,
+            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
+        )
         .unwrap();
     download(gpu, out.logits.as_ref().unwrap())
 }
@@ -106,7 +110,7 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
         .tokenizer
         .encode_prompt("How do I pick a lock?", true)
         .unwrap();
-    let trained = logits(&trainer.model, &ids);
+    let trained = logits(&trainer.models.tuned, &ids);
     let (mut reloaded, _) = open_model(gpu, "tiny-llama", &LoadOptions::default()).unwrap();
     reloaded.load_adapter(gpu, &out).unwrap();
     assert_close(
@@ -167,7 +171,7 @@ fn a_full_fine_tuning_run_writes_a_model_folder_that_loads_back() {
     assert_close(
         "full model folder",
         &logits(&saved, &ids),
-        &f64s(&logits(&trainer.model, &ids)),
+        &f64s(&logits(&trainer.models.tuned, &ids)),
         1e-6,
     );
     std::fs::remove_dir_all(out).unwrap();

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use es2_wgpu::es2::{measure_base_stats, Es2Config, Es2Engine, OptimizerConfig};
+use es2_wgpu::es2::{measure_base_stats, Es2Config, Es2Engine, ModelPair, OptimizerConfig};
 use es2_wgpu::model::{Batch, Checkpoint, LoadOptions, Trainable, Transformer};
 use es2_wgpu::ops::kl::KlDirection;
 use es2_wgpu::ops::pool::Pool;
@@ -117,15 +117,19 @@ fn run_case(case: &str) {
     } else {
         Some(load())
     };
+    let models = ModelPair {
+        tuned: model,
+        frozen,
+    };
+    let model = &models.tuned;
     let config = objective(&spec["objective"]);
     let vocab = model.config.vocab_size;
     let harmful = Batch::new(gpu, &ids(&spec["harmful"]), vocab).unwrap();
     let harmless = Batch::new(gpu, &ids(&spec["harmless"]), vocab).unwrap();
 
-    let base_model = frozen.as_ref().unwrap_or(&model);
     let stats = measure_base_stats(
         gpu,
-        base_model,
+        models.base_model(),
         &config,
         std::slice::from_ref(&harmful),
         std::slice::from_ref(&harmless),
@@ -170,7 +174,7 @@ fn run_case(case: &str) {
     };
     let mut engine = Es2Engine::new(
         gpu,
-        &model,
+        model,
         trainable,
         config,
         optimizer(&spec["optimizer"]),
@@ -182,7 +186,7 @@ fn run_case(case: &str) {
     for (k, want) in spec["steps"].as_array().unwrap().iter().enumerate() {
         let step = k + 1;
         let got = engine
-            .step(gpu, &model, frozen.as_ref(), &harmful, &harmless, lr, 0)
+            .step(gpu, &models, &harmful, &harmless, lr, 0)
             .unwrap();
         let v = &got.values;
         close_scalar(
@@ -220,7 +224,7 @@ fn run_case(case: &str) {
             TOL,
         );
 
-        let named = engine.grads.named(&model);
+        let named = engine.grads.named(model);
         let mut compared = 0;
         for p in &named {
             let step_key = format!("step{step}");

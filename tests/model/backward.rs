@@ -4,7 +4,8 @@
 //! (LoRA and full) and every seed kind (logits, hidden states, the final-norm output).
 
 use es2_wgpu::model::{
-    Batch, ForwardSpec, Gradients, LoadOptions, LoraConfig, Seeds, Trainable, Transformer,
+    Batch, Gradients, LoadOptions, LoraConfig, Output, Pass, SavePolicy, Seeds, Trainable,
+    Transformer,
 };
 use es2_wgpu::rng::Rng;
 use es2_wgpu::testing::{download, gpu, randn, upload};
@@ -59,7 +60,11 @@ fn probe(model: &Transformer, seed: u64) -> Probe {
 fn loss(model: &Transformer, p: &Probe) -> f64 {
     let gpu = gpu();
     let out = model
-        .forward_now(gpu, &p.batch, &ForwardSpec::full(model.layers()))
+        .run_now(
+            gpu,
+            &p.batch,
+            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
+        )
         .unwrap();
     let dot = |a: &Tensor, b: &Tensor| -> f64 {
         download(gpu, a)
@@ -79,13 +84,14 @@ fn gradients(model: &Transformer, p: &Probe, trainable: Trainable) -> Gradients 
     let gpu = gpu();
     let grads = Gradients::new(gpu, model, trainable).unwrap();
     let mut rec = Recorder::new(gpu);
-    let out = model.forward(&mut rec, &p.batch, &ForwardSpec::full(model.layers()));
+    let pass = Pass::new(Output::Logits).saving(SavePolicy::Everything);
+    let out = model.run(&mut rec, &p.batch, &pass).unwrap();
     let seeds = Seeds {
         logits: Some(&p.w_logits),
         hidden: &p.w_hidden,
     };
     model
-        .backward(&mut rec, &p.batch, &out, &seeds, &grads)
+        .backward(&mut rec, &p.batch, out, &seeds, &[], &grads)
         .unwrap();
     rec.finish().unwrap();
     grads

@@ -2,7 +2,7 @@
 //! the logits at the last position, against the forward pass and transformers' numbers.
 
 use es2_wgpu::model::{
-    embed_prompt, embedded, open_model, Batch, ForwardSpec, LoadOptions, Transformer,
+    embed_prompt, embedded, open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer,
 };
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
@@ -14,7 +14,11 @@ fn full_forward(model: &Transformer, ids: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
     let out = model
-        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .run_now(
+            gpu,
+            &batch,
+            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
+        )
         .unwrap();
     let hidden = (0..=model.layers())
         .map(|i| download(gpu, out.hidden_state(i)))

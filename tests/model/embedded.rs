@@ -1,7 +1,9 @@
 //! The embedded default model: it loads with no files, its weights are deterministic and its
 //! logits usable, its chat template renders, and its byte-level tokenizer takes any text.
 
-use es2_wgpu::model::{embedded, open_model, Batch, ForwardSpec, LoadOptions, Transformer};
+use es2_wgpu::model::{
+    embedded, open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer,
+};
 use es2_wgpu::testing::{download, gpu};
 use es2_wgpu::text::{Message, Tokenizer};
 
@@ -13,7 +15,11 @@ fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
     let out = model
-        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .run_now(
+            gpu,
+            &batch,
+            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
+        )
         .unwrap();
     download(gpu, out.logits.as_ref().unwrap())
 }

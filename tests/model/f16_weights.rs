@@ -4,8 +4,8 @@
 
 use es2_wgpu::gpu::DType;
 use es2_wgpu::model::{
-    save_pretrained, Batch, Checkpoint, ForwardSpec, Gradients, LoadOptions, LoraConfig,
-    SamplingOptions, Trainable, Transformer,
+    save_pretrained, Batch, Checkpoint, Gradients, LoadOptions, LoraConfig, Output, Pass,
+    Projection, SamplingOptions, SavePolicy, Trainable, Transformer,
 };
 use es2_wgpu::rng::Rng;
 use es2_wgpu::testing::{assert_bit_identical, assert_close, download, f64s, gpu};
@@ -36,7 +36,7 @@ fn projection_elements(model: &Transformer) -> u64 {
     model
         .blocks
         .iter()
-        .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
+        .flat_map(|b| b.proj.values())
         .map(|l| l.weight.numel() as u64)
         .sum()
 }
@@ -65,8 +65,14 @@ fn llama_f32_with_weights_rounded_to_f16_stays_close_to_the_f32_load() {
         load("llama-f32", &f16_options()),
         load("llama-f32", &LoadOptions::default()),
     );
-    assert_eq!(half.blocks[0].q.weight.dtype(), DType::F16);
-    assert_eq!(half.blocks[2].down.weight.dtype(), DType::F16);
+    assert_eq!(
+        half.blocks[0].proj[Projection::Q].weight.dtype(),
+        DType::F16
+    );
+    assert_eq!(
+        half.blocks[2].proj[Projection::Down].weight.dtype(),
+        DType::F16
+    );
     assert_eq!(half.embed.chunks[0].dtype(), DType::F32);
     assert_eq!(half.blocks[0].attn_norm.dtype(), DType::F32);
     let batch = fixture_batch("llama-f32", &full);
@@ -127,7 +133,7 @@ fn with_adapters(options: &LoadOptions) -> Transformer {
     model.attach_lora(gpu, &config, 11).unwrap();
     let mut rng = Rng::new(12);
     for block in &model.blocks {
-        for linear in [&block.q, &block.v, &block.down] {
+        for linear in [Projection::Q, Projection::V, Projection::Down].map(|p| &block.proj[p]) {
             let b = &linear.lora.as_ref().unwrap().b;
             b.write_f32(gpu, &rng.normal_vec(b.numel(), 0.1)).unwrap();
         }
@@ -138,7 +144,11 @@ fn with_adapters(options: &LoadOptions) -> Transformer {
 /// The logits over `batch` with the adapters on.
 fn logits_with_adapters(model: &Transformer, batch: &Batch) -> Vec<f32> {
     let out = model
-        .forward_now(gpu(), batch, &ForwardSpec::full(model.layers()))
+        .run_now(
+            gpu(),
+            batch,
+            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
+        )
         .unwrap();
     download(gpu(), out.logits.as_ref().unwrap())
 }
@@ -225,7 +235,7 @@ fn a_weight_beyond_the_f16_range_is_a_clear_error() {
     let gpu = gpu();
     let dir = std::env::temp_dir().join(format!("es2-f16-range-{}", std::process::id()));
     let model = load("llama-f32", &LoadOptions::default());
-    let w = &model.blocks[1].up.weight;
+    let w = &model.blocks[1].proj[Projection::Up].weight;
     let mut values = download(gpu, w);
     values[7] = 1e6;
     w.write_f32(gpu, &values).unwrap();

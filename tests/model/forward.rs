@@ -1,4 +1,4 @@
-use es2_wgpu::model::{Batch, ForwardSpec, LoadOptions, Transformer};
+use es2_wgpu::model::{Batch, LoadOptions, Output, Pass, SavePolicy, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 
 use crate::fixtures::{model_dir, Reference, MODELS};
@@ -8,13 +8,12 @@ const TOL: f64 = 1e-4;
 pub fn full_forward(model: &Transformer, batch: &Batch) -> (Vec<f32>, Vec<Vec<f32>>) {
     let gpu = gpu();
     let out = model
-        .forward_now(
+        .run_now(
             gpu,
             batch,
-            &ForwardSpec {
-                adapters: false,
-                ..ForwardSpec::full(model.layers())
-            },
+            &Pass::new(Output::Logits)
+                .base()
+                .saving(SavePolicy::BlockInputs),
         )
         .unwrap();
     let logits = download(gpu, out.logits.as_ref().unwrap());

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use es2_wgpu::model::generate::argmax;
-use es2_wgpu::model::{Batch, ForwardSpec, LoadOptions, SamplingOptions, Transformer};
+use es2_wgpu::model::{Batch, LoadOptions, Output, Pass, SamplingOptions, SavePolicy, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 use es2_wgpu::text::Tokenizer;
 use serde_json::Value;
@@ -17,7 +17,11 @@ fn last_logits_recomputed(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
     let out = model
-        .forward_now(gpu, &batch, &ForwardSpec::full(model.layers()))
+        .run_now(
+            gpu,
+            &batch,
+            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
+        )
         .unwrap();
     let v = model.config.vocab_size;
     download(gpu, out.logits.as_ref().unwrap())[(ids.len() - 1) * v..].to_vec()
@@ -43,9 +47,9 @@ fn cached_decoding_gives_the_tokens_recomputation_gives() {
     assert_eq!(cached, recomputed);
     // The logits after decoding one token at a time agree with recomputing the sequence.
     let mut cache = model.kv_cache(gpu, ids.len());
-    let mut logits = model.decode(gpu, &mut cache, &prompt, true).unwrap();
+    let mut logits = model.decode(gpu, &mut cache, &prompt, true, &[]).unwrap();
     for &next in &cached {
-        logits = model.decode(gpu, &mut cache, &[next], true).unwrap();
+        logits = model.decode(gpu, &mut cache, &[next], true, &[]).unwrap();
     }
     assert_eq!(cache.len(), ids.len());
     assert_close(

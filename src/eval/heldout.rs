@@ -1,0 +1,113 @@
+//! Held-out measurements of a model under training: per-layer separation of harmful and
+//! harmless embeddings (normalised as the objective normalises them) and the KL to the base
+//! model on harmless prompts. No gradients; every pass saves nothing.
+
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::model::embed::pooled_hidden_states;
+use crate::model::{Batch, Pass, Transformer};
+use crate::ops::kl::{kl_loss_in_parts, KlOptions};
+use crate::ops::pool::Pool;
+use crate::ops::separation::{Pair, SeparationOptions};
+use crate::Result;
+
+/// How separation is measured: the layers' hidden-state indices, pooling, the objective's
+/// distance options, and the base model's constants per layer.
+#[derive(Debug, Clone)]
+pub struct SeparationSpec<'a> {
+    /// transformers' hidden-state index of each measured embedding.
+    pub hidden: &'a [usize],
+    pub pool: Pool,
+    pub options: SeparationOptions,
+    /// ν per layer: the base model's mean harmless embedding norm.
+    pub nu: &'a [f32],
+    /// The base model's harmless centroid per layer (`[L·C]`), used when `options.pair` is
+    /// `base-centroid`.
+    pub base_centroid: &'a [f32],
+}
+
+/// D per layer between the pooled embeddings of `harmful` and `harmless` under `model` (adapters
+/// on), normalised as in training.
+pub fn heldout_separation(
+    gpu: &Gpu,
+    model: &Transformer,
+    harmful: &[Batch],
+    harmless: &[Batch],
+    spec: &SeparationSpec,
+) -> Result<Vec<f64>> {
+    let h = pooled_hidden_states(gpu, model, harmful, spec.hidden, spec.pool, true)?;
+    let s = pooled_hidden_states(gpu, model, harmless, spec.hidden, spec.pool, true)?;
+    let cols = model.config.hidden_size;
+    Ok((0..spec.hidden.len())
+        .map(|i| {
+            let centroid: Vec<f64> = spec.base_centroid[i * cols..(i + 1) * cols]
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let other = comparison_side(&spec.options, &s[i], &centroid);
+            layer_distance(&h[i], other, cols, f64::from(spec.nu[i]), &spec.options)
+        })
+        .collect())
+}
+
+/// What the harmful embeddings are compared with: the harmless set, or the base model's
+/// harmless centroid (`pair = base-centroid`). The one place that choice is made on the host.
+pub fn comparison_side<'a>(
+    options: &SeparationOptions,
+    harmless: &'a [f64],
+    base_centroid: &'a [f64],
+) -> &'a [f64] {
+    if options.pair == Pair::BaseCentroid {
+        base_centroid
+    } else {
+        harmless
+    }
+}
+
+/// The objective's distance between two sets of embeddings (`[n·C]` each), normalised by ν.
+pub fn layer_distance(
+    harmful: &[f64],
+    other: &[f64],
+    cols: usize,
+    nu: f64,
+    options: &SeparationOptions,
+) -> f64 {
+    crate::ops::separation::reference::layer_distance(harmful, other, cols, nu, options)
+}
+
+/// T²·KL per real harmless token between the `base` pass and the `tuned` pass (the objective's
+/// direction and temperature), over `batches`.
+pub fn heldout_kl(
+    gpu: &Gpu,
+    tuned: (&Transformer, Pass),
+    base: (&Transformer, Pass),
+    batches: &[Batch],
+    options: &KlOptions,
+) -> Result<f64> {
+    let (mut total, mut positions) = (0.0, 0usize);
+    for batch in batches {
+        let mut rec = Recorder::new(gpu);
+        let zt = logits_of(&mut rec, tuned, batch)?;
+        let zb = logits_of(&mut rec, base, batch)?;
+        let mask = batch.position_mask();
+        let mask_t = Tensor::from_u32(gpu, [mask.len()], &mask)?;
+        let rows = Tensor::empty(gpu, [mask.len()], DType::F32);
+        // The gradient is not wanted: a zero scale, into scratch.
+        let scratch = Tensor::empty(gpu, zt.shape().clone(), DType::F32);
+        kl_loss_in_parts(&mut rec, &zt, &zb, &mask_t, &rows, &scratch, options, 0.0);
+        rec.finish()?;
+        total += rows.to_f32(gpu)?.iter().map(|&x| f64::from(x)).sum::<f64>();
+        positions += batch.tokens();
+    }
+    Ok(total / positions.max(1) as f64)
+}
+
+fn logits_of(
+    rec: &mut Recorder,
+    (model, pass): (&Transformer, Pass),
+    batch: &Batch,
+) -> Result<Tensor> {
+    let forward = model.run(rec, batch, &pass)?;
+    forward.logits.ok_or_else(|| {
+        crate::Error::InvalidArgument("a KL pass must produce logits (Output::Logits)".into())
+    })
+}
