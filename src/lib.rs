@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod es2;
+pub mod eval;
 pub mod gpu;
 pub mod io;
 pub mod model;
