@@ -8,6 +8,7 @@
 
 pub mod geometry;
 pub mod judge;
+pub mod probe;
 
 use crate::{Error, Result};
 
