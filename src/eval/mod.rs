@@ -9,6 +9,7 @@
 pub mod geometry;
 pub mod judge;
 pub mod probe;
+pub mod report;
 
 use crate::{Error, Result};
 
