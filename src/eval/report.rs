@@ -228,7 +228,8 @@ pub struct ModelGeometry {
 /// One layer's distances and probe accuracy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerRow {
-    /// Hidden-state index: after block `layer − 1` (0 = the input embeddings).
+    /// Hidden-state index (transformers' `hidden_states[layer]`): after block `layer − 1`,
+    /// 0 = the input embeddings. Training's block index l is hidden state l + 1.
     pub layer: usize,
     /// The distances.
     #[serde(flatten)]
@@ -445,7 +446,10 @@ impl Report {
             "## Geometry per layer\n\nHeld-out harmful against harmless prompts: distance of \
              the centroids and mean distance over all pairs, L2 divided by ν (the harmless \
              embeddings' mean norm), cosine distance of the centroids, and the held-out \
-             accuracy of a logistic-regression probe fitted on the model's own embeddings.\n\n{}",
+             accuracy of a logistic-regression probe fitted on the model's own embeddings. \
+             Layer i is the hidden state after block i − 1 (transformers' `hidden_states[i]`, \
+             0 = the input embeddings); training's `layers` count blocks, so its layer l is \
+             row l + 1 here.\n\n{}",
             table(&header, rows)
         )
     }
