@@ -209,11 +209,5 @@ pub fn measure_base_stats(
     let layers = config.resolved_layers(base.layers())?;
     let h = embeddings_on_host(gpu, base, harmful, &layers, config.pool, false)?;
     let s = embeddings_on_host(gpu, base, harmless, &layers, config.pool, false)?;
-    Ok(BaseStats::from_embeddings(
-        config,
-        &layers,
-        &h,
-        &s,
-        base.config.hidden_size,
-    ))
+    BaseStats::from_embeddings(config, &layers, &h, &s, base.config.hidden_size)
 }

@@ -163,7 +163,7 @@ impl BaseStats {
         harmful: &[Vec<f64>],
         harmless: &[Vec<f64>],
         cols: usize,
-    ) -> BaseStats {
+    ) -> Result<BaseStats> {
         use crate::eval::heldout::{comparison_side, layer_distance};
         let mut stats = BaseStats {
             layers: layers.to_vec(),
@@ -184,7 +184,7 @@ impl BaseStats {
                 .map(|c| rows.iter().map(|r| r[c]).sum::<f64>() / rows.len() as f64)
                 .collect();
             let other = comparison_side(&options, s, &centroid);
-            let distance = layer_distance(h, other, cols, nu, &options);
+            let distance = layer_distance(h, other, cols, nu, &options)?;
             stats.nu.push(nu as f32);
             stats.distance.push(distance as f32);
             stats
@@ -192,7 +192,7 @@ impl BaseStats {
                 .push(config.margin_abs.unwrap_or(config.margin * distance as f32));
             stats.centroid.extend(centroid.iter().map(|&x| x as f32));
         }
-        stats
+        Ok(stats)
     }
 
     /// Host copies of layer-normalised distances: D_l / D_l(base).

@@ -2,6 +2,7 @@
 //! harmless embeddings (normalised as the objective normalises them) and the KL to the base
 //! model on harmless prompts. No gradients; every pass saves nothing.
 
+use super::{geometry, Rows};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::embed::pooled_hidden_states;
 use crate::model::{Batch, Pass, Transformer};
@@ -37,7 +38,7 @@ pub fn heldout_separation(
     let h = pooled_hidden_states(gpu, model, harmful, spec.hidden, spec.pool, true)?;
     let s = pooled_hidden_states(gpu, model, harmless, spec.hidden, spec.pool, true)?;
     let cols = model.config.hidden_size;
-    Ok((0..spec.hidden.len())
+    (0..spec.hidden.len())
         .map(|i| {
             let centroid: Vec<f64> = spec.base_centroid[i * cols..(i + 1) * cols]
                 .iter()
@@ -46,7 +47,7 @@ pub fn heldout_separation(
             let other = comparison_side(&spec.options, &s[i], &centroid);
             layer_distance(&h[i], other, cols, f64::from(spec.nu[i]), &spec.options)
         })
-        .collect())
+        .collect()
 }
 
 /// What the harmful embeddings are compared with: the harmless set, or the base model's
@@ -70,8 +71,13 @@ pub fn layer_distance(
     cols: usize,
     nu: f64,
     options: &SeparationOptions,
-) -> f64 {
-    crate::ops::separation::reference::layer_distance(harmful, other, cols, nu, options)
+) -> Result<f64> {
+    Ok(geometry::layer_distance(
+        Rows::new(harmful, cols)?,
+        Rows::new(other, cols)?,
+        nu,
+        options,
+    ))
 }
 
 /// T²·KL per real harmless token between the `base` pass and the `tuned` pass (the objective's
