@@ -237,13 +237,10 @@ fn generate(options: &GpuOptions, args: &GenerateArgs) -> Result<()> {
         stop_ids: tokenizer.eos_ids().to_vec(),
         adapters: true,
     };
-    let mut stream = tokenizer.stream(&prompt_ids)?;
-    let mut text = String::new();
-    let mut emit = |piece: &str| -> Result<()> {
-        text.push_str(piece);
-        if args.json {
-            return Ok(());
-        }
+    // Streamed text holds back bytes that do not yet form a character; with --json the
+    // text is decoded once from all the ids, exactly as transformers' `decode` does.
+    let mut stream = tokenizer.stream();
+    let print = |piece: &str| -> Result<()> {
         let mut out = std::io::stdout().lock();
         out.write_all(piece.as_bytes())
             .and_then(|()| out.flush())
@@ -253,20 +250,20 @@ fn generate(options: &GpuOptions, args: &GenerateArgs) -> Result<()> {
     let mut first_token = None;
     let output_ids = model.generate(&gpu, &prompt_ids, &sampling, |id| {
         first_token.get_or_insert_with(Instant::now);
-        match stream.step(id)? {
-            Some(piece) => emit(&piece),
-            None => Ok(()),
+        if args.json {
+            return Ok(());
         }
+        stream.step(id).map_or(Ok(()), |piece| print(&piece))
     })?;
-    emit(&stream.finish()?)?;
     if args.json {
         let result = serde_json::json!({
             "prompt_ids": prompt_ids,
             "output_ids": output_ids,
-            "text": text,
+            "text": tokenizer.decode(&output_ids)?,
         });
         println!("{}", to_json(&result, false)?);
     } else {
+        print(&stream.finish())?;
         println!();
         report_speed(prompt_ids.len(), output_ids.len(), start, first_token);
     }

@@ -3,6 +3,7 @@
 
 mod backward;
 mod bad_input;
+mod decode;
 mod embed;
 mod embedded;
 mod f16_weights;
