@@ -9,7 +9,8 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use es2_wgpu::gpu::{survey_adapters, AdapterSurvey, GpuOptions};
 use es2_wgpu::model::{
-    embed_prompt, embedded, open_model, Embedding, LoadOptions, SamplingOptions,
+    embed_prompt, embedded, open_model, read_adapter_config, same_base, Embedding, LoadOptions,
+    SamplingOptions,
 };
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::text::Tokenizer;
@@ -84,16 +85,30 @@ struct ModelArgs {
     /// f32; `export` then writes them as f16, except those a --lora adapter is merged into).
     #[arg(long)]
     f16_weights: bool,
+    /// Refuse weights that hold NaN or infinity (by default they load with a warning).
+    #[arg(long)]
+    strict: bool,
 }
 
 impl ModelArgs {
     fn open(&self, gpu: &Gpu) -> Result<(es2_wgpu::model::Transformer, Tokenizer)> {
         let options = LoadOptions {
             f16_weights: self.f16_weights,
+            strict: self.strict,
             ..LoadOptions::default()
         };
         let (mut model, tokenizer) = open_model(gpu, &self.model, &options)?;
         if let Some(dir) = &self.lora {
+            let base = read_adapter_config(dir)?.base_model;
+            if let Some(base) = base.filter(|b| !same_base(b, &self.model)) {
+                eprintln!(
+                    "warning: the adapter in {} was trained on {base}, and is applied to {}; \
+                     unless that is the same model under another name, its outputs are \
+                     meaningless",
+                    dir.display(),
+                    self.model
+                );
+            }
             model.load_adapter(gpu, dir)?;
         }
         Ok((model, tokenizer))

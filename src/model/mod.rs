@@ -25,7 +25,7 @@ pub use embed::{embed_prompt, Embedding};
 pub use generate::{KvCache, SamplingOptions};
 pub use grads::{BlockGrads, Gradients, NamedParam, Trainable};
 pub use linear::{Linear, LinearGrads, Lora};
-pub use lora::LoraConfig;
+pub use lora::{read_adapter_config, same_base, AdapterConfig, LoraConfig};
 pub use open::open_model;
 pub use params::{ParamSource, SeededInit};
 pub use save::save_pretrained;

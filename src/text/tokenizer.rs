@@ -37,6 +37,17 @@ struct TokenizerConfig {
     chat_template: Option<String>,
 }
 
+impl TokenizerConfig {
+    /// Compiles a chat template that refers to these special tokens.
+    fn compile(&self, source: &str) -> std::result::Result<ChatTemplate, String> {
+        ChatTemplate::new(
+            source,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
+    }
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` and
     /// `generation_config.json` from a model folder. `config_eos` are the eos ids of
@@ -51,25 +62,23 @@ impl Tokenizer {
             ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let config = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = read_tokenizer_config(&config_path)?;
         let template_file = dir.join("chat_template.jinja");
-        let template = if template_file.exists() {
-            Some(
-                std::fs::read_to_string(&template_file)
-                    .map_err(|e| Error::io(&template_file, e))?,
-            )
+        let (template, template_path) = if template_file.exists() {
+            let source = std::fs::read_to_string(&template_file)
+                .map_err(|e| Error::io(&template_file, e))?;
+            (Some(source), template_file)
         } else {
-            config.chat_template.clone()
+            (config.chat_template.clone(), config_path)
         };
+        let chat = template
+            .map(|source| config.compile(&source))
+            .transpose()
+            .map_err(|message| Error::format(&template_path, message))?;
         let generation_eos = read_generation_eos(&dir.join("generation_config.json"))?;
-        Self::from_parts(
-            &text,
-            &config,
-            template.as_deref(),
-            config_eos,
-            &generation_eos,
-        )
-        .map_err(|message| Error::format(&path, message))
+        Self::from_parts(&text, &config, chat, config_eos, &generation_eos)
+            .map_err(|message| Error::format(&path, message))
     }
 
     /// Builds a tokenizer from the text of a `tokenizer.json` and an optional chat template.
@@ -84,28 +93,22 @@ impl Tokenizer {
             eos_token: eos_token.map(str::to_owned),
             chat_template: None,
         };
-        Self::from_parts(tokenizer_json, &config, chat_template, &[], &[])
+        let chat = chat_template
+            .map(|source| config.compile(source))
+            .transpose()?;
+        Self::from_parts(tokenizer_json, &config, chat, &[], &[])
     }
 
     fn from_parts(
         tokenizer_json: &str,
         config: &TokenizerConfig,
-        template: Option<&str>,
+        chat: Option<ChatTemplate>,
         config_eos: &[u32],
         generation_eos: &[u32],
     ) -> std::result::Result<Self, String> {
         let inner: tokenizers::Tokenizer = tokenizer_json
             .parse()
             .map_err(|e| format!("not a valid tokenizer.json: {e}"))?;
-        let chat = template
-            .map(|source| {
-                ChatTemplate::new(
-                    source,
-                    config.bos_token.as_deref().unwrap_or(""),
-                    config.eos_token.as_deref().unwrap_or(""),
-                )
-            })
-            .transpose()?;
         // transformers stops at any of: generation_config's eos ids, else config.json's, plus
         // the tokenizer's own eos token.
         let mut eos_ids = if generation_eos.is_empty() {

@@ -1,5 +1,6 @@
 //! ES2 training tests: one engine step against PyTorch state files, resume, and short runs.
 
+mod bad_data;
 mod resume;
 mod run;
 mod stories;

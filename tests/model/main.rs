@@ -2,6 +2,7 @@
 //! by `scripts/make_model_fixtures.py`, tokenisation matches, generation is exact.
 
 mod backward;
+mod bad_adapter;
 mod bad_input;
 mod decode;
 mod embed;
