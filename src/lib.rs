@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod es2;
+pub mod failpoint;
 pub mod gpu;
 pub mod io;
 pub mod model;

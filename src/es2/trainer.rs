@@ -205,6 +205,10 @@ impl<'g> Trainer<'g> {
         config.validate()?;
         check_out_dir(&config.out, config.overwrite)?;
         let setup = Setup::load(gpu, &config)?;
+        checkpoint::recover(&config.out)?;
+        if config.overwrite {
+            checkpoint::remove_all(&config.out)?;
+        }
         for line in setup.messages(&config) {
             observer.message(&line);
         }
@@ -236,9 +240,11 @@ impl<'g> Trainer<'g> {
         steps: Option<usize>,
         observer: &mut dyn TrainObserver,
     ) -> Result<Self> {
+        checkpoint::recover(dir)?;
         let dir = checkpoint::resolve(dir)?;
         let state = CheckpointState::read(&dir)?;
         let mut config = state.config;
+        checkpoint::recover(&config.out)?;
         if let Some(steps) = steps {
             config.steps = steps;
         }
@@ -307,6 +313,7 @@ impl<'g> Trainer<'g> {
         let tokens_per_s = report.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let lr = self.config.optimizer.lr_at(self.step, total);
         self.metrics.step(self.step, &report, lr, tokens_per_s)?;
+        crate::failpoint::hit("step", &self.step.to_string());
         observer.step(self.step, total, &report, tokens_per_s);
         let every = self.config.eval_every;
         if (every > 0 && self.step % every == 0) || self.step == total {
