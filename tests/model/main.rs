@@ -10,6 +10,7 @@ mod embedded;
 mod f16_weights;
 mod fixtures;
 mod forward;
+mod fuzz;
 mod generation;
 mod hooks;
 mod tokenizer;
