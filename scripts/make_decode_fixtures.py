@@ -141,7 +141,22 @@ def main():
         out["tokenizers"][name] = cases_for(name, path, kind, seed)
         broken = sum("\ufffd" in c["text"] for c in out["tokenizers"][name]["cases"])
         print(f"{name}: {len(out['tokenizers'][name]['cases'])} sequences, {broken} with U+FFFD")
-    (FIXTURES / "decode.reference.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    (FIXTURES / "decode.reference.json").write_text(compact(out))
+
+
+def compact(out):
+    """JSON with one case per line."""
+    dump = lambda v: json.dumps(v, ensure_ascii=False)  # noqa: E731
+    blocks = []
+    for name, t in out["tokenizers"].items():
+        cases = ",\n".join(f"    {dump(c)}" for c in t["cases"])
+        blocks.append(
+            f'  {dump(name)}: {{"tokenizer": {dump(t["tokenizer"])}, "kind": {dump(t["kind"])}, '
+            f'"cases": [\n{cases}\n  ]}}'
+        )
+    body = ",\n".join(blocks)
+    return f'{{"transformers": {dump(out["transformers"])}, "tokenizers": {{\n{body}\n}}}}\n'
+
 
 
 if __name__ == "__main__":
