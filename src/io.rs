@@ -38,6 +38,7 @@ pub fn atomic_write(
         write(&mut writer)?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
+        crate::failpoint::hit_path("write-file", path);
         std::fs::rename(&temp, path)
     })();
     if let Err(e) = result {
@@ -144,6 +145,8 @@ pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     let had_old = dir.exists();
     if had_old {
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        // A kill here leaves no `dir`, only the old folder aside: `recover` moves it back.
+        crate::failpoint::hit_path("swap-dir", dir);
     }
     std::fs::rename(&temp, dir).map_err(|e| Error::io(dir, e))?;
     if had_old {
@@ -184,13 +187,51 @@ pub fn write_safetensors(
         .and_then(|()| {
             File::open(&temp)
                 .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::rename(&temp, path))
+                .and_then(|()| {
+                    crate::failpoint::hit_path("write-safetensors", path);
+                    std::fs::rename(&temp, path)
+                })
                 .map_err(|e| Error::io(path, e))
         });
     if written.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
     written
+}
+
+/// Cleans up after a process killed while writing into `dir` (see [`atomic_write`],
+/// [`atomic_dir`]): removes the temporary siblings it was building (`.NAME.tmp-PID`), and
+/// moves back a folder it had moved aside (`.NAME.old-PID`) when the new one never arrived.
+/// Only for folders that one process writes at a time, such as a training run's output.
+pub fn recover(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some((name, tag)) = leftover(&file_name) else {
+            continue;
+        };
+        let original = dir.join(name);
+        let result = if tag == "old" && !original.exists() {
+            std::fs::rename(&path, &original)
+        } else if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        result.map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// `(NAME, "tmp" | "old")` for a sibling named by [`sibling`]: `.NAME.TAG-PID`.
+fn leftover(file_name: &str) -> Option<(&str, &str)> {
+    let (name, tag) = file_name.strip_prefix('.')?.rsplit_once('.')?;
+    let (tag, pid) = tag.split_once('-')?;
+    let ok = matches!(tag, "tmp" | "old") && pid.parse::<u32>().is_ok() && !name.is_empty();
+    ok.then_some((name, tag))
 }
 
 #[cfg(test)]
@@ -217,6 +258,28 @@ mod tests {
             .filter_map(|e| e.ok())
             .collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn recover_removes_half_built_siblings_and_restores_a_folder_moved_aside() {
+        let dir = std::env::temp_dir().join(format!("es2-io-recover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join(".merged.old-77")).unwrap();
+        std::fs::write(dir.join(".merged.old-77/config.json"), "{}").unwrap();
+        std::fs::create_dir_all(dir.join(".merged.tmp-77")).unwrap();
+        std::fs::write(dir.join(".adapter_model.safetensors.tmp-78"), "half").unwrap();
+        std::fs::create_dir_all(dir.join("model")).unwrap();
+        std::fs::create_dir_all(dir.join(".model.old-79")).unwrap();
+        std::fs::write(dir.join(".hidden.txt"), "not ours").unwrap();
+        recover(&dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".hidden.txt", "merged", "model"]);
+        assert!(dir.join("merged/config.json").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,7 @@
 pub mod error;
 pub mod es2;
 pub mod eval;
+pub mod failpoint;
 pub mod gpu;
 pub mod io;
 pub mod model;

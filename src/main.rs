@@ -9,7 +9,8 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use es2_wgpu::gpu::{survey_adapters, AdapterSurvey, GpuOptions};
 use es2_wgpu::model::{
-    embed_prompt, embedded, open_model, Embedding, LoadOptions, SamplingOptions,
+    embed_prompt, embedded, open_model, read_adapter_config, same_base, Embedding, LoadOptions,
+    SamplingOptions,
 };
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::text::Tokenizer;
@@ -84,16 +85,30 @@ struct ModelArgs {
     /// f32; `export` then writes them as f16, except those a --lora adapter is merged into).
     #[arg(long)]
     f16_weights: bool,
+    /// Refuse weights that hold NaN or infinity (by default they load with a warning).
+    #[arg(long)]
+    strict: bool,
 }
 
 impl ModelArgs {
     fn open(&self, gpu: &Gpu) -> Result<(es2_wgpu::model::Transformer, Tokenizer)> {
         let options = LoadOptions {
             f16_weights: self.f16_weights,
+            strict: self.strict,
             ..LoadOptions::default()
         };
         let (mut model, tokenizer) = open_model(gpu, &self.model, &options)?;
         if let Some(dir) = &self.lora {
+            let base = read_adapter_config(dir)?.base_model;
+            if let Some(base) = base.filter(|b| !same_base(b, &self.model)) {
+                eprintln!(
+                    "warning: the adapter in {} was trained on {base}, and is applied to {}; \
+                     unless that is the same model under another name, its outputs are \
+                     meaningless",
+                    dir.display(),
+                    self.model
+                );
+            }
             model.load_adapter(gpu, dir)?;
         }
         Ok((model, tokenizer))
@@ -237,13 +252,10 @@ fn generate(options: &GpuOptions, args: &GenerateArgs) -> Result<()> {
         stop_ids: tokenizer.eos_ids().to_vec(),
         adapters: true,
     };
-    let mut stream = tokenizer.stream(&prompt_ids)?;
-    let mut text = String::new();
-    let mut emit = |piece: &str| -> Result<()> {
-        text.push_str(piece);
-        if args.json {
-            return Ok(());
-        }
+    // Streamed text holds back bytes that do not yet form a character; with --json the
+    // text is decoded once from all the ids, exactly as transformers' `decode` does.
+    let mut stream = tokenizer.stream();
+    let print = |piece: &str| -> Result<()> {
         let mut out = std::io::stdout().lock();
         out.write_all(piece.as_bytes())
             .and_then(|()| out.flush())
@@ -253,20 +265,20 @@ fn generate(options: &GpuOptions, args: &GenerateArgs) -> Result<()> {
     let mut first_token = None;
     let output_ids = model.generate(&gpu, &prompt_ids, &sampling, |id| {
         first_token.get_or_insert_with(Instant::now);
-        match stream.step(id)? {
-            Some(piece) => emit(&piece),
-            None => Ok(()),
+        if args.json {
+            return Ok(());
         }
+        stream.step(id).map_or(Ok(()), |piece| print(&piece))
     })?;
-    emit(&stream.finish()?)?;
     if args.json {
         let result = serde_json::json!({
             "prompt_ids": prompt_ids,
             "output_ids": output_ids,
-            "text": text,
+            "text": tokenizer.decode(&output_ids)?,
         });
         println!("{}", to_json(&result, false)?);
     } else {
+        print(&stream.finish())?;
         println!();
         report_speed(prompt_ids.len(), output_ids.len(), start, first_token);
     }

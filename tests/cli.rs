@@ -95,6 +95,48 @@ fn generate_streams_text_reports_speed_and_rejects_bad_requests() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("context of 2048 tokens"));
 }
 
+/// Sampling stories260K at a very high temperature draws byte-fallback tokens at random: cut
+/// characters, invalid bytes, valid ones broken later. Generation must not fail on them;
+/// `--json` gives the ids and the text transformers' `decode` gives (checked against
+/// transformers in tests/model/decode.rs), and the streamed text is the same.
+#[test]
+fn generate_never_fails_on_bytes_that_are_not_utf8() {
+    let args = [
+        "generate",
+        "--model",
+        &stories(),
+        "--prompt",
+        "Once upon a time",
+        "--temperature",
+        "100",
+        "--seed",
+        "1",
+        "--max-tokens",
+        "40",
+    ];
+    let out = es2_json(&[&args[..], &["--json"]].concat());
+    let ids = u32s(&out["output_ids"]);
+    assert_eq!(ids.len(), 40);
+    let (_, tok) = open_model(gpu(), &stories(), &LoadOptions::default()).unwrap();
+    let text = out["text"].as_str().unwrap();
+    assert_eq!(text, tok.decode(&ids).unwrap());
+    assert!(
+        text.contains('\u{FFFD}'),
+        "seed 1 no longer draws broken bytes: {text:?}"
+    );
+
+    let streamed = es2(&args);
+    assert!(
+        streamed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&streamed.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(streamed.stdout).unwrap(),
+        format!("{text}\n")
+    );
+}
+
 /// `embed --json` gives L + 1 hidden states of width C whose values (last position) are the
 /// library forward's.
 fn check_embed(model_spec: &str, prompt: &str, args: &[&str]) {

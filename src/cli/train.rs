@@ -87,6 +87,9 @@ pub struct TrainArgs {
     /// (the model of a LoRA run; the frozen reference copy under --full). Compute stays f32.
     #[arg(long)]
     f16_weights: bool,
+    /// Refuse model weights that hold NaN or infinity (by default they load with a warning).
+    #[arg(long)]
+    strict: bool,
 
     /// Learning rate [default: 1e-4; an embedded model's preset may differ].
     #[arg(long)]
@@ -201,6 +204,7 @@ impl TrainArgs {
             merge: self.merge,
             overwrite: self.overwrite,
             f16_weights: self.f16_weights,
+            strict: self.strict,
             ..config
         };
         let o = &mut config.objective;

@@ -106,6 +106,24 @@ fn prune(out: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Cleans up output folder `out` after a run was killed while writing a checkpoint or an
+/// output (see [`crate::io::recover`]).
+pub fn recover(out: &Path) -> Result<()> {
+    crate::io::recover(out)?;
+    crate::io::recover(&out.join(FOLDER))
+}
+
+/// Removes the checkpoints of an earlier run in `out`, which a new run replaces: left in
+/// place, `--resume` could continue the earlier run and pruning could keep its checkpoints
+/// over the new run's.
+pub fn remove_all(out: &Path) -> Result<()> {
+    let root = out.join(FOLDER);
+    match std::fs::remove_dir_all(&root) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&root, e)),
+        _ => Ok(()),
+    }
+}
+
 /// `dir` itself when it is a checkpoint, else the newest checkpoint of output folder `dir`.
 pub fn resolve(dir: &Path) -> Result<PathBuf> {
     if dir.join(STATE).exists() {

@@ -45,21 +45,28 @@ pub fn read_prompts(path: Option<&Path>, side: Side) -> Result<Vec<String>> {
 }
 
 /// Token ids of each prompt: through the chat template with the generation prompt when
-/// `chat`, else as plain text; longer than `max_len` tokens keeps the last `max_len` (the
-/// end of the prompt is where the embedding is read).
+/// `chat`, else as plain text. A prompt longer than `max_len` tokens is truncated, not
+/// refused: it keeps its last `max_len` tokens (the end of the prompt is where the embedding
+/// is read). Also returns how many were truncated.
 pub fn tokenize_prompts(
     tokenizer: &Tokenizer,
     prompts: &[String],
     chat: bool,
     max_len: usize,
-) -> Result<Vec<Vec<u32>>> {
-    prompts
+) -> Result<(Vec<Vec<u32>>, usize)> {
+    let mut truncated = 0;
+    let ids = prompts
         .iter()
-        .map(|p| {
-            let ids = tokenizer.encode_prompt(p, chat)?;
+        .enumerate()
+        .map(|(i, p)| {
+            let ids = tokenizer
+                .encode_prompt(p, chat)
+                .map_err(|e| Error::InvalidArgument(format!("prompt {}: {e}", i + 1)))?;
+            truncated += usize::from(ids.len() > max_len);
             Ok(ids[ids.len().saturating_sub(max_len)..].to_vec())
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((ids, truncated))
 }
 
 /// Training and held-out prompts of one side.

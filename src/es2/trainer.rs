@@ -60,6 +60,8 @@ pub struct TrainConfig {
     /// [`LoadOptions::f16_weights`]): the whole model of a LoRA run, the frozen reference copy
     /// of a full fine-tune (whose trained copy stays f32).
     pub f16_weights: bool,
+    /// Refuse model weights holding NaN or ±Inf (see [`LoadOptions::strict`]).
+    pub strict: bool,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +89,7 @@ impl Default for TrainConfig {
             merge: false,
             overwrite: false,
             f16_weights: false,
+            strict: false,
         }
     }
 }
@@ -201,7 +204,13 @@ impl<'g> Trainer<'g> {
         config.validate()?;
         check_out_dir(&config.out, config.overwrite)?;
         let setup = Setup::load(gpu, &config)?;
-        observer.message(&setup.weights_message());
+        checkpoint::recover(&config.out)?;
+        if config.overwrite {
+            checkpoint::remove_all(&config.out)?;
+        }
+        for line in setup.messages(&config) {
+            observer.message(&line);
+        }
         observer.message(&format!(
             "{} prompts: {} harmful + {} harmless for training, {} + {} held out",
             config.model,
@@ -230,15 +239,19 @@ impl<'g> Trainer<'g> {
         steps: Option<usize>,
         observer: &mut dyn TrainObserver,
     ) -> Result<Self> {
+        checkpoint::recover(dir)?;
         let dir = checkpoint::resolve(dir)?;
         let state = CheckpointState::read(&dir)?;
         let mut config = state.config;
+        checkpoint::recover(&config.out)?;
         if let Some(steps) = steps {
             config.steps = steps;
         }
         config.validate()?;
         let setup = Setup::load(gpu, &config)?;
-        observer.message(&setup.weights_message());
+        for line in setup.messages(&config) {
+            observer.message(&line);
+        }
         let metrics = MetricsLog::resume(&config.out.join("metrics.jsonl"), state.step)?;
         let mut trainer =
             setup.into_trainer(gpu, config, state.base_stats, state.samplers, metrics)?;
@@ -299,6 +312,7 @@ impl<'g> Trainer<'g> {
         let tokens_per_s = report.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let lr = self.config.optimizer.lr_at(self.step, total);
         self.metrics.step(self.step, &report, lr, tokens_per_s)?;
+        crate::failpoint::hit("step", &self.step.to_string());
         observer.step(self.step, total, &report, tokens_per_s);
         let every = self.config.eval_every;
         if (every > 0 && self.step % every == 0) || self.step == total {
@@ -422,8 +436,11 @@ impl<'g> Trainer<'g> {
                 if self.config.merge {
                     // The base in f32 whatever the run used: merged weights keep the update
                     // that f16 would round away.
-                    let mut merged =
-                        open_model(self.gpu, &self.config.model, &LoadOptions::default())?.0;
+                    let options = LoadOptions {
+                        strict: self.config.strict,
+                        ..LoadOptions::default()
+                    };
+                    let mut merged = open_model(self.gpu, &self.config.model, &options)?.0;
                     merged.load_adapter(self.gpu, &out)?;
                     merged.merge_lora(self.gpu)?;
                     let dir = out.join("merged");
@@ -452,15 +469,21 @@ struct Setup {
     tokenizer: Tokenizer,
     harmful: Split,
     harmless: Split,
+    /// Prompts longer than `max_len` tokens, which keep their last `max_len`.
+    truncated: usize,
 }
 
 impl Setup {
     /// The model (with fresh adapters, or with a frozen copy for full fine-tuning) and the
     /// tokenised, split prompts. The frozen weights are f16 when `config.f16_weights`.
     fn load(gpu: &Gpu, config: &TrainConfig) -> Result<Self> {
+        let options = LoadOptions {
+            strict: config.strict,
+            ..LoadOptions::default()
+        };
         let frozen_options = LoadOptions {
             f16_weights: config.f16_weights,
-            ..LoadOptions::default()
+            ..options.clone()
         };
         let (models, tokenizer) = match &config.lora {
             Some(lora) => {
@@ -473,7 +496,7 @@ impl Setup {
                 (models, tokenizer)
             }
             None => {
-                let (model, tokenizer) = open_model(gpu, &config.model, &LoadOptions::default())?;
+                let (model, tokenizer) = open_model(gpu, &config.model, &options)?;
                 let frozen = open_model(gpu, &config.model, &frozen_options)?.0;
                 let models = ModelPair {
                     tuned: model,
@@ -482,13 +505,26 @@ impl Setup {
                 (models, tokenizer)
             }
         };
-        let (harmful, harmless) = load_data(config, &tokenizer)?;
+        let (harmful, harmless, truncated) = load_data(config, &tokenizer)?;
         Ok(Setup {
             models,
             tokenizer,
             harmful,
             harmless,
+            truncated,
         })
+    }
+
+    /// The setup's messages: the memory the weights take, the prompts truncated.
+    fn messages(&self, config: &TrainConfig) -> Vec<String> {
+        let mut lines = vec![self.weights_message()];
+        if self.truncated > 0 {
+            lines.push(format!(
+                "{} prompts are longer than --max-len {} tokens: each keeps its last {} tokens",
+                self.truncated, config.max_len, config.max_len
+            ));
+        }
+        lines
     }
 
     /// One line on the GPU memory the weights take.
@@ -603,11 +639,20 @@ fn eval_set(split: &Split, n: usize) -> &[Vec<u32>] {
     &set[..set.len().min(n)]
 }
 
-fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<(Split, Split)> {
+/// Both sides' prompts, tokenised and split, and how many were truncated to `max_len`.
+fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<(Split, Split, usize)> {
     let chat = config.chat && tokenizer.has_chat_template();
-    let side = |path: &Option<PathBuf>, side: Side, salt: u64| -> Result<Split> {
+    let mut truncated = 0;
+    let mut side = |path: &Option<PathBuf>, side: Side, salt: u64| -> Result<Split> {
         let prompts = read_prompts(path.as_deref(), side)?;
-        let ids = tokenize_prompts(tokenizer, &prompts, chat, config.max_len)?;
+        let (ids, cut) =
+            tokenize_prompts(tokenizer, &prompts, chat, config.max_len).map_err(|e| {
+                match (path, e) {
+                    (Some(path), Error::InvalidArgument(message)) => Error::format(path, message),
+                    (_, e) => e,
+                }
+            })?;
+        truncated += cut;
         split(ids, config.val_fraction, config.seed ^ salt)
     };
     let harmful = side(&config.harmful, Side::Harmful, 1)?;
@@ -617,7 +662,7 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<(Split, Spli
             "no training prompts remain after holding out --val-fraction".into(),
         ));
     }
-    Ok((harmful, harmless))
+    Ok((harmful, harmless, truncated))
 }
 
 /// `prompts` in batches of at most `size`.

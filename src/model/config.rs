@@ -84,6 +84,9 @@ impl Config {
     /// Parses a `config.json` document; the error says which field is wrong.
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        if !v.is_object() {
+            return Err(format!("expected a JSON object of fields, found {v}"));
+        }
         let field = Fields(&v);
         let architecture = field.architecture()?;
         let hidden_size = field.usize("hidden_size")?;
@@ -94,9 +97,16 @@ impl Config {
         if num_attention_heads == 0 {
             return Err("num_attention_heads must be positive".into());
         }
-        let head_dim = field
-            .opt_usize("head_dim")?
-            .unwrap_or(hidden_size / num_attention_heads);
+        let head_dim = match field.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_attention_heads != 0 => {
+                return Err(format!(
+                    "hidden_size ({hidden_size}) is not a multiple of num_attention_heads \
+                     ({num_attention_heads}), and no head_dim says how wide a head is"
+                ))
+            }
+            None => hidden_size / num_attention_heads,
+        };
         let attention_bias = field.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
@@ -131,16 +141,32 @@ impl Config {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
+        let sizes = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 10),
+            ("head_dim", self.head_dim, 128),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
+        for (name, value, most) in sizes {
+            if value == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+            if value > most {
+                let why = if name == "head_dim" {
+                    "the attention kernel supports"
+                } else {
+                    "any model es2-wgpu can run (a corrupt config.json?)"
+                };
+                return Err(format!("{name} = {value} is larger than the {most} {why}"));
+            }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(format!(
@@ -154,14 +180,23 @@ impl Config {
                 self.head_dim
             ));
         }
-        if self.head_dim > 128 {
-            return Err(format!(
-                "head_dim {} is larger than the 128 the attention kernel supports",
-                self.head_dim
-            ));
+        let positive = [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ];
+        for (name, value) in positive {
+            if !(value > 0.0 && value.is_finite()) {
+                return Err(format!("{name} must be a positive number, found {value}"));
+            }
         }
-        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
-            return Err("rms_norm_eps and rope_theta must be positive".into());
+        if let Some(s) = &self.rope_scaling {
+            let ordered = 0.0 < s.low_freq_factor && s.low_freq_factor < s.high_freq_factor;
+            if !(s.factor > 0.0 && ordered && s.original_max_position_embeddings > 0) {
+                return Err(format!(
+                    "rope scaling 'llama3' needs factor > 0, 0 < low_freq_factor < \
+                     high_freq_factor and original_max_position_embeddings > 0; found {s:?}"
+                ));
+            }
         }
         Ok(())
     }

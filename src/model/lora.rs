@@ -77,6 +77,126 @@ impl LoraConfig {
     }
 }
 
+/// What a PEFT `adapter_config.json` says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    pub lora: LoraConfig,
+    /// `base_model_name_or_path`: the model the adapter was trained on.
+    pub base_model: Option<String>,
+}
+
+/// PEFT options that change what an adapter computes, which es2-wgpu does not implement:
+/// each must be absent, null, false or empty.
+const UNSUPPORTED_OPTIONS: [&str; 11] = [
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layer_replication",
+    "modules_to_save",
+    "trainable_token_indices",
+    "target_parameters",
+];
+
+/// Reads and checks `dir/adapter_config.json`: a plain LoRA adapter on the projections.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    use serde_json::Value;
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
+    let bad = |m: String| Error::format(&config_path, m);
+    if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
+        return Err(bad(format!(
+            "peft_type is {}, not \"LORA\": es2-wgpu loads LoRA adapters only",
+            v.get("peft_type").unwrap_or(&Value::Null)
+        )));
+    }
+    let unset = |v: &Value| match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    };
+    for option in UNSUPPORTED_OPTIONS {
+        if let Some(value) = v.get(option).filter(|x| !unset(x)) {
+            return Err(bad(format!(
+                "{option} = {value} is not supported: es2-wgpu applies plain LoRA adapters"
+            )));
+        }
+    }
+    if let Some(bias) = v
+        .get("bias")
+        .filter(|b| b.as_str() != Some("none") && !b.is_null())
+    {
+        return Err(bad(format!(
+            "bias = {bias} is not supported: es2-wgpu applies plain LoRA adapters (bias \"none\")"
+        )));
+    }
+    let rank = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .filter(|&r| r > 0)
+        .ok_or_else(|| bad("r must be a positive integer".into()))? as usize;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| bad("lora_alpha must be a number".into()))? as f32;
+    let targets = v
+        .get("target_modules")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            bad(format!(
+                "target_modules must be a list of module names such as q_proj; found {}",
+                v.get("target_modules").unwrap_or(&Value::Null)
+            ))
+        })?
+        .iter()
+        .map(|t| {
+            t.as_str()
+                .and_then(|name| Projection::parse(name).ok())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "unsupported target module {t}: es2-wgpu adapts {}",
+                        Projection::ALL.map(Projection::module).join(", ")
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lora = LoraConfig {
+        rank,
+        alpha,
+        dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
+        targets,
+    };
+    lora.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(AdapterConfig {
+        lora,
+        base_model: v
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+/// Whether an adapter's `base_model_name_or_path` plausibly names the model `spec`: the same
+/// text, the same folder, or the same last path component (a hub name such as
+/// `org/Model-7B` against a local copy in `models/Model-7B`).
+pub fn same_base(base: &str, spec: &str) -> bool {
+    let canonical = |p: &str| std::fs::canonicalize(p).ok();
+    let last = |p: &str| {
+        Path::new(p.trim_end_matches('/'))
+            .file_name()
+            .map(|n| n.to_owned())
+    };
+    base == spec
+        || canonical(base).is_some_and(|b| Some(b) == canonical(spec))
+        || last(base).is_some_and(|b| Some(b) == last(spec))
+}
+
 impl Transformer {
     /// Attaches adapters initialised as PEFT does: A ~ U(±1/√in) (Kaiming-uniform with
     /// a = √5), B = 0, so the model is unchanged until the first update.
@@ -99,42 +219,16 @@ impl Transformer {
         Ok(())
     }
 
-    /// Loads a PEFT adapter folder onto the model; returns its configuration.
+    /// Loads a PEFT adapter folder onto the model; returns its configuration. Every tensor is
+    /// checked against the configuration and the model before any is attached, so a
+    /// mismatched adapter leaves the model as it was.
     pub fn load_adapter(&mut self, gpu: &Gpu, dir: &Path) -> Result<LoraConfig> {
-        let config_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
-        let bad = |m: String| Error::format(&config_path, m);
-        if v.get("peft_type").and_then(|t| t.as_str()) != Some("LORA") {
-            return Err(bad("peft_type is not \"LORA\"".into()));
-        }
-        let rank = v["r"]
-            .as_u64()
-            .ok_or_else(|| bad("r must be an integer".into()))? as usize;
-        let alpha = v["lora_alpha"]
-            .as_f64()
-            .ok_or_else(|| bad("lora_alpha must be a number".into()))? as f32;
-        let targets = v["target_modules"]
-            .as_array()
-            .ok_or_else(|| bad("target_modules must be a list".into()))?
-            .iter()
-            .map(|t| {
-                let name = t
-                    .as_str()
-                    .ok_or_else(|| bad(format!("target module {t} is not a string")))?;
-                Projection::parse(name).map_err(|e| bad(format!("target_modules: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let config = LoraConfig {
-            rank,
-            alpha,
-            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0) as f32,
-            targets,
-        };
-        config.validate().map_err(|e| bad(e.to_string()))?;
+        let adapter = read_adapter_config(dir)?;
         let weights_path = dir.join("adapter_model.safetensors");
         let checkpoint = Checkpoint::open_file(&weights_path)?;
+        self.check_adapter(&checkpoint, &weights_path, &adapter)?;
+        let config = adapter.lora;
+        let rank = config.rank;
         let arch = self.config.architecture;
         for (layer, block) in self.blocks.iter_mut().enumerate() {
             for &target in &config.targets {
@@ -151,6 +245,90 @@ impl Transformer {
             }
         }
         Ok(config)
+    }
+
+    /// The adapter's tensors are exactly those its configuration describes, shaped for this
+    /// model; the error says which file is at odds with which, and what to do.
+    fn check_adapter(
+        &self,
+        checkpoint: &Checkpoint,
+        path: &Path,
+        adapter: &AdapterConfig,
+    ) -> Result<()> {
+        let bad = |m: String| Err(Error::format(path, m));
+        let config = &adapter.lora;
+        let base = adapter.base_model.as_deref().unwrap_or("(not named)");
+        let other_model = format!(
+            "the adapter was made for {base} (adapter_config.json's base_model_name_or_path), \
+             a model of another shape: load it onto that model"
+        );
+        for name in checkpoint.names() {
+            let Some((layer, proj, _)) = Param::parse_lora(name, self.config.architecture) else {
+                return bad(format!(
+                    "unexpected tensor {name}: es2-wgpu applies LoRA weights of the q, k, v, o, \
+                     gate, up and down projections only"
+                ));
+            };
+            if layer >= self.blocks.len() {
+                return bad(format!(
+                    "{name} is for layer {layer}, but the model has {} layers: {other_model}",
+                    self.blocks.len()
+                ));
+            }
+            if !config.targets.contains(&proj) {
+                return bad(format!(
+                    "{name}: adapter_config.json's target_modules ({}) does not name \
+                     {}; the two files come from different adapters",
+                    config
+                        .targets
+                        .iter()
+                        .map(|t| t.module())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    proj.module()
+                ));
+            }
+        }
+        let arch = self.config.architecture;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for &target in &config.targets {
+                let linear = &block.proj[target];
+                let (out, inp) = (linear.out_features(), linear.in_features());
+                let matrices = [
+                    (LoraMatrix::A, [config.rank, inp]),
+                    (LoraMatrix::B, [out, config.rank]),
+                ];
+                for (matrix, want) in matrices {
+                    let name = Param::Lora(layer, target, matrix).hf_name(arch);
+                    if !checkpoint.contains(&name) {
+                        return bad(format!(
+                            "no {name}, though adapter_config.json targets {}: the two files \
+                             come from different adapters, or the adapter covers fewer layers \
+                             than the model has ({}): {other_model}",
+                            target.module(),
+                            self.blocks.len()
+                        ));
+                    }
+                    let shape = checkpoint.shape(&name)?;
+                    let rank_at = if matrix == LoraMatrix::A { 0 } else { 1 };
+                    if shape.len() == 2 && shape[rank_at] != config.rank {
+                        return bad(format!(
+                            "{name} has shape {shape:?}, rank {}, but adapter_config.json says \
+                             r = {}: the two files come from different adapters",
+                            shape[rank_at], config.rank
+                        ));
+                    }
+                    if shape != want {
+                        return bad(format!(
+                            "{name} has shape {shape:?}, but this model's {} needs {want:?}: \
+                             {other_model}",
+                            target.module()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the attached adapters as a PEFT adapter folder (atomically, file by file).

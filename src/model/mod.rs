@@ -23,14 +23,14 @@ pub mod vocab;
 pub mod weights;
 
 pub use backward::Seeds;
-pub use batch::Batch;
+pub use batch::{Batch, Targets};
 pub use config::{Architecture, Config, Llama3RopeScaling};
 pub use embed::{embed_prompt, Embedding};
 pub use generate::{KvCache, SamplingOptions};
 pub use grads::{BlockGrads, Gradients, NamedParam, Trainable};
 pub use hooks::{Capture, Hook, HookAction, Positions};
 pub use linear::{Linear, LinearGrads, Lora};
-pub use lora::LoraConfig;
+pub use lora::{read_adapter_config, same_base, AdapterConfig, LoraConfig};
 pub use names::{LoraMatrix, Param, PerProjection, Projection};
 pub use open::open_model;
 pub use params::{ParamSource, SeededInit};

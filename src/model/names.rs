@@ -222,6 +222,26 @@ impl Param {
     }
 }
 
+impl Param {
+    /// The layer, projection and matrix of a PEFT LoRA tensor name under `architecture`'s
+    /// table, or `None` for any other name.
+    pub fn parse_lora(
+        name: &str,
+        architecture: Architecture,
+    ) -> Option<(usize, Projection, LoraMatrix)> {
+        let t = table(architecture);
+        let rest = name.strip_prefix(t.peft_prefix)?.strip_prefix('.')?;
+        let rest = rest.strip_prefix(t.layers)?.strip_prefix('.')?;
+        let layer: usize = rest.split('.').next()?.parse().ok()?;
+        Projection::ALL.into_iter().find_map(|p| {
+            [LoraMatrix::A, LoraMatrix::B]
+                .into_iter()
+                .find(|&m| Param::Lora(layer, p, m).hf_name(architecture) == name)
+                .map(|m| (layer, p, m))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,10 +261,17 @@ mod tests {
             Param::AttnNorm(2).hf_name(arch),
             "model.layers.2.input_layernorm.weight"
         );
+        let lora = Param::Lora(1, Projection::O, LoraMatrix::B).hf_name(arch);
         assert_eq!(
-            Param::Lora(1, Projection::O, LoraMatrix::B).hf_name(arch),
+            lora,
             "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"
         );
+        assert_eq!(
+            Param::parse_lora(&lora, arch),
+            Some((1, Projection::O, LoraMatrix::B))
+        );
+        let wrong_group = "base_model.model.model.layers.1.mlp.o_proj.lora_B.weight";
+        assert_eq!(Param::parse_lora(wrong_group, arch), None);
     }
 
     #[test]

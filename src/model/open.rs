@@ -54,7 +54,7 @@ pub fn open_folder(
     }
     let config = Config::from_file(&config_path)?;
     let tokenizer = Tokenizer::from_dir(dir, &config.eos_token_ids)?;
-    let checkpoint = Checkpoint::open(dir)?;
+    let checkpoint = Checkpoint::open(dir)?.strict(options.strict);
     let model = Transformer::from_source(gpu, config, &checkpoint, options)?;
     Ok((model, tokenizer))
 }

@@ -42,6 +42,9 @@ pub struct LoadOptions {
     /// runs, generates and trains LoRA adapters, but its own weights cannot train (full
     /// fine-tuning needs f32). Embeddings, LM head, norms and biases stay f32.
     pub f16_weights: bool,
+    /// Refuse a checkpoint whose weights hold NaN or ±Inf (by default it loads, with a
+    /// warning on stderr naming each such tensor).
+    pub strict: bool,
 }
 
 impl LoadOptions {
@@ -112,7 +115,7 @@ impl Transformer {
     /// Loads a Hugging Face model folder (config.json + safetensors).
     pub fn load(gpu: &Gpu, dir: &Path, options: &LoadOptions) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let checkpoint = Checkpoint::open(dir)?;
+        let checkpoint = Checkpoint::open(dir)?.strict(options.strict);
         Self::from_source(gpu, config, &checkpoint, options)
     }
 

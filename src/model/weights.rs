@@ -2,7 +2,7 @@
 //! `model.safetensors.index.json`, memory-mapped; each tensor is converted to f32 on its own
 //! so that loading never holds a second full copy of the model in host memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,10 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     /// Tensor name → index into `shards`.
     index: HashMap<String, usize>,
+    /// Refuse tensors holding NaN or ±Inf instead of warning about them.
+    strict: bool,
+    /// Tensors already warned about (a tensor may be read in several row ranges).
+    warned: std::sync::Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -70,17 +74,30 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Checkpoint { shards, index })
+        Ok(Checkpoint::new(shards, index))
+    }
+
+    fn new(shards: Vec<Shard>, index: HashMap<String, usize>) -> Self {
+        Checkpoint {
+            shards,
+            index,
+            strict: false,
+            warned: Default::default(),
+        }
+    }
+
+    /// With `strict`, reading a tensor that holds NaN or ±Inf is an error; without it (the
+    /// default) such a tensor loads and a warning naming it goes to stderr once.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
     }
 
     /// Opens one safetensors file (an adapter, a fixture).
     pub fn open_file(path: &Path) -> Result<Self> {
         let shard = open_shard(path)?;
         let index = shard.tensors.keys().map(|name| (name.clone(), 0)).collect();
-        Ok(Checkpoint {
-            shards: vec![shard],
-            index,
-        })
+        Ok(Checkpoint::new(vec![shard], index))
     }
 
     /// Every tensor name, sorted.
@@ -157,7 +174,39 @@ impl Checkpoint {
         let (start, _) = info.data_offsets;
         let begin = shard.data_start + start + rows.start * row_bytes;
         let bytes = &shard.map[begin..begin + rows.len() * row_bytes];
-        Ok(to_f32(info.dtype, bytes))
+        let data = to_f32(info.dtype, bytes);
+        self.check_finite(&shard.path, name, &data)?;
+        Ok(data)
+    }
+
+    /// NaN or ±Inf in a weight poisons every output it reaches: an error when strict, else
+    /// a warning (some checkpoints carry them in rows that are never used, e.g. padding
+    /// tokens' embeddings).
+    fn check_finite(&self, path: &Path, name: &str, data: &[f32]) -> Result<()> {
+        let Some(first) = data.iter().position(|x| !x.is_finite()) else {
+            return Ok(());
+        };
+        let count = data.iter().filter(|x| !x.is_finite()).count();
+        let what = format!(
+            "tensor {name} holds {count} non-finite value{} (the first, at element {first}, is {})",
+            if count == 1 { "" } else { "s" },
+            data[first]
+        );
+        if self.strict {
+            return Err(Error::format(
+                path,
+                format!("{what}; refusing it (without --strict it loads with a warning)"),
+            ));
+        }
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.insert(name.to_owned()) {
+            eprintln!(
+                "warning: {}: {what}; outputs it reaches will be NaN (--strict refuses such \
+                 weights)",
+                path.display()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -223,6 +272,14 @@ fn open_shard(path: &Path) -> Result<Shard> {
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let (header_len, metadata) = SafeTensors::read_metadata(&map)
         .map_err(|e| Error::format(path, header_problem(&map, &e)))?;
+    // safetensors keeps the last of two entries with one name when their offsets still tile.
+    let entries = header_entries(&map[8..8 + header_len]).unwrap_or_default();
+    if let Some(name) = duplicate_name(&entries) {
+        return Err(Error::format(
+            path,
+            format!("tensor {name} is listed twice in the header"),
+        ));
+    }
     let tensors = metadata
         .tensors()
         .into_iter()
@@ -236,31 +293,89 @@ fn open_shard(path: &Path) -> Result<Shard> {
     })
 }
 
+/// The largest header safetensors accepts.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
 /// Explains why safetensors rejected a file, naming the tensor to blame where one is.
 fn header_problem(bytes: &[u8], err: &SafeTensorError) -> String {
-    let blamed = match err {
-        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::TensorInvalidInfo => {
-            blame_tensor(bytes)
-        }
-        _ => None,
+    let claimed = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let blamed = match (err, claimed) {
+        (SafeTensorError::HeaderTooSmall, _) => Some(format!(
+            "the file is {} bytes long, too short to be a safetensors file",
+            bytes.len()
+        )),
+        (SafeTensorError::HeaderTooLarge, Some(n)) => Some(format!(
+            "the header claims to be {n} bytes long, more than the {MAX_HEADER_BYTES} \
+             safetensors allows: not a safetensors file, or a corrupt one"
+        )),
+        (SafeTensorError::InvalidHeaderLength, Some(n)) => Some(format!(
+            "the header claims to be {n} bytes long, but the file holds only {} bytes: \
+             truncated or corrupt",
+            bytes.len()
+        )),
+        _ => blame_tensor(bytes),
     };
     blamed.unwrap_or_else(|| format!("not a valid safetensors file (truncated or corrupt?): {err}"))
 }
 
-/// The first tensor (in file order) whose byte range disagrees with its shape and dtype or
-/// runs past the end of the file, or the stray bytes after the last one.
+/// The header's entries in file order, duplicates kept (a JSON object read into a map would
+/// silently keep only the last of two entries with one name).
+fn header_entries(header: &[u8]) -> Option<Vec<(String, Value)>> {
+    struct Entries(Vec<(String, Value)>);
+    impl<'de> serde::Deserialize<'de> for Entries {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Entries;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<Entries, A::Error> {
+                    let mut entries = Vec::new();
+                    while let Some(entry) = map.next_entry()? {
+                        entries.push(entry);
+                    }
+                    Ok(Entries(entries))
+                }
+            }
+            d.deserialize_map(Visit)
+        }
+    }
+    serde_json::from_slice::<Entries>(header).ok().map(|e| e.0)
+}
+
+/// A name listed twice in the header.
+fn duplicate_name(entries: &[(String, Value)]) -> Option<&str> {
+    let mut seen = HashSet::new();
+    entries
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .find(|name| !seen.insert(*name))
+}
+
+/// What is wrong with the tensor table: a name listed twice, tensors that overlap or leave
+/// a gap, a byte range that disagrees with its shape and dtype or runs past the end of the
+/// file, or stray bytes after the last tensor.
 fn blame_tensor(bytes: &[u8]) -> Option<String> {
     let header_len = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
     let header_end = header_len.checked_add(8)?;
-    let header: serde_json::Map<String, Value> =
-        serde_json::from_slice(bytes.get(8..header_end)?).ok()?;
+    let entries = header_entries(bytes.get(8..header_end)?)?;
+    if let Some(name) = duplicate_name(&entries) {
+        return Some(format!("tensor {name} is listed twice in the header"));
+    }
     let data_len = bytes.len() - header_end;
-    let mut tensors: Vec<(&String, TensorInfo)> = header
+    let mut tensors: Vec<(&String, TensorInfo)> = entries
         .iter()
-        .filter(|(name, _)| *name != "__metadata__")
+        .filter(|(name, _)| name != "__metadata__")
         .filter_map(|(name, v)| Some((name, serde_json::from_value(v.clone()).ok()?)))
         .collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets);
+    let mut previous: Option<(&String, (usize, usize))> = None;
     for (name, info) in &tensors {
         let (start, end) = info.data_offsets;
         let needed = info
@@ -274,12 +389,28 @@ fn blame_tensor(bytes: &[u8]) -> Option<String> {
                 info.shape, info.dtype
             ));
         }
+        let (before, before_end) = previous.map_or((None, 0), |(n, (_, e))| (Some(n), e));
+        if start < before_end {
+            let before = before.expect("a tensor ends after 0 only if there is one");
+            return Some(format!(
+                "tensors {before} and {name} overlap: {name} starts at byte {start} of the \
+                 data, before {before} ends at {before_end}"
+            ));
+        }
+        if start > before_end {
+            let after = before.map_or("the start of the data".to_owned(), |n| n.to_string());
+            return Some(format!(
+                "bytes {before_end}..{start} of the data, between {after} and {name}, belong \
+                 to no tensor"
+            ));
+        }
         if end > data_len {
             return Some(format!(
                 "truncated or lying header: tensor {name} ends at byte {end} of the data, \
                  but the file holds {data_len} bytes of data"
             ));
         }
+        previous = Some((name, info.data_offsets));
     }
     let used = tensors.last().map_or(0, |(_, info)| info.data_offsets.1);
     (used < data_len).then(|| {

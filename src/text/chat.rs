@@ -45,6 +45,14 @@ impl std::fmt::Debug for ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Instructions one render may run. Real templates need a few thousand per message (the
+/// fixtures' and a long Qwen2-style one are measured in the tests); this stops a template
+/// that loops (nested `range` loops run 10¹⁰ times) within about a second.
+const FUEL: u64 = 20_000_000;
+
+/// Nesting of macro calls and includes; a template that recurses without end stops here.
+const RECURSION_LIMIT: usize = 100;
+
 impl ChatTemplate {
     /// Compiles `source`; the error explains what Jinja could not parse.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, String> {
@@ -56,6 +64,8 @@ impl ChatTemplate {
             .map_err(|e| format!("jinja syntax setup: {e}"))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(RECURSION_LIMIT);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())

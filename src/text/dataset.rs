@@ -10,9 +10,16 @@ use crate::{Error, Result};
 /// Field names that hold the prompt, in the order they are tried.
 pub const PROMPT_FIELDS: [&str; 5] = ["instruction", "prompt", "goal", "behavior", "text"];
 
+/// The longest prompt accepted, in bytes of text. Training keeps a prompt's last `--max-len`
+/// tokens, so a longer one would only cost time and memory to tokenise (a 10 MB prompt takes
+/// some 20 s and 2 GB); one this long is nearly always a broken file, such as a CSV quote
+/// left open that swallows the rest of the file.
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+
 /// Reads the prompts of `path`; the format follows the extension (`.json`, `.jsonl`, `.csv`).
 pub fn load_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = utf8(bytes).map_err(|message| Error::format(path, message))?;
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
@@ -31,6 +38,19 @@ pub fn load_prompts(path: &Path) -> Result<Vec<String>> {
         return Err(Error::format(path, "the dataset holds no prompts"));
     }
     Ok(prompts)
+}
+
+/// The file's text, or where it stops being UTF-8.
+fn utf8(bytes: Vec<u8>) -> std::result::Result<String, String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        format!(
+            "not UTF-8 text: byte {at} (line {line}) is 0x{:02X}; save the file as UTF-8",
+            bytes[at]
+        )
+    })
 }
 
 /// Parses prompts from in-memory JSON-array text (for datasets embedded in the binary).
@@ -81,12 +101,19 @@ fn prompt_of(row: &Value) -> std::result::Result<String, String> {
     non_empty(text)
 }
 
+/// A usable prompt: not blank, not over [`MAX_PROMPT_BYTES`].
 fn non_empty(text: String) -> std::result::Result<String, String> {
     if text.trim().is_empty() {
-        Err("the prompt is empty".into())
-    } else {
-        Ok(text)
+        return Err("the prompt is empty".into());
     }
+    if text.len() > MAX_PROMPT_BYTES {
+        return Err(format!(
+            "the prompt is {} bytes long, over the {MAX_PROMPT_BYTES} accepted (a CSV quote \
+             left open?); training keeps only a prompt's last --max-len tokens anyway",
+            text.len()
+        ));
+    }
+    Ok(text)
 }
 
 fn parse_csv(text: &str) -> std::result::Result<Vec<String>, String> {

@@ -1,6 +1,7 @@
 //! The model's tokenizer (`tokenizer.json` through the `tokenizers` crate) together with its
 //! chat template and special tokens, so that prompts become exactly the ids transformers makes.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use serde_json::Value;
@@ -14,6 +15,8 @@ pub struct Tokenizer {
     chat: Option<ChatTemplate>,
     eos_ids: Vec<u32>,
     bos_token: Option<String>,
+    /// Added tokens marked special: decoding skips them.
+    special_ids: HashSet<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -34,6 +37,17 @@ struct TokenizerConfig {
     chat_template: Option<String>,
 }
 
+impl TokenizerConfig {
+    /// Compiles a chat template that refers to these special tokens.
+    fn compile(&self, source: &str) -> std::result::Result<ChatTemplate, String> {
+        ChatTemplate::new(
+            source,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
+    }
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` and
     /// `generation_config.json` from a model folder. `config_eos` are the eos ids of
@@ -48,25 +62,23 @@ impl Tokenizer {
             ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let config = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = read_tokenizer_config(&config_path)?;
         let template_file = dir.join("chat_template.jinja");
-        let template = if template_file.exists() {
-            Some(
-                std::fs::read_to_string(&template_file)
-                    .map_err(|e| Error::io(&template_file, e))?,
-            )
+        let (template, template_path) = if template_file.exists() {
+            let source = std::fs::read_to_string(&template_file)
+                .map_err(|e| Error::io(&template_file, e))?;
+            (Some(source), template_file)
         } else {
-            config.chat_template.clone()
+            (config.chat_template.clone(), config_path)
         };
+        let chat = template
+            .map(|source| config.compile(&source))
+            .transpose()
+            .map_err(|message| Error::format(&template_path, message))?;
         let generation_eos = read_generation_eos(&dir.join("generation_config.json"))?;
-        Self::from_parts(
-            &text,
-            &config,
-            template.as_deref(),
-            config_eos,
-            &generation_eos,
-        )
-        .map_err(|message| Error::format(&path, message))
+        Self::from_parts(&text, &config, chat, config_eos, &generation_eos)
+            .map_err(|message| Error::format(&path, message))
     }
 
     /// Builds a tokenizer from the text of a `tokenizer.json` and an optional chat template.
@@ -81,28 +93,22 @@ impl Tokenizer {
             eos_token: eos_token.map(str::to_owned),
             chat_template: None,
         };
-        Self::from_parts(tokenizer_json, &config, chat_template, &[], &[])
+        let chat = chat_template
+            .map(|source| config.compile(source))
+            .transpose()?;
+        Self::from_parts(tokenizer_json, &config, chat, &[], &[])
     }
 
     fn from_parts(
         tokenizer_json: &str,
         config: &TokenizerConfig,
-        template: Option<&str>,
+        chat: Option<ChatTemplate>,
         config_eos: &[u32],
         generation_eos: &[u32],
     ) -> std::result::Result<Self, String> {
         let inner: tokenizers::Tokenizer = tokenizer_json
             .parse()
             .map_err(|e| format!("not a valid tokenizer.json: {e}"))?;
-        let chat = template
-            .map(|source| {
-                ChatTemplate::new(
-                    source,
-                    config.bos_token.as_deref().unwrap_or(""),
-                    config.eos_token.as_deref().unwrap_or(""),
-                )
-            })
-            .transpose()?;
         // transformers stops at any of: generation_config's eos ids, else config.json's, plus
         // the tokenizer's own eos token.
         let mut eos_ids = if generation_eos.is_empty() {
@@ -119,11 +125,18 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect();
         Ok(Tokenizer {
             inner,
             chat,
             eos_ids,
             bos_token: config.bos_token.clone(),
+            special_ids,
         })
     }
 
@@ -136,7 +149,7 @@ impl Tokenizer {
         self.inner
             .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::InvalidArgument(format!("cannot tokenise {text:?}: {e}")))
+            .map_err(|e| Error::InvalidArgument(format!("cannot tokenise {}: {e}", preview(text))))
     }
 
     /// `apply_chat_template(messages, add_generation_prompt)`: the rendered template, tokenised
@@ -263,51 +276,110 @@ impl Tokenizer {
         &self.inner
     }
 
-    /// An incremental decoder for the tokens that follow `context` (the prompt): each
-    /// [`TextStream::step`] gives the new text as transformers' text-generation pipeline
-    /// would (decoded with the prompt, the prompt's text cut off), holding back a multi-byte
-    /// character until its last byte arrives. Special tokens are skipped.
-    pub fn stream(&self, context: &[u32]) -> Result<TextStream<'_>> {
-        Ok(TextStream {
+    /// An incremental decoder for generated tokens: the pieces it gives, joined, are exactly
+    /// [`Tokenizer::decode`] of all the ids it was given, which is transformers'
+    /// `decode(ids, skip_special_tokens=True)`. It never fails on bytes that are not (yet)
+    /// valid UTF-8; see [`TextStream`].
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream {
             tokenizer: self,
-            ids: context.to_vec(),
-            prefix: self.decode(context)?,
-            prefix_index: context.len(),
+            ids: Vec::new(),
+            emitted: String::new(),
+        }
+    }
+
+    /// Whether decoding `id` ends a run of byte-fallback tokens: a token with text of its own.
+    /// Byte tokens (`<0x00>` ... `<0xFF>`, the shape the `ByteFallback` decoder turns into a
+    /// raw byte) do not, nor do the special tokens and unknown ids that decoding skips.
+    fn ends_byte_run(&self, id: u32) -> bool {
+        if self.special_ids.contains(&id) {
+            return false;
+        }
+        self.inner.id_to_token(id).is_some_and(|t| {
+            let byte = t.len() == 6
+                && t.starts_with("<0x")
+                && t.ends_with('>')
+                && u8::from_str_radix(&t[3..5], 16).is_ok();
+            !byte
         })
     }
 }
 
 /// Text for generated tokens, one piece at a time; see [`Tokenizer::stream`].
+///
+/// Text is given out only once no later token can change it. transformers' decoders can
+/// rewrite the end of the text as tokens arrive, so two things are held back:
+/// - a trailing run of byte-fallback tokens: the `ByteFallback` decoder turns a whole run into
+///   its UTF-8 text, or, if the run is not valid UTF-8, into one U+FFFD per byte, so a valid
+///   "α" becomes "\u{FFFD}\u{FFFD}\u{FFFD}" when a cut character follows it in the same run;
+///   the run's text comes out when an ordinary token ends it (or at [`TextStream::finish`]);
+///   the special tokens decoding skips do not end it;
+/// - trailing U+FFFD: byte-level decoders show a character that is still incomplete as one.
 pub struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
-    /// Ids still needed to decode the next piece in context: the tail of what came before
-    /// (whose text is `prefix`) and the tokens not yet turned into text.
     ids: Vec<u32>,
-    prefix: String,
-    prefix_index: usize,
+    /// Everything given out so far: always a prefix of the decoded `ids`.
+    emitted: String,
 }
 
 impl TextStream<'_> {
-    /// The text that `id` completes, if any (none while a character is incomplete).
-    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        tokenizers::step_decode_stream(
-            &self.tokenizer.inner,
-            vec![id],
-            true,
-            &mut self.ids,
-            &mut self.prefix,
-            &mut self.prefix_index,
-        )
-        .map_err(|e| Error::InvalidArgument(format!("cannot decode token {id}: {e}")))
+    /// Adds `id`; returns the text it makes final, if any.
+    pub fn step(&mut self, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let open = self
+            .ids
+            .iter()
+            .rev()
+            .take_while(|&&id| !self.tokenizer.ends_byte_run(id))
+            .count();
+        // A decoder error holds everything back; `finish` then reports what it can.
+        let settled = self
+            .tokenizer
+            .decode(&self.ids[..self.ids.len() - open])
+            .ok()?;
+        let settled = settled.trim_end_matches(char::REPLACEMENT_CHARACTER);
+        let new = settled.strip_prefix(self.emitted.as_str())?;
+        if new.is_empty() {
+            return None;
+        }
+        let new = new.to_owned();
+        self.emitted.push_str(&new);
+        Some(new)
     }
 
-    /// Whatever is still held back (an incomplete character, decoded lossily).
-    pub fn finish(self) -> Result<String> {
-        let text = self.tokenizer.decode(&self.ids)?;
-        Ok(text
-            .strip_prefix(self.prefix.as_str())
-            .unwrap_or_default()
-            .to_owned())
+    /// The text not given out yet: all of what is held back, with U+FFFD for what stays
+    /// invalid.
+    pub fn finish(self) -> String {
+        let text = self
+            .tokenizer
+            .decode(&self.ids)
+            .unwrap_or_else(|_| self.emitted.clone());
+        match text.strip_prefix(self.emitted.as_str()) {
+            Some(rest) => rest.to_owned(),
+            // Only a decoder unlike any transformers uses could get here: give the text
+            // from where it departs from what was shown.
+            None => {
+                let same = common_prefix_len(&text, &self.emitted);
+                text[same..].to_owned()
+            }
+        }
+    }
+}
+
+/// Byte length of the longest common prefix of `a` and `b` that ends on a char boundary.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
+}
+
+/// The start of `text` for an error message, quoted.
+fn preview(text: &str) -> String {
+    const SHOWN: usize = 80;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{:?}... ({} bytes)", &text[..end], text.len()),
+        None => format!("{text:?}"),
     }
 }
 

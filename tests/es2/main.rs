@@ -1,5 +1,7 @@
 //! ES2 training tests: one engine step against PyTorch state files, resume, and short runs.
 
+mod bad_data;
+mod kill;
 mod resume;
 mod run;
 mod stories;

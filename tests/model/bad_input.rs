@@ -263,3 +263,322 @@ fn unknown_model_says_no_folder_and_lists_embedded_models() {
         assert_mentions(&err, &[name]);
     }
 }
+
+/// Runs the `es2-wgpu` binary.
+fn es2(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_es2-wgpu"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+/// Overwrites the 8-byte header length at the start of a safetensors file.
+fn set_header_len(file: &Path, n: u64) {
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[..8].copy_from_slice(&n.to_le_bytes());
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn header_longer_than_the_file_or_than_100_mb_is_named() {
+    let dir = Scratch::copy_of("llama-f32", "long-header");
+    let file = dir.file("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    set_header_len(&file, len + 10);
+    let claims = format!("claims to be {} bytes long", len + 10);
+    assert_mentions(
+        &dir.open_error(),
+        &["model.safetensors", &claims, "the file holds only"],
+    );
+    for n in [200_000_000, u64::MAX] {
+        set_header_len(&file, n);
+        assert_mentions(
+            &dir.open_error(),
+            &["model.safetensors", "more than the 100000000"],
+        );
+    }
+    std::fs::write(&file, [1, 2, 3]).unwrap();
+    assert_mentions(&dir.open_error(), &["model.safetensors", "too short"]);
+}
+
+#[test]
+fn overlapping_tensors_are_named() {
+    let dir = Scratch::copy_of("llama-f32", "overlap");
+    edit_header(&dir.file("model.safetensors"), |header| {
+        // Two tensors of one size: the second now claims the first one's bytes.
+        let first = header["model.layers.0.input_layernorm.weight"]["data_offsets"].clone();
+        header["model.layers.1.input_layernorm.weight"]["data_offsets"] = first;
+    });
+    assert_mentions(
+        &dir.open_error(),
+        &[
+            "model.safetensors",
+            "overlap",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.1.input_layernorm.weight",
+        ],
+    );
+}
+
+/// Lists tensor `name` a second time at the start of the header, pointing at the data of
+/// tensor `data_of` (itself for an exact duplicate).
+fn duplicate_entry(file: &Path, name: &str, data_of: &str) {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut entry = header[name].clone();
+    entry["data_offsets"] = header[data_of]["data_offsets"].clone();
+    let text = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let text = format!("{{{}:{entry},{}", Value::from(name), &text[1..]);
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(file, out).unwrap();
+}
+
+#[test]
+fn duplicate_tensor_names_are_named() {
+    let name = "model.layers.1.input_layernorm.weight";
+    for (tag, data_of) in [
+        ("exact", name),
+        ("other-data", "model.layers.0.input_layernorm.weight"),
+    ] {
+        let dir = Scratch::copy_of("llama-f32", &format!("duplicate-{tag}"));
+        duplicate_entry(&dir.file("model.safetensors"), name, data_of);
+        assert_mentions(
+            &dir.open_error(),
+            &["model.safetensors", name, "listed twice"],
+        );
+    }
+}
+
+/// Writes NaN and +Inf into two elements of a weight.
+fn poison_weight(dir: &Scratch, name: &str) {
+    rewrite_tensors(&dir.file("model.safetensors"), |tensors| {
+        let data = &mut tensors.get_mut(name).unwrap().2;
+        data[7 * 4..8 * 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        data[9 * 4..10 * 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    });
+}
+
+#[test]
+fn non_finite_weights_warn_by_default_and_are_refused_with_strict() {
+    let dir = Scratch::copy_of("llama-f32", "non-finite");
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    poison_weight(&dir, name);
+    let spec = dir.0.to_str().unwrap();
+    assert!(open_model(gpu(), spec, &LoadOptions::default()).is_ok());
+    let strict = LoadOptions {
+        strict: true,
+        ..LoadOptions::default()
+    };
+    let err = open_model(gpu(), spec, &strict).unwrap_err().to_string();
+    assert_mentions(
+        &err,
+        &[
+            "model.safetensors",
+            name,
+            "2 non-finite values",
+            "element 7, is NaN",
+        ],
+    );
+
+    // The command line: a warning naming the tensor, or with --strict an error.
+    let args = [
+        "generate",
+        "--model",
+        spec,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ];
+    let out = es2(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_mentions(&stderr, &["warning", name, "--strict"]);
+    let out = es2(&[&args[..], &["--strict"]].concat());
+    assert!(!out.status.success());
+    assert_mentions(&String::from_utf8_lossy(&out.stderr), &["error", name]);
+}
+
+#[test]
+fn absurd_config_fields_are_named() {
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit, &str); 13] = [
+        (
+            "zero",
+            |c| c["hidden_size"] = 0.into(),
+            "hidden_size must be positive",
+        ),
+        (
+            "huge-vocab",
+            |c| c["vocab_size"] = 1_000_000_000_000u64.into(),
+            "vocab_size = 1000000000000 is larger than",
+        ),
+        (
+            "huge-layers",
+            |c| c["num_hidden_layers"] = 100_000.into(),
+            "num_hidden_layers = 100000 is larger than",
+        ),
+        (
+            "huge-context",
+            |c| c["max_position_embeddings"] = u64::MAX.into(),
+            "max_position_embeddings = 18446744073709551615 is larger than",
+        ),
+        (
+            "negative",
+            |c| c["hidden_size"] = (-48).into(),
+            "hidden_size must be a non-negative integer, found -48",
+        ),
+        (
+            "fraction",
+            |c| c["intermediate_size"] = 100.5.into(),
+            "intermediate_size must be a non-negative integer, found 100.5",
+        ),
+        (
+            "heads-do-not-divide",
+            |c| {
+                c.as_object_mut().unwrap().remove("head_dim");
+                c["num_attention_heads"] = 5.into();
+                c["num_key_value_heads"] = 5.into();
+            },
+            "hidden_size (48) is not a multiple of num_attention_heads (5)",
+        ),
+        (
+            "kv-heads",
+            |c| c["num_key_value_heads"] = 4.into(),
+            "num_attention_heads (6) is not a multiple of num_key_value_heads (4)",
+        ),
+        (
+            "wide-heads",
+            |c| c["head_dim"] = 1000.into(),
+            "head_dim = 1000 is larger than the 128 the attention kernel supports",
+        ),
+        (
+            "negative-eps",
+            |c| c["rms_norm_eps"] = (-1e-5).into(),
+            "rms_norm_eps must be a positive number",
+        ),
+        (
+            "zero-theta",
+            |c| c["rope_parameters"]["rope_theta"] = 0.0.into(),
+            "rope_theta must be a positive number",
+        ),
+        (
+            "llama3-scaling",
+            |c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192})
+            },
+            "low_freq_factor < high_freq_factor",
+        ),
+        (
+            "not-an-object",
+            |c| *c = serde_json::json!([1, 2]),
+            "expected a JSON object",
+        ),
+    ];
+    for (tag, edit, want) in cases {
+        let dir = Scratch::copy_of("llama-f32", &format!("config-{tag}"));
+        edit_config(&dir, edit);
+        assert_mentions(&dir.open_error(), &["config.json", want]);
+    }
+}
+
+#[test]
+fn corrupt_tokenizer_files_are_named() {
+    let original = std::fs::read(model_dir("llama-f32").join("tokenizer.json")).unwrap();
+    let cases: [(&str, &str, Vec<u8>, &str); 6] = [
+        (
+            "truncated",
+            "tokenizer.json",
+            original[..original.len() / 2].to_vec(),
+            "not a valid tokenizer.json",
+        ),
+        (
+            "empty",
+            "tokenizer.json",
+            Vec::new(),
+            "not a valid tokenizer.json",
+        ),
+        (
+            "junk",
+            "tokenizer.json",
+            vec![0xFF, 0xFE, 0, 1, 2],
+            "tokenizer.json",
+        ),
+        (
+            "wrong-shape",
+            "tokenizer.json",
+            br#"{"model": 5}"#.to_vec(),
+            "not a valid tokenizer.json",
+        ),
+        (
+            "config",
+            "tokenizer_config.json",
+            b"{\"bos_token\": ".to_vec(),
+            "not valid JSON",
+        ),
+        (
+            "template",
+            "chat_template.jinja",
+            b"{% for m in messages %}{{ m.content }".to_vec(),
+            "chat template does not parse",
+        ),
+    ];
+    for (tag, file, bytes, want) in cases {
+        let dir = Scratch::copy_of("llama-f32", &format!("tokenizer-{tag}"));
+        std::fs::write(dir.file(file), bytes).unwrap();
+        assert_mentions(&dir.open_error(), &[file, want]);
+    }
+}
+
+/// The llama-f32 fixture's tokenizer with chat template `template`.
+fn with_template(template: &str) -> es2_wgpu::text::Tokenizer {
+    let json = std::fs::read_to_string(model_dir("llama-f32").join("tokenizer.json")).unwrap();
+    es2_wgpu::text::Tokenizer::from_json(&json, Some("<s>"), Some("</s>"), Some(template)).unwrap()
+}
+
+#[test]
+fn chat_templates_that_raise_loop_or_recurse_are_errors() {
+    let cases = [
+        (
+            "{{ raise_exception('System role not supported') }}",
+            "System role not supported",
+        ),
+        // 10¹⁰ iterations: stopped by the fuel limit, not left to hang.
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}",
+            "fuel",
+        ),
+        (
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "recursion",
+        ),
+        ("{{ 'x' * 200000000 }}", "too large"),
+    ];
+    for (template, want) in cases {
+        let err = with_template(template)
+            .encode_prompt("hi", true)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&err, &["chat template failed", want]);
+    }
+}
+
+#[test]
+fn real_chat_templates_render_long_conversations_within_the_fuel() {
+    let template =
+        std::fs::read_to_string(model_dir("qwen2-f16").join("chat_template.jinja")).unwrap();
+    let tok = with_template(&template);
+    let messages: Vec<es2_wgpu::text::Message> = (0..200)
+        .map(|i| es2_wgpu::text::Message {
+            role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+            content: "word ".repeat(500),
+        })
+        .collect();
+    let text = tok.render_chat(&messages, true).unwrap();
+    assert_eq!(text.matches("<|im_start|>").count(), 202);
+}
