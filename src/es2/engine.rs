@@ -7,7 +7,7 @@ use super::objective::{
     BaseTensors, Es2Config, ObjectiveInputs, ObjectiveValues,
 };
 use super::optimizer::{AdamW, OptimizerConfig};
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::gpu::{Gpu, Recorder};
 use crate::model::{
     Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Trainable, Transformer,
 };
@@ -167,33 +167,41 @@ impl Es2Engine {
 
         // One readback: D_l and φ(D_l), the per-position KL, the squared gradient norm.
         let out = &objective.outputs;
-        let (l2, n) = (out.per_layer.numel(), out.kl_rows.numel());
-        let packed = Tensor::empty(gpu, [l2 + n + 1], DType::F32);
-        rec.copy_elements(&out.per_layer, 0, &packed, 0, l2);
-        rec.copy_elements(&out.kl_rows, 0, &packed, l2, n);
-        rec.copy_elements(&norm_sq, 0, &packed, l2 + n, 1);
-        rec.submit();
-        let packed_values = packed.to_f32(gpu)?;
-        let values = ObjectiveValues::from_parts(
-            &packed_values[..l2],
-            &packed_values[l2..l2 + n],
+        let values = rec.finish_reading(&[&out.per_layer, &out.kl_rows, &norm_sq])?;
+        let objective_values = ObjectiveValues::from_parts(
+            &values[0],
+            &values[1],
             out.kl_positions,
             self.config.lambda,
         );
         let report = StepReport {
-            relative_distance: self.base_stats.relative(&values.distance),
-            values,
-            grad_norm: f64::from(packed_values[l2 + n]).sqrt(),
+            relative_distance: self.base_stats.relative(&objective_values.distance),
+            grad_norm: f64::from(values[2][0]).sqrt(),
             tokens: harmful.tokens() + harmless.tokens(),
+            values: objective_values,
         };
-        if !report.values.loss.is_finite() || !report.grad_norm.is_finite() {
-            return Err(Error::Numerical(format!(
-                "step {}: the loss or gradient norm is not finite (loss {}, grad norm {}); lower \
-                 the learning rate (lr) or clip the gradient norm (clip)",
-                self.optimizer.step, report.values.loss, report.grad_norm
-            )));
-        }
+        let step = self.optimizer.step;
+        check_finite(
+            step,
+            &[
+                ("L_sep", report.values.sep),
+                ("L_KL", report.values.kl),
+                ("the gradient norm", report.grad_norm),
+            ],
+        )?;
         Ok(report)
+    }
+}
+
+/// An error naming the step and the first term that is not finite (NaN or infinite): the
+/// update it fed is already applied, so the run must stop at its last checkpoint.
+pub(crate) fn check_finite(step: u64, terms: &[(&str, f64)]) -> Result<()> {
+    match terms.iter().find(|(_, v)| !v.is_finite()) {
+        Some((name, value)) => Err(Error::Numerical(format!(
+            "step {step}: {name} is not finite ({value}); lower the learning rate (lr) or clip \
+             the gradient norm (clip), and resume from the last checkpoint"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod metrics;
 pub mod objective;
 pub mod optimizer;
+pub mod sft;
 pub mod trainer;
 
 pub use engine::{measure_base_stats, Es2Engine, ModelPair, StepReport};

@@ -272,6 +272,30 @@ impl<'g> Recorder<'g> {
         gpu.wait_idle()
     }
 
+    /// Submits and reads back the f32 `tensors` with one copy and one readback: the step's
+    /// scalars, without a transfer per tensor.
+    pub fn finish_reading(mut self, tensors: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
+        let gpu = self.gpu;
+        let total: usize = tensors.iter().map(|t| t.numel()).sum();
+        let packed = Tensor::empty(gpu, [total.max(1)], super::DType::F32);
+        let mut at = 0;
+        for t in tensors {
+            self.copy_elements(t, 0, &packed, at, t.numel());
+            at += t.numel();
+        }
+        self.submit();
+        let values = packed.to_f32(gpu)?;
+        let mut at = 0;
+        Ok(tensors
+            .iter()
+            .map(|t| {
+                let part = values[at..at + t.numel()].to_vec();
+                at += t.numel();
+                part
+            })
+            .collect())
+    }
+
     /// Submits, waits, and returns each dispatch's GPU time in seconds (entry point, seconds),
     /// in recording order. Only for recorders made with [`Recorder::timed`].
     pub fn finish_timed(mut self) -> Result<Vec<(&'static str, f64)>> {

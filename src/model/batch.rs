@@ -1,10 +1,11 @@
 //! A batch of token sequences, right-padded into `[B, T]`, as the kernels take it.
 
 use crate::gpu::{Gpu, Tensor};
+use crate::ops::cross_entropy::IGNORE;
 use crate::{Error, Result};
 
 /// Token ids `[B·T]` (padding holds id 0, never attended) and valid lengths `[B]`, on the GPU,
-/// with host copies of the shapes.
+/// with host copies of the shapes; for a language-model loss, the next-token targets.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub ids: Tensor,
@@ -16,6 +17,21 @@ pub struct Batch {
     pub sequences: Vec<Vec<u32>>,
     /// Host copy of `ids` (padding holds 0).
     pub padded_ids: Vec<u32>,
+    /// What each position learns to predict, for a cross-entropy objective.
+    pub targets: Option<Targets>,
+}
+
+/// Next-token targets with their loss mask: position `t` of a sequence predicts its token
+/// `t + 1` where that token is learned; every other position (prompt tokens, the last token,
+/// padding) holds [`IGNORE`] and counts for nothing.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// `[B·T]` u32.
+    pub ids: Tensor,
+    /// Host copy of `ids`.
+    pub host: Vec<u32>,
+    /// Positions that count (the loss is their mean).
+    pub counted: usize,
 }
 
 impl Batch {
@@ -57,7 +73,47 @@ impl Batch {
             lens,
             sequences: sequences.to_vec(),
             padded_ids: ids,
+            targets: None,
         })
+    }
+
+    /// A batch whose positions predict the tokens `learned` marks (`learned[b][t]`: token `t`
+    /// of sequence `b` is a target, predicted at position `t − 1`; a sequence's first token
+    /// cannot be). At least one token of the batch must be learned.
+    pub fn with_targets(
+        gpu: &Gpu,
+        sequences: &[Vec<u32>],
+        learned: &[Vec<bool>],
+        vocab_size: usize,
+    ) -> Result<Batch> {
+        let mut batch = Batch::new(gpu, sequences, vocab_size)?;
+        if learned.len() != sequences.len()
+            || learned.iter().zip(sequences).any(|(l, s)| l.len() != s.len())
+        {
+            return Err(Error::InvalidArgument(
+                "one learned flag per token of every sequence".into(),
+            ));
+        }
+        let mut host = vec![IGNORE; batch.rows()];
+        for (b, (seq, flags)) in sequences.iter().zip(learned).enumerate() {
+            for t in 1..seq.len() {
+                if flags[t] {
+                    host[b * batch.seq + t - 1] = seq[t];
+                }
+            }
+        }
+        let counted = host.iter().filter(|&&t| t != IGNORE).count();
+        if counted == 0 {
+            return Err(Error::InvalidArgument(
+                "no token of the batch is learned: nothing to train on".into(),
+            ));
+        }
+        batch.targets = Some(Targets {
+            ids: Tensor::from_u32(gpu, [host.len()], &host)?,
+            host,
+            counted,
+        });
+        Ok(batch)
     }
 
     /// Rows of the flattened `[B·T, ...]` activations.

@@ -2,7 +2,7 @@
 //! sizes, the two common launch shapes (one thread per item, one workgroup per row) and the
 //! tensor checks.
 
-use crate::gpu::{DType, Grid, KernelSpec, Recorder, Shape, Tensor};
+use crate::gpu::{rows_per_binding, DType, Grid, KernelSpec, Recorder, Shape, Tensor};
 
 /// Threads of every kernel that reduces across its workgroup with the fixed-order trees of
 /// `shaders/common.wgsl`: its `const REDUCE_WG`, which must stay equal (a test checks).
@@ -83,6 +83,34 @@ pub(crate) fn launch_per_row<P: bytemuck::Pod>(
 ) {
     let kernel = rec.gpu().kernel(spec, &[]);
     rec.dispatch(&kernel, tensors, params, Grid::flat(rows));
+}
+
+/// Runs `launch` once per part of `rows` rows such that a part of a `[rows, cols]` f32 matrix
+/// fits one storage binding, passing row views of `tensors` (each with `rows` rows: wide
+/// matrices and per-row vectors alike). A part starts at a multiple of 64 rows, so every view
+/// meets the storage-offset alignment (at most 256 bytes).
+pub(crate) fn in_binding_parts(
+    rec: &mut Recorder,
+    [rows, cols]: [usize; 2],
+    tensors: &[&Tensor],
+    mut launch: impl FnMut(&mut Recorder, &[Tensor]),
+) {
+    let gpu = rec.gpu();
+    let part = rows_per_binding(rows, cols, gpu.max_binding_bytes());
+    for start in (0..rows).step_by(part.max(1)) {
+        let n = part.min(rows - start);
+        let views: Vec<Tensor> = tensors
+            .iter()
+            .map(|t| {
+                if n == rows {
+                    (*t).clone()
+                } else {
+                    t.rows_view(gpu, start, n)
+                }
+            })
+            .collect();
+        launch(rec, &views);
+    }
 }
 
 /// Asserts that `op`'s tensor `name` holds `dtype` values.

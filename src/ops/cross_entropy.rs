@@ -3,7 +3,7 @@
 //! Targets are u32; [`IGNORE`] (or any target ≥ V) marks a row that counts for nothing:
 //! loss 0 and gradient 0.
 
-use super::common::{expect_dims, expect_dtype, expect_elements, launch_per_row};
+use super::common::{expect_dims, expect_dtype, expect_elements, in_binding_parts, launch_per_row};
 use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
@@ -78,6 +78,23 @@ pub fn cross_entropy(
     );
     let tensors = [logits, targets, loss, dlogits];
     launch(rec, &FORWARD_BACKWARD, &tensors, dims, scale);
+}
+
+/// [`cross_entropy`] over row parts that each fit one storage binding, for logits of any size
+/// (a long batch against a large vocabulary).
+pub fn cross_entropy_in_parts(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    targets: &Tensor,
+    loss: &Tensor,
+    dlogits: &Tensor,
+    scale: f32,
+) {
+    let (rows, vocab) = rows_and_vocab(logits, targets, loss);
+    let tensors = [logits, targets, loss, dlogits];
+    in_binding_parts(rec, [rows, vocab], &tensors, |rec, v| {
+        cross_entropy(rec, &v[0], &v[1], &v[2], &v[3], scale);
+    });
 }
 
 /// The per-row loss of [`cross_entropy`] without the gradient (evaluation, perplexity).

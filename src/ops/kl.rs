@@ -5,8 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{expect_dims, launch_per_row};
-use crate::gpu::{read, read_write, rows_per_binding, DType, KernelSpec, Recorder, Shader, Tensor};
+use super::common::{expect_dims, in_binding_parts, launch_per_row};
+use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("kl");
@@ -118,32 +118,10 @@ pub fn kl_loss_in_parts(
     options: &KlOptions,
     grad_scale: f32,
 ) {
-    let gpu = rec.gpu();
-    let (rows, vocab) = (zt.dims()[0], zt.dims()[1]);
-    let part = rows_per_binding(rows, vocab, gpu.max_binding_bytes());
-    if part >= rows {
-        kl_loss(rec, zt, zb, mask, rows_out, dzt, options, grad_scale);
-        return;
-    }
-    for start in (0..rows).step_by(part) {
-        let n = part.min(rows - start);
-        let view = |t: &Tensor| t.rows_view(gpu, start, n);
-        // The mask and per-row loss are small; copy their part instead of aligning a view.
-        let mask_part = Tensor::empty(gpu, [n], DType::U32);
-        rec.copy_elements(mask, start, &mask_part, 0, n);
-        let loss_part = Tensor::empty(gpu, [n], DType::F32);
-        kl_loss(
-            rec,
-            &view(zt),
-            &view(zb),
-            &mask_part,
-            &loss_part,
-            &view(dzt),
-            options,
-            grad_scale,
-        );
-        rec.copy_elements(&loss_part, 0, rows_out, start, n);
-    }
+    let dims = [zt.dims()[0], zt.dims()[1]];
+    in_binding_parts(rec, dims, &[zt, zb, mask, rows_out, dzt], |rec, v| {
+        kl_loss(rec, &v[0], &v[1], &v[2], &v[3], &v[4], options, grad_scale);
+    });
 }
 
 /// CPU f64 references: plain log-softmax, no fusion.

@@ -1,0 +1,146 @@
+//! Supervised fine-tuning, the trainer's second objective: next-token cross-entropy on the
+//! tokens a conversation teaches (the assistant's replies and what closes them), averaged over
+//! those tokens, through the fused cross-entropy kernel (the softmax over the vocabulary is
+//! never written out). One step is the forward, the loss, the backward and AdamW, with one
+//! readback.
+
+use serde::Serialize;
+
+use super::engine::check_finite;
+use super::optimizer::{AdamW, OptimizerConfig};
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::model::{
+    Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Targets, Trainable,
+    Transformer,
+};
+use crate::ops::cross_entropy::cross_entropy_in_parts;
+use crate::{Error, Result};
+
+/// The state that persists across SFT steps.
+#[derive(Debug)]
+pub struct SftEngine {
+    pub grads: Gradients,
+    pub optimizer: AdamW,
+    /// Dropout probability on the LoRA adapters' inputs.
+    pub lora_dropout: f32,
+}
+
+/// What one SFT step measured (before its update).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SftReport {
+    /// Mean cross-entropy per learned token (nats).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real (non-padding) tokens processed.
+    pub tokens: usize,
+    /// Tokens the loss counted.
+    pub learned: usize,
+}
+
+impl SftEngine {
+    /// Gradient buffers and AdamW state for `trainable` on `model`.
+    pub fn new(
+        gpu: &Gpu,
+        model: &Transformer,
+        trainable: Trainable,
+        optimizer: OptimizerConfig,
+        lora_dropout: f32,
+    ) -> Result<Self> {
+        optimizer.validate()?;
+        if trainable == Trainable::Lora && !model.has_lora() {
+            return Err(Error::InvalidArgument(
+                "LoRA training needs adapters on the model".into(),
+            ));
+        }
+        let grads = Gradients::new(gpu, model, trainable)?;
+        let params = grads.named(model);
+        Ok(SftEngine {
+            optimizer: AdamW::new(gpu, &params, optimizer),
+            grads,
+            lora_dropout,
+        })
+    }
+
+    /// One step on `batch` (which carries its targets) at learning rate `lr`.
+    pub fn step(
+        &mut self,
+        gpu: &Gpu,
+        model: &Transformer,
+        batch: &Batch,
+        lr: f64,
+        dropout_seed: u32,
+    ) -> Result<SftReport> {
+        let targets = batch_targets(batch)?;
+        let mut rec = Recorder::new(gpu);
+        let params = self.grads.named(model);
+        self.grads.zero(&mut rec, model);
+        let dropout = (self.lora_dropout > 0.0).then_some(LoraDropout {
+            p: self.lora_dropout,
+            seed: dropout_seed,
+        });
+        let pass = Pass::new(Output::Logits)
+            .with_dropout(dropout)
+            .saving(SavePolicy::Everything);
+        let forward = model.run(&mut rec, batch, &pass)?;
+        let logits = forward
+            .logits
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("the forward produced no logits".into()))?;
+        let (row_loss, dlogits) = record_lm_loss(&mut rec, logits, targets, true);
+        let seeds = Seeds {
+            logits: Some(&dlogits),
+            hidden: &[],
+        };
+        model.backward(&mut rec, batch, forward, &seeds, &[], &self.grads)?;
+        let norm_sq = self.optimizer.record_step(&mut rec, &params, lr);
+        let values = rec.finish_reading(&[&row_loss, &norm_sq])?;
+        let report = SftReport {
+            loss: mean_loss(&values[0], targets),
+            grad_norm: f64::from(values[1][0]).sqrt(),
+            tokens: batch.tokens(),
+            learned: targets.counted,
+        };
+        check_finite(
+            self.optimizer.step,
+            &[
+                ("the cross-entropy", report.loss),
+                ("the gradient norm", report.grad_norm),
+            ],
+        )?;
+        Ok(report)
+    }
+}
+
+/// The targets of a batch made for a cross-entropy objective.
+pub fn batch_targets(batch: &Batch) -> Result<&Targets> {
+    batch.targets.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("a cross-entropy objective needs a batch with targets".into())
+    })
+}
+
+/// Records the per-position cross-entropy of `logits [B·T, V]` against `targets`, and (when
+/// `with_grad`) the gradient of their mean over the learned positions at the logits.
+pub fn record_lm_loss(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    targets: &Targets,
+    with_grad: bool,
+) -> (Tensor, Tensor) {
+    let gpu = rec.gpu();
+    let rows = logits.dims()[0];
+    let row_loss = Tensor::empty(gpu, [rows], DType::F32);
+    let dlogits = Tensor::empty(gpu, logits.shape().clone(), DType::F32);
+    let scale = if with_grad {
+        1.0 / targets.counted.max(1) as f32
+    } else {
+        0.0
+    };
+    cross_entropy_in_parts(rec, logits, &targets.ids, &row_loss, &dlogits, scale);
+    (row_loss, dlogits)
+}
+
+/// The mean over the learned positions of the read-back per-position losses.
+pub fn mean_loss(row_loss: &[f32], targets: &Targets) -> f64 {
+    row_loss.iter().map(|&x| f64::from(x)).sum::<f64>() / targets.counted.max(1) as f64
+}
