@@ -1,8 +1,9 @@
 //! Evaluation-layer tests: refusal judges on known strings, the probe against scikit-learn's
 //! fits, the SCAV step against its closed form, per-layer geometry against the separation
-//! kernels' reference, PCA against a Jacobi eigen-decomposition, and the rendered report.
-//! All host-side: no GPU needed.
+//! kernels' reference, PCA against a Jacobi eigen-decomposition, and the rendered report
+//! (host-side); each attack on a real checkpoint, on the GPU (`attacks`).
 
+mod attacks;
 mod geometry;
 mod judge;
 mod probe;
