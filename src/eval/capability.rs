@@ -195,3 +195,39 @@ pub fn multiple_choice(
         count: questions.len(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("es2-mc-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn mmlu_csv_with_or_without_a_header_and_named_errors() {
+        let rows = "\"What is 2+2, really?\",3,4,5,6,B\nSky colour,red,green,blue,grey,2\n";
+        let plain = read_questions(&write("plain.csv", rows)).unwrap();
+        assert_eq!(plain.len(), 2);
+        assert_eq!(plain[0].question, "What is 2+2, really?");
+        assert_eq!((plain[0].answer, plain[1].answer), (1, 2));
+        assert_eq!(plain[1].choices[2], "blue");
+        let headed = format!("question,A,B,C,D,answer\n{rows}");
+        assert_eq!(
+            read_questions(&write("headed.csv", &headed)).unwrap(),
+            plain
+        );
+        assert_eq!(
+            plain[0].context(),
+            "Question: What is 2+2, really?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"
+        );
+        let bad = write("bad.csv", "q,a,b,c,d,A\nq,a,b,c,d,E\n");
+        let err = read_questions(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad.csv") && err.contains("row 2"), "{err}");
+        let short = write("short.csv", "q,a,b,A\n");
+        let err = read_questions(&short).unwrap_err().to_string();
+        assert!(err.contains("row 1: 4 columns"), "{err}");
+    }
+}

@@ -257,3 +257,51 @@ pub fn run(
         ],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(layer: usize, bypass: f64, induce: f64, kl: f64) -> Candidate {
+        Candidate {
+            layer,
+            bypass,
+            induce,
+            kl,
+        }
+    }
+
+    #[test]
+    fn the_lowest_bypass_score_among_those_passing_both_filters_wins() {
+        let settings = AblationSettings::default();
+        let candidates = [
+            candidate(1, -9.0, 1.0, 0.5),  // too much KL
+            candidate(2, -8.0, -0.5, 0.0), // induces no refusal
+            candidate(3, -2.0, 0.5, 0.05),
+            candidate(4, -3.0, 0.1, 0.1),
+        ];
+        assert_eq!(
+            choose(&candidates, &settings),
+            Some((candidates[3].clone(), true))
+        );
+        // None passes: the least KL is ablated, and said not to pass.
+        let failing = [candidate(1, -9.0, -1.0, 0.5), candidate(2, -1.0, -1.0, 0.2)];
+        assert_eq!(
+            choose(&failing, &settings),
+            Some((failing[1].clone(), false))
+        );
+        assert_eq!(choose(&[], &settings), None);
+    }
+
+    #[test]
+    fn refusal_score_is_the_log_odds_of_the_refusal_tokens() {
+        let logits = [0.0f32, (3.0f32).ln(), 0.0, 0.0];
+        // p(token 1) = 3/6, p(tokens 1, 2) = 4/6.
+        assert!((refusal_score(&logits, &[1]) - 0.0).abs() < 1e-6);
+        assert!((refusal_score(&logits, &[1, 2]) - 2.0f64.ln()).abs() < 1e-6);
+        let mut a = vec![1.0f32; 4];
+        a[0] = 1.5;
+        let (b, c) = (kl(&a, &a), kl(&a, &[0.0; 4]));
+        assert!(b.abs() < 1e-12 && c > 0.0);
+    }
+}
