@@ -42,10 +42,10 @@ impl EvalObserver for Counting {
     }
 }
 
-fn harden(out: &PathBuf) {
+fn harden(out: &std::path::Path) {
     let mut config = TrainConfig {
         model: stories(),
-        out: out.clone(),
+        out: out.to_path_buf(),
         steps: 6,
         harmful_batch: 4,
         harmless_batch: 4,
