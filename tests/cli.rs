@@ -12,7 +12,7 @@ fn manifest() -> PathBuf {
 }
 
 fn stories() -> String {
-    let dir = manifest().join("../shared/models/stories260K-hf");
+    let dir = manifest().join("models/stories260K");
     dir.to_str().unwrap().to_owned()
 }
 

@@ -1,4 +1,4 @@
-//! The ES2 objective of DESIGN.md: L = L_sep + λ·L_KL, every option a field of [`Es2Config`].
+//! The ES2 objective of ARCHITECTURE.md: L = L_sep + λ·L_KL, every option a field of [`Es2Config`].
 //! This file records one evaluation of the objective and its gradients on the GPU; the
 //! constants measured once on the base model live in [`BaseStats`].
 
@@ -14,7 +14,7 @@ use crate::ops::separation::{
 };
 use crate::{Error, Result};
 
-/// Every option of the objective, with DESIGN.md's defaults.
+/// Every option of the objective, with ARCHITECTURE.md's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct Es2Config {

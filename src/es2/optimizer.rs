@@ -20,7 +20,7 @@ pub enum Schedule {
     Cosine,
 }
 
-/// AdamW and schedule settings (`torch.optim.AdamW` names and defaults, DESIGN.md's lr).
+/// AdamW and schedule settings (`torch.optim.AdamW` names and defaults, ARCHITECTURE.md's lr).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct OptimizerConfig {

@@ -31,7 +31,7 @@ pub struct LoraConfig {
 }
 
 impl Default for LoraConfig {
-    /// DESIGN.md's defaults (the Circuit Breakers / CRL anchors): rank 16, alpha 16, every
+    /// ARCHITECTURE.md's defaults (the Circuit Breakers / CRL anchors): rank 16, alpha 16, every
     /// attention and MLP projection.
     fn default() -> Self {
         LoraConfig {
