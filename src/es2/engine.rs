@@ -154,8 +154,8 @@ impl Es2Engine {
         };
         if !report.values.loss.is_finite() || !report.grad_norm.is_finite() {
             return Err(Error::Numerical(format!(
-                "step {}: the loss or gradient norm is not finite (loss {}, grad norm {}); lower --lr \
-                 or enable --clip",
+                "step {}: the loss or gradient norm is not finite (loss {}, grad norm {}); lower the \
+                 learning rate or turn on gradient clipping",
                 self.optimizer.step, report.values.loss, report.grad_norm
             )));
         }

@@ -113,19 +113,19 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidArgument(m));
-        if self.steps == 0 {
-            return bad("--steps must be at least 1".into());
-        }
-        if self.harmful_batch == 0 || self.harmless_batch == 0 {
-            return bad("--harmful-batch and --harmless-batch must be at least 1".into());
-        }
-        if self.max_len < 2 {
-            return bad(format!(
-                "--max-len must be at least 2, got {}",
-                self.max_len
-            ));
-        }
+        let at_least = |field, min: usize, value: usize| {
+            if value < min {
+                return Err(Error::config(
+                    field,
+                    format!("must be at least {min}, got {value}"),
+                ));
+            }
+            Ok(())
+        };
+        at_least("steps", 1, self.steps)?;
+        at_least("harmful_batch", 1, self.harmful_batch)?;
+        at_least("harmless_batch", 1, self.harmless_batch)?;
+        at_least("max_len", 2, self.max_len)?;
         if let Some(lora) = &self.lora {
             lora.validate()?;
         }
@@ -591,13 +591,11 @@ fn check_out_dir(out: &Path, overwrite: bool) -> Result<()> {
     if overwrite {
         return Ok(());
     }
-    if let Some(found) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
-        return Err(Error::InvalidArgument(format!(
-            "{} already holds a run ({found}); choose another --out, continue it with --resume {}, \
-             or pass --overwrite",
-            out.display(),
-            out.display()
-        )));
+    if let Some(&found) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
+        return Err(Error::RunExists {
+            out: out.to_owned(),
+            found,
+        });
     }
     Ok(())
 }
@@ -638,8 +636,9 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<(Split, Spli
     let harmful = side(&config.harmful, Side::Harmful, 1)?;
     let harmless = side(&config.harmless, Side::Harmless, 2)?;
     if harmful.train.is_empty() || harmless.train.is_empty() {
-        return Err(Error::InvalidArgument(
-            "no training prompts remain after holding out --val-fraction".into(),
+        return Err(Error::config(
+            "val_fraction",
+            "leaves no training prompts: hold out fewer, or give more prompts",
         ));
     }
     Ok((harmful, harmless))

@@ -325,33 +325,62 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
     }
 }
 
-fn parse_backends(list: &str) -> Result<wgpu::Backends> {
+fn parse_backends(list: &Setting) -> Result<wgpu::Backends> {
     let mut backends = wgpu::Backends::empty();
-    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for name in list
+        .value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         backends |= match name.to_ascii_lowercase().as_str() {
             "vulkan" | "vk" => wgpu::Backends::VULKAN,
             "metal" | "mtl" => wgpu::Backends::METAL,
             "dx12" | "d3d12" => wgpu::Backends::DX12,
             "gl" | "gles" | "opengl" => wgpu::Backends::GL,
             other => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown backend '{other}' in {BACKEND_ENV}/--backend (expected vulkan, metal, dx12 or gl)"
+                return Err(list.error(format!(
+                    "unknown backend '{other}' (expected vulkan, metal, dx12 or gl)"
                 )))
             }
         };
     }
     if backends.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{BACKEND_ENV}/--backend names no backend"
-        )));
+        return Err(list.error("names no backend".into()));
     }
     Ok(backends)
 }
 
-fn env_or(value: &Option<String>, var: &str) -> Option<String> {
-    value
-        .clone()
-        .or_else(|| std::env::var(var).ok().filter(|s| !s.trim().is_empty()))
+/// A [`GpuOptions`] value, given or read from its environment variable.
+struct Setting {
+    field: &'static str,
+    value: String,
+    /// The environment variable it was read from, when it was not given.
+    from_env: Option<&'static str>,
+}
+
+impl Setting {
+    fn read(field: &'static str, given: &Option<String>, var: &'static str) -> Option<Setting> {
+        let (value, from_env) = match given {
+            Some(value) => (value.clone(), None),
+            None => (
+                std::env::var(var).ok().filter(|s| !s.trim().is_empty())?,
+                Some(var),
+            ),
+        };
+        Some(Setting {
+            field,
+            value,
+            from_env,
+        })
+    }
+
+    fn error(&self, message: String) -> Error {
+        match self.from_env {
+            Some(var) => Error::config(self.field, format!("{message} (read from {var})")),
+            None => Error::config(self.field, message),
+        }
+    }
 }
 
 /// Rank adapters: real GPUs first, then CPU rasterisers; native APIs before GL.
@@ -382,7 +411,7 @@ fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
 }
 
 fn choose_adapter(options: &GpuOptions) -> Result<(Vec<wgpu::Adapter>, usize, String)> {
-    let adapters = match env_or(&options.backends, BACKEND_ENV) {
+    let adapters = match Setting::read("gpu.backends", &options.backends, BACKEND_ENV) {
         Some(list) => enumerate(parse_backends(&list)?),
         // GL is a last resort: it lacks features the native APIs have, and probing it on a
         // headless machine only prints noise.
@@ -402,13 +431,11 @@ fn choose_adapter(options: &GpuOptions) -> Result<(Vec<wgpu::Adapter>, usize, St
                 .into(),
         ));
     }
-    if let Some(wanted) = env_or(&options.adapter, ADAPTER_ENV) {
+    if let Some(wanted) = Setting::read("gpu.adapter", &options.adapter, ADAPTER_ENV) {
         let index = find_adapter(&adapters, &wanted)?;
-        return Ok((
-            adapters,
-            index,
-            format!("selected by --adapter/{ADAPTER_ENV}={wanted}"),
-        ));
+        let by = wanted.from_env.unwrap_or("the adapter option");
+        let reason = format!("selected by {by}: {}", wanted.value);
+        return Ok((adapters, index, reason));
     }
     let (index, best) = adapters
         .iter()
@@ -424,27 +451,28 @@ fn choose_adapter(options: &GpuOptions) -> Result<(Vec<wgpu::Adapter>, usize, St
     Ok((adapters, index, reason))
 }
 
-fn find_adapter(adapters: &[wgpu::Adapter], wanted: &str) -> Result<usize> {
-    if let Ok(index) = wanted.trim().parse::<usize>() {
+fn find_adapter(adapters: &[wgpu::Adapter], wanted: &Setting) -> Result<usize> {
+    let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+    let found = || format!("found: {}", names.join(", "));
+    if let Ok(index) = wanted.value.trim().parse::<usize>() {
         return if index < adapters.len() {
             Ok(index)
         } else {
-            Err(Error::InvalidArgument(format!(
-                "adapter index {index} is out of range: {} adapter(s) found (see `es2-wgpu info`)",
-                adapters.len()
-            )))
+            let count = adapters.len();
+            let message = format!(
+                "index {index} is out of range: {count} adapter(s), {}",
+                found()
+            );
+            Err(wanted.error(message))
         };
     }
-    let needle = wanted.to_lowercase();
-    adapters
+    let needle = wanted.value.to_lowercase();
+    names
         .iter()
-        .position(|a| a.get_info().name.to_lowercase().contains(&needle))
+        .position(|name| name.to_lowercase().contains(&needle))
         .ok_or_else(|| {
-            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-            Error::InvalidArgument(format!(
-                "no adapter name contains '{wanted}'; found: {}",
-                names.join(", ")
-            ))
+            let message = format!("no adapter name contains '{}'; {}", wanted.value, found());
+            wanted.error(message)
         })
 }
 
@@ -452,14 +480,34 @@ fn find_adapter(adapters: &[wgpu::Adapter], wanted: &str) -> Result<usize> {
 mod tests {
     use super::*;
 
+    fn given(list: &str) -> Setting {
+        Setting::read("gpu.backends", &Some(list.into()), BACKEND_ENV).unwrap()
+    }
+
     #[test]
     fn backend_lists_parse_and_reject_unknown_names() {
         assert_eq!(
-            parse_backends("Vulkan, gl").unwrap(),
+            parse_backends(&given("Vulkan, gl")).unwrap(),
             wgpu::Backends::VULKAN | wgpu::Backends::GL
         );
-        let err = parse_backends("cuda").unwrap_err().to_string();
-        assert!(err.contains("unknown backend 'cuda'"), "{err}");
-        assert!(parse_backends(" , ").is_err());
+        match parse_backends(&given("cuda")) {
+            Err(Error::Config { field, message }) => {
+                assert_eq!(field, "gpu.backends");
+                assert!(message.contains("unknown backend 'cuda'"), "{message}");
+            }
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+        assert!(parse_backends(&given(" , ")).is_err());
+    }
+
+    #[test]
+    fn a_setting_read_from_the_environment_says_so() {
+        let setting = Setting {
+            field: "gpu.backends",
+            value: "cuda".into(),
+            from_env: Some(BACKEND_ENV),
+        };
+        let err = parse_backends(&setting).unwrap_err().to_string();
+        assert!(err.contains(BACKEND_ENV) && err.contains("cuda"), "{err}");
     }
 }

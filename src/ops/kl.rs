@@ -18,6 +18,7 @@ static KL_LOSS: KernelSpec = KernelSpec {
 };
 
 /// Which way round the KL is taken.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KlDirection {

@@ -48,6 +48,7 @@ static DISTANCE: KernelSpec = KernelSpec {
 };
 
 /// Which embeddings the distance compares.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pair {
@@ -62,6 +63,7 @@ pub enum Pair {
 }
 
 /// The distance d between two embeddings. (Discriminants match `DISTANCE_*` in the shader.)
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Distance {
@@ -75,6 +77,7 @@ pub enum Distance {
 }
 
 /// φ, which turns the distance into a loss. (Discriminants match `SHAPE_*` in the shader.)
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossShape {

@@ -43,8 +43,10 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::format(
                 &path,
-                "missing: the model folder has no tokenizer.json (es2-wgpu needs the fast \
-                 tokenizer file that transformers writes)",
+                "missing: es2-wgpu reads the tokenizer from tokenizer.json, the fast-tokenizer \
+                 file transformers writes. Copy it from the model's Hugging Face repository, or \
+                 write it from what the folder has (tokenizer.model, vocab files) in Python: \
+                 AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
             ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;

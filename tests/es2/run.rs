@@ -248,14 +248,16 @@ fn an_earlier_run_is_not_overwritten_without_asking() {
     let out = out_dir("keep");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
-    let err = Trainer::new(gpu, small(out.clone()), &mut Quiet)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("already holds a run") && err.contains("--overwrite"),
-        "{err}"
-    );
+    match Trainer::new(gpu, small(out.clone()), &mut Quiet) {
+        Err(err @ Error::RunExists { .. }) => {
+            let text = err.to_string();
+            assert!(
+                text.contains("already holds a run (metrics.jsonl)") && text.contains("overwrite"),
+                "{text}"
+            );
+        }
+        other => panic!("expected RunExists, got {:?}", other.err()),
+    }
     assert_eq!(
         std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
         "{\"step\": 1}\n"

@@ -74,4 +74,6 @@ fn missing_tokenizer_is_a_clear_error() {
         err.contains("tokenizer.json") && err.contains("missing"),
         "{err}"
     );
+    // It says what to do about it.
+    assert!(err.contains("save_pretrained"), "{err}");
 }
