@@ -13,6 +13,7 @@ pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod rng;
 #[doc(hidden)]
 pub mod testing;

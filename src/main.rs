@@ -86,7 +86,7 @@ enum Command {
     /// LoRA (or full) fine-tuning that pushes the embeddings of harmful prompts away from those
     /// of harmless prompts, while a KL term keeps the model's next-token distribution on
     /// harmless prompts close to the base model's. Writes the adapter, metrics.jsonl,
-    /// checkpoints and summary.json to --out.
+    /// curves.svg, checkpoints and summary.json to --out.
     #[command(after_help = cli::train::EXAMPLE)]
     Train(Box<cli::train::TrainArgs>),
 }

@@ -37,7 +37,7 @@ pub struct TrainArgs {
     /// Harmless prompts, same formats (default: the built-in set).
     #[arg(long)]
     harmless: Option<PathBuf>,
-    /// Output folder: adapter, metrics.jsonl, checkpoints, summary.json.
+    /// Output folder: adapter, metrics.jsonl, curves.svg, checkpoints, summary.json.
     #[arg(long, default_value_os_t = TrainConfig::default().out)]
     out: PathBuf,
     /// Continue the run saved in this checkpoint (or output) folder; other options come from

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, CheckpointState};
 use super::data::{read_prompts, split, tokenize_prompts, Sampler, Side, Split};
 use super::engine::{measure_base_stats, Es2Engine, StepReport};
-use super::metrics::MetricsLog;
+use super::metrics::{write_curves, MetricsLog};
 use super::objective::{embeddings_on_host, forward_spec, record_kl, BaseStats, Es2Config};
 use super::optimizer::OptimizerConfig;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
@@ -155,19 +155,39 @@ pub struct Evaluation {
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// The layers whose embeddings were separated.
     pub layers: Vec<usize>,
+    /// The held-out evaluation before the first step.
     pub before: Evaluation,
+    /// The held-out evaluation after the last step.
     pub after: Evaluation,
+    /// Steps completed.
     pub steps: usize,
+    /// Wall time of this `run` call (a resumed run counts from its resumption).
     pub seconds: f64,
+    /// The output folder.
     pub out: PathBuf,
+    /// The run's charts (`curves.svg` in the output folder): losses per step, held-out
+    /// separation per layer and KL per evaluation.
+    pub curves: PathBuf,
 }
 
-/// Progress callbacks, so the library stays free of terminal output.
+/// Progress callbacks, so the library stays free of terminal output. Every method has a
+/// default that does nothing.
 pub trait TrainObserver {
+    /// A line worth showing: the weights' memory, the data split, the base statistics,
+    /// checkpoints and output paths.
     fn message(&mut self, _text: &str) {}
+    /// Step `step` of `total` is done; `report` holds its losses and separation.
     fn step(&mut self, _step: usize, _total: usize, _report: &StepReport, _tokens_per_s: f64) {}
+    /// A held-out evaluation is done (before the first step, every `eval_every` steps, at the
+    /// end).
     fn evaluation(&mut self, _eval: &Evaluation) {}
+    /// Asked after every step of [`Trainer::run`]: `true` ends the run there, which is then
+    /// evaluated and written out as a run of that many steps would be.
+    fn stop(&mut self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.
@@ -266,6 +286,10 @@ impl<'g> Trainer<'g> {
             self.record_evaluation(observer)?;
         }
         self.write_outputs(observer)?;
+        let out = &self.config.out;
+        let curves = out.join("curves.svg");
+        write_curves(&out.join("metrics.jsonl"), &curves, &self.engine.layers)?;
+        observer.message(&format!("curves: {}", curves.display()));
         let before = self
             .evaluations
             .first()
@@ -283,6 +307,7 @@ impl<'g> Trainer<'g> {
             steps: self.step,
             seconds: started.elapsed().as_secs_f64(),
             out: self.config.out.clone(),
+            curves,
         };
         crate::io::write_json(&self.config.out.join("summary.json"), &summary)?;
         Ok(summary)
