@@ -175,29 +175,9 @@ struct EmbedArgs {
     json: bool,
 }
 
-/// Keeps Mesa's Vulkan device-select layer from probing for a Wayland compositor that cannot be
-/// there. The layer (an implicit layer every Mesa install enables) connects to Wayland while
-/// listing GPUs whenever the instance enables `VK_KHR_wayland_surface`, which wgpu always does
-/// and offers no switch for; without a usable `XDG_RUNTIME_DIR`, libwayland then prints
-/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` for every listing. The
-/// layer only reorders the GPU list, and es2-wgpu ranks adapters itself, so turning it off
-/// (its documented `NODEVICE_SELECT=1`) loses no adapter and no backend. It is left alone when
-/// the probe could succeed or the user steers the layer.
-fn quiet_vulkan_device_select() {
-    use std::env::var_os;
-    let absolute = |var: &str| var_os(var).is_some_and(|v| std::path::Path::new(&v).is_absolute());
-    let wayland_reachable = absolute("XDG_RUNTIME_DIR") || absolute("WAYLAND_DISPLAY");
-    let user_steers = ["NODEVICE_SELECT", "MESA_VK_DEVICE_SELECT", "DRI_PRIME"]
-        .iter()
-        .any(|var| var_os(var).is_some());
-    if !wayland_reachable && !user_steers {
-        // Before any thread exists and before wgpu loads Vulkan.
-        std::env::set_var("NODEVICE_SELECT", "1");
-    }
-}
-
 fn main() -> ExitCode {
-    quiet_vulkan_device_select();
+    // First thing, while the process has one thread: see its doc.
+    es2_wgpu::gpu::quiet_headless_vulkan();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let gpu = cli.gpu.options();

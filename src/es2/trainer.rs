@@ -275,12 +275,16 @@ impl<'g> Trainer<'g> {
         Ok(trainer)
     }
 
-    /// Runs the remaining steps, evaluating and checkpointing as configured, and writes the
-    /// outputs.
+    /// Runs the remaining steps (or until [`TrainObserver::stop`] says so), evaluating and
+    /// checkpointing as configured, and writes the outputs: the adapter (or model), the merged
+    /// folder when asked, `curves.svg` and `summary.json`.
     pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<Summary> {
         let started = Instant::now();
         while self.step < self.config.steps {
             self.advance(observer)?;
+            if observer.stop() {
+                break;
+            }
         }
         if self.evaluations.last().is_none_or(|e| e.step != self.step) {
             self.record_evaluation(observer)?;

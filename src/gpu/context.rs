@@ -22,6 +22,31 @@ const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
+/// Keeps Mesa's Vulkan device-select layer from probing for a Wayland compositor that cannot be
+/// there, so that a headless process prints no `error: XDG_RUNTIME_DIR is invalid or not set in
+/// the environment.` lines. Call it first thing in `main`, before any thread starts (it sets an
+/// environment variable) and before the first [`Gpu`].
+///
+/// The layer (an implicit layer every Mesa install enables) connects to Wayland while listing
+/// GPUs whenever the instance enables `VK_KHR_wayland_surface`, which wgpu always does and
+/// offers no switch for; without a usable `XDG_RUNTIME_DIR`, libwayland prints that line for
+/// every listing. The layer only reorders the GPU list, and es2-wgpu ranks adapters itself, so
+/// turning it off (its documented `NODEVICE_SELECT=1`) loses no adapter and no backend. Nothing
+/// changes when Wayland could be reached (`XDG_RUNTIME_DIR` or `WAYLAND_DISPLAY` is an absolute
+/// path) or the user steers the layer (`NODEVICE_SELECT`, `MESA_VK_DEVICE_SELECT` or
+/// `DRI_PRIME` is set).
+pub fn quiet_headless_vulkan() {
+    use std::env::var_os;
+    let absolute = |var: &str| var_os(var).is_some_and(|v| std::path::Path::new(&v).is_absolute());
+    let wayland_reachable = absolute("XDG_RUNTIME_DIR") || absolute("WAYLAND_DISPLAY");
+    let user_steers = ["NODEVICE_SELECT", "MESA_VK_DEVICE_SELECT", "DRI_PRIME"]
+        .iter()
+        .any(|var| var_os(var).is_some());
+    if !wayland_reachable && !user_steers {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 /// How the caller wants the adapter chosen.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
@@ -35,42 +60,64 @@ pub struct GpuOptions {
 /// What one adapter is and what it can do, as `es2-wgpu info` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AdapterReport {
+    /// Position in the list (what `--adapter N` and [`GpuOptions::adapter`] take).
     pub index: usize,
+    /// The adapter's name as the driver reports it.
     pub name: String,
+    /// The graphics API: Vulkan, Metal, Dx12 or Gl.
     pub backend: String,
+    /// Discrete, integrated, virtual, CPU or other.
     pub device_type: String,
+    /// The driver's name.
     pub driver: String,
+    /// The driver's version or other detail.
     pub driver_info: String,
+    /// The limits that matter here.
     pub limits: LimitsReport,
+    /// The optional features es2-wgpu can use.
     pub features: FeaturesReport,
 }
 
 /// The limits that decide how es2-wgpu tiles and chunks its work.
 #[derive(Debug, Clone, Serialize)]
 pub struct LimitsReport {
+    /// Largest byte range one storage binding may cover (larger tensors are chunked).
     pub max_storage_buffer_binding_size: u64,
+    /// Largest buffer, in bytes.
     pub max_buffer_size: u64,
+    /// Workgroup memory per workgroup, in bytes.
     pub max_compute_workgroup_storage_size: u32,
+    /// Threads per workgroup.
     pub max_compute_invocations_per_workgroup: u32,
+    /// Workgroups along one grid dimension.
     pub max_compute_workgroups_per_dimension: u32,
+    /// Storage buffers one entry point may bind.
     pub max_storage_buffers_per_shader_stage: u32,
+    /// Alignment of uniform buffer offsets, in bytes.
     pub min_uniform_buffer_offset_alignment: u32,
 }
 
 /// The optional features es2-wgpu can use.
 #[derive(Debug, Clone, Serialize)]
 pub struct FeaturesReport {
+    /// WGSL `f16` arithmetic.
     pub shader_f16: bool,
+    /// Subgroup operations.
     pub subgroups: bool,
+    /// Timestamp queries (kernel timing, `--profile`).
     pub timestamp_query: bool,
+    /// Timestamps written inside compute passes.
     pub timestamp_query_inside_passes: bool,
 }
 
 /// Every adapter wgpu found, and which one was chosen and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct AdapterSurvey {
+    /// Every adapter found, in wgpu's order.
     pub adapters: Vec<AdapterReport>,
+    /// Index of the adapter es2-wgpu uses.
     pub chosen: usize,
+    /// Why that one.
     pub reason: String,
 }
 
@@ -193,6 +240,7 @@ impl Gpu {
         self.lock_profile().active = self.has_timestamps();
     }
 
+    /// Whether [`Gpu::start_profiling`] is in effect.
     pub fn is_profiling(&self) -> bool {
         self.lock_profile().active
     }

@@ -35,6 +35,7 @@ pub enum KlDirection {
 pub struct KlOptions {
     /// Softmax temperature T (> 0); the loss is multiplied by T².
     pub temperature: f32,
+    /// Which way round the KL is taken.
     pub direction: KlDirection,
 }
 

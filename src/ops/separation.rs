@@ -92,8 +92,11 @@ pub enum LossShape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct SeparationOptions {
+    /// Which embeddings the distance compares.
     pub pair: Pair,
+    /// The distance between two embeddings.
     pub distance: Distance,
+    /// How the distance becomes a loss.
     pub shape: LossShape,
     /// Stop the gradient on the harmless side.
     pub harmful_only: bool,

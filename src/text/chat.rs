@@ -8,11 +8,14 @@ use serde::Serialize;
 /// One chat message.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Message {
+    /// `user`, `assistant` or `system`.
     pub role: String,
+    /// The text of the message.
     pub content: String,
 }
 
 impl Message {
+    /// A user message.
     pub fn user(content: impl Into<String>) -> Self {
         Message {
             role: "user".into(),

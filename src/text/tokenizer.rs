@@ -179,6 +179,7 @@ impl Tokenizer {
             .map_err(|e| Error::InvalidArgument(format!("cannot decode ids: {e}")))
     }
 
+    /// Whether the model has a chat template (so prompts can be sent as chat messages).
     pub fn has_chat_template(&self) -> bool {
         self.chat.is_some()
     }
@@ -188,6 +189,7 @@ impl Tokenizer {
         &self.eos_ids
     }
 
+    /// The beginning-of-sequence token, when the tokenizer adds one.
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
     }
