@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-STORIES = ROOT.parent / "shared" / "models" / "stories260K-hf"
+STORIES = ROOT / "models" / "stories260K"
 RANDOM_SEQUENCES = 60
 
 

@@ -34,7 +34,7 @@ from transformers import (
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = FIXTURES / "models"
-STORIES = ROOT.parent / "shared" / "models" / "stories260K-hf"
+STORIES = ROOT / "models" / "stories260K"
 
 CORPUS = [
     "Once upon a time there was a little robot who liked to help people.",
@@ -194,7 +194,7 @@ def stories_reference():
     """Greedy continuations and logits of the real stories260K checkpoint."""
     tok = AutoTokenizer.from_pretrained(STORIES)
     model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
-    out = {"source": "../shared/models/stories260K-hf", "prompts": []}
+    out = {"source": "models/stories260K", "prompts": []}
     for prompt in ["Once upon a time", "Lily and Tom went to the park."]:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():

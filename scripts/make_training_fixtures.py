@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference numbers for ES2 training steps, from an independent implementation (torch + peft).
 
-For each case below, runs a few AdamW steps of the ES2 objective (../shared/DESIGN.md, "The ES2
+For each case below, runs a few AdamW steps of the ES2 objective (ARCHITECTURE.md, "The ES2
 objective") on one of the tiny checkpoints in tests/fixtures/models/ and writes, under
 tests/fixtures/training/:
 

@@ -11,14 +11,46 @@ pub enum Error {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },
     /// A file was read but its contents are not what was expected.
     #[error("{path}: {message}")]
-    Format { path: PathBuf, message: String },
-    /// An option or argument has a value that cannot be used.
+    Format {
+        /// The file (or, for an embedded model, what stands in for it).
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A configuration field has a value that cannot be used. `field` is its path in the
+    /// configuration handed to the library: a field of [`TrainConfig`](crate::es2::TrainConfig)
+    /// (`harmful_batch`, `model`), of one of its parts (`objective.temperature`, `lora.rank`,
+    /// `optimizer.lr`), or of another options struct (`sampling.top_p`, `gpu.backends`). An
+    /// application can point its user at the setting; the command line names its flag instead.
+    #[error("invalid {field}: {message}")]
+    Config {
+        /// The field's path, e.g. `objective.temperature`.
+        field: &'static str,
+        /// What is wrong with the value and what is allowed.
+        message: String,
+    },
+    /// The output folder of a new training run already holds another run's results.
+    #[error(
+        "{} already holds a run ({found}); choose another output folder, resume that run, or \
+         set `overwrite` to replace it",
+        out.display()
+    )]
+    RunExists {
+        /// The output folder.
+        out: PathBuf,
+        /// The file there that marks the earlier run.
+        found: &'static str,
+    },
+    /// An argument has a value that cannot be used (for settings that are not configuration
+    /// fields).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// Training diverged or produced a non-finite value.
@@ -32,6 +64,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// An invalid value of configuration field `field` (see [`Error::Config`]).
+    pub fn config(field: &'static str, message: impl Into<String>) -> Self {
+        Error::Config {
+            field,
+            message: message.into(),
         }
     }
 

@@ -62,17 +62,27 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 /// as consecutive row chunks (read back only when the writer reaches it, so one tensor at a
 /// time is in host memory, and written in the element type it is stored in).
 pub enum SaveTensor<'a> {
+    /// f32 values already on the host.
     Host {
+        /// The tensor's dimensions.
         shape: Vec<usize>,
+        /// Its values, row-major.
         data: Vec<f32>,
     },
+    /// One tensor on the GPU.
     Device {
+        /// The device it lives on.
         gpu: &'a Gpu,
+        /// The tensor, written in its own element type.
         tensor: Tensor,
     },
+    /// One tensor stored as consecutive row chunks on the GPU (a vocabulary matrix).
     Chunks {
+        /// The device they live on.
         gpu: &'a Gpu,
+        /// The whole tensor's dimensions.
         shape: Vec<usize>,
+        /// The chunks, in row order, sharing one element type.
         chunks: Vec<Tensor>,
     },
 }

@@ -4,8 +4,25 @@
 //! a transformer forward and backward written in WGSL compute shaders on `wgpu`, fused
 //! kernels for the separation and KL losses, and a small training loop.
 //!
-//! Layers, each using only those before it: [`gpu`] (device, tensors, recording), [`ops`]
-//! (kernels with CPU f64 references).
+//! An application needs little more than the [`prelude`]: open a [`Gpu`], load a model with
+//! [`model::open_model`] (an embedded model by name, or a Hugging Face folder), configure a run
+//! with [`es2::TrainConfig`], and drive it with [`es2::Trainer`], watching it through an
+//! [`es2::TrainObserver`]. The README's "Use it from Rust" and `examples/harden.rs` show it
+//! end to end. Errors are [`Error`] values that name the file, the configuration field or the
+//! value at fault.
+//!
+//! Layers, each using only those before it:
+//!
+//! 1. [`gpu`]: device, tensors, kernel registry, command recording, buffer pool, timing;
+//! 2. [`ops`]: the kernels, each with a CPU f64 reference;
+//! 3. [`model`]: Hugging Face checkpoints, the transformer forward and backward, LoRA,
+//!    generation, embeddings, the embedded default model;
+//! 4. [`text`]: tokenizer, chat templates, prompt datasets;
+//! 5. [`es2`]: the objective, one training step, the training loop, checkpoints, metrics.
+//!
+//! Beside them, used by any layer: [`error`], [`io`] (atomic writers), [`rng`] and [`plot`]
+//! (SVG charts). The command line (`es2-wgpu`, the `cli` feature, on by default) is a thin
+//! layer over this API; `default-features = false` leaves it and its dependencies out.
 
 pub mod error;
 pub mod es2;
@@ -15,6 +32,7 @@ pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod rng;
 #[doc(hidden)]
 pub mod testing;
@@ -22,3 +40,26 @@ pub mod text;
 
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Recorder, Shape, Tensor};
+
+/// The types an application touches to load a model, harden it, read the results and
+/// generate: `use es2_wgpu::prelude::*;`.
+pub mod prelude {
+    pub use crate::error::{Error, Result};
+    pub use crate::es2::{
+        Es2Config, Evaluation, OptimizerConfig, Quiet, Schedule, StepReport, Summary, TrainConfig,
+        TrainObserver, Trainer,
+    };
+    pub use crate::gpu::{Gpu, GpuOptions};
+    pub use crate::model::{
+        embed_prompt, open_model, Embedding, LoadOptions, LoraConfig, SamplingOptions, Transformer,
+    };
+    pub use crate::ops::kl::KlDirection;
+    pub use crate::ops::pool::Pool;
+    pub use crate::ops::separation::{Distance, LossShape, Pair};
+    pub use crate::text::Tokenizer;
+}
+
+/// The README's Rust snippets, compiled as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use es2_wgpu::gpu::{survey_adapters, AdapterSurvey, GpuOptions};
 use es2_wgpu::model::{
     embed_prompt, embedded, open_model, read_adapter_config, same_base, Embedding, LoadOptions,
@@ -20,7 +20,10 @@ use es2_wgpu::{Error, Gpu, Result};
 #[command(
     name = "es2-wgpu",
     version,
-    about = "Embedding Space Separation safety fine-tuning on any GPU"
+    about = "Embedding Space Separation safety fine-tuning on any GPU",
+    after_help = "With no arguments, `es2-wgpu train` hardens the built-in model on the built-in \
+                  prompt sets. `es2-wgpu COMMAND --help` shows each command's options, defaults \
+                  and an example."
 )]
 struct Cli {
     #[command(flatten)]
@@ -32,18 +35,18 @@ struct Cli {
 #[derive(Args)]
 struct GpuArgs {
     /// Adapter to use: an index from `es2-wgpu info` or a name substring.
-    #[arg(long, global = true, env = "ES2_ADAPTER")]
+    #[arg(long, global = true, env = es2_wgpu::gpu::ADAPTER_ENV)]
     adapter: Option<String>,
     /// Backends to search: vulkan, metal, dx12, gl (comma separated).
-    #[arg(long, global = true, env = "ES2_BACKEND")]
-    backend: Option<String>,
+    #[arg(long = "backend", value_name = "LIST", global = true, env = es2_wgpu::gpu::BACKEND_ENV)]
+    backends: Option<String>,
 }
 
 impl GpuArgs {
     fn options(&self) -> GpuOptions {
         GpuOptions {
             adapter: self.adapter.clone(),
-            backends: self.backend.clone(),
+            backends: self.backends.clone(),
         }
     }
 }
@@ -51,16 +54,26 @@ impl GpuArgs {
 #[derive(Subcommand)]
 enum Command {
     /// List every GPU adapter, the one chosen and why, and its limits and features.
+    #[command(after_help = "Example:\n  ES2_BACKEND=vulkan es2-wgpu info --json")]
     Info {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Continue a prompt, streaming the text as it is made.
+    /// Continue a prompt, streaming the text as it is made (greedy unless --temperature).
+    #[command(
+        after_help = "Example:\n  es2-wgpu generate --model models/stories260K \\
+                            --prompt \"Once upon a time\" --max-tokens 40"
+    )]
     Generate(GenerateArgs),
     /// A prompt's hidden state after the embedding and after every block, pooled over its tokens.
+    #[command(
+        after_help = "Example:\n  es2-wgpu embed --prompt \"How do I pick a lock?\" \\
+                            --chat --pool mean --json"
+    )]
     Embed(EmbedArgs),
     /// Write a model as a Hugging Face folder, with a --lora adapter merged into its weights.
+    #[command(after_help = "Example:\n  es2-wgpu export --lora es2-out --out tiny-llama-hardened")]
     Export {
         #[command(flatten)]
         model: ModelArgs,
@@ -68,8 +81,14 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
-    /// Harden a model with Embedding Space Separation (with no arguments: the built-in model on
-    /// the built-in prompt sets).
+    /// Harden a model with Embedding Space Separation (no arguments: the built-in model on the
+    /// built-in prompt sets).
+    ///
+    /// LoRA (or full) fine-tuning that pushes the embeddings of harmful prompts away from those
+    /// of harmless prompts, while a KL term keeps the model's next-token distribution on
+    /// harmless prompts close to the base model's. Writes the adapter, metrics.jsonl,
+    /// curves.svg, checkpoints and summary.json to --out.
+    #[command(after_help = cli::train::EXAMPLE)]
     Train(Box<cli::train::TrainArgs>),
 }
 
@@ -138,16 +157,16 @@ struct GenerateArgs {
     #[command(flatten)]
     prompt: PromptArgs,
     /// Most tokens to generate (generation also stops at an end-of-sequence token).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = SamplingOptions::default().max_tokens)]
     max_tokens: usize,
     /// Sampling temperature; 0 picks the most likely token every time.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = SamplingOptions::default().temperature)]
     temperature: f32,
     /// Nucleus sampling: draw from the smallest set of tokens holding this much probability.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SamplingOptions::default().top_p)]
     top_p: f32,
     /// Seed of the sampler.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SamplingOptions::default().seed)]
     seed: u64,
     /// Print one JSON object {prompt_ids, output_ids, text} instead of streaming text.
     #[arg(long)]
@@ -161,8 +180,8 @@ struct EmbedArgs {
     #[command(flatten)]
     prompt: PromptArgs,
     /// Which position's hidden state to report: the last token's, or the mean over the prompt.
-    #[arg(long, value_enum, default_value_t = PoolArg::Last)]
-    pool: PoolArg,
+    #[arg(long, value_enum, default_value_t = Pool::default())]
+    pool: Pool,
     /// Also report the next-token logits at the last position.
     #[arg(long)]
     logits: bool,
@@ -171,34 +190,26 @@ struct EmbedArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum PoolArg {
-    Last,
-    Mean,
-}
-
-impl From<PoolArg> for Pool {
-    fn from(p: PoolArg) -> Pool {
-        match p {
-            PoolArg::Last => Pool::Last,
-            PoolArg::Mean => Pool::Mean,
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Info { json } => info(&cli.gpu.options(), *json),
-        Command::Generate(args) => generate(&cli.gpu.options(), args),
-        Command::Embed(args) => embed(&cli.gpu.options(), args),
-        Command::Train(args) => cli::train::run(&cli.gpu.options(), args),
-        Command::Export { model, out } => export(&cli.gpu.options(), model, out),
+    // First thing, while the process has one thread: see its doc.
+    es2_wgpu::gpu::quiet_headless_vulkan();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let gpu = cli.gpu.options();
+    let result = match cli.command {
+        Command::Info { json } => info(&gpu, json),
+        Command::Generate(args) => generate(&gpu, &args),
+        Command::Embed(args) => embed(&gpu, &args),
+        Command::Train(mut args) => {
+            args.given = cli::given_flags(&matches);
+            cli::train::run(&gpu, &args)
+        }
+        Command::Export { model, out } => export(&gpu, &model, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", cli::describe(&e, &matches));
             ExitCode::FAILURE
         }
     }
@@ -224,34 +235,18 @@ fn to_json(value: &impl serde::Serialize, pretty: bool) -> Result<String> {
 }
 
 fn generate(options: &GpuOptions, args: &GenerateArgs) -> Result<()> {
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        return Err(Error::InvalidArgument(
-            "--temperature must be 0 or more".into(),
-        ));
-    }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        return Err(Error::InvalidArgument("--top-p must be in (0, 1]".into()));
-    }
     let gpu = Gpu::with_options(options)?;
     let (model, tokenizer) = args.model.open(&gpu)?;
     let prompt_ids = args.prompt.encode(&tokenizer)?;
-    let context = model.config.max_position_embeddings;
-    if prompt_ids.len() + args.max_tokens > context {
-        return Err(Error::InvalidArgument(format!(
-            "a {}-token prompt and --max-tokens {} exceed the model's context of {context} \
-             tokens",
-            prompt_ids.len(),
-            args.max_tokens
-        )));
-    }
     let sampling = SamplingOptions {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
         stop_ids: tokenizer.eos_ids().to_vec(),
-        adapters: true,
+        ..SamplingOptions::default()
     };
+    sampling.validate()?;
     // Streamed text holds back bytes that do not yet form a character; with --json the
     // text is decoded once from all the ids, exactly as transformers' `decode` does.
     let mut stream = tokenizer.stream();
@@ -316,7 +311,7 @@ fn embed(options: &GpuOptions, args: &EmbedArgs) -> Result<()> {
     let gpu = Gpu::with_options(options)?;
     let (model, tokenizer) = args.model.open(&gpu)?;
     let ids = args.prompt.encode(&tokenizer)?;
-    let embedding = embed_prompt(&gpu, &model, &ids, args.pool.into(), args.logits)?;
+    let embedding = embed_prompt(&gpu, &model, &ids, args.pool, args.logits)?;
     if args.json {
         println!("{}", to_json(&embedding, false)?);
     } else {
@@ -325,10 +320,10 @@ fn embed(options: &GpuOptions, args: &EmbedArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_embedding(e: &Embedding, tokenizer: &Tokenizer, tokens: usize, pool: PoolArg) {
+fn print_embedding(e: &Embedding, tokenizer: &Tokenizer, tokens: usize, pool: Pool) {
     let at = match pool {
-        PoolArg::Last => "the last token",
-        PoolArg::Mean => "the mean over the tokens",
+        Pool::Last => "the last token",
+        Pool::Mean => "the mean over the tokens",
     };
     println!("hidden states of a {tokens}-token prompt at {at}:");
     let last = e.hidden_states.len() - 1;

@@ -14,7 +14,7 @@ fn manifest() -> PathBuf {
 }
 
 fn stories() -> String {
-    let dir = manifest().join("../shared/models/stories260K-hf");
+    let dir = manifest().join("models/stories260K");
     dir.to_str().unwrap().to_owned()
 }
 
@@ -203,6 +203,29 @@ fn bad_model_path_fails_naming_the_path() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no/such/folder"), "{stderr}");
     assert!(stderr.contains(embedded::DEFAULT), "{stderr}");
+}
+
+/// On a headless machine (no `XDG_RUNTIME_DIR`) the Vulkan stack used to print libwayland's
+/// `error: XDG_RUNTIME_DIR is invalid or not set` on every command. `info` writes nothing to
+/// stderr itself, so any line there came from someone else.
+#[test]
+fn info_without_a_display_session_prints_no_foreign_lines() {
+    let out = Command::new(env!("CARGO_BIN_EXE_es2-wgpu"))
+        .arg("info")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .env_remove("NODEVICE_SELECT")
+        .env_remove("MESA_VK_DEVICE_SELECT")
+        .env_remove("DRI_PRIME")
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "es2-wgpu info wrote lines it did not make:\n{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chosen:"));
 }
 
 #[test]

@@ -1,22 +1,34 @@
 //! `es2-wgpu train`: flags → `TrainConfig`, a progress bar, and the closing summary table.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+use es2_wgpu::es2::objective::{format_layers, parse_layers};
 use es2_wgpu::es2::{
-    Evaluation, OptimizerConfig, Schedule, StepReport, Summary, TrainConfig, TrainObserver, Trainer,
+    Es2Config, Evaluation, OptimizerConfig, Schedule, StepReport, Summary, TrainConfig,
+    TrainObserver, Trainer,
 };
-use es2_wgpu::model::{embedded, LoraConfig, Projection};
+use es2_wgpu::model::embedded::{self, TrainingPreset};
+use es2_wgpu::model::{LoraConfig, Projection};
 use es2_wgpu::ops::kl::KlDirection;
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::ops::separation::{Distance, LossShape, Pair};
 use es2_wgpu::{Error, Gpu, GpuOptions, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// `es2-wgpu train --help`'s closing example.
+pub const EXAMPLE: &str = "Examples:
+  es2-wgpu train
+  es2-wgpu train --model models/stories260K --harmful data/datasets/harmful_train.json \\
+      --harmless data/datasets/harmless_train.json --out stories-es2 --steps 100";
+
+/// `train`'s flags. Every default is read from the library's `Default`s; `given` records which
+/// flags the user set, so that an embedded model's preset fills the others.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// A Hugging Face model folder, or the name of a model built into es2-wgpu.
-    #[arg(long, default_value = embedded::DEFAULT)]
+    #[arg(long, default_value_t = TrainConfig::default().model)]
     model: String,
     /// Harmful prompts: JSON array, JSONL or CSV with an instruction/prompt/goal/behavior/text
     /// field (default: the built-in set).
@@ -25,8 +37,8 @@ pub struct TrainArgs {
     /// Harmless prompts, same formats (default: the built-in set).
     #[arg(long)]
     harmless: Option<PathBuf>,
-    /// Output folder: adapter, metrics.jsonl, checkpoints, summary.json.
-    #[arg(long, default_value = "es2-out")]
+    /// Output folder: adapter, metrics.jsonl, curves.svg, checkpoints, summary.json.
+    #[arg(long, default_value_os_t = TrainConfig::default().out)]
     out: PathBuf,
     /// Continue the run saved in this checkpoint (or output) folder; other options come from
     /// the checkpoint, except --steps.
@@ -34,23 +46,23 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
 
     /// Layers whose embeddings are separated: "all", or a list such as "2,4,6" or "8-12".
-    #[arg(long, default_value = "all")]
-    layers: String,
+    #[arg(long, default_value_t = Layers(Es2Config::default().layers))]
+    layers: Layers,
     /// Where a prompt's embedding is read: its last token, or the mean over its tokens.
-    #[arg(long, value_enum, default_value_t = PoolArg::Last)]
-    pool: PoolArg,
+    #[arg(long, value_enum, default_value_t = Es2Config::default().pool)]
+    pool: Pool,
     /// How the two groups are compared: distance of the means, mean over all pairs, or each
     /// harmful embedding against the base model's harmless centroid.
-    #[arg(long, value_enum, default_value_t = PairArg::Centroid)]
-    pair: PairArg,
+    #[arg(long, value_enum, default_value_t = Es2Config::default().pair)]
+    pair: Pair,
     /// Distance: Euclidean (l2), squared Euclidean, or 1 − cosine similarity.
-    #[arg(long, value_enum, default_value_t = DistanceArg::L2)]
-    distance: DistanceArg,
+    #[arg(long, value_enum, default_value_t = Es2Config::default().distance)]
+    distance: Distance,
     /// hinge: max(0, margin − D) (bounded); neg: −D (unbounded).
-    #[arg(long, value_enum, default_value_t = ShapeArg::Hinge)]
-    shape: ShapeArg,
+    #[arg(long, value_enum, default_value_t = Es2Config::default().shape)]
+    shape: LossShape,
     /// Hinge margin relative to the base model's distance at each layer.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = Es2Config::default().margin)]
     margin: f32,
     /// Absolute hinge margin (overrides --margin).
     #[arg(long)]
@@ -58,28 +70,31 @@ pub struct TrainArgs {
     /// Stop the separation gradient on the harmless embeddings.
     #[arg(long)]
     harmful_only: bool,
-    /// Weight of the KL term.
-    #[arg(long, default_value_t = 1.0)]
+    /// Weight λ of the KL term.
+    #[arg(long, default_value_t = Es2Config::default().lambda)]
     lambda: f32,
     /// Softmax temperature of the KL term.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = Es2Config::default().temperature)]
     temperature: f32,
     /// KL(base ‖ tuned) (forward) or KL(tuned ‖ base) (reverse).
-    #[arg(long, value_enum, default_value_t = KlDirArg::Forward)]
-    kl_dir: KlDirArg,
+    #[arg(long, value_enum, default_value_t = Es2Config::default().kl_dir)]
+    kl_dir: KlDirection,
 
     /// Train every weight instead of LoRA adapters.
     #[arg(long)]
     full: bool,
-    #[arg(long, default_value_t = 16)]
+    /// LoRA rank r.
+    #[arg(long, default_value_t = LoraConfig::default().rank)]
     lora_rank: usize,
-    #[arg(long, default_value_t = 16.0)]
+    /// LoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = LoraConfig::default().alpha)]
     lora_alpha: f32,
-    #[arg(long, default_value_t = 0.0)]
+    /// Dropout on the adapters' input during training.
+    #[arg(long, default_value_t = LoraConfig::default().dropout)]
     lora_dropout: f32,
-    /// Projections that get adapters (q, k, v, o, gate, up, down).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-    lora_targets: Vec<String>,
+    /// Projections that get adapters: some of q, k, v, o, gate, up, down.
+    #[arg(long, default_value_t = Targets(LoraConfig::default().targets))]
+    lora_targets: Targets,
     /// Also write a merged Hugging Face model folder (out/merged).
     #[arg(long)]
     merge: bool,
@@ -91,44 +106,46 @@ pub struct TrainArgs {
     #[arg(long)]
     strict: bool,
 
-    /// Learning rate [default: 1e-4; an embedded model's preset may differ].
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = OptimizerConfig::default().lr, help = with_preset(
+        "AdamW learning rate", |p| p.lr.map(|v| v.to_string())))]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = OptimizerConfig::default().weight_decay)]
     weight_decay: f64,
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Constant)]
-    schedule: ScheduleArg,
+    /// Learning-rate schedule after the warmup: constant, or cosine decay to 0.
+    #[arg(long, value_enum, default_value_t = OptimizerConfig::default().schedule)]
+    schedule: Schedule,
     /// Linear warmup steps.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = OptimizerConfig::default().warmup)]
     warmup: usize,
     /// Global gradient-norm clipping (0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = OptimizerConfig::default().clip)]
     clip: f64,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the adapters' initialisation, the data order and dropout.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u64,
-    /// Training steps; with --resume, the new total [default: 200; an embedded model's preset
-    /// may differ].
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Harmful prompts per step [default: 8; an embedded model's preset may differ].
-    #[arg(long)]
-    harmful_batch: Option<usize>,
-    /// Harmless prompts per step [default: 8; an embedded model's preset may differ].
-    #[arg(long)]
-    harmless_batch: Option<usize>,
-    /// Prompts longer than this many tokens keep their last tokens [default: 128; an
-    /// embedded model's preset may differ].
-    #[arg(long)]
-    max_len: Option<usize>,
+    #[arg(long, default_value_t = TrainConfig::default().steps, help = with_preset(
+        "Training steps; with --resume, the new total", |p| p.steps.map(|v| v.to_string())))]
+    steps: usize,
+    #[arg(long, default_value_t = TrainConfig::default().harmful_batch, help = with_preset(
+        "Harmful prompts per step", |p| p.harmful_batch.map(|v| v.to_string())))]
+    harmful_batch: usize,
+    #[arg(long, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
+        "Harmless prompts per step", |p| p.harmless_batch.map(|v| v.to_string())))]
+    harmless_batch: usize,
+    #[arg(long, default_value_t = TrainConfig::default().max_len, help = with_preset(
+        "Prompts longer than this many tokens keep their last tokens",
+        |p| p.max_len.map(|v| v.to_string())))]
+    max_len: usize,
     /// Fraction of each prompt set held out for evaluation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainConfig::default().val_fraction)]
     val_fraction: f32,
-    /// Held-out evaluation every N steps, and at the start and end [default: 50; an embedded
-    /// model's preset may differ].
-    #[arg(long)]
-    eval_every: Option<usize>,
+    #[arg(long, default_value_t = TrainConfig::default().eval_every, help = with_preset(
+        "Held-out evaluation every N steps, and at the start and end",
+        |p| p.eval_every.map(|v| v.to_string())))]
+    eval_every: usize,
     /// Checkpoint every N steps (0: none).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = TrainConfig::default().save_every)]
     save_every: usize,
     /// Feed prompts as plain text even when the model has a chat template.
     #[arg(long)]
@@ -143,82 +160,122 @@ pub struct TrainArgs {
     /// Print the summary as JSON instead of a table.
     #[arg(long)]
     json: bool,
+
+    /// The flags given on the command line or through the environment (clap's argument ids).
+    #[arg(skip)]
+    pub given: BTreeSet<String>,
 }
 
-macro_rules! value_enum {
-    ($name:ident => $target:ty { $($variant:ident => $value:expr),* $(,)? }) => {
-        #[derive(Clone, Copy, Debug, ValueEnum)]
-        enum $name { $($variant),* }
-        impl From<$name> for $target {
-            fn from(v: $name) -> $target {
-                match v { $($name::$variant => $value),* }
-            }
-        }
-    };
+/// A layer list, shown and read as `parse_layers` reads it ("all" for every layer).
+#[derive(Debug, Clone)]
+struct Layers(Vec<usize>);
+
+impl std::fmt::Display for Layers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format_layers(&self.0))
+    }
 }
 
-value_enum!(PoolArg => Pool { Last => Pool::Last, Mean => Pool::Mean });
-value_enum!(PairArg => Pair { Centroid => Pair::Centroid, Pairwise => Pair::Pairwise, BaseCentroid => Pair::BaseCentroid });
-value_enum!(DistanceArg => Distance { L2 => Distance::L2, SqL2 => Distance::SqL2, Cosine => Distance::Cosine });
-value_enum!(ShapeArg => LossShape { Hinge => LossShape::Hinge, Neg => LossShape::Neg });
-value_enum!(KlDirArg => KlDirection { Forward => KlDirection::Forward, Reverse => KlDirection::Reverse });
-value_enum!(ScheduleArg => Schedule { Constant => Schedule::Constant, Cosine => Schedule::Cosine });
+impl std::str::FromStr for Layers {
+    type Err = String;
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        parse_layers(text).map(Layers).map_err(|e| match e {
+            Error::Config { message, .. } => message,
+            other => other.to_string(),
+        })
+    }
+}
+
+/// Projection names, shown and read as a comma list ("q,v" or "q_proj,v_proj").
+#[derive(Debug, Clone)]
+struct Targets(Vec<Projection>);
+
+impl std::fmt::Display for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|p| p.short()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl std::str::FromStr for Targets {
+    type Err = String;
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        let names = text.split(',').map(str::trim).filter(|t| !t.is_empty());
+        names
+            .map(|t| Projection::parse(t).map_err(|e| e.to_string()))
+            .collect::<std::result::Result<_, _>>()
+            .map(Targets)
+    }
+}
+
+/// `text` with the default model's own value of a setting its preset overrides.
+fn with_preset(text: &str, value: impl Fn(&TrainingPreset) -> Option<String>) -> String {
+    let preset = embedded::find(embedded::DEFAULT).and_then(|m| m.training_preset().ok());
+    match preset.as_ref().and_then(value) {
+        Some(v) => format!("{text} [the built-in {}: {v}]", embedded::DEFAULT),
+        None => text.to_owned(),
+    }
+}
 
 impl TrainArgs {
+    /// The run's configuration: the library's defaults for the model (an embedded model's
+    /// preset included), overridden by the flags. Flags a preset can set count only when given.
     fn config(&self) -> Result<TrainConfig> {
-        let targets = self
-            .lora_targets
-            .iter()
-            .map(|t| Projection::parse(t.trim()))
-            .collect::<Result<Vec<_>>>()?;
-        let lora = (!self.full).then_some(LoraConfig {
+        let mut config = TrainConfig::for_model(&self.model)?;
+        let given = |id: &str| self.given.contains(id);
+        if given("lr") {
+            config.optimizer.lr = self.lr;
+        }
+        if given("steps") {
+            config.steps = self.steps;
+        }
+        if given("harmful_batch") {
+            config.harmful_batch = self.harmful_batch;
+        }
+        if given("harmless_batch") {
+            config.harmless_batch = self.harmless_batch;
+        }
+        if given("max_len") {
+            config.max_len = self.max_len;
+        }
+        if given("eval_every") {
+            config.eval_every = self.eval_every;
+        }
+        config.harmful.clone_from(&self.harmful);
+        config.harmless.clone_from(&self.harmless);
+        config.out.clone_from(&self.out);
+        config.lora = (!self.full).then(|| LoraConfig {
             rank: self.lora_rank,
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
-            targets,
+            targets: self.lora_targets.0.clone(),
         });
-        let mut config = TrainConfig::for_model(&self.model)?;
-        let preset = config.clone();
-        config = TrainConfig {
-            harmful: self.harmful.clone(),
-            harmless: self.harmless.clone(),
-            out: self.out.clone(),
-            lora,
-            optimizer: OptimizerConfig {
-                lr: self.lr.unwrap_or(preset.optimizer.lr),
-                weight_decay: self.weight_decay,
-                clip: self.clip,
-                schedule: self.schedule.into(),
-                warmup: self.warmup,
-                ..OptimizerConfig::default()
-            },
-            steps: self.steps.unwrap_or(preset.steps),
-            harmful_batch: self.harmful_batch.unwrap_or(preset.harmful_batch),
-            harmless_batch: self.harmless_batch.unwrap_or(preset.harmless_batch),
-            max_len: self.max_len.unwrap_or(preset.max_len),
-            seed: self.seed,
-            val_fraction: self.val_fraction,
-            eval_every: self.eval_every.unwrap_or(preset.eval_every),
-            save_every: self.save_every,
-            chat: !self.no_chat,
-            merge: self.merge,
-            overwrite: self.overwrite,
-            f16_weights: self.f16_weights,
-            strict: self.strict,
-            ..config
+        let optimizer = &mut config.optimizer;
+        optimizer.weight_decay = self.weight_decay;
+        optimizer.clip = self.clip;
+        optimizer.schedule = self.schedule;
+        optimizer.warmup = self.warmup;
+        config.seed = self.seed;
+        config.val_fraction = self.val_fraction;
+        config.save_every = self.save_every;
+        config.chat = !self.no_chat;
+        config.merge = self.merge;
+        config.overwrite = self.overwrite;
+        config.f16_weights = self.f16_weights;
+        config.strict = self.strict;
+        config.objective = Es2Config {
+            layers: self.layers.0.clone(),
+            pool: self.pool,
+            pair: self.pair,
+            distance: self.distance,
+            shape: self.shape,
+            margin: self.margin,
+            margin_abs: self.margin_abs,
+            harmful_only: self.harmful_only,
+            lambda: self.lambda,
+            temperature: self.temperature,
+            kl_dir: self.kl_dir,
         };
-        let o = &mut config.objective;
-        o.layers = es2_wgpu::es2::objective::parse_layers(&self.layers)?;
-        o.pool = self.pool.into();
-        o.pair = self.pair.into();
-        o.distance = self.distance.into();
-        o.shape = self.shape.into();
-        o.margin = self.margin;
-        o.margin_abs = self.margin_abs;
-        o.harmful_only = self.harmful_only;
-        o.lambda = self.lambda;
-        o.temperature = self.temperature;
-        o.kl_dir = self.kl_dir.into();
         Ok(config)
     }
 }
@@ -280,11 +337,16 @@ impl TrainObserver for Progress {
     }
 }
 
+/// Runs `es2-wgpu train`: a fresh or resumed run with a progress bar, then the summary
+/// (a table, or JSON) and, with `--profile`, the GPU time per kernel.
 pub fn run(options: &GpuOptions, args: &TrainArgs) -> Result<()> {
     let gpu = Gpu::with_options(options)?;
     let mut progress = Progress::new();
     let mut trainer = match &args.resume {
-        Some(dir) => Trainer::resume(&gpu, dir, args.steps, &mut progress)?,
+        Some(dir) => {
+            let steps = args.given.contains("steps").then_some(args.steps);
+            Trainer::resume(&gpu, dir, steps, &mut progress)?
+        }
         None => Trainer::new(&gpu, args.config()?, &mut progress)?,
     };
     if args.profile {

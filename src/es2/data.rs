@@ -80,9 +80,10 @@ pub struct Split {
 /// fraction is positive and two or more prompts exist).
 pub fn split(mut prompts: Vec<Vec<u32>>, val_fraction: f32, seed: u64) -> Result<Split> {
     if !(0.0..1.0).contains(&val_fraction) {
-        return Err(Error::InvalidArgument(format!(
-            "--val-fraction must be in [0, 1), got {val_fraction}"
-        )));
+        return Err(Error::config(
+            "val_fraction",
+            format!("must be in [0, 1), got {val_fraction}"),
+        ));
     }
     Rng::new(seed).shuffle(&mut prompts);
     let mut held = (prompts.len() as f64 * f64::from(val_fraction)).round() as usize;

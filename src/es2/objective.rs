@@ -1,4 +1,4 @@
-//! The ES2 objective of DESIGN.md: L = L_sep + λ·L_KL, every option a field of [`Es2Config`].
+//! The ES2 objective of ARCHITECTURE.md: L = L_sep + λ·L_KL, every option a field of [`Es2Config`].
 //! This file records one evaluation of the objective and its gradients on the GPU; the
 //! constants measured once on the base model live in [`BaseStats`].
 
@@ -15,7 +15,7 @@ use crate::ops::separation::{
 };
 use crate::{Error, Result};
 
-/// Every option of the objective, with DESIGN.md's defaults.
+/// Every option of the objective, with ARCHITECTURE.md's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct Es2Config {
@@ -65,10 +65,13 @@ impl Es2Config {
         layers.sort_unstable();
         layers.dedup();
         if let Some(&bad) = layers.iter().find(|&&l| l >= num_layers) {
-            return Err(Error::InvalidArgument(format!(
-                "--layers: layer {bad} does not exist (the model has {num_layers} blocks, 0..={})",
-                num_layers - 1
-            )));
+            return Err(Error::config(
+                "objective.layers",
+                format!(
+                    "layer {bad} does not exist (the model has {num_layers} blocks, 0..={})",
+                    num_layers - 1
+                ),
+            ));
         }
         Ok(layers)
     }
@@ -91,33 +94,37 @@ impl Es2Config {
 
     /// Rejects values the objective cannot use.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(Error::InvalidArgument(what));
+        let bad = |field, message: String| Err(Error::config(field, message));
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return bad(format!(
-                "--temperature must be > 0, got {}",
-                self.temperature
-            ));
+            let got = self.temperature;
+            return bad("objective.temperature", format!("must be > 0, got {got}"));
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
-            return bad(format!("--lambda must be >= 0, got {}", self.lambda));
+            let got = self.lambda;
+            return bad("objective.lambda", format!("must be >= 0, got {got}"));
         }
-        if !self.margin.is_finite() || self.margin_abs.is_some_and(|m| !m.is_finite()) {
-            return bad("--margin must be finite".into());
+        if !self.margin.is_finite() {
+            return bad("objective.margin", "must be finite".into());
+        }
+        if let Some(m) = self.margin_abs.filter(|m| !m.is_finite()) {
+            return bad("objective.margin_abs", format!("must be finite, got {m}"));
         }
         Ok(())
     }
 }
 
-/// Parses `--layers`: "all", or comma-separated indices and inclusive ranges ("2,4,8-12").
+/// Parses a layer list as people write it: "all" (the empty list), or comma-separated indices
+/// and inclusive ranges ("2,4,8-12"). [`format_layers`] writes it back.
 pub fn parse_layers(text: &str) -> Result<Vec<usize>> {
     let text = text.trim();
     if text.eq_ignore_ascii_case("all") {
         return Ok(Vec::new());
     }
     let bad = |part: &str| {
-        Error::InvalidArgument(format!(
-            "--layers: '{part}' is not a layer index or a range like 2-5"
-        ))
+        Error::config(
+            "objective.layers",
+            format!("'{part}' is not a layer index or a range like 2-5"),
+        )
     };
     let mut layers = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -136,9 +143,32 @@ pub fn parse_layers(text: &str) -> Result<Vec<usize>> {
         }
     }
     if layers.is_empty() {
-        return Err(Error::InvalidArgument("--layers names no layer".into()));
+        return Err(Error::config("objective.layers", "names no layer"));
     }
     Ok(layers)
+}
+
+/// A layer list as [`parse_layers`] reads it: "all" for the empty list (every layer), else
+/// the indices, with runs of three or more written as ranges ("0,2,5-9").
+pub fn format_layers(layers: &[usize]) -> String {
+    if layers.is_empty() {
+        return "all".into();
+    }
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < layers.len() {
+        let mut end = start;
+        while end + 1 < layers.len() && layers[end + 1] == layers[end] + 1 {
+            end += 1;
+        }
+        match end - start {
+            0 => parts.push(layers[start].to_string()),
+            1 => parts.extend([layers[start].to_string(), layers[end].to_string()]),
+            _ => parts.push(format!("{}-{}", layers[start], layers[end])),
+        }
+        start = end + 1;
+    }
+    parts.join(",")
 }
 
 /// Constants measured once on the base model over the training prompts.

@@ -10,6 +10,7 @@ use crate::ops::grad_norm::grad_norm_squared;
 use crate::{Error, Result};
 
 /// How the learning rate moves over the run.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Schedule {
@@ -20,7 +21,7 @@ pub enum Schedule {
     Cosine,
 }
 
-/// AdamW and schedule settings (`torch.optim.AdamW` names and defaults, DESIGN.md's lr).
+/// AdamW and schedule settings (`torch.optim.AdamW` names and defaults, ARCHITECTURE.md's lr).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct OptimizerConfig {
@@ -53,18 +54,24 @@ impl Default for OptimizerConfig {
 
 impl OptimizerConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::InvalidArgument(m.into()));
+        let bad = |field, rule: &str, value: f64| {
+            Err(Error::config(field, format!("{rule}, got {value}")))
+        };
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("--lr must be > 0");
+            return bad("optimizer.lr", "must be > 0", self.lr);
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("--weight-decay must be >= 0");
+            return bad("optimizer.weight_decay", "must be >= 0", self.weight_decay);
         }
         if !(self.clip.is_finite() && self.clip >= 0.0) {
-            return bad("--clip must be >= 0 (0 turns clipping off)");
+            let rule = "must be >= 0 (0 turns clipping off)";
+            return bad("optimizer.clip", rule, self.clip);
         }
-        if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
-            return bad("Adam betas must be in [0, 1)");
+        if !(0.0..1.0).contains(&self.beta1) {
+            return bad("optimizer.beta1", "must be in [0, 1)", self.beta1);
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return bad("optimizer.beta2", "must be in [0, 1)", self.beta2);
         }
         Ok(())
     }

@@ -10,8 +10,7 @@ use super::engine::check_finite;
 use super::optimizer::{AdamW, OptimizerConfig};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::{
-    Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Targets, Trainable,
-    Transformer,
+    Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Targets, Trainable, Transformer,
 };
 use crate::ops::cross_entropy::cross_entropy_in_parts;
 use crate::{Error, Result};

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, CheckpointState};
 use super::data::{read_prompts, split, tokenize_prompts, Sampler, Side, Split};
 use super::engine::{measure_base_stats, Es2Engine, ModelPair, StepReport};
-use super::metrics::MetricsLog;
+use super::metrics::{write_curves, MetricsLog};
 use super::objective::{embedding_index, BaseStats, Es2Config};
 use super::optimizer::OptimizerConfig;
 use crate::eval::heldout::{heldout_kl, heldout_separation, SeparationSpec};
@@ -115,19 +115,19 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidArgument(m));
-        if self.steps == 0 {
-            return bad("--steps must be at least 1".into());
-        }
-        if self.harmful_batch == 0 || self.harmless_batch == 0 {
-            return bad("--harmful-batch and --harmless-batch must be at least 1".into());
-        }
-        if self.max_len < 2 {
-            return bad(format!(
-                "--max-len must be at least 2, got {}",
-                self.max_len
-            ));
-        }
+        let at_least = |field, min: usize, value: usize| {
+            if value < min {
+                return Err(Error::config(
+                    field,
+                    format!("must be at least {min}, got {value}"),
+                ));
+            }
+            Ok(())
+        };
+        at_least("steps", 1, self.steps)?;
+        at_least("harmful_batch", 1, self.harmful_batch)?;
+        at_least("harmless_batch", 1, self.harmless_batch)?;
+        at_least("max_len", 2, self.max_len)?;
         if let Some(lora) = &self.lora {
             lora.validate()?;
         }
@@ -157,19 +157,39 @@ pub struct Evaluation {
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// The layers whose embeddings were separated.
     pub layers: Vec<usize>,
+    /// The held-out evaluation before the first step.
     pub before: Evaluation,
+    /// The held-out evaluation after the last step.
     pub after: Evaluation,
+    /// Steps completed.
     pub steps: usize,
+    /// Wall time of this `run` call (a resumed run counts from its resumption).
     pub seconds: f64,
+    /// The output folder.
     pub out: PathBuf,
+    /// The run's charts (`curves.svg` in the output folder): losses per step, held-out
+    /// separation per layer and KL per evaluation.
+    pub curves: PathBuf,
 }
 
-/// Progress callbacks, so the library stays free of terminal output.
+/// Progress callbacks, so the library stays free of terminal output. Every method has a
+/// default that does nothing.
 pub trait TrainObserver {
+    /// A line worth showing: the weights' memory, the data split, the base statistics,
+    /// checkpoints and output paths.
     fn message(&mut self, _text: &str) {}
+    /// Step `step` of `total` is done; `report` holds its losses and separation.
     fn step(&mut self, _step: usize, _total: usize, _report: &StepReport, _tokens_per_s: f64) {}
+    /// A held-out evaluation is done (before the first step, every `eval_every` steps, at the
+    /// end).
     fn evaluation(&mut self, _eval: &Evaluation) {}
+    /// Asked after every step of [`Trainer::run`]: `true` ends the run there, which is then
+    /// evaluated and written out as a run of that many steps would be.
+    fn stop(&mut self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.
@@ -267,17 +287,25 @@ impl<'g> Trainer<'g> {
         Ok(trainer)
     }
 
-    /// Runs the remaining steps, evaluating and checkpointing as configured, and writes the
-    /// outputs.
+    /// Runs the remaining steps (or until [`TrainObserver::stop`] says so), evaluating and
+    /// checkpointing as configured, and writes the outputs: the adapter (or model), the merged
+    /// folder when asked, `curves.svg` and `summary.json`.
     pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<Summary> {
         let started = Instant::now();
         while self.step < self.config.steps {
             self.advance(observer)?;
+            if observer.stop() {
+                break;
+            }
         }
         if self.evaluations.last().is_none_or(|e| e.step != self.step) {
             self.record_evaluation(observer)?;
         }
         self.write_outputs(observer)?;
+        let out = &self.config.out;
+        let curves = out.join("curves.svg");
+        write_curves(&out.join("metrics.jsonl"), &curves, &self.engine.layers)?;
+        observer.message(&format!("curves: {}", curves.display()));
         let before = self
             .evaluations
             .first()
@@ -295,6 +323,7 @@ impl<'g> Trainer<'g> {
             steps: self.step,
             seconds: started.elapsed().as_secs_f64(),
             out: self.config.out.clone(),
+            curves,
         };
         crate::io::write_json(&self.config.out.join("summary.json"), &summary)?;
         Ok(summary)
@@ -602,13 +631,11 @@ fn check_out_dir(out: &Path, overwrite: bool) -> Result<()> {
     if overwrite {
         return Ok(());
     }
-    if let Some(found) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
-        return Err(Error::InvalidArgument(format!(
-            "{} already holds a run ({found}); choose another --out, continue it with --resume {}, \
-             or pass --overwrite",
-            out.display(),
-            out.display()
-        )));
+    if let Some(&found) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
+        return Err(Error::RunExists {
+            out: out.to_owned(),
+            found,
+        });
     }
     Ok(())
 }
@@ -658,8 +685,9 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<(Split, Spli
     let harmful = side(&config.harmful, Side::Harmful, 1)?;
     let harmless = side(&config.harmless, Side::Harmless, 2)?;
     if harmful.train.is_empty() || harmless.train.is_empty() {
-        return Err(Error::InvalidArgument(
-            "no training prompts remain after holding out --val-fraction".into(),
+        return Err(Error::config(
+            "val_fraction",
+            "leaves no training prompts: hold out fewer, or give more prompts",
         ));
     }
     Ok((harmful, harmless, truncated))

@@ -20,7 +20,9 @@ pub const MAX_STORAGE_BINDINGS: usize = 7;
 /// A WGSL source file from `shaders/`.
 #[derive(Debug)]
 pub struct Shader {
+    /// The file name without `.wgsl`, used in error messages and profiles.
     pub name: &'static str,
+    /// The WGSL text.
     pub source: &'static str,
 }
 
@@ -63,7 +65,9 @@ pub const fn read_write(binding: u32) -> (u32, Access) {
 /// a launcher passes tensors.
 #[derive(Debug)]
 pub struct KernelSpec {
+    /// The file the entry point is in.
     pub shader: &'static Shader,
+    /// The entry point's name.
     pub entry: &'static str,
     /// `(binding number, access)` for each storage buffer, in launch order.
     pub bindings: &'static [(u32, Access)],

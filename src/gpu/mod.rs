@@ -9,8 +9,8 @@ mod tensor;
 mod timing;
 
 pub use context::{
-    survey_adapters, AdapterReport, AdapterSurvey, FeaturesReport, Gpu, GpuOptions, LimitsReport,
-    ADAPTER_ENV, BACKEND_ENV,
+    quiet_headless_vulkan, survey_adapters, AdapterReport, AdapterSurvey, FeaturesReport, Gpu,
+    GpuOptions, LimitsReport, ADAPTER_ENV, BACKEND_ENV,
 };
 pub use kernel::{
     read, read_write, Access, Kernel, KernelSpec, Overrides, Shader, MAX_STORAGE_BINDINGS,

@@ -88,6 +88,7 @@ impl<'g> Recorder<'g> {
         Some(recorder)
     }
 
+    /// The device it records for.
     pub fn gpu(&self) -> &'g Gpu {
         self.gpu
     }

@@ -10,14 +10,18 @@ use crate::{Error, Result};
 /// Element type of a tensor in GPU memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE single precision: every activation, gradient and trainable weight.
     F32,
+    /// IEEE half precision (frozen weights with `f16_weights`, f16 checkpoints).
     F16,
     /// bfloat16, stored as raw 16-bit patterns (WGSL has no bf16; kernels widen it).
     BF16,
+    /// Unsigned 32-bit integers (token ids, lengths, masks).
     U32,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,
@@ -43,18 +47,22 @@ impl fmt::Display for DType {
 pub struct Shape(Vec<usize>);
 
 impl Shape {
+    /// A shape from its dimensions, outermost first.
     pub fn new(dims: impl Into<Vec<usize>>) -> Self {
         Shape(dims.into())
     }
 
+    /// The dimensions, outermost first.
     pub fn dims(&self) -> &[usize] {
         &self.0
     }
 
+    /// Number of dimensions.
     pub fn rank(&self) -> usize {
         self.0.len()
     }
 
+    /// Number of elements (the product of the dimensions).
     pub fn numel(&self) -> usize {
         self.0.iter().product()
     }
@@ -251,18 +259,22 @@ impl Tensor {
         self.write_f32(gpu, &vec![value; self.numel()])
     }
 
+    /// Its shape.
     pub fn shape(&self) -> &Shape {
         &self.shape
     }
 
+    /// Its dimensions, outermost first.
     pub fn dims(&self) -> &[usize] {
         self.shape.dims()
     }
 
+    /// Its element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.numel()
     }
@@ -277,6 +289,7 @@ impl Tensor {
         self.size_bytes().max(4).next_multiple_of(4)
     }
 
+    /// The wgpu buffer it lives in (a view starts at [`Tensor::offset_bytes`]).
     pub fn buffer(&self) -> &wgpu::Buffer {
         self.storage.raw()
     }

@@ -98,7 +98,10 @@ pub(crate) struct Profile {
 /// One entry point's share of a profile.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KernelTime {
+    /// The entry point.
     pub kernel: &'static str,
+    /// How many times it ran.
     pub dispatches: u64,
+    /// GPU time over all its dispatches.
     pub seconds: f64,
 }

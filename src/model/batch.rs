@@ -88,7 +88,10 @@ impl Batch {
     ) -> Result<Batch> {
         let mut batch = Batch::new(gpu, sequences, vocab_size)?;
         if learned.len() != sequences.len()
-            || learned.iter().zip(sequences).any(|(l, s)| l.len() != s.len())
+            || learned
+                .iter()
+                .zip(sequences)
+                .any(|(l, s)| l.len() != s.len())
         {
             return Err(Error::InvalidArgument(
                 "one learned flag per token of every sequence".into(),

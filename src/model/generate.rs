@@ -52,13 +52,28 @@ pub struct SamplingOptions {
 impl Default for SamplingOptions {
     fn default() -> Self {
         SamplingOptions {
-            max_tokens: 64,
+            max_tokens: 128,
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
             stop_ids: Vec::new(),
             adapters: true,
         }
+    }
+}
+
+impl SamplingOptions {
+    /// Rejects a temperature below 0 and a `top_p` outside (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            let message = format!("must be 0 (greedy) or more, got {}", self.temperature);
+            return Err(Error::config("sampling.temperature", message));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            let message = format!("must be in (0, 1], got {}", self.top_p);
+            return Err(Error::config("sampling.top_p", message));
+        }
+        Ok(())
     }
 }
 
@@ -146,6 +161,17 @@ impl Transformer {
     ) -> Result<Vec<u32>> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("the prompt has no tokens".into()));
+        }
+        options.validate()?;
+        let context = self.config.max_position_embeddings;
+        if prompt.len() + options.max_tokens > context {
+            let message = format!(
+                "a {}-token prompt and {} new tokens exceed the model's context of {context} \
+                 tokens",
+                prompt.len(),
+                options.max_tokens
+            );
+            return Err(Error::config("sampling.max_tokens", message));
         }
         let mut cache = self.kv_cache(gpu, prompt.len() + options.max_tokens);
         let mut rng = Rng::new(options.seed);

@@ -32,7 +32,7 @@ pub struct LoraConfig {
 }
 
 impl Default for LoraConfig {
-    /// DESIGN.md's defaults (the Circuit Breakers / CRL anchors): rank 16, alpha 16, every
+    /// ARCHITECTURE.md's defaults (the Circuit Breakers / CRL anchors): rank 16, alpha 16, every
     /// attention and MLP projection.
     fn default() -> Self {
         LoraConfig {
@@ -52,26 +52,18 @@ impl LoraConfig {
     /// Checks the rank, alpha, dropout and targets.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            return Err(Error::InvalidArgument(
-                "lora.rank must be at least 1".into(),
-            ));
+            return Err(Error::config("lora.rank", "must be at least 1"));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "lora.alpha must be > 0, got {}",
-                self.alpha
-            )));
+            let message = format!("must be > 0, got {}", self.alpha);
+            return Err(Error::config("lora.alpha", message));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::InvalidArgument(format!(
-                "lora.dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
+            let message = format!("must be in [0, 1), got {}", self.dropout);
+            return Err(Error::config("lora.dropout", message));
         }
         if self.targets.is_empty() {
-            return Err(Error::InvalidArgument(
-                "lora.targets names no projection".into(),
-            ));
+            return Err(Error::config("lora.targets", "names no projection"));
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! Opening a model by what a user types after `--model`: a Hugging Face model folder, or the
-//! name of an embedded model.
+//! Opening a model by what a user names: a Hugging Face model folder, or the name of an
+//! embedded model.
 
 use std::path::Path;
 
@@ -31,11 +31,14 @@ pub fn open_model(
     } else {
         "does not exist"
     };
-    Err(Error::InvalidArgument(format!(
-        "--model {spec}: the path {what}, and it is not the name of an embedded model \
-         (embedded: {})",
-        embedded::names().join(", ")
-    )))
+    Err(Error::config(
+        "model",
+        format!(
+            "{spec}: the path {what}, and it is not the name of an embedded model \
+             (embedded: {})",
+            embedded::names().join(", ")
+        ),
+    ))
 }
 
 /// Loads a Hugging Face model folder. The small files are read first, so that a missing

@@ -84,15 +84,18 @@ pub mod reference {
         }
     }
 
+    /// `silu(g) = g·σ(g)`.
     pub fn silu(g: f64) -> f64 {
         g * sigmoid(g)
     }
 
+    /// `silu'(g)`.
     pub fn silu_grad(g: f64) -> f64 {
         let s = sigmoid(g);
         s * (1.0 + g * (1.0 - s))
     }
 
+    /// `h = silu(gate)·up`, elementwise.
     pub fn swiglu_forward(gate: &[f64], up: &[f64]) -> Vec<f64> {
         gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect()
     }
@@ -106,21 +109,25 @@ pub mod reference {
         (dgate, dup)
     }
 
+    /// GPT-2's tanh approximation of GELU.
     pub fn gelu(x: f64) -> f64 {
         let u = SQRT_2_OVER_PI * (x + CUBIC * x.powi(3));
         0.5 * x * (1.0 + u.tanh())
     }
 
+    /// The derivative of [`gelu`].
     pub fn gelu_grad(x: f64) -> f64 {
         let t = (SQRT_2_OVER_PI * (x + CUBIC * x.powi(3))).tanh();
         let du = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x);
         0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
     }
 
+    /// [`gelu`] elementwise.
     pub fn gelu_forward(x: &[f64]) -> Vec<f64> {
         x.iter().map(|&v| gelu(v)).collect()
     }
 
+    /// `dx = gelu'(x)·dy`, elementwise.
     pub fn gelu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
         x.iter().zip(dy).map(|(&v, &d)| d * gelu_grad(v)).collect()
     }

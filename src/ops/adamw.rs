@@ -23,9 +23,13 @@ static STEP: KernelSpec = KernelSpec {
 /// computes them; the kernel receives the derived scalars rounded once to f32).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
+    /// Learning rate.
     pub lr: f64,
+    /// Decay of the first moment.
     pub beta1: f64,
+    /// Decay of the second moment.
     pub beta2: f64,
+    /// Added to the square root of the second moment.
     pub eps: f64,
     /// Decoupled weight decay: `p ← p·(1 − lr·weight_decay)` before the Adam update.
     pub weight_decay: f64,
@@ -157,6 +161,8 @@ pub mod reference {
         }
     }
 
+    /// One AdamW update of `p` with gradient `g` and moments `m`, `v`, after clipping by the
+    /// global squared norm `norm_sq`.
     pub fn adamw_step(
         p: &mut [f64],
         g: &[f64],

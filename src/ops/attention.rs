@@ -122,6 +122,7 @@ static BACKWARD_DKV: Entry = Entry::new(
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
+    /// Sequences in the batch (B).
     pub batch: usize,
     /// Queries per sequence (Tq).
     pub q_len: usize,
@@ -129,8 +130,11 @@ pub struct AttentionShape {
     pub kv_len: usize,
     /// Position of the first query: the number of tokens already in the cache (0 in training).
     pub q_offset: usize,
+    /// Query heads (Hq).
     pub n_heads: usize,
+    /// Key/value heads (Hkv); Hq is a multiple of it.
     pub n_kv_heads: usize,
+    /// Width of one head (D).
     pub head_dim: usize,
 }
 

@@ -74,18 +74,22 @@ pub fn cast(rec: &mut Recorder, src: &Tensor, dst: &Tensor) {
 pub mod reference {
     use half::{bf16, f16};
 
+    /// f16 → f32, exactly.
     pub fn f16_to_f32(x: &[f16]) -> Vec<f32> {
         x.iter().map(|h| h.to_f32()).collect()
     }
 
+    /// bf16 → f32, exactly.
     pub fn bf16_to_f32(x: &[bf16]) -> Vec<f32> {
         x.iter().map(|h| h.to_f32()).collect()
     }
 
+    /// f32 → f16, rounded to nearest even.
     pub fn f32_to_f16(x: &[f32]) -> Vec<f16> {
         x.iter().map(|&v| f16::from_f32(v)).collect()
     }
 
+    /// f32 → bf16, rounded to nearest even.
     pub fn f32_to_bf16(x: &[f32]) -> Vec<bf16> {
         x.iter().map(|&v| bf16::from_f32(v)).collect()
     }

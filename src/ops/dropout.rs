@@ -27,6 +27,7 @@ struct Params {
 pub struct Dropout {
     /// Probability of dropping an element, in [0, 1).
     pub p: f32,
+    /// Seed of the mask: the same seed gives the same mask in the forward and the backward.
     pub seed: u32,
 }
 
@@ -71,6 +72,7 @@ pub mod reference {
         pcg_hash(i as u32 ^ pcg_hash(d.seed)) >= threshold
     }
 
+    /// `x` with the dropped elements zeroed and the kept ones scaled by `1 / (1 − p)`.
     pub fn dropout_apply(d: &Dropout, x: &[f64]) -> Vec<f64> {
         let scale = 1.0 / (1.0 - f64::from(d.p));
         x.iter()

@@ -58,6 +58,7 @@ pub fn grad_norm_squared(rec: &mut Recorder, grads: &[&Tensor], out: &Tensor) {
 
 /// CPU f64 reference.
 pub mod reference {
+    /// Σ over every tensor of Σ g².
     pub fn grad_norm_squared(grads: &[&[f64]]) -> f64 {
         grads.iter().flat_map(|g| g.iter()).map(|x| x * x).sum()
     }

@@ -18,6 +18,7 @@ static KL_LOSS: KernelSpec = KernelSpec {
 };
 
 /// Which way round the KL is taken.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KlDirection {
@@ -34,6 +35,7 @@ pub enum KlDirection {
 pub struct KlOptions {
     /// Softmax temperature T (> 0); the loss is multiplied by T².
     pub temperature: f32,
+    /// Which way round the KL is taken.
     pub direction: KlDirection,
 }
 

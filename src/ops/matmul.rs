@@ -134,17 +134,27 @@ impl Strided {
 /// `[K, N]`, or `[N, K]` when `transpose_b`; C is stored `[M, N]` (with its own strides).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gemm {
+    /// Independent products (each with its own strided A, B and C).
     pub batch: usize,
+    /// Rows of op(A) and of C.
     pub m: usize,
+    /// Columns of op(B) and of C.
     pub n: usize,
+    /// The summed dimension.
     pub k: usize,
+    /// A is stored `[K, M]`.
     pub transpose_a: bool,
+    /// B is stored `[N, K]` (a PyTorch weight in the forward).
     pub transpose_b: bool,
+    /// Where A's elements are.
     pub a: Strided,
+    /// Where B's elements are.
     pub b: Strided,
+    /// Where C's elements go.
     pub c: Strided,
     /// Index of `bias[0]` in the bias tensor (a column window of C takes a window of bias).
     pub bias_offset: usize,
+    /// Scale and overwrite/accumulate.
     pub options: MatmulOptions,
 }
 

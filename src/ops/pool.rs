@@ -21,6 +21,7 @@ static BACKWARD: KernelSpec = KernelSpec {
 };
 
 /// How a prompt's hidden states become its embedding.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pool {

@@ -66,6 +66,7 @@ pub fn sum_rows(rec: &mut Recorder, x: &Tensor, out: &Tensor, accumulate: bool) 
 
 /// CPU f64 reference.
 pub mod reference {
+    /// Column sums of row-major `x [rows, cols]`.
     pub fn sum_rows(x: &[f64], cols: usize) -> Vec<f64> {
         let mut out = vec![0.0; cols];
         for row in x.chunks_exact(cols) {

@@ -62,10 +62,12 @@ pub fn accumulate(rec: &mut Recorder, x: &Tensor, acc: &Tensor, scale: f32) {
 
 /// CPU f64 references.
 pub mod reference {
+    /// `x + scale·r`.
     pub fn residual_forward(x: &[f64], r: &[f64], scale: f64) -> Vec<f64> {
         x.iter().zip(r).map(|(a, b)| a + scale * b).collect()
     }
 
+    /// `acc + scale·x`.
     pub fn accumulate(acc: &[f64], x: &[f64], scale: f64) -> Vec<f64> {
         residual_forward(acc, x, scale)
     }

@@ -39,9 +39,13 @@ struct Params {
 /// interpolated.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
 pub struct Llama3RopeScaling {
+    /// How much long wavelengths are stretched.
     pub factor: f64,
+    /// Wavelengths longer than `original / low_freq_factor` are stretched fully.
     pub low_freq_factor: f64,
+    /// Wavelengths shorter than `original / high_freq_factor` are kept.
     pub high_freq_factor: f64,
+    /// The context length the model was pretrained with.
     pub original_max_position_embeddings: usize,
 }
 
@@ -177,6 +181,7 @@ pub mod reference {
         out
     }
 
+    /// Rotates `x [B, T, H, D]` by the angles of positions `pos_offset + t`.
     pub fn rope_forward(
         x: &[f64],
         inv_freq: &[f32],
@@ -186,6 +191,7 @@ pub mod reference {
         rotate(x, inv_freq, dims, pos_offset, 1.0)
     }
 
+    /// The gradient of [`rope_forward`]: the inverse rotation of `dout`.
     pub fn rope_backward(
         dout: &[f64],
         inv_freq: &[f32],

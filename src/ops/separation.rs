@@ -48,6 +48,7 @@ static DISTANCE: KernelSpec = KernelSpec {
 };
 
 /// Which embeddings the distance compares.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pair {
@@ -62,6 +63,7 @@ pub enum Pair {
 }
 
 /// The distance d between two embeddings. (Discriminants match `DISTANCE_*` in the shader.)
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Distance {
@@ -75,6 +77,7 @@ pub enum Distance {
 }
 
 /// φ, which turns the distance into a loss. (Discriminants match `SHAPE_*` in the shader.)
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossShape {
@@ -89,8 +92,11 @@ pub enum LossShape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct SeparationOptions {
+    /// Which embeddings the distance compares.
     pub pair: Pair,
+    /// The distance between two embeddings.
     pub distance: Distance,
+    /// How the distance becomes a loss.
     pub shape: LossShape,
     /// Stop the gradient on the harmless side.
     pub harmful_only: bool,

@@ -51,6 +51,7 @@ pub fn softmax_backward(rec: &mut Recorder, y: &Tensor, dy: &Tensor, dx: &Tensor
 
 /// CPU f64 references over row-major `[rows, cols]` data.
 pub mod reference {
+    /// Row softmax with max subtraction.
     pub fn softmax_forward(x: &[f64], cols: usize) -> Vec<f64> {
         x.chunks_exact(cols)
             .flat_map(|row| {
@@ -62,6 +63,7 @@ pub mod reference {
             .collect()
     }
 
+    /// `dx = y ∘ (dy − Σ dy·y)` per row, from the softmax output `y`.
     pub fn softmax_backward(y: &[f64], dy: &[f64], cols: usize) -> Vec<f64> {
         y.chunks_exact(cols)
             .zip(dy.chunks_exact(cols))

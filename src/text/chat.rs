@@ -8,7 +8,9 @@ use serde::Serialize;
 /// One chat message.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Message {
+    /// `user`, `assistant` or `system`.
     pub role: String,
+    /// The text of the message.
     pub content: String,
 }
 

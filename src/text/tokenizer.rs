@@ -57,8 +57,10 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::format(
                 &path,
-                "missing: the model folder has no tokenizer.json (es2-wgpu needs the fast \
-                 tokenizer file that transformers writes)",
+                "missing: es2-wgpu reads the tokenizer from tokenizer.json, the fast-tokenizer \
+                 file transformers writes. Copy it from the model's Hugging Face repository, or \
+                 write it from what the folder has (tokenizer.model, vocab files) in Python: \
+                 AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
             ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -259,6 +261,7 @@ impl Tokenizer {
             .map_err(|e| Error::InvalidArgument(format!("cannot decode ids: {e}")))
     }
 
+    /// Whether the model has a chat template (so prompts can be sent as chat messages).
     pub fn has_chat_template(&self) -> bool {
         self.chat.is_some()
     }
@@ -268,6 +271,7 @@ impl Tokenizer {
         &self.eos_ids
     }
 
+    /// The beginning-of-sequence token, when the tokenizer adds one.
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
     }

@@ -165,7 +165,7 @@ fn json_without_paths(path: &Path) -> Value {
             config[field] = Value::Null;
         }
     }
-    for field in ["out", "seconds"] {
+    for field in ["out", "curves", "seconds"] {
         if let Some(map) = v.as_object_mut() {
             map.remove(field);
         }

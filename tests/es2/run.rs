@@ -1,6 +1,7 @@
 //! Whole runs on the embedded model: the output folder, merged and full-model folders that
 //! load back with the same numbers, and clear errors for bad input and divergence.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use es2_wgpu::es2::{Quiet, TrainConfig, TrainObserver, Trainer};
@@ -51,6 +52,45 @@ fn json_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `curves.svg` is an SVG document that names every series, and draws the three step series
+/// with a point per step and each layer's held-out distance and the held-out KL with a point
+/// per evaluation.
+fn check_curves(path: &Path, steps: usize, evaluations: usize, layers: usize) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let doc = roxmltree::Document::parse(&text)
+        .unwrap_or_else(|e| panic!("{}: not XML: {e}", path.display()));
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let labels: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .collect();
+    let last_layer = format!("layer {}", layers - 1);
+    for label in ["L_sep", "L_KL", "held-out KL", "layer 0", &last_layer] {
+        assert!(
+            labels.iter().any(|t| t.contains(label)),
+            "{label} missing from {labels:?}"
+        );
+    }
+    let lines: Vec<usize> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .map(|n| {
+            n.attribute("points")
+                .unwrap_or("")
+                .split_whitespace()
+                .count()
+        })
+        .collect();
+    let mut want: HashMap<usize, usize> = HashMap::new();
+    *want.entry(steps).or_default() += 3;
+    *want.entry(evaluations).or_default() += layers + 1;
+    for (points, count) in want {
+        let found = lines.iter().filter(|&&n| n == points).count();
+        assert_eq!(found, count, "lines of {points} points in {lines:?}");
+    }
+}
+
 #[test]
 fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_merges() {
     let gpu = gpu();
@@ -96,7 +136,11 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
         .iter()
         .all(|e| e["val_distance"].as_array().unwrap().len() == 4 && e["val_kl"].is_number()));
     assert!(out.join("checkpoints/step-000002/state.json").exists());
-    assert!(out.join("summary.json").exists());
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.curves, out.join("curves.svg"));
+    assert_eq!(written["curves"], summary.curves.to_string_lossy().as_ref());
+    check_curves(&summary.curves, 3, 3, 4);
 
     let adapter: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
@@ -252,14 +296,16 @@ fn an_earlier_run_is_not_overwritten_without_asking() {
     let out = out_dir("keep");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
-    let err = Trainer::new(gpu, small(out.clone()), &mut Quiet)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("already holds a run") && err.contains("--overwrite"),
-        "{err}"
-    );
+    match Trainer::new(gpu, small(out.clone()), &mut Quiet) {
+        Err(err @ Error::RunExists { .. }) => {
+            let text = err.to_string();
+            assert!(
+                text.contains("already holds a run (metrics.jsonl)") && text.contains("overwrite"),
+                "{text}"
+            );
+        }
+        other => panic!("expected RunExists, got {:?}", other.err()),
+    }
     assert_eq!(
         std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
         "{\"step\": 1}\n"

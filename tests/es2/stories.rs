@@ -1,5 +1,5 @@
-//! A short ES2 run on the real stories260K checkpoint with the AdvBench/Alpaca training
-//! splits: on held-out prompts the normalised separation (D_l after / D_l before, averaged over
+//! A short ES2 run on the real stories260K checkpoint (models/stories260K) with the
+//! AdvBench/Alpaca training splits (data/datasets; harmless_train is a 2,000-row subset): on held-out prompts the normalised separation (D_l after / D_l before, averaged over
 //! the layers) at least doubles and grows at every layer, while the KL to the base model on
 //! harmless prompts stays below 0.05 nats per token. (The last layer's embedding is the final
 //! norm's output, which the logits read directly, so the KL term holds it back most.)
@@ -9,10 +9,9 @@ use std::path::PathBuf;
 use es2_wgpu::es2::{Quiet, TrainConfig, Trainer};
 use es2_wgpu::testing::gpu;
 
-fn shared(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(path)
+/// A file or folder of the repository.
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 #[test]
@@ -20,11 +19,9 @@ fn stories260k_separation_doubles_with_small_kl() {
     let out = std::env::temp_dir().join(format!("es2-stories-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let mut config = TrainConfig {
-        model: shared("models/stories260K-hf")
-            .to_string_lossy()
-            .into_owned(),
-        harmful: Some(shared("datasets/harmful_train.json")),
-        harmless: Some(shared("datasets/harmless_train.json")),
+        model: repo("models/stories260K").to_string_lossy().into_owned(),
+        harmful: Some(repo("data/datasets/harmful_train.json")),
+        harmless: Some(repo("data/datasets/harmless_train.json")),
         out: out.clone(),
         steps: 30,
         harmful_batch: 4,

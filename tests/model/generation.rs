@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::fixtures::{fixtures, model_dir};
 
 fn stories_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K-hf")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/stories260K")
 }
 
 /// Logits at the last position by running the whole sequence (no cache).

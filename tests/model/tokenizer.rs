@@ -55,8 +55,7 @@ fn tokenisation_matches_transformers_plain_and_chat() {
 
 #[test]
 fn stories260k_tokenizer_adds_bos_like_transformers() {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K-hf");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/stories260K");
     let tok = Tokenizer::from_dir(&dir, &[2]).unwrap();
     // SOURCES.md: ids [1, 403, 407, 261, 378] for "Once upon a time".
     assert_eq!(
@@ -75,4 +74,6 @@ fn missing_tokenizer_is_a_clear_error() {
         err.contains("tokenizer.json") && err.contains("missing"),
         "{err}"
     );
+    // It says what to do about it.
+    assert!(err.contains("save_pretrained"), "{err}");
 }

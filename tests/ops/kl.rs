@@ -69,7 +69,7 @@ fn kl_loss_matches_reference_and_finite_differences() {
 
 #[test]
 fn forward_kl_gradient_is_temperature_times_q_minus_p() {
-    // DESIGN.md identity: ∂(scale·T²·KL(p‖q))/∂zt = scale·T·(q − p), from an independent softmax.
+    // ARCHITECTURE.md identity: ∂(scale·T²·KL(p‖q))/∂zt = scale·T·(q − p), from an independent softmax.
     let (rows, vocab, temperature, scale) = (3, 101, 1.7_f32, 0.25_f32);
     let zt = randn(30, rows * vocab, 1.5);
     let zb = randn(31, rows * vocab, 1.5);
