@@ -421,6 +421,7 @@ fn assemble(
         attacks,
         capability,
         geometry,
+        plots: Vec::new(),
     }
 }
 
