@@ -216,6 +216,10 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
         markdown.contains("| attack | base | hardened |"),
         "{markdown}"
     );
+    assert_eq!(report.plots, ["layers.svg", "pca.svg", "repe.svg"]);
+    for plot in &report.plots {
+        assert!(out.join(plot).is_file(), "{plot} not written");
+    }
     assert!(observer.stages.iter().any(|s| s == "hardened: gcg"));
     assert!(observer.advanced > 20);
     std::fs::remove_dir_all(&dir).unwrap();
