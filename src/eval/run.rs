@@ -223,7 +223,7 @@ pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver)
         let geometry = model_geometry(label, &findings, &embeddings, config)?;
         measured.push((rows, capability, geometry));
     }
-    let report = assemble(
+    let mut report = assemble(
         config,
         &columns,
         &transformers,
@@ -232,8 +232,8 @@ pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver)
         measured,
     );
     std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
+    report.plots = plots::write_plots(&report, &config.out)?;
     report.write(&config.out)?;
-    plots::write_plots(&report, &config.out)?;
     Ok(report)
 }
 
