@@ -10,13 +10,14 @@ scripts/tiny_chat_recipe.md. Run by hand, not in CI:
     python3 -m venv .venv && .venv/bin/pip install torch transformers
     .venv/bin/python scripts/tiny_chat_recipe.py [--out DIR] [options]
 
-The data, in order:
+The data (defaults = the recipe):
 1. harmful: every prompt of harmful_train.json, each with a refusal drawn by a seeded RNG from
-   REFUSALS (every phrasing contains a GCG refusal string);
-2. harmless: a seeded sample of harmless_train.json prompts, each answered by the base model's
-   own greedy continuation of the rendered prompt, cut at a sentence end before any refusal
-   string (stories say "sorry" a lot) and to at most --reply-tokens tokens; prompts whose
-   continuation has no such cut are skipped.
+   REFUSALS (every phrasing contains a GCG refusal string), each pair --harmful-repeat times;
+2. harmless: --harmless prompts of a seeded shuffle of harmless_train.json, each answered by
+   "Sure! " (--opener) and the base model's own greedy continuation of the rendered prompt
+   followed by the opener, cut at its first sentence end (--cut) within --reply-tokens tokens;
+   prompts whose continuation shows a refusal string before that end (stories say "sorry" a
+   lot), or has no end in time, are skipped.
 A pair is rendered with CHAT_TEMPLATE; the loss is the token-mean cross-entropy over the reply
 tokens and the closing EOS of the whole batch (prompt and padding masked).
 
@@ -184,12 +185,11 @@ def harmless_pairs(chat, base, args, refusals, rng):
     for start in range(0, len(prompts), args.harmless):
         chunk = [p for p in prompts[start:start + args.harmless]
                  if len(chat.prompt(p)) <= args.max_prompt]
-        tried += len(chunk)
         heads = [chat.prompt(p) + chat.ids(f" {args.opener}" if args.opener else "") for p in chunk]
         conts = greedy(base, heads, args.reply_tokens)
         for p, c in zip(chunk, conts):
             reply, looked = cut_reply(chat, c, args.reply_tokens, refusals, args.cut == "first")
-            generated += looked
+            tried, generated = tried + 1, generated + looked
             if reply:
                 pairs.append((p, f"{args.opener} {reply}" if args.opener else reply))
             if len(pairs) == args.harmless:
@@ -306,15 +306,17 @@ def show_examples(model, chat, refusals, args):
 
 def parse_args():
     a = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a.add_argument("--datasets", type=Path, default=DATASETS, help="the prompt sets' folder")
+    a.add_argument("--base-model", type=Path, default=BASE_MODEL, help="stories260K-hf folder")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--harmless", type=int, default=400, help="harmless examples")
+    a.add_argument("--harmless", type=int, default=500, help="harmless examples")
     a.add_argument("--reply-tokens", type=int, default=32, help="longest harmless reply (tokens)")
-    a.add_argument("--cut", choices=["first", "last"], default="last",
+    a.add_argument("--cut", choices=["first", "last"], default="first",
                    help="cut harmless replies at the first or the last sentence end")
     a.add_argument("--max-prompt", type=int, default=96, help="longest rendered prompt (tokens)")
-    a.add_argument("--opener", default="", help="fixed start of every harmless reply")
+    a.add_argument("--opener", default="Sure!", help="fixed start of every harmless reply")
     a.add_argument("--phrasings", type=int, default=len(REFUSALS))
-    a.add_argument("--harmful-repeat", type=int, default=1, help="copies of each harmful pair")
+    a.add_argument("--harmful-repeat", type=int, default=2, help="copies of each harmful pair")
     a.add_argument("--epochs", type=int, default=12)
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--lr", type=float, default=2e-3)
@@ -332,7 +334,9 @@ def parse_args():
 
 
 def main():
+    global DATASETS, BASE_MODEL
     args = parse_args()
+    DATASETS, BASE_MODEL = args.datasets, args.base_model
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
