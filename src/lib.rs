@@ -46,8 +46,8 @@ pub use gpu::{DType, Gpu, GpuOptions, Recorder, Shape, Tensor};
 pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::es2::{
-        Es2Config, Evaluation, OptimizerConfig, Quiet, Schedule, StepReport, Summary, TrainConfig,
-        TrainObserver, Trainer,
+        Es2Config, Evaluation, HeldOut, OptimizerConfig, Quiet, Schedule, StepReport, Summary,
+        Task, TrainConfig, TrainObserver, Trainer,
     };
     pub use crate::gpu::{Gpu, GpuOptions};
     pub use crate::model::{

@@ -85,6 +85,9 @@ mod tests {
             ),
             (vec!["es2-wgpu", "train"], "max_len", "--max-len"),
             (vec!["es2-wgpu", "train"], "val_fraction", "--val-fraction"),
+            (vec!["es2-wgpu", "train"], "task", "--objective"),
+            (vec!["es2-wgpu", "train"], "data", "--data"),
+            (vec!["es2-wgpu", "train"], "sft_batch", "--sft-batch"),
             (vec!["es2-wgpu", "train"], "model", "--model"),
             (vec!["es2-wgpu", "train"], "objective.layers", "--layers"),
             (

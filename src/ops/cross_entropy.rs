@@ -103,6 +103,20 @@ pub fn cross_entropy_loss(rec: &mut Recorder, logits: &Tensor, targets: &Tensor,
     launch(rec, &FORWARD, &[logits, targets, loss], dims, 1.0);
 }
 
+/// [`cross_entropy_loss`] over row parts that each fit one storage binding (held-out
+/// evaluation of a long batch against a large vocabulary, with no gradient buffer).
+pub fn cross_entropy_loss_in_parts(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    targets: &Tensor,
+    loss: &Tensor,
+) {
+    let (rows, vocab) = rows_and_vocab(logits, targets, loss);
+    in_binding_parts(rec, [rows, vocab], &[logits, targets, loss], |rec, v| {
+        cross_entropy_loss(rec, &v[0], &v[1], &v[2]);
+    });
+}
+
 /// CPU f64 references over row-major `[N, V]` logits.
 pub mod reference {
     /// The target's index, or `None` for an ignored row ([`super::IGNORE`] or out of range).

@@ -46,7 +46,7 @@ fn run_case(case: &str) {
     for (k, want) in spec["steps"].as_array().unwrap().iter().enumerate() {
         let step = k + 1;
         let got = engine.step(gpu, model, &batch, lr, 0).unwrap();
-        assert_eq!(got.learned, counted);
+        assert_eq!(got.sft().unwrap().learned_tokens, counted);
         close_scalar(
             &format!("{case} step {step} loss"),
             got.loss,
