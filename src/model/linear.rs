@@ -8,6 +8,7 @@ use crate::ops::matmul::{
     MatmulOptions,
 };
 use crate::ops::residual::accumulate;
+use crate::ops::Write;
 
 /// A low-rank adapter on a [`Linear`]: `A [r, in]`, `B [out, r]`, scale `alpha / r`.
 #[derive(Debug, Clone)]
@@ -132,20 +133,15 @@ impl Linear {
         lora: Option<&LoraActivations>,
         dy: &Tensor,
         dx: &Tensor,
-        accumulate_dx: bool,
+        dx_write: Write,
         grads: &LinearGrads,
     ) {
-        let dx_mode = if accumulate_dx {
-            MatmulOptions::accumulate()
-        } else {
-            MatmulOptions::overwrite()
-        };
-        matmul_backward_input(rec, dy, &self.weight, dx, dx_mode);
+        matmul_backward_input(rec, dy, &self.weight, dx, MatmulOptions::writing(dx_write));
         if let Some(dw) = &grads.weight {
             matmul_backward_weight(rec, dy, x, dw, MatmulOptions::accumulate());
         }
         if let Some(db) = &grads.bias {
-            matmul_backward_bias(rec, dy, db, true);
+            matmul_backward_bias(rec, dy, db, Write::Accumulate);
         }
         let (Some(adapter), Some(saved)) = (&self.lora, lora) else {
             return;
@@ -156,8 +152,7 @@ impl Linear {
         if let Some(db) = &grads.lora_b {
             matmul_backward_weight(rec, dy, &saved.hidden, db, scaled);
         }
-        let gpu = rec.gpu();
-        let dh = Tensor::empty(gpu, saved.hidden.shape().clone(), DType::F32);
+        let dh = rec.scratch(saved.hidden.shape().clone(), DType::F32);
         matmul_backward_input(
             rec,
             dy,
@@ -171,9 +166,9 @@ impl Linear {
         match &saved.dropout {
             None => matmul_backward_input(rec, &dh, &adapter.a, dx, MatmulOptions::accumulate()),
             Some(d) => {
-                let du = Tensor::empty(gpu, x.shape().clone(), DType::F32);
+                let du = rec.scratch(x.shape().clone(), DType::F32);
                 matmul_backward_input(rec, &dh, &adapter.a, &du, MatmulOptions::overwrite());
-                let dropped = Tensor::empty(gpu, x.shape().clone(), DType::F32);
+                let dropped = rec.scratch(x.shape().clone(), DType::F32);
                 dropout_apply(rec, d, &du, &dropped);
                 accumulate(rec, &dropped, dx, 1.0);
             }
