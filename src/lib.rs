@@ -41,7 +41,7 @@ pub mod rng;
 pub mod testing;
 pub mod text;
 
-pub use error::{Error, Result};
+pub use error::{DeviceFault, Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Recorder, Shape, Tensor};
 
 /// The types an application touches to load a model, harden it, read the results and
