@@ -19,7 +19,11 @@ use crate::ops::Write;
 /// hooks; several may be given).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Seeds<'a> {
+    /// `∂L/∂logits [B·T, V]`, for a forward run with [`Output::Logits`](super::Output::Logits);
+    /// a forward that stopped below the final norm ignores it.
     pub logits: Option<&'a Tensor>,
+    /// `(i, ∂L/∂h_i)` pairs: a gradient added at hidden state `i`. An index above the forward's
+    /// top is ignored.
     pub hidden: &'a [(usize, Tensor)],
 }
 

@@ -13,12 +13,16 @@ use crate::ops::Write;
 /// A low-rank adapter on a [`Linear`]: `A [r, in]`, `B [out, r]`, scale `alpha / r`.
 #[derive(Debug, Clone)]
 pub struct Lora {
+    /// `A [r, in]` (f32): projects the input down to the rank.
     pub a: Tensor,
+    /// `B [out, r]` (f32): projects back up; zero when freshly attached.
     pub b: Tensor,
+    /// `alpha / r`, multiplying the adapter's output.
     pub scale: f32,
 }
 
 impl Lora {
+    /// The rank r: rows of `A`.
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
     }
@@ -31,18 +35,25 @@ pub struct LoraActivations {
     pub input: Tensor,
     /// `input·Aᵀ [M, r]`.
     pub hidden: Tensor,
+    /// The dropout the forward applied (its seed regenerates the same mask in the backward);
+    /// `None` without dropout.
     pub dropout: Option<Dropout>,
 }
 
 /// Weight `[out, in]`, optional bias `[out]`, optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `W [out, in]`, as the checkpoint stores it (f32, or f16 for frozen weights).
     pub weight: Tensor,
+    /// `b [out]` (f32), where the configuration has one.
     pub bias: Option<Tensor>,
+    /// The attached adapter, if any ([`Transformer::attach_lora`](super::Transformer::attach_lora),
+    /// [`Transformer::load_adapter`](super::Transformer::load_adapter)).
     pub lora: Option<Lora>,
 }
 
 impl Linear {
+    /// A projection with no adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
             weight,
@@ -51,10 +62,12 @@ impl Linear {
         }
     }
 
+    /// Output width: rows of `W`.
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
 
+    /// Input width: columns of `W`.
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }
@@ -115,9 +128,13 @@ impl Linear {
 /// Gradient buffers of one [`Linear`]: only those of trainable parameters exist.
 #[derive(Debug, Clone, Default)]
 pub struct LinearGrads {
+    /// `∂L/∂W [out, in]`, under full fine-tuning.
     pub weight: Option<Tensor>,
+    /// `∂L/∂b [out]`, under full fine-tuning of a projection with a bias.
     pub bias: Option<Tensor>,
+    /// `∂L/∂A [r, in]`, when the adapter trains.
     pub lora_a: Option<Tensor>,
+    /// `∂L/∂B [out, r]`, when the adapter trains.
     pub lora_b: Option<Tensor>,
 }
 

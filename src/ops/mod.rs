@@ -26,7 +26,9 @@ pub mod separation;
 /// parameter gradients accumulate over the passes of a step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Write {
+    /// `out = result`: what the output held before is ignored (it may be NaN).
     Overwrite,
+    /// `out += result`: the output must hold a value already (zeroed, or an earlier pass's).
     Accumulate,
 }
 
