@@ -19,7 +19,9 @@ use crate::Result;
 pub struct SeparationSpec<'a> {
     /// transformers' hidden-state index of each measured embedding.
     pub hidden: &'a [usize],
+    /// How a prompt's hidden states become one embedding (last token or mean).
     pub pool: Pool,
+    /// The objective's pairing and distance; the loss shape plays no part in a measurement.
     pub options: SeparationOptions,
     /// ν per layer: the base model's mean harmless embedding norm.
     pub nu: &'a [f32],
