@@ -15,7 +15,8 @@ use crate::model::{
 use crate::{Error, Result};
 
 /// The model being trained and the reference it is held to: under LoRA the same weights with
-/// the adapters off, under full fine-tuning a frozen copy of the base.
+/// the adapters off, under full ES2 fine-tuning a frozen copy of the base (supervised
+/// fine-tuning keeps none).
 #[derive(Debug)]
 pub struct ModelPair {
     pub tuned: Transformer,

@@ -82,7 +82,8 @@ pub struct TrainConfig {
     pub overwrite: bool,
     /// Store the frozen base weights' block projections in f16 (half their memory; see
     /// [`LoadOptions::f16_weights`]): the whole model of a LoRA run, the frozen reference copy
-    /// of a full fine-tune (whose trained copy stays f32).
+    /// of a full ES2 fine-tune (whose trained copy stays f32). A full SFT run has no frozen
+    /// weights.
     pub f16_weights: bool,
     /// Refuse model weights holding NaN or ±Inf (see [`LoadOptions::strict`]).
     pub strict: bool,
@@ -168,6 +169,13 @@ impl TrainConfig {
             }
             Task::Sft => {
                 at_least("sft_batch", 1, self.sft_batch)?;
+                if self.f16_weights && self.lora.is_none() {
+                    return Err(Error::config(
+                        "f16_weights",
+                        "a full fine-tune under sft trains every weight in f32 and keeps no \
+                         frozen copy to store in f16",
+                    ));
+                }
                 self.data_path()?;
                 for (field, given) in [("harmful", &self.harmful), ("harmless", &self.harmless)] {
                     if given.is_some() {
@@ -504,8 +512,9 @@ impl<'g> Trainer<'g> {
     }
 }
 
-/// The model (with fresh adapters, or with a frozen copy for full fine-tuning) and its
-/// tokenizer. The frozen weights are f16 when `config.f16_weights`.
+/// The model (with fresh adapters, or, for full fine-tuning under ES2, with a frozen copy for
+/// the KL's reference logits) and its tokenizer. The frozen weights are f16 when
+/// `config.f16_weights`.
 fn load_models(gpu: &Gpu, config: &TrainConfig) -> Result<(ModelPair, Tokenizer)> {
     let options = LoadOptions {
         strict: config.strict,
@@ -527,10 +536,14 @@ fn load_models(gpu: &Gpu, config: &TrainConfig) -> Result<(ModelPair, Tokenizer)
         }
         None => {
             let (model, tokenizer) = open_model(gpu, &config.model, &options)?;
-            let frozen = open_model(gpu, &config.model, &frozen_options)?.0;
+            // Supervised fine-tuning compares with no reference model.
+            let frozen = match config.task {
+                Task::Es2 => Some(open_model(gpu, &config.model, &frozen_options)?.0),
+                Task::Sft => None,
+            };
             let models = ModelPair {
                 tuned: model,
-                frozen: Some(frozen),
+                frozen,
             };
             Ok((models, tokenizer))
         }
@@ -544,6 +557,12 @@ fn weights_message(models: &ModelPair) -> String {
     if let Some(frozen) = &models.frozen {
         bytes += frozen.parameter_bytes();
         what = "weights (trained and frozen copies)";
+    }
+    if models.frozen.is_none() && !models.tuned.has_lora() {
+        return format!(
+            "{what}: {} on the GPU, every one trained, in f32",
+            human_bytes(bytes)
+        );
     }
     let f16 = !models.base_model().f16_weight_names().is_empty();
     format!(
