@@ -21,6 +21,7 @@ use es2_wgpu::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use es2_wgpu::ops::separation::{
     separation_loss, Pair, SeparationInputs, SeparationOptions, SeparationOutputs,
 };
+use es2_wgpu::ops::Write;
 use es2_wgpu::testing::{gpu, randn, upload};
 use es2_wgpu::{DType, Gpu, Recorder, Tensor};
 
@@ -335,7 +336,7 @@ fn rmsnorm(c: &mut Criterion) {
     suite.bench(
         &format!("backward_{id}"),
         Work::Bytes(5 * activation),
-        |rec| rmsnorm_backward(rec, &x, &w, &rstd, &dy, &dx, Some(&dw), true),
+        |rec| rmsnorm_backward(rec, &x, &w, &rstd, &dy, &dx, Some(&dw), Write::Accumulate),
     );
     suite.finish();
 }

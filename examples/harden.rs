@@ -26,12 +26,12 @@ impl TrainObserver for Log {
     }
 
     fn step(&mut self, step: usize, total: usize, report: &StepReport, _tokens_per_s: f64) {
-        let v = &report.values;
+        let Some(terms) = report.es2() else { return };
         eprintln!(
             "[{:6.1} s] step {step:>4}/{total}: L_sep {:.4}  L_KL {:.5}",
             self.started.elapsed().as_secs_f64(),
-            v.sep,
-            v.kl
+            terms.sep,
+            terms.kl
         );
     }
 }
@@ -52,18 +52,18 @@ fn config(model: &str, steps: Option<usize>) -> Result<TrainConfig> {
 }
 
 fn print_table(summary: &Summary) {
+    let (Some(before), Some(after)) = (summary.before.es2(), summary.after.es2()) else {
+        return;
+    };
     println!("held-out separation D_l (harmful vs harmless, normalised by the base model's ν_l):");
     println!("  layer      before       after    ratio");
     for (i, layer) in summary.layers.iter().enumerate() {
-        let (before, after) = (summary.before.distance[i], summary.after.distance[i]);
-        println!(
-            "  {layer:>5}  {before:>10.4}  {after:>10.4}  {:>7.2}x",
-            after / before
-        );
+        let (b, a) = (before.distance[i], after.distance[i]);
+        println!("  {layer:>5}  {b:>10.4}  {a:>10.4}  {:>7.2}x", a / b);
     }
     println!(
         "held-out KL to the base model per token: {:.5} -> {:.5}",
-        summary.before.kl, summary.after.kl
+        before.kl, after.kl
     );
     println!(
         "{} steps in {:.1} s; adapter, metrics and {} in {}",

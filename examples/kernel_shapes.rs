@@ -14,6 +14,7 @@
 use es2_wgpu::ops::attention::{attention_backward, attention_forward, AttentionShape};
 use es2_wgpu::ops::matmul::{gemm, Gemm, MatmulOptions};
 use es2_wgpu::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use es2_wgpu::ops::Write;
 use es2_wgpu::testing::{gpu, randn, upload};
 use es2_wgpu::{DType, Gpu, Recorder, Tensor};
 
@@ -150,7 +151,7 @@ fn rmsnorm(gpu: &Gpu) {
         let dw = Tensor::zeros(gpu, [cols], DType::F32);
         let times = best_times(gpu, |rec| {
             rmsnorm_forward(rec, &x, &w, &y, &rstd, 1e-5);
-            rmsnorm_backward(rec, &x, &w, &rstd, &dy, &dx, Some(&dw), true);
+            rmsnorm_backward(rec, &x, &w, &rstd, &dy, &dx, Some(&dw), Write::Accumulate);
         });
         for (entry, seconds) in times {
             println!("{entry:32} {rows:5} x {cols:4} {:9.3} ms", seconds * 1e3);

@@ -141,6 +141,6 @@ fn main() -> Result<()> {
         "peak beyond the weights:      {:10.1} MiB",
         mib(peak.saturating_sub(weights))
     );
-    println!("step: loss {:.6}, {:.1} s", report.values.loss, seconds);
+    println!("step: loss {:.6}, {:.1} s", report.loss, seconds);
     Ok(())
 }

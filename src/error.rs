@@ -56,6 +56,41 @@ pub enum Error {
     /// Training diverged or produced a non-finite value.
     #[error("numerical failure: {0}")]
     Numerical(String),
+    /// The GPU reported a fault while running recorded work: out of memory, a validation error
+    /// (a buffer or binding beyond the adapter's limits, among others), an internal error, or a
+    /// lost device. What ran before the fault is unaffected on disk; the device should not be
+    /// used for more work after `Lost`.
+    #[error("GPU {kind}: {message}")]
+    Device {
+        /// Which kind of fault.
+        kind: DeviceFault,
+        /// The driver's or wgpu's description, which names the resource or pipeline.
+        message: String,
+    },
+}
+
+/// The kinds of [`Error::Device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFault {
+    /// An allocation failed.
+    OutOfMemory,
+    /// Work broke a rule of the API or a limit of the adapter.
+    Validation,
+    /// The implementation failed for a reason of its own.
+    Internal,
+    /// The device was lost (a driver reset, a removed GPU).
+    Lost,
+}
+
+impl std::fmt::Display for DeviceFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceFault::OutOfMemory => "out of memory",
+            DeviceFault::Validation => "validation error",
+            DeviceFault::Internal => "internal error",
+            DeviceFault::Lost => "device lost",
+        })
+    }
 }
 
 impl Error {

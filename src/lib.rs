@@ -11,17 +11,20 @@
 //! end to end. Errors are [`Error`] values that name the file, the configuration field or the
 //! value at fault.
 //!
-//! Layers, each using only those before it:
+//! Layers, each using only those before it (`tests/layers.rs` checks it):
 //!
 //! 1. [`gpu`]: device, tensors, kernel registry, command recording, buffer pool, timing;
 //! 2. [`ops`]: the kernels, each with a CPU f64 reference;
-//! 3. [`model`]: Hugging Face checkpoints, the transformer forward and backward, LoRA,
-//!    generation, embeddings, the embedded default model;
-//! 4. [`text`]: tokenizer, chat templates, prompt datasets;
-//! 5. [`es2`]: the objective, one training step, the training loop, checkpoints, metrics.
+//! 3. [`text`]: tokenizer, chat templates, prompt and conversation datasets;
+//! 4. [`model`]: Hugging Face checkpoints, parameter names, the blocks and the one block loop
+//!    that runs them (hooks, gradient taps, save policies, the KV cache), LoRA, generation,
+//!    embeddings, the embedded default models;
+//! 5. [`eval`]: held-out measurements, refusal judges, probes, geometry, the eval report;
+//! 6. [`es2`]: the objectives (ES2, supervised fine-tuning), one training step, the training
+//!    loop, checkpoints, metrics.
 //!
-//! Beside them, used by any layer: [`error`], [`io`] (atomic writers), [`rng`] and [`plot`]
-//! (SVG charts). The command line (`es2-wgpu`, the `cli` feature, on by default) is a thin
+//! Beside them, used by any layer: [`error`], [`io`] (atomic writers), [`rng`], [`plot`] (SVG
+//! charts) and [`failpoint`] (named pause points for the kill tests). The command line (`es2-wgpu`, the `cli` feature, on by default) is a thin
 //! layer over this API; `default-features = false` leaves it and its dependencies out.
 
 pub mod error;
@@ -38,7 +41,7 @@ pub mod rng;
 pub mod testing;
 pub mod text;
 
-pub use error::{Error, Result};
+pub use error::{DeviceFault, Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Recorder, Shape, Tensor};
 
 /// The types an application touches to load a model, harden it, read the results and
@@ -46,8 +49,8 @@ pub use gpu::{DType, Gpu, GpuOptions, Recorder, Shape, Tensor};
 pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::es2::{
-        Es2Config, Evaluation, OptimizerConfig, Quiet, Schedule, StepReport, Summary, TrainConfig,
-        TrainObserver, Trainer,
+        Es2Config, Evaluation, HeldOut, OptimizerConfig, Quiet, Schedule, StepReport, Summary,
+        Task, TrainConfig, TrainObserver, Trainer,
     };
     pub use crate::gpu::{Gpu, GpuOptions};
     pub use crate::model::{

@@ -82,12 +82,15 @@ enum Command {
         out: std::path::PathBuf,
     },
     /// Harden a model with Embedding Space Separation (no arguments: the built-in model on the
-    /// built-in prompt sets).
+    /// built-in prompt sets), or fine-tune it on conversations (--objective sft --data FILE).
     ///
-    /// LoRA (or full) fine-tuning that pushes the embeddings of harmful prompts away from those
-    /// of harmless prompts, while a KL term keeps the model's next-token distribution on
-    /// harmless prompts close to the base model's. Writes the adapter, metrics.jsonl,
-    /// curves.svg, checkpoints and summary.json to --out.
+    /// ES2 (the default objective): LoRA (or full) fine-tuning that pushes the embeddings of
+    /// harmful prompts away from those of harmless prompts, while a KL term keeps the model's
+    /// next-token distribution on harmless prompts close to the base model's. SFT: next-token
+    /// cross-entropy on the assistant turns of each conversation (prompts and padding count
+    /// for nothing), rendered with the model's chat template unless --no-chat. Either writes
+    /// the adapter (or model/ with --full), metrics.jsonl, curves.svg, checkpoints and
+    /// summary.json to --out.
     #[command(after_help = cli::train::EXAMPLE)]
     Train(Box<cli::train::TrainArgs>),
 }

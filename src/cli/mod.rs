@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory};
-use es2_wgpu::Error;
+use es2_wgpu::{DeviceFault, Error};
 
 /// The argument ids of the running subcommand that the user set, on the command line or
 /// through the environment (not those left at their defaults).
@@ -62,6 +62,13 @@ pub fn describe(error: &Error, matches: &ArgMatches) -> String {
                  --resume {out}, or pass --overwrite to replace it"
             )
         }
+        Error::Device {
+            kind: DeviceFault::OutOfMemory | DeviceFault::Validation,
+            ..
+        } => format!(
+            "{error}\nthe work did not fit this GPU: try a smaller --harmful-batch/--harmless-batch \
+             or --max-len, or --f16-weights; `es2-wgpu info` lists the adapter's limits"
+        ),
         other => other.to_string(),
     }
 }
@@ -85,6 +92,9 @@ mod tests {
             ),
             (vec!["es2-wgpu", "train"], "max_len", "--max-len"),
             (vec!["es2-wgpu", "train"], "val_fraction", "--val-fraction"),
+            (vec!["es2-wgpu", "train"], "task", "--objective"),
+            (vec!["es2-wgpu", "train"], "data", "--data"),
+            (vec!["es2-wgpu", "train"], "sft_batch", "--sft-batch"),
             (vec!["es2-wgpu", "train"], "model", "--model"),
             (vec!["es2-wgpu", "train"], "objective.layers", "--layers"),
             (

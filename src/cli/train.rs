@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 use es2_wgpu::es2::objective::{format_layers, parse_layers};
 use es2_wgpu::es2::{
-    Es2Config, Evaluation, OptimizerConfig, Schedule, StepReport, Summary, TrainConfig,
-    TrainObserver, Trainer,
+    Es2Config, Evaluation, HeldOut, OptimizerConfig, Schedule, StepReport, Summary, Task, Terms,
+    TrainConfig, TrainObserver, Trainer,
 };
 use es2_wgpu::model::embedded::{self, TrainingPreset};
 use es2_wgpu::model::{LoraConfig, Projection};
@@ -21,7 +21,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub const EXAMPLE: &str = "Examples:
   es2-wgpu train
   es2-wgpu train --model models/stories260K --harmful data/datasets/harmful_train.json \\
-      --harmless data/datasets/harmless_train.json --out stories-es2 --steps 100";
+      --harmless data/datasets/harmless_train.json --out stories-es2 --steps 100
+  es2-wgpu train --objective sft --data chats.jsonl --model models/stories260K --full \\
+      --lr 1e-3 --out stories-sft";
 
 /// `train`'s flags. Every default is read from the library's `Default`s; `given` records which
 /// flags the user set, so that an embedded model's preset fills the others.
@@ -30,13 +32,22 @@ pub struct TrainArgs {
     /// A Hugging Face model folder, or the name of a model built into es2-wgpu.
     #[arg(long, default_value_t = TrainConfig::default().model)]
     model: String,
-    /// Harmful prompts: JSON array, JSONL or CSV with an instruction/prompt/goal/behavior/text
-    /// field (default: the built-in set).
+    /// What to train for: es2 (separate harmful from harmless embeddings) or sft (learn the
+    /// assistant replies of --data).
+    #[arg(long = "objective", value_enum, default_value_t = TrainConfig::default().task)]
+    task: Task,
+    /// ES2's harmful prompts: JSON array, JSONL or CSV with an
+    /// instruction/prompt/goal/behavior/text field (default: the built-in set).
     #[arg(long)]
     harmful: Option<PathBuf>,
-    /// Harmless prompts, same formats (default: the built-in set).
+    /// ES2's harmless prompts, same formats (default: the built-in set).
     #[arg(long)]
     harmless: Option<PathBuf>,
+    /// SFT's conversations: JSON array or JSONL of {"prompt", "response"} or {"messages":
+    /// [{"role", "content"}, ...]} rows, or CSV with prompt and response columns. The loss
+    /// covers the assistant turns only.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
     /// Output folder: adapter, metrics.jsonl, curves.svg, checkpoints, summary.json.
     #[arg(long, default_value_os_t = TrainConfig::default().out)]
     out: PathBuf,
@@ -133,11 +144,15 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
         "Harmless prompts per step", |p| p.harmless_batch.map(|v| v.to_string())))]
     harmless_batch: usize,
+    /// Conversations per SFT step.
+    #[arg(long, default_value_t = TrainConfig::default().sft_batch)]
+    sft_batch: usize,
     #[arg(long, default_value_t = TrainConfig::default().max_len, help = with_preset(
-        "Prompts longer than this many tokens keep their last tokens",
+        "Prompts longer than this many tokens keep their last tokens; longer conversations \
+         keep the whole replies that fit",
         |p| p.max_len.map(|v| v.to_string())))]
     max_len: usize,
-    /// Fraction of each prompt set held out for evaluation.
+    /// Fraction of each prompt set (or of the conversations) held out for evaluation.
     #[arg(long, default_value_t = TrainConfig::default().val_fraction)]
     val_fraction: f32,
     #[arg(long, default_value_t = TrainConfig::default().eval_every, help = with_preset(
@@ -147,7 +162,7 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: none).
     #[arg(long, default_value_t = TrainConfig::default().save_every)]
     save_every: usize,
-    /// Feed prompts as plain text even when the model has a chat template.
+    /// Feed prompts and conversations as plain text even when the model has a chat template.
     #[arg(long)]
     no_chat: bool,
     /// Replace the results of an earlier run in --out.
@@ -241,8 +256,11 @@ impl TrainArgs {
         if given("eval_every") {
             config.eval_every = self.eval_every;
         }
+        config.task = self.task;
         config.harmful.clone_from(&self.harmful);
         config.harmless.clone_from(&self.harmless);
+        config.data.clone_from(&self.data);
+        config.sft_batch = self.sft_batch;
         config.out.clone_from(&self.out);
         config.lora = (!self.full).then(|| LoraConfig {
             rank: self.lora_rank,
@@ -312,27 +330,32 @@ impl TrainObserver for Progress {
     }
 
     fn step(&mut self, step: usize, total: usize, report: &StepReport, tokens_per_s: f64) {
-        let v = &report.values;
-        let relative = &report.relative_distance;
-        let sep = relative.iter().sum::<f32>() / relative.len().max(1) as f32;
+        let terms = match &report.terms {
+            Terms::Es2(t) => {
+                let relative = &t.relative_distance;
+                let sep = relative.iter().sum::<f32>() / relative.len().max(1) as f32;
+                format!("L_sep {:.4}  L_KL {:.4}  D/D_base {sep:.2}", t.sep, t.kl)
+            }
+            Terms::Sft(_) => format!("loss {:.4}", report.loss),
+        };
         let bar = self.bar(total);
         bar.set_position(step as u64);
-        bar.set_message(format!(
-            "L_sep {:.4}  L_KL {:.4}  D/D_base {sep:.2}  {tokens_per_s:.0} tok/s",
-            v.sep, v.kl
-        ));
+        bar.set_message(format!("{terms}  {tokens_per_s:.0} tok/s"));
     }
 
     fn evaluation(&mut self, eval: &Evaluation) {
-        let text = format!(
-            "held-out at step {}: D = {:?}, KL = {:.5}",
-            eval.step,
-            eval.distance
-                .iter()
-                .map(|d| (d * 1e4).round() / 1e4)
-                .collect::<Vec<_>>(),
-            eval.kl
-        );
+        let text = match &eval.held_out {
+            HeldOut::Es2(h) => format!(
+                "held-out at step {}: D = {:?}, KL = {:.5}",
+                eval.step,
+                h.distance
+                    .iter()
+                    .map(|d| (d * 1e4).round() / 1e4)
+                    .collect::<Vec<_>>(),
+                h.kl
+            ),
+            HeldOut::Sft(h) => format!("held-out at step {}: loss {:.4}", eval.step, h.loss),
+        };
         self.message(&text);
     }
 }
@@ -382,20 +405,39 @@ fn print_profile(kernels: &[es2_wgpu::gpu::KernelTime]) {
 }
 
 fn print_summary(s: &Summary) {
+    let name = match s.task {
+        Task::Es2 => "ES2",
+        Task::Sft => "SFT",
+    };
     println!(
-        "ES2 finished: {} steps in {:.1} s; outputs in {}",
+        "{name} finished: {} steps in {:.1} s; outputs in {}",
         s.steps,
         s.seconds,
         s.out.display()
     );
-    println!("held-out separation per layer (D_l, normalised by the base model's ν_l):");
-    println!("  layer      before       after    ratio");
-    for (i, layer) in s.layers.iter().enumerate() {
-        let (b, a) = (s.before.distance[i], s.after.distance[i]);
-        println!("  {layer:>5}  {b:>10.4}  {a:>10.4}  {:>7.2}x", a / b);
+    match (&s.before.held_out, &s.after.held_out) {
+        (HeldOut::Es2(before), HeldOut::Es2(after)) => {
+            println!("held-out separation per layer (D_l, normalised by the base model's ν_l):");
+            println!("  layer      before       after    ratio");
+            for (i, layer) in s.layers.iter().enumerate() {
+                let (b, a) = (before.distance[i], after.distance[i]);
+                println!("  {layer:>5}  {b:>10.4}  {a:>10.4}  {:>7.2}x", a / b);
+            }
+            println!(
+                "held-out KL to the base model per token: {:.5} → {:.5}",
+                before.kl, after.kl
+            );
+        }
+        (HeldOut::Sft(before), HeldOut::Sft(after)) => {
+            println!("held-out cross-entropy per learned token (perplexity):");
+            println!(
+                "  {:.4} ({:.2}) → {:.4} ({:.2})",
+                before.loss,
+                before.loss.exp(),
+                after.loss,
+                after.loss.exp()
+            );
+        }
+        _ => println!("the evaluations before and after measure different objectives"),
     }
-    println!(
-        "held-out KL to the base model per token: {:.5} → {:.5}",
-        s.before.kl, s.after.kl
-    );
 }

@@ -1,6 +1,6 @@
 //! Checkpoints: `out/checkpoints/step-NNNNNN/` holding `trainable.safetensors` (the trainable
-//! parameters and their AdamW moments) and `state.json` (step, configuration, base statistics,
-//! data samplers, evaluations). Each folder is built aside and renamed into place, so a crash
+//! parameters and their AdamW moments) and `state.json` (step, configuration, ES2's base
+//! statistics, data samplers, evaluations). Each folder is built aside and renamed into place, so a crash
 //! leaves either the previous checkpoint or the complete new one.
 
 use std::path::{Path, PathBuf};
@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::data::Sampler;
-use super::engine::Es2Engine;
 use super::objective::BaseStats;
-use super::trainer::{Evaluation, TrainConfig};
-use crate::gpu::Gpu;
+use super::optimizer::AdamW;
+use super::report::Evaluation;
+use super::trainer::TrainConfig;
+use crate::gpu::{Gpu, Tensor};
 use crate::io::{atomic_dir, write_json, write_safetensors, SaveTensor};
-use crate::model::{Checkpoint, Transformer};
+use crate::model::{Checkpoint, Gradients, NamedParam, Transformer};
 use crate::{Error, Result};
 
 const STATE: &str = "state.json";
@@ -25,8 +26,11 @@ const FOLDER: &str = "checkpoints";
 pub struct CheckpointState {
     pub step: usize,
     pub config: TrainConfig,
-    pub base_stats: BaseStats,
-    pub samplers: [Sampler; 2],
+    /// ES2's constants measured on the base model (none under SFT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_stats: Option<BaseStats>,
+    /// One per data set the objective draws from (ES2: harmful, harmless; SFT: one).
+    pub samplers: Vec<Sampler>,
     pub evaluations: Vec<Evaluation>,
 }
 
@@ -50,28 +54,17 @@ pub fn save(
     out: &Path,
     state: &CheckpointState,
     model: &Transformer,
-    engine: &Es2Engine,
+    (grads, optimizer): (&Gradients, &AdamW),
     keep: usize,
 ) -> Result<PathBuf> {
     let dir = folder(out, state.step);
     atomic_dir(&dir, |tmp| {
-        let mut tensors = Vec::new();
-        let params = engine.grads.named(model);
-        for ((p, m), v) in params
-            .iter()
-            .zip(&engine.optimizer.m)
-            .zip(&engine.optimizer.v)
-        {
-            for (kind, t) in [("param", &p.param), ("adam_m", m), ("adam_v", v)] {
-                tensors.push((
-                    format!("{kind}/{}", p.name),
-                    SaveTensor::Device {
-                        gpu,
-                        tensor: t.clone(),
-                    },
-                ));
-            }
-        }
+        let tensors = trained_tensors(&grads.named(model), optimizer)
+            .map(|(name, t)| {
+                let tensor = t.clone();
+                (name, SaveTensor::Device { gpu, tensor })
+            })
+            .collect();
         write_safetensors(&tmp.join(TENSORS), tensors, None)?;
         write_json(&tmp.join(STATE), state)
     })?;
@@ -137,24 +130,33 @@ pub fn resolve(dir: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Loads the trainable parameters and AdamW moments saved in `dir` into `model` and `engine`.
+/// Loads the trainable parameters of `model` (those `grads` covers) and the AdamW moments
+/// saved in `dir`.
 pub fn restore_tensors(
     gpu: &Gpu,
     dir: &Path,
     model: &Transformer,
-    engine: &mut Es2Engine,
+    grads: &Gradients,
+    optimizer: &AdamW,
 ) -> Result<()> {
     let checkpoint = Checkpoint::open_file(&dir.join(TENSORS))?;
-    let params = engine.grads.named(model);
-    for ((p, m), v) in params
-        .iter()
-        .zip(&engine.optimizer.m)
-        .zip(&engine.optimizer.v)
-    {
-        for (kind, t) in [("param", &p.param), ("adam_m", m), ("adam_v", v)] {
-            let data = checkpoint.load_f32(&format!("{kind}/{}", p.name), t.dims())?;
-            t.write_f32(gpu, &data)?;
-        }
+    for (name, t) in trained_tensors(&grads.named(model), optimizer) {
+        t.write_f32(gpu, &checkpoint.load_f32(&name, t.dims())?)?;
     }
     Ok(())
+}
+
+/// Every tensor a checkpoint holds, by its name there: each trained parameter and its two
+/// AdamW moments.
+fn trained_tensors<'a>(
+    params: &'a [NamedParam],
+    optimizer: &'a AdamW,
+) -> impl Iterator<Item = (String, &'a Tensor)> {
+    params
+        .iter()
+        .zip(optimizer.m.iter().zip(&optimizer.v))
+        .flat_map(|(p, (m, v))| {
+            [("param", &p.param), ("adam_m", m), ("adam_v", v)]
+                .map(|(kind, t)| (format!("{kind}/{}", p.name), t))
+        })
 }

@@ -1,13 +1,15 @@
-//! Training data: prompt files (or the built-in sets) tokenised the way the model expects,
-//! split into training and held-out prompts, and drawn in reproducible shuffled epochs.
+//! Training data: prompt files (or the built-in sets) and conversation files tokenised the way
+//! the model expects, split into training and held-out rows, and drawn in reproducible
+//! shuffled epochs.
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
 use crate::text::dataset::parse_json_array;
-use crate::text::{load_prompts, Tokenizer};
+use crate::text::{load_prompts, Conversation, Tokenizer};
 use crate::{Error, Result};
 
 const BUILTIN_HARMFUL: &str = include_str!("../../data/harmful.json");
@@ -69,35 +71,120 @@ pub fn tokenize_prompts(
     Ok((ids, truncated))
 }
 
-/// Training and held-out prompts of one side.
-#[derive(Debug, Clone)]
-pub struct Split {
-    pub train: Vec<Vec<u32>>,
-    pub val: Vec<Vec<u32>>,
+/// A tokenised conversation: its ids and, per id, whether the model learns it (see
+/// [`Tokenizer::encode_conversation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub learned: Vec<bool>,
 }
 
-/// Shuffles (seeded) and holds out `val_fraction` of the prompts (at least one when the
-/// fraction is positive and two or more prompts exist).
-pub fn split(mut prompts: Vec<Vec<u32>>, val_fraction: f32, seed: u64) -> Result<Split> {
+/// Token ids of each conversation with the tokens a model learns (the assistant turns),
+/// through the chat template when `chat`, else as plain text; and how many conversations were
+/// cut to `max_len` tokens. A conversation that is longer keeps whole replies where it can:
+///
+/// - its first `max_len` tokens, cut back to the end of the last reply that fits whole there
+///   (the later turns are dropped);
+/// - when even its first reply ends past `max_len`, the `max_len` tokens that end where that
+///   reply ends: the prompt loses its beginning, as a long ES2 prompt does (a reply longer
+///   than `max_len` keeps only its end).
+///
+/// So every conversation keeps some learned tokens; one that has none to begin with (nothing
+/// learned after its first token) is an error naming it.
+pub fn tokenize_conversations(
+    tokenizer: &Tokenizer,
+    conversations: &[Conversation],
+    chat: bool,
+    max_len: usize,
+) -> Result<(Vec<Example>, usize)> {
+    let mut truncated = 0;
+    let examples = conversations
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let what = || format!("conversation {}", i + 1);
+            let (ids, learned) = tokenizer
+                .encode_conversation(&c.messages, chat)
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", what())))?;
+            let keep = fit_conversation(&learned, max_len);
+            truncated += usize::from(keep.len() < ids.len());
+            let example = Example {
+                ids: ids[keep.clone()].to_vec(),
+                learned: learned[keep].to_vec(),
+            };
+            // The first token is predicted by nothing, so it cannot be learned.
+            if !example.learned.iter().skip(1).any(|&l| l) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: no token of its assistant turns is learned ({} tokens; is the reply \
+                     empty once tokenised?)",
+                    what(),
+                    example.ids.len()
+                )));
+            }
+            Ok(example)
+        })
+        .collect::<Result<_>>()?;
+    Ok((examples, truncated))
+}
+
+/// The window of a conversation's tokens it keeps under `max_len` (see
+/// [`tokenize_conversations`]); `learned` holds one flag per token.
+pub fn fit_conversation(learned: &[bool], max_len: usize) -> Range<usize> {
+    let len = learned.len();
+    if len <= max_len {
+        return 0..len;
+    }
+    // Where each learned span (a run of learned tokens) ends.
+    let ends: Vec<usize> = (1..=len)
+        .filter(|&e| learned[e - 1] && (e == len || !learned[e]))
+        .collect();
+    if let Some(&end) = ends.iter().rev().find(|&&e| e <= max_len) {
+        return 0..end;
+    }
+    match ends.first() {
+        Some(&end) => end - max_len..end,
+        None => 0..max_len,
+    }
+}
+
+/// Training and held-out rows of one data set (prompts of one side, or conversations).
+#[derive(Debug, Clone)]
+pub struct Split<T = Vec<u32>> {
+    pub train: Vec<T>,
+    pub val: Vec<T>,
+}
+
+/// Shuffles (seeded) and holds out `val_fraction` of the rows (at least one when the
+/// fraction is positive and two or more rows exist).
+pub fn split<T>(mut rows: Vec<T>, val_fraction: f32, seed: u64) -> Result<Split<T>> {
     if !(0.0..1.0).contains(&val_fraction) {
         return Err(Error::config(
             "val_fraction",
             format!("must be in [0, 1), got {val_fraction}"),
         ));
     }
-    Rng::new(seed).shuffle(&mut prompts);
-    let mut held = (prompts.len() as f64 * f64::from(val_fraction)).round() as usize;
-    if val_fraction > 0.0 && held == 0 && prompts.len() >= 2 {
+    Rng::new(seed).shuffle(&mut rows);
+    let mut held = (rows.len() as f64 * f64::from(val_fraction)).round() as usize;
+    if val_fraction > 0.0 && held == 0 && rows.len() >= 2 {
         held = 1;
     }
-    let val = prompts.split_off(prompts.len() - held);
-    Ok(Split {
-        train: prompts,
-        val,
-    })
+    let val = rows.split_off(rows.len() - held);
+    Ok(Split { train: rows, val })
 }
 
-/// Draws batches from a prompt list in shuffled epochs; its whole state is (epoch, position),
+impl<T> Split<T> {
+    /// The held-out rows, or (without any) the training rows, capped at `n`.
+    pub fn eval_set(&self, n: usize) -> &[T] {
+        let set = if self.val.is_empty() {
+            &self.train
+        } else {
+            &self.val
+        };
+        &set[..set.len().min(n)]
+    }
+}
+
+/// Draws batches from a list of rows in shuffled epochs; its whole state is (epoch, position),
 /// so a resumed run draws exactly what an uninterrupted one would.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sampler {
@@ -121,17 +208,17 @@ impl Sampler {
         order
     }
 
-    /// The next `size` prompts (wrapping into a new epoch as needed).
-    pub fn next(&mut self, prompts: &[Vec<u32>], size: usize) -> Vec<Vec<u32>> {
+    /// The next `size` rows (wrapping into a new epoch as needed).
+    pub fn next<T: Clone>(&mut self, rows: &[T], size: usize) -> Vec<T> {
         let mut batch = Vec::with_capacity(size);
-        let mut order = self.order(prompts.len());
-        while batch.len() < size && !prompts.is_empty() {
-            if self.position == prompts.len() {
+        let mut order = self.order(rows.len());
+        while batch.len() < size && !rows.is_empty() {
+            if self.position == rows.len() {
                 self.epoch += 1;
                 self.position = 0;
-                order = self.order(prompts.len());
+                order = self.order(rows.len());
             }
-            batch.push(prompts[order[self.position]].clone());
+            batch.push(rows[order[self.position]].clone());
             self.position += 1;
         }
         batch
@@ -151,7 +238,29 @@ mod tests {
         assert_eq!((s.train.len(), s.val.len()), (8, 2));
         assert_eq!(split(prompts[..2].to_vec(), 0.01, 1).unwrap().val.len(), 1);
         assert_eq!(split(prompts, 0.0, 1).unwrap().val.len(), 0);
-        assert!(split(vec![], 1.0, 1).is_err());
+        assert!(split(Vec::<u32>::new(), 1.0, 1).is_err());
+    }
+
+    #[test]
+    fn long_conversations_keep_whole_replies_where_they_can() {
+        let flags = |s: &str| s.chars().map(|c| c == 'r').collect::<Vec<bool>>();
+        // p: prompt token, r: reply (learned) token.
+        let two_turns = flags("pprrrpprrr");
+        assert_eq!(fit_conversation(&two_turns, 10), 0..10, "fits whole");
+        assert_eq!(
+            fit_conversation(&two_turns, 9),
+            0..5,
+            "the second turn is dropped"
+        );
+        assert_eq!(fit_conversation(&two_turns, 5), 0..5);
+        // The first reply ends past max_len: the prompt loses its beginning.
+        assert_eq!(fit_conversation(&two_turns, 4), 1..5);
+        let long_prompt = flags("pppppppprr");
+        assert_eq!(fit_conversation(&long_prompt, 4), 6..10);
+        // A reply longer than max_len keeps its end.
+        let long_reply = flags("pprrrrrr");
+        assert_eq!(fit_conversation(&long_reply, 3), 5..8);
+        assert_eq!(fit_conversation(&flags("pppp"), 2), 0..2, "nothing learned");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use super::objective::{
     BaseTensors, Es2Config, ObjectiveInputs, ObjectiveValues,
 };
 use super::optimizer::{AdamW, OptimizerConfig};
+use super::report::{Es2Terms, StepReport, Terms};
 use crate::gpu::{Gpu, Recorder};
 use crate::model::{
     Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Trainable, Transformer,
@@ -14,7 +15,8 @@ use crate::model::{
 use crate::{Error, Result};
 
 /// The model being trained and the reference it is held to: under LoRA the same weights with
-/// the adapters off, under full fine-tuning a frozen copy of the base.
+/// the adapters off, under full ES2 fine-tuning a frozen copy of the base (supervised
+/// fine-tuning keeps none).
 #[derive(Debug)]
 pub struct ModelPair {
     pub tuned: Transformer,
@@ -46,19 +48,6 @@ pub struct Es2Engine {
     pub optimizer: AdamW,
     /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,
-}
-
-/// What one step measured (before its update).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StepReport {
-    #[serde(flatten)]
-    pub values: ObjectiveValues,
-    /// D_l / D_l(base) per chosen layer.
-    pub relative_distance: Vec<f32>,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Real (non-padding) tokens processed.
-    pub tokens: usize,
 }
 
 impl Es2Engine {
@@ -168,28 +157,32 @@ impl Es2Engine {
         // One readback: D_l and φ(D_l), the per-position KL, the squared gradient norm.
         let out = &objective.outputs;
         let values = rec.finish_reading(&[&out.per_layer, &out.kl_rows, &norm_sq])?;
-        let objective_values = ObjectiveValues::from_parts(
+        let v = ObjectiveValues::from_parts(
             &values[0],
             &values[1],
             out.kl_positions,
             self.config.lambda,
         );
-        let report = StepReport {
-            relative_distance: self.base_stats.relative(&objective_values.distance),
-            grad_norm: f64::from(values[2][0]).sqrt(),
-            tokens: harmful.tokens() + harmless.tokens(),
-            values: objective_values,
-        };
-        let step = self.optimizer.step;
+        let grad_norm = f64::from(values[2][0]).sqrt();
         check_finite(
-            step,
+            self.optimizer.step,
             &[
-                ("L_sep", report.values.sep),
-                ("L_KL", report.values.kl),
-                ("the gradient norm", report.grad_norm),
+                ("L_sep", v.sep),
+                ("L_KL", v.kl),
+                ("the gradient norm", grad_norm),
             ],
         )?;
-        Ok(report)
+        Ok(StepReport {
+            loss: v.loss,
+            grad_norm,
+            tokens: harmful.tokens() + harmless.tokens(),
+            terms: Terms::Es2(Es2Terms {
+                sep: v.sep,
+                kl: v.kl,
+                relative_distance: self.base_stats.relative(&v.distance),
+                distance: v.distance,
+            }),
+        })
     }
 }
 

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::engine::StepReport;
-use super::trainer::Evaluation;
+use super::report::{Evaluation, HeldOut, StepReport};
 use crate::plot::{write_svg, Chart, Series};
 use crate::{Error, Result};
 
@@ -68,71 +67,62 @@ impl MetricsLog {
             .map_err(|e| Error::io(&self.path, e))
     }
 
-    /// A training step's line.
+    /// A training step's line: the report's fields (the objective's own terms among them),
+    /// the learning rate and the speed.
     pub fn step(&mut self, step: usize, r: &StepReport, lr: f64, tokens_per_s: f64) -> Result<()> {
-        self.write(json!({
-            "step": step,
-            "loss": r.values.loss,
-            "sep": r.values.sep,
-            "kl": r.values.kl,
-            "distance": r.values.distance,
-            "relative_distance": r.relative_distance,
-            "lr": lr,
-            "grad_norm": r.grad_norm,
-            "tokens": r.tokens,
-            "tokens_per_s": tokens_per_s,
-        }))
+        let mut line = serde_json::to_value(r)
+            .map_err(|e| Error::InvalidArgument(format!("a step report as JSON: {e}")))?;
+        if let Value::Object(fields) = &mut line {
+            fields.insert("step".into(), json!(step));
+            fields.insert("lr".into(), json!(lr));
+            fields.insert("tokens_per_s".into(), json!(tokens_per_s));
+        }
+        self.write(line)
     }
 
     /// A held-out evaluation's line.
     pub fn evaluation(&mut self, e: &Evaluation) -> Result<()> {
-        self.write(json!({
-            "eval_step": e.step,
-            "val_distance": e.distance,
-            "val_kl": e.kl,
-        }))
+        self.write(match &e.held_out {
+            HeldOut::Es2(h) => json!({
+                "eval_step": e.step,
+                "val_distance": h.distance,
+                "val_kl": h.kl,
+            }),
+            HeldOut::Sft(h) => json!({
+                "eval_step": e.step,
+                "val_loss": h.loss,
+            }),
+        })
     }
 }
 
-/// Draws `svg` from the run log `metrics`: the loss, L_sep and L_KL at every step, and the
+/// Draws `svg` from the ES2 run log `metrics`: the loss, L_sep and L_KL at every step, and the
 /// held-out separation D_l of each of `layers` and the held-out KL at every evaluation.
-pub fn write_curves(metrics: &Path, svg: &Path, layers: &[usize]) -> Result<()> {
-    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
-    let mut curves = Curves::new(layers.len());
-    for (n, line) in text
-        .lines()
+pub fn write_es2_curves(metrics: &Path, svg: &Path, layers: &[usize]) -> Result<()> {
+    let log = read_log(metrics)?;
+    let layer_lines = layers
+        .iter()
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| Error::format(metrics, format!("line {}: {e}", n + 1)))?;
-        curves.add(&value);
-    }
-    let layer_lines = curves
-        .held_out_distance
-        .into_iter()
-        .zip(layers)
-        .map(|(points, layer)| Series::line(format!("layer {layer}"), points))
+        .map(|(i, layer)| {
+            let points = series(&log, "eval_step", |l| {
+                l.get("val_distance")?.get(i)?.as_f64()
+            });
+            Series::line(format!("layer {layer}"), points)
+        })
         .collect();
-    let chart = |title: &str, y_label: &str, series| Chart {
-        title: title.into(),
-        x_label: "step".into(),
-        y_label: y_label.into(),
-        series,
-    };
     let charts = [
         chart(
             "Training objective",
             "loss",
             vec![
-                Series::line("loss = L_sep + λ·L_KL", curves.loss),
-                Series::line("L_sep", curves.sep),
+                Series::line("loss = L_sep + λ·L_KL", step_series(&log, "loss")),
+                Series::line("L_sep", step_series(&log, "sep")),
             ],
         ),
         chart(
             "KL to the base model (training batches)",
             "L_KL (nats per token)",
-            vec![Series::line("L_KL", curves.kl)],
+            vec![Series::line("L_KL", step_series(&log, "kl"))],
         ),
         chart(
             "Held-out separation per layer",
@@ -142,53 +132,66 @@ pub fn write_curves(metrics: &Path, svg: &Path, layers: &[usize]) -> Result<()> 
         chart(
             "Held-out KL to the base model",
             "KL (nats per token)",
-            vec![Series::line("held-out KL", curves.held_out_kl)],
+            vec![Series::line("held-out KL", eval_series(&log, "val_kl"))],
         ),
     ];
     write_svg(svg, &charts, 2)
 }
 
-/// The series of `curves.svg`, gathered line by line from `metrics.jsonl`.
-struct Curves {
-    loss: Vec<(f64, f64)>,
-    sep: Vec<(f64, f64)>,
-    kl: Vec<(f64, f64)>,
-    held_out_distance: Vec<Vec<(f64, f64)>>,
-    held_out_kl: Vec<(f64, f64)>,
+/// Draws `svg` from the SFT run log `metrics`: the training loss at every step and the
+/// held-out loss at every evaluation.
+pub fn write_sft_curves(metrics: &Path, svg: &Path) -> Result<()> {
+    let log = read_log(metrics)?;
+    let charts = [
+        chart(
+            "Supervised fine-tuning",
+            "cross-entropy (nats per learned token)",
+            vec![Series::line("training loss", step_series(&log, "loss"))],
+        ),
+        chart(
+            "Held-out conversations",
+            "cross-entropy (nats per learned token)",
+            vec![Series::line("held-out loss", eval_series(&log, "val_loss"))],
+        ),
+    ];
+    write_svg(svg, &charts, 2)
 }
 
-impl Curves {
-    fn new(layers: usize) -> Self {
-        Curves {
-            loss: Vec::new(),
-            sep: Vec::new(),
-            kl: Vec::new(),
-            held_out_distance: vec![Vec::new(); layers],
-            held_out_kl: Vec::new(),
-        }
+fn chart(title: &str, y_label: &str, series: Vec<Series>) -> Chart {
+    Chart {
+        title: title.into(),
+        x_label: "step".into(),
+        y_label: y_label.into(),
+        series,
     }
+}
 
-    /// One line of the log: a step's losses or an evaluation's held-out numbers.
-    fn add(&mut self, line: &Value) {
-        let number = |key: &str| line.get(key).and_then(Value::as_f64);
-        if let Some(step) = number("step") {
-            for (series, key) in [
-                (&mut self.loss, "loss"),
-                (&mut self.sep, "sep"),
-                (&mut self.kl, "kl"),
-            ] {
-                series.extend(number(key).map(|v| (step, v)));
-            }
-        } else if let Some(step) = number("eval_step") {
-            let distances = line.get("val_distance").and_then(Value::as_array);
-            for (series, d) in self
-                .held_out_distance
-                .iter_mut()
-                .zip(distances.into_iter().flatten())
-            {
-                series.extend(d.as_f64().map(|v| (step, v)));
-            }
-            self.held_out_kl.extend(number("val_kl").map(|v| (step, v)));
-        }
-    }
+/// The lines of `metrics.jsonl`.
+fn read_log(metrics: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, line)| {
+            serde_json::from_str(line)
+                .map_err(|e| Error::format(metrics, format!("line {}: {e}", n + 1)))
+        })
+        .collect()
+}
+
+/// `(x, y)` over the lines that have the number `x_key`, with `y` read by `value`.
+fn series(log: &[Value], x_key: &str, value: impl Fn(&Value) -> Option<f64>) -> Vec<(f64, f64)> {
+    log.iter()
+        .filter_map(|line| Some((line.get(x_key)?.as_f64()?, value(line)?)))
+        .collect()
+}
+
+/// A step line's `key` over the steps.
+fn step_series(log: &[Value], key: &str) -> Vec<(f64, f64)> {
+    series(log, "step", |l| l.get(key)?.as_f64())
+}
+
+/// An evaluation line's `key` over the evaluations.
+fn eval_series(log: &[Value], key: &str) -> Vec<(f64, f64)> {
+    series(log, "eval_step", |l| l.get(key)?.as_f64())
 }

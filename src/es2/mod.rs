@@ -1,15 +1,23 @@
-//! Layer 5: the ES2 objective, the training loop, the optimizer, checkpoints and metrics.
+//! Layer 6: the ES2 objective and supervised fine-tuning, the training loop, the optimizer,
+//! checkpoints and metrics.
 
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
+pub mod job;
 pub mod metrics;
 pub mod objective;
 pub mod optimizer;
+pub mod report;
 pub mod sft;
 pub mod trainer;
 
-pub use engine::{measure_base_stats, Es2Engine, ModelPair, StepReport};
+pub use engine::{measure_base_stats, Es2Engine, ModelPair};
+pub use job::Job;
 pub use objective::{BaseStats, Es2Config};
 pub use optimizer::{OptimizerConfig, Schedule};
-pub use trainer::{Evaluation, Quiet, Summary, TrainConfig, TrainObserver, Trainer};
+pub use report::{
+    Es2HeldOut, Es2Terms, Evaluation, HeldOut, SftHeldOut, SftTerms, StepReport, Terms,
+};
+pub use sft::SftEngine;
+pub use trainer::{Quiet, Summary, Task, TrainConfig, TrainObserver, Trainer};

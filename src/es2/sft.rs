@@ -4,10 +4,9 @@
 //! never written out). One step is the forward, the loss, the backward and AdamW, with one
 //! readback.
 
-use serde::Serialize;
-
 use super::engine::check_finite;
 use super::optimizer::{AdamW, OptimizerConfig};
+use super::report::{SftTerms, StepReport, Terms};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::{
     Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Targets, Trainable, Transformer,
@@ -22,19 +21,6 @@ pub struct SftEngine {
     pub optimizer: AdamW,
     /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,
-}
-
-/// What one SFT step measured (before its update).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SftReport {
-    /// Mean cross-entropy per learned token (nats).
-    pub loss: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Real (non-padding) tokens processed.
-    pub tokens: usize,
-    /// Tokens the loss counted.
-    pub learned: usize,
 }
 
 impl SftEngine {
@@ -69,7 +55,7 @@ impl SftEngine {
         batch: &Batch,
         lr: f64,
         dropout_seed: u32,
-    ) -> Result<SftReport> {
+    ) -> Result<StepReport> {
         let targets = batch_targets(batch)?;
         let mut rec = Recorder::new(gpu);
         let params = self.grads.named(model);
@@ -94,11 +80,13 @@ impl SftEngine {
         model.backward(&mut rec, batch, forward, &seeds, &[], &self.grads)?;
         let norm_sq = self.optimizer.record_step(&mut rec, &params, lr);
         let values = rec.finish_reading(&[&row_loss, &norm_sq])?;
-        let report = SftReport {
+        let report = StepReport {
             loss: mean_loss(&values[0], targets),
             grad_norm: f64::from(values[1][0]).sqrt(),
             tokens: batch.tokens(),
-            learned: targets.counted,
+            terms: Terms::Sft(SftTerms {
+                learned_tokens: targets.counted,
+            }),
         };
         check_finite(
             self.optimizer.step,

@@ -8,16 +8,30 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointState};
-use super::data::{read_prompts, split, tokenize_prompts, Sampler, Side, Split};
-use super::engine::{measure_base_stats, Es2Engine, ModelPair, StepReport};
-use super::metrics::{write_curves, MetricsLog};
-use super::objective::{embedding_index, BaseStats, Es2Config};
+use super::engine::ModelPair;
+use super::job::{Job, Start};
+use super::metrics::MetricsLog;
+use super::objective::Es2Config;
 use super::optimizer::OptimizerConfig;
-use crate::eval::heldout::{heldout_kl, heldout_separation, SeparationSpec};
+use super::report::{Evaluation, StepReport};
 use crate::gpu::Gpu;
-use crate::model::{open_model, Batch, LoadOptions, LoraConfig, Output, Pass, Trainable};
+use crate::model::{open_model, LoadOptions, LoraConfig, Trainable};
 use crate::text::Tokenizer;
 use crate::{Error, Result};
+
+/// What a run trains for.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// Embedding Space Separation on harmful and harmless prompts (`objective` holds its
+    /// options).
+    #[default]
+    Es2,
+    /// Supervised fine-tuning: cross-entropy on the assistant turns of the conversations in
+    /// `data`.
+    Sft,
+}
 
 /// Everything a run is configured with (stored in every checkpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,10 +39,16 @@ use crate::{Error, Result};
 pub struct TrainConfig {
     /// A model folder or the name of an embedded model.
     pub model: String,
-    /// Harmful / harmless prompt files; `None` uses the built-in sets.
+    /// The objective trained: ES2 (the default) or supervised fine-tuning.
+    pub task: Task,
+    /// Harmful / harmless prompt files (ES2); `None` uses the built-in sets.
     pub harmful: Option<PathBuf>,
     pub harmless: Option<PathBuf>,
+    /// The conversations supervised fine-tuning learns (JSON, JSONL or CSV; see
+    /// [`load_conversations`](crate::text::load_conversations)); required by [`Task::Sft`].
+    pub data: Option<PathBuf>,
     pub out: PathBuf,
+    /// The ES2 objective's options.
     pub objective: Es2Config,
     /// LoRA settings; `None` is full fine-tuning.
     pub lora: Option<LoraConfig>,
@@ -36,7 +56,11 @@ pub struct TrainConfig {
     pub steps: usize,
     pub harmful_batch: usize,
     pub harmless_batch: usize,
-    /// Prompts longer than this many tokens keep their last `max_len` tokens.
+    /// Conversations per SFT step.
+    pub sft_batch: usize,
+    /// Prompts longer than this many tokens keep their last `max_len` tokens; longer
+    /// conversations are cut as [`tokenize_conversations`](super::data::tokenize_conversations)
+    /// says.
     pub max_len: usize,
     pub seed: u64,
     pub val_fraction: f32,
@@ -48,9 +72,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Training prompts per side used to measure the base statistics.
     pub base_prompts: usize,
-    /// Held-out prompts per side used by an evaluation.
+    /// Held-out prompts per side (or held-out conversations) used by an evaluation.
     pub eval_prompts: usize,
-    /// Wrap prompts in the model's chat template (when it has one).
+    /// Wrap prompts and conversations in the model's chat template (when it has one).
     pub chat: bool,
     /// Also write a merged Hugging Face model folder (LoRA runs).
     pub merge: bool,
@@ -58,7 +82,8 @@ pub struct TrainConfig {
     pub overwrite: bool,
     /// Store the frozen base weights' block projections in f16 (half their memory; see
     /// [`LoadOptions::f16_weights`]): the whole model of a LoRA run, the frozen reference copy
-    /// of a full fine-tune (whose trained copy stays f32).
+    /// of a full ES2 fine-tune (whose trained copy stays f32). A full SFT run has no frozen
+    /// weights.
     pub f16_weights: bool,
     /// Refuse model weights holding NaN or ±Inf (see [`LoadOptions::strict`]).
     pub strict: bool,
@@ -68,8 +93,10 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model: crate::model::embedded::DEFAULT.to_owned(),
+            task: Task::Es2,
             harmful: None,
             harmless: None,
+            data: None,
             out: PathBuf::from("es2-out"),
             objective: Es2Config::default(),
             lora: Some(LoraConfig::default()),
@@ -77,6 +104,7 @@ impl Default for TrainConfig {
             steps: 200,
             harmful_batch: 8,
             harmless_batch: 8,
+            sft_batch: 8,
             max_len: 128,
             seed: 0,
             val_fraction: 0.1,
@@ -125,39 +153,79 @@ impl TrainConfig {
             Ok(())
         };
         at_least("steps", 1, self.steps)?;
-        at_least("harmful_batch", 1, self.harmful_batch)?;
-        at_least("harmless_batch", 1, self.harmless_batch)?;
         at_least("max_len", 2, self.max_len)?;
+        match self.task {
+            Task::Es2 => {
+                at_least("harmful_batch", 1, self.harmful_batch)?;
+                at_least("harmless_batch", 1, self.harmless_batch)?;
+                if self.data.is_some() {
+                    return Err(Error::config(
+                        "data",
+                        "conversations are what the sft objective learns; es2 reads the harmful \
+                         and harmless prompts",
+                    ));
+                }
+                self.objective.validate()?;
+            }
+            Task::Sft => {
+                at_least("sft_batch", 1, self.sft_batch)?;
+                if self.f16_weights && self.lora.is_none() {
+                    return Err(Error::config(
+                        "f16_weights",
+                        "a full fine-tune under sft trains every weight in f32 and keeps no \
+                         frozen copy to store in f16",
+                    ));
+                }
+                self.data_path()?;
+                for (field, given) in [("harmful", &self.harmful), ("harmless", &self.harmless)] {
+                    if given.is_some() {
+                        return Err(Error::config(
+                            field,
+                            "prompt sets are what the es2 objective reads; sft learns the \
+                             conversations in data",
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(lora) = &self.lora {
             lora.validate()?;
         }
-        self.objective.validate()?;
         self.optimizer.validate()
     }
 
-    fn trainable(&self) -> Trainable {
+    /// The conversations file of an SFT run.
+    pub fn data_path(&self) -> Result<&Path> {
+        self.data.as_deref().ok_or_else(|| {
+            Error::config(
+                "data",
+                "the sft objective needs conversations to learn: a JSON, JSONL or CSV file of \
+                 {\"prompt\", \"response\"} or {\"messages\": [...]} rows",
+            )
+        })
+    }
+
+    pub(crate) fn trainable(&self) -> Trainable {
         if self.lora.is_some() {
             Trainable::Lora
         } else {
             Trainable::Full
         }
     }
-}
 
-/// Held-out measurements at one point of the run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Evaluation {
-    pub step: usize,
-    /// D_l on held-out prompts (normalised by the training ν_l as in the objective).
-    pub distance: Vec<f64>,
-    /// T²·KL(base ‖ tuned) per held-out harmless token (the objective's direction and T).
-    pub kl: f64,
+    /// Dropout on the adapters' inputs (0 without adapters).
+    pub(crate) fn lora_dropout(&self) -> f32 {
+        self.lora.as_ref().map_or(0.0, |l| l.dropout)
+    }
 }
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    /// The layers whose embeddings were separated.
+    /// The objective trained.
+    pub task: Task,
+    /// The layers whose embeddings ES2 separated (none under SFT).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<usize>,
     /// The held-out evaluation before the first step.
     pub before: Evaluation,
@@ -169,8 +237,8 @@ pub struct Summary {
     pub seconds: f64,
     /// The output folder.
     pub out: PathBuf,
-    /// The run's charts (`curves.svg` in the output folder): losses per step, held-out
-    /// separation per layer and KL per evaluation.
+    /// The run's charts (`curves.svg` in the output folder): losses per step and the held-out
+    /// measurements per evaluation.
     pub curves: PathBuf,
 }
 
@@ -180,7 +248,7 @@ pub trait TrainObserver {
     /// A line worth showing: the weights' memory, the data split, the base statistics,
     /// checkpoints and output paths.
     fn message(&mut self, _text: &str) {}
-    /// Step `step` of `total` is done; `report` holds its losses and separation.
+    /// Step `step` of `total` is done; `report` holds its loss and the objective's terms.
     fn step(&mut self, _step: usize, _total: usize, _report: &StepReport, _tokens_per_s: f64) {}
     /// A held-out evaluation is done (before the first step, every `eval_every` steps, at the
     /// end).
@@ -203,10 +271,8 @@ pub struct Trainer<'g> {
     /// The model in training and its reference (see [`ModelPair`]).
     pub models: ModelPair,
     pub tokenizer: Tokenizer,
-    harmful: Split,
-    harmless: Split,
-    samplers: [Sampler; 2],
-    pub engine: Es2Engine,
+    /// The objective with its engine and data.
+    pub job: Job,
     /// Steps completed.
     pub step: usize,
     evaluations: Vec<Evaluation>,
@@ -215,7 +281,7 @@ pub struct Trainer<'g> {
 
 impl<'g> Trainer<'g> {
     /// Prepares a fresh run: loads the model (adding LoRA adapters, or a frozen copy for full
-    /// fine-tuning), the data, and measures the base statistics.
+    /// fine-tuning) and the data, and (ES2) measures the base statistics.
     pub fn new(
         gpu: &'g Gpu,
         config: TrainConfig,
@@ -223,32 +289,32 @@ impl<'g> Trainer<'g> {
     ) -> Result<Self> {
         config.validate()?;
         check_out_dir(&config.out, config.overwrite)?;
-        let setup = Setup::load(gpu, &config)?;
+        let (models, tokenizer) = load_models(gpu, &config)?;
+        observer.message(&weights_message(&models));
+        let start = Start {
+            gpu,
+            config: &config,
+            models: &models,
+            tokenizer: &tokenizer,
+            resumed: None,
+        };
+        let job = Job::start(&start, observer)?;
+        // Only once the model and the data have loaded does the run touch `out`.
         checkpoint::recover(&config.out)?;
         if config.overwrite {
             checkpoint::remove_all(&config.out)?;
         }
-        for line in setup.messages(&config) {
-            observer.message(&line);
-        }
-        observer.message(&format!(
-            "{} prompts: {} harmful + {} harmless for training, {} + {} held out",
-            config.model,
-            setup.harmful.train.len(),
-            setup.harmless.train.len(),
-            setup.harmful.val.len(),
-            setup.harmless.val.len()
-        ));
-        let stats = setup.measure_base_stats(gpu, &config)?;
-        observer.message(&format!(
-            "base model over layers {:?}: D = {:?}, margins {:?}",
-            stats.layers,
-            round(&stats.distance),
-            round(&stats.margin)
-        ));
         let metrics = MetricsLog::create(&config.out.join("metrics.jsonl"))?;
-        let seeds = [config.seed ^ 0x4841_524D, config.seed ^ 0x5341_4645];
-        setup.into_trainer(gpu, config, stats, seeds.map(Sampler::new), metrics)
+        Ok(Trainer {
+            gpu,
+            config,
+            models,
+            tokenizer,
+            job,
+            step: 0,
+            evaluations: Vec::new(),
+            metrics,
+        })
     }
 
     /// Continues the run saved in checkpoint folder `dir` (or the latest checkpoint of an
@@ -262,29 +328,40 @@ impl<'g> Trainer<'g> {
         checkpoint::recover(dir)?;
         let dir = checkpoint::resolve(dir)?;
         let state = CheckpointState::read(&dir)?;
-        let mut config = state.config;
+        let mut config = state.config.clone();
         checkpoint::recover(&config.out)?;
         if let Some(steps) = steps {
             config.steps = steps;
         }
         config.validate()?;
-        let setup = Setup::load(gpu, &config)?;
-        for line in setup.messages(&config) {
-            observer.message(&line);
-        }
+        let (models, tokenizer) = load_models(gpu, &config)?;
+        observer.message(&weights_message(&models));
+        let start = Start {
+            gpu,
+            config: &config,
+            models: &models,
+            tokenizer: &tokenizer,
+            resumed: Some(&state),
+        };
+        let mut job = Job::start(&start, observer)?;
+        checkpoint::restore_tensors(gpu, &dir, &models.tuned, job.grads(), job.optimizer())?;
+        job.optimizer_mut().step = state.step as u64;
         let metrics = MetricsLog::resume(&config.out.join("metrics.jsonl"), state.step)?;
-        let mut trainer =
-            setup.into_trainer(gpu, config, state.base_stats, state.samplers, metrics)?;
-        checkpoint::restore_tensors(gpu, &dir, &trainer.models.tuned, &mut trainer.engine)?;
-        trainer.engine.optimizer.step = state.step as u64;
-        trainer.step = state.step;
-        trainer.evaluations = state.evaluations;
         observer.message(&format!(
             "resumed from {} at step {}",
             dir.display(),
             state.step
         ));
-        Ok(trainer)
+        Ok(Trainer {
+            gpu,
+            config,
+            models,
+            tokenizer,
+            job,
+            step: state.step,
+            evaluations: state.evaluations,
+            metrics,
+        })
     }
 
     /// Runs the remaining steps (or until [`TrainObserver::stop`] says so), evaluating and
@@ -304,22 +381,17 @@ impl<'g> Trainer<'g> {
         self.write_outputs(observer)?;
         let out = &self.config.out;
         let curves = out.join("curves.svg");
-        write_curves(&out.join("metrics.jsonl"), &curves, &self.engine.layers)?;
+        self.job.write_curves(&out.join("metrics.jsonl"), &curves)?;
         observer.message(&format!("curves: {}", curves.display()));
-        let before = self
-            .evaluations
-            .first()
-            .cloned()
-            .ok_or_else(|| Error::Numerical("no evaluation".into()))?;
-        let after = self
-            .evaluations
-            .last()
-            .cloned()
-            .ok_or_else(|| Error::Numerical("no evaluation".into()))?;
+        let (Some(before), Some(after)) = (self.evaluations.first(), self.evaluations.last())
+        else {
+            return Err(Error::Numerical("no evaluation".into()));
+        };
         let summary = Summary {
-            layers: self.engine.layers.clone(),
-            before,
-            after,
+            task: self.config.task,
+            layers: self.job.layers().to_vec(),
+            before: before.clone(),
+            after: after.clone(),
             steps: self.step,
             seconds: started.elapsed().as_secs_f64(),
             out: self.config.out.clone(),
@@ -365,74 +437,22 @@ impl<'g> Trainer<'g> {
 
     /// One step on the next batches (not logged; see [`Trainer::advance`]).
     pub fn train_step(&mut self) -> Result<StepReport> {
-        let vocab = self.models.tuned.config.vocab_size;
-        let [h_sampler, s_sampler] = &mut self.samplers;
-        let harmful = Batch::new(
-            self.gpu,
-            &h_sampler.next(&self.harmful.train, self.config.harmful_batch),
-            vocab,
-        )?;
-        let harmless = Batch::new(
-            self.gpu,
-            &s_sampler.next(&self.harmless.train, self.config.harmless_batch),
-            vocab,
-        )?;
         let lr = self
             .config
             .optimizer
             .lr_at(self.step + 1, self.config.steps);
         let seed = (self.config.seed as u32) ^ ((self.step as u32 + 1).wrapping_mul(0x85EB_CA6B));
         let report = self
-            .engine
-            .step(self.gpu, &self.models, &harmful, &harmless, lr, seed)?;
+            .job
+            .step(self.gpu, &self.models, &self.config, lr, seed)?;
         self.step += 1;
         Ok(report)
     }
 
-    /// Held-out separation per layer and KL to the base model.
+    /// The held-out measurements of the objective at the current step.
     pub fn evaluate(&self) -> Result<Evaluation> {
-        let cfg = &self.config;
-        let model = &self.models.tuned;
-        let vocab = model.config.vocab_size;
-        let h = batches(
-            self.gpu,
-            eval_set(&self.harmful, cfg.eval_prompts),
-            cfg.harmful_batch,
-            vocab,
-        )?;
-        let s = batches(
-            self.gpu,
-            eval_set(&self.harmless, cfg.eval_prompts),
-            cfg.harmless_batch,
-            vocab,
-        )?;
-        let stats = &self.engine.base_stats;
-        let hidden: Vec<usize> = self
-            .engine
-            .layers
-            .iter()
-            .map(|&l| embedding_index(l))
-            .collect();
-        let spec = SeparationSpec {
-            hidden: &hidden,
-            pool: cfg.objective.pool,
-            options: cfg.objective.separation_options(),
-            nu: &stats.nu,
-            base_centroid: &stats.centroid,
-        };
-        let tuned = (model, Pass::new(Output::Logits));
-        let kl = heldout_kl(
-            self.gpu,
-            tuned,
-            self.models.base(),
-            &s,
-            &cfg.objective.kl_options(),
-        )?;
-        Ok(Evaluation {
-            step: self.step,
-            distance: heldout_separation(self.gpu, model, &h, &s, &spec)?,
-            kl,
-        })
+        self.job
+            .evaluate(self.gpu, &self.models, &self.config, self.step)
     }
 
     /// Writes a checkpoint of the current step; returns its folder.
@@ -440,8 +460,8 @@ impl<'g> Trainer<'g> {
         let state = CheckpointState {
             step: self.step,
             config: self.config.clone(),
-            base_stats: self.engine.base_stats.clone(),
-            samplers: self.samplers.clone(),
+            base_stats: self.job.base_stats().cloned(),
+            samplers: self.job.samplers(),
             evaluations: self.evaluations.clone(),
         };
         checkpoint::save(
@@ -449,7 +469,7 @@ impl<'g> Trainer<'g> {
             &self.config.out,
             &state,
             &self.models.tuned,
-            &self.engine,
+            (self.job.grads(), self.job.optimizer()),
             self.config.keep_checkpoints,
         )
     }
@@ -492,131 +512,64 @@ impl<'g> Trainer<'g> {
     }
 }
 
-/// What a fresh and a resumed run both load before training.
-struct Setup {
-    models: ModelPair,
-    tokenizer: Tokenizer,
-    harmful: Split,
-    harmless: Split,
-    /// Prompts longer than `max_len` tokens, which keep their last `max_len`.
-    truncated: usize,
+/// The model (with fresh adapters, or, for full fine-tuning under ES2, with a frozen copy for
+/// the KL's reference logits) and its tokenizer. The frozen weights are f16 when
+/// `config.f16_weights`.
+fn load_models(gpu: &Gpu, config: &TrainConfig) -> Result<(ModelPair, Tokenizer)> {
+    let options = LoadOptions {
+        strict: config.strict,
+        ..LoadOptions::default()
+    };
+    let frozen_options = LoadOptions {
+        f16_weights: config.f16_weights,
+        ..options.clone()
+    };
+    match &config.lora {
+        Some(lora) => {
+            let (mut model, tokenizer) = open_model(gpu, &config.model, &frozen_options)?;
+            model.attach_lora(gpu, lora, config.seed)?;
+            let models = ModelPair {
+                tuned: model,
+                frozen: None,
+            };
+            Ok((models, tokenizer))
+        }
+        None => {
+            let (model, tokenizer) = open_model(gpu, &config.model, &options)?;
+            // Supervised fine-tuning compares with no reference model.
+            let frozen = match config.task {
+                Task::Es2 => Some(open_model(gpu, &config.model, &frozen_options)?.0),
+                Task::Sft => None,
+            };
+            let models = ModelPair {
+                tuned: model,
+                frozen,
+            };
+            Ok((models, tokenizer))
+        }
+    }
 }
 
-impl Setup {
-    /// The model (with fresh adapters, or with a frozen copy for full fine-tuning) and the
-    /// tokenised, split prompts. The frozen weights are f16 when `config.f16_weights`.
-    fn load(gpu: &Gpu, config: &TrainConfig) -> Result<Self> {
-        let options = LoadOptions {
-            strict: config.strict,
-            ..LoadOptions::default()
-        };
-        let frozen_options = LoadOptions {
-            f16_weights: config.f16_weights,
-            ..options.clone()
-        };
-        let (models, tokenizer) = match &config.lora {
-            Some(lora) => {
-                let (mut model, tokenizer) = open_model(gpu, &config.model, &frozen_options)?;
-                model.attach_lora(gpu, lora, config.seed)?;
-                let models = ModelPair {
-                    tuned: model,
-                    frozen: None,
-                };
-                (models, tokenizer)
-            }
-            None => {
-                let (model, tokenizer) = open_model(gpu, &config.model, &options)?;
-                let frozen = open_model(gpu, &config.model, &frozen_options)?.0;
-                let models = ModelPair {
-                    tuned: model,
-                    frozen: Some(frozen),
-                };
-                (models, tokenizer)
-            }
-        };
-        let (harmful, harmless, truncated) = load_data(config, &tokenizer)?;
-        Ok(Setup {
-            models,
-            tokenizer,
-            harmful,
-            harmless,
-            truncated,
-        })
+/// One line on the GPU memory the weights take.
+fn weights_message(models: &ModelPair) -> String {
+    let mut bytes = models.tuned.parameter_bytes();
+    let mut what = "weights";
+    if let Some(frozen) = &models.frozen {
+        bytes += frozen.parameter_bytes();
+        what = "weights (trained and frozen copies)";
     }
-
-    /// The setup's messages: the memory the weights take, the prompts truncated.
-    fn messages(&self, config: &TrainConfig) -> Vec<String> {
-        let mut lines = vec![self.weights_message()];
-        if self.truncated > 0 {
-            lines.push(format!(
-                "{} prompts are longer than --max-len {} tokens: each keeps its last {} tokens",
-                self.truncated, config.max_len, config.max_len
-            ));
-        }
-        lines
+    if models.frozen.is_none() && !models.tuned.has_lora() {
+        return format!(
+            "{what}: {} on the GPU, every one trained, in f32",
+            human_bytes(bytes)
+        );
     }
-
-    /// One line on the GPU memory the weights take.
-    fn weights_message(&self) -> String {
-        let mut bytes = self.models.tuned.parameter_bytes();
-        let mut what = "weights";
-        if let Some(frozen) = &self.models.frozen {
-            bytes += frozen.parameter_bytes();
-            what = "weights (trained and frozen copies)";
-        }
-        let f16 = !self.models.base_model().f16_weight_names().is_empty();
-        format!(
-            "{what}: {} on the GPU, block projections of the frozen base in {}",
-            human_bytes(bytes),
-            if f16 { "f16" } else { "f32" }
-        )
-    }
-
-    /// ν, D(base), margins and centroid over (a capped number of) the training prompts.
-    fn measure_base_stats(&self, gpu: &Gpu, config: &TrainConfig) -> Result<BaseStats> {
-        let vocab = self.models.tuned.config.vocab_size;
-        let take = |p: &[Vec<u32>]| p[..p.len().min(config.base_prompts)].to_vec();
-        let h = batches(gpu, &take(&self.harmful.train), config.harmful_batch, vocab)?;
-        let s = batches(
-            gpu,
-            &take(&self.harmless.train),
-            config.harmless_batch,
-            vocab,
-        )?;
-        measure_base_stats(gpu, self.models.base_model(), &config.objective, &h, &s)
-    }
-
-    fn into_trainer<'g>(
-        self,
-        gpu: &'g Gpu,
-        config: TrainConfig,
-        stats: BaseStats,
-        samplers: [Sampler; 2],
-        metrics: MetricsLog,
-    ) -> Result<Trainer<'g>> {
-        let engine = Es2Engine::new(
-            gpu,
-            &self.models.tuned,
-            config.trainable(),
-            config.objective.clone(),
-            config.optimizer.clone(),
-            stats,
-            config.lora.as_ref().map_or(0.0, |l| l.dropout),
-        )?;
-        Ok(Trainer {
-            gpu,
-            models: self.models,
-            tokenizer: self.tokenizer,
-            harmful: self.harmful,
-            harmless: self.harmless,
-            samplers,
-            engine,
-            step: 0,
-            evaluations: Vec::new(),
-            metrics,
-            config,
-        })
-    }
+    let f16 = !models.base_model().f16_weight_names().is_empty();
+    format!(
+        "{what}: {} on the GPU, block projections of the frozen base in {}",
+        human_bytes(bytes),
+        if f16 { "f16" } else { "f32" }
+    )
 }
 
 /// Files that mark `out` as holding an earlier run's results.
@@ -650,53 +603,4 @@ fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
     }
     format!("{value:.2} GiB")
-}
-
-fn round(xs: &[f32]) -> Vec<f32> {
-    xs.iter().map(|x| (x * 1e4).round() / 1e4).collect()
-}
-
-/// The held-out prompts, or (without any) the training prompts, capped at `n`.
-fn eval_set(split: &Split, n: usize) -> &[Vec<u32>] {
-    let set = if split.val.is_empty() {
-        &split.train
-    } else {
-        &split.val
-    };
-    &set[..set.len().min(n)]
-}
-
-/// Both sides' prompts, tokenised and split, and how many were truncated to `max_len`.
-fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<(Split, Split, usize)> {
-    let chat = config.chat && tokenizer.has_chat_template();
-    let mut truncated = 0;
-    let mut side = |path: &Option<PathBuf>, side: Side, salt: u64| -> Result<Split> {
-        let prompts = read_prompts(path.as_deref(), side)?;
-        let (ids, cut) =
-            tokenize_prompts(tokenizer, &prompts, chat, config.max_len).map_err(|e| {
-                match (path, e) {
-                    (Some(path), Error::InvalidArgument(message)) => Error::format(path, message),
-                    (_, e) => e,
-                }
-            })?;
-        truncated += cut;
-        split(ids, config.val_fraction, config.seed ^ salt)
-    };
-    let harmful = side(&config.harmful, Side::Harmful, 1)?;
-    let harmless = side(&config.harmless, Side::Harmless, 2)?;
-    if harmful.train.is_empty() || harmless.train.is_empty() {
-        return Err(Error::config(
-            "val_fraction",
-            "leaves no training prompts: hold out fewer, or give more prompts",
-        ));
-    }
-    Ok((harmful, harmless, truncated))
-}
-
-/// `prompts` in batches of at most `size`.
-fn batches(gpu: &Gpu, prompts: &[Vec<u32>], size: usize, vocab: usize) -> Result<Vec<Batch>> {
-    prompts
-        .chunks(size.max(1))
-        .map(|chunk| Batch::new(gpu, chunk, vocab))
-        .collect()
 }

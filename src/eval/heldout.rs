@@ -1,11 +1,13 @@
 //! Held-out measurements of a model under training: per-layer separation of harmful and
-//! harmless embeddings (normalised as the objective normalises them) and the KL to the base
-//! model on harmless prompts. No gradients; every pass saves nothing.
+//! harmless embeddings (normalised as the objective normalises them), the KL to the base
+//! model on harmless prompts, and the cross-entropy of learned tokens (supervised
+//! fine-tuning). No gradients; every pass saves nothing.
 
 use super::{geometry, Rows};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::embed::pooled_hidden_states;
 use crate::model::{Batch, Pass, Transformer};
+use crate::ops::cross_entropy::cross_entropy_loss_in_parts;
 use crate::ops::kl::{kl_loss_in_parts, KlOptions};
 use crate::ops::pool::Pool;
 use crate::ops::separation::{Pair, SeparationOptions};
@@ -17,7 +19,9 @@ use crate::Result;
 pub struct SeparationSpec<'a> {
     /// transformers' hidden-state index of each measured embedding.
     pub hidden: &'a [usize],
+    /// How a prompt's hidden states become one embedding (last token or mean).
     pub pool: Pool,
+    /// The objective's pairing and distance; the loss shape plays no part in a measurement.
     pub options: SeparationOptions,
     /// ν per layer: the base model's mean harmless embedding norm.
     pub nu: &'a [f32],
@@ -105,6 +109,30 @@ pub fn heldout_kl(
         positions += batch.tokens();
     }
     Ok(total / positions.max(1) as f64)
+}
+
+/// Mean cross-entropy per learned token over `batches` (each made with its targets, see
+/// [`Batch::with_targets`]): the sum over every learned token of every batch divided by their
+/// number, so batches of different sizes weigh by their tokens.
+pub fn heldout_loss(
+    gpu: &Gpu,
+    (model, pass): (&Transformer, Pass),
+    batches: &[Batch],
+) -> Result<f64> {
+    let (mut total, mut counted) = (0.0, 0usize);
+    for batch in batches {
+        let targets = batch.targets.as_ref().ok_or_else(|| {
+            crate::Error::InvalidArgument("a held-out loss needs batches with targets".into())
+        })?;
+        let mut rec = Recorder::new(gpu);
+        let logits = logits_of(&mut rec, (model, pass), batch)?;
+        let rows = Tensor::empty(gpu, [targets.host.len()], DType::F32);
+        cross_entropy_loss_in_parts(&mut rec, &logits, &targets.ids, &rows);
+        let values = rec.finish_reading(&[&rows])?;
+        total += values[0].iter().map(|&x| f64::from(x)).sum::<f64>();
+        counted += targets.counted;
+    }
+    Ok(total / counted.max(1) as f64)
 }
 
 fn logits_of(

@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::kernel::KernelCache;
 use super::pool::BufferPool;
 use super::timing::{KernelTime, Profile};
+use crate::error::DeviceFault;
 use crate::{Error, Result};
 
 /// Environment variable that picks an adapter by index or name substring.
@@ -131,6 +132,8 @@ pub struct Gpu {
     pub(crate) kernels: KernelCache,
     pub(crate) pool: Arc<BufferPool>,
     profile: std::sync::Mutex<Profile>,
+    /// The first fault the device reported since it was last checked (and how many followed).
+    faults: Arc<std::sync::Mutex<Option<(Error, usize)>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -174,6 +177,8 @@ impl Gpu {
         let (device, queue) = pollster::block_on(adapter.request_device(&descriptor))
             .map_err(|e| Error::Gpu(format!("could not create a device: {e}")))?;
         let info = adapter.get_info();
+        let faults = Arc::new(std::sync::Mutex::new(None));
+        catch_device_faults(&device, &faults);
         Ok(Gpu {
             device,
             queue,
@@ -183,7 +188,28 @@ impl Gpu {
             kernels: KernelCache::default(),
             pool: Arc::new(BufferPool::default()),
             profile: Default::default(),
+            faults,
         })
+    }
+
+    /// An error for the first fault the device reported since the last check (wgpu reports
+    /// validation errors, failed allocations and a lost device through callbacks rather than
+    /// where the work was recorded), or `Ok` when there was none.
+    pub fn check_faults(&self) -> Result<()> {
+        let taken = self
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match taken {
+            None => Ok(()),
+            Some((first, 0)) => Err(first),
+            Some((Error::Device { kind, message }, more)) => Err(Error::Device {
+                kind,
+                message: format!("{message} (and {more} later errors)"),
+            }),
+            Some((other, _)) => Err(other),
+        }
     }
 
     /// The adapter's name, backend and driver.
@@ -230,8 +256,8 @@ impl Gpu {
     pub fn wait_idle(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        self.check_faults()
     }
 
     /// Starts timing every dispatch (each in its own pass, waiting at every submission) into
@@ -539,6 +565,43 @@ fn find_adapter(adapters: &[wgpu::Adapter], wanted: &Setting) -> Result<usize> {
             let message = format!("no adapter name contains '{}'; {}", wanted.value, found());
             wanted.error(message)
         })
+}
+
+/// Routes the device's uncaptured errors and its loss into `faults` instead of wgpu's default
+/// handler, which panics: an application that embeds the library gets an error value.
+fn catch_device_faults(
+    device: &wgpu::Device,
+    faults: &Arc<std::sync::Mutex<Option<(Error, usize)>>>,
+) {
+    let record = |faults: &std::sync::Mutex<Option<(Error, usize)>>, kind, message: String| {
+        let mut slot = faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match slot.as_mut() {
+            Some((_, more)) => *more += 1,
+            None => *slot = Some((Error::Device { kind, message }, 0)),
+        }
+    };
+    let on_error = faults.clone();
+    device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+        let (kind, message) = match &error {
+            wgpu::Error::OutOfMemory { .. } => (DeviceFault::OutOfMemory, error.to_string()),
+            wgpu::Error::Validation { description, .. } => {
+                (DeviceFault::Validation, description.clone())
+            }
+            wgpu::Error::Internal { description, .. } => {
+                (DeviceFault::Internal, description.clone())
+            }
+        };
+        record(&on_error, kind, message);
+    }));
+    let on_lost = faults.clone();
+    device.set_device_lost_callback(move |reason, message| {
+        // Dropping the device at exit also "loses" it; only an unexpected loss is a fault.
+        if reason == wgpu::DeviceLostReason::Unknown {
+            record(&on_lost, DeviceFault::Lost, message);
+        }
+    });
 }
 
 #[cfg(test)]

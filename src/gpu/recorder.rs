@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::kernel::Kernel;
 use super::pool::PooledBuffer;
-use super::tensor::Tensor;
+use super::tensor::{DType, Shape, Tensor};
 use super::timing::Timestamps;
 use super::Gpu;
 use crate::Result;
@@ -60,6 +60,9 @@ pub struct Recorder<'g> {
     /// caller.
     profiling: bool,
     dispatches: usize,
+    /// Bytes of scratch handed out since the last submission, and their high-water mark.
+    workspace_bytes: u64,
+    workspace_peak: u64,
 }
 
 impl<'g> Recorder<'g> {
@@ -75,6 +78,8 @@ impl<'g> Recorder<'g> {
             profiling: timestamps.is_some(),
             timestamps,
             dispatches: 0,
+            workspace_bytes: 0,
+            workspace_peak: 0,
         }
     }
 
@@ -91,6 +96,21 @@ impl<'g> Recorder<'g> {
     /// The device it records for.
     pub fn gpu(&self) -> &'g Gpu {
         self.gpu
+    }
+
+    /// Scratch space for a launcher (partial sums, split-K slices, a LoRA path's temporaries):
+    /// the tensor lives until the recorder next submits, and its bytes count toward the
+    /// recorder's workspace ([`Recorder::workspace_peak_bytes`]).
+    pub fn scratch(&mut self, shape: impl Into<Shape>, dtype: DType) -> Tensor {
+        let tensor = Tensor::empty(self.gpu, shape, dtype);
+        self.workspace_bytes += tensor.size_bytes();
+        self.workspace_peak = self.workspace_peak.max(self.workspace_bytes);
+        tensor
+    }
+
+    /// The most scratch this recorder has held between two submissions.
+    pub fn workspace_peak_bytes(&self) -> u64 {
+        self.workspace_peak
     }
 
     /// Number of dispatches recorded so far.
@@ -323,6 +343,7 @@ impl<'g> Recorder<'g> {
         // ordered after this submission.
         self.uniforms.clear();
         self.keep_alive.clear();
+        self.workspace_bytes = 0;
         index
     }
 

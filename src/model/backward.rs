@@ -12,13 +12,18 @@ use crate::ops::attention::{attention_backward, AttentionShape};
 use crate::ops::residual::accumulate;
 use crate::ops::rmsnorm::rmsnorm_backward;
 use crate::ops::rope::rope_backward;
+use crate::ops::Write;
 
 /// Where the backward starts: the gradient of the loss with respect to the logits and/or to
 /// hidden states (transformers' indexing, `[B·T, C]` each, with respect to the state after its
 /// hooks; several may be given).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Seeds<'a> {
+    /// `∂L/∂logits [B·T, V]`, for a forward run with [`Output::Logits`](super::Output::Logits);
+    /// a forward that stopped below the final norm ignores it.
     pub logits: Option<&'a Tensor>,
+    /// `(i, ∂L/∂h_i)` pairs: a gradient added at hidden state `i`. An index above the forward's
+    /// top is ignored.
     pub hidden: &'a [(usize, Tensor)],
 }
 
@@ -42,7 +47,7 @@ impl Transformer {
             dnormed,
             dx,
             grads.final_norm.as_ref(),
-            true,
+            Write::Accumulate,
         );
     }
 
@@ -65,14 +70,21 @@ impl Transformer {
         let f32_tensor = |dims: &[usize]| Tensor::empty(gpu, dims, DType::F32);
         // dx (+)= the input gradient of projection p from dy; its parameters' gradients +=.
         let project_back =
-            |rec: &mut Recorder, p: Projection, x: &Tensor, dy: &Tensor, dx: &Tensor, add| {
+            |rec: &mut Recorder, p: Projection, x: &Tensor, dy: &Tensor, dx: &Tensor, write| {
                 let lora = saved.lora[p].as_ref();
-                block.proj[p].backward(rec, x, lora, dy, dx, add, &grads.proj[p]);
+                block.proj[p].backward(rec, x, lora, dy, dx, write, &grads.proj[p]);
             };
 
         // MLP: out = mid + down(swiglu(gate(n2), up(n2))), n2 = rmsnorm(mid).
         let dact = f32_tensor(&[rows, cfg.intermediate_size]);
-        project_back(rec, Projection::Down, &saved.act, dout, &dact, false);
+        project_back(
+            rec,
+            Projection::Down,
+            &saved.act,
+            dout,
+            &dact,
+            Write::Overwrite,
+        );
         let dgate = f32_tensor(&[rows, cfg.intermediate_size]);
         let dup = f32_tensor(&[rows, cfg.intermediate_size]);
         swiglu_backward(rec, &saved.gate, &saved.up, &dact, &dgate, &dup);
@@ -83,9 +95,16 @@ impl Transformer {
             &saved.mlp_in,
             &dgate,
             &dmlp_in,
-            false,
+            Write::Overwrite,
         );
-        project_back(rec, Projection::Up, &saved.mlp_in, &dup, &dmlp_in, true);
+        project_back(
+            rec,
+            Projection::Up,
+            &saved.mlp_in,
+            &dup,
+            &dmlp_in,
+            Write::Accumulate,
+        );
         let dmid = f32_tensor(&[rows, cfg.hidden_size]);
         rmsnorm_backward(
             rec,
@@ -95,7 +114,7 @@ impl Transformer {
             &dmlp_in,
             &dmid,
             grads.mlp_norm.as_ref(),
-            true,
+            Write::Accumulate,
         );
         accumulate(rec, dout, &dmid, 1.0);
 
@@ -103,7 +122,14 @@ impl Transformer {
         let (b, t, d) = (batch.batch, batch.seq, cfg.head_dim);
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let dattn = f32_tensor(&[rows, hq * d]);
-        project_back(rec, Projection::O, &saved.attn, &dmid, &dattn, false);
+        project_back(
+            rec,
+            Projection::O,
+            &saved.attn,
+            &dmid,
+            &dattn,
+            Write::Overwrite,
+        );
         let (dq, dk, dv) = (
             f32_tensor(&[b, t, hq, d]),
             f32_tensor(&[b, t, hkv, d]),
@@ -140,16 +166,23 @@ impl Transformer {
             &saved.attn_in,
             &dq_raw,
             &dattn_in,
-            false,
+            Write::Overwrite,
         );
-        project_back(rec, Projection::K, &saved.attn_in, &dk_raw, &dattn_in, true);
+        project_back(
+            rec,
+            Projection::K,
+            &saved.attn_in,
+            &dk_raw,
+            &dattn_in,
+            Write::Accumulate,
+        );
         project_back(
             rec,
             Projection::V,
             &saved.attn_in,
             &dv_flat,
             &dattn_in,
-            true,
+            Write::Accumulate,
         );
         rmsnorm_backward(
             rec,
@@ -159,7 +192,7 @@ impl Transformer {
             &dattn_in,
             dx_in,
             grads.attn_norm.as_ref(),
-            true,
+            Write::Accumulate,
         );
         accumulate(rec, &dmid, dx_in, 1.0);
     }

@@ -8,10 +8,15 @@ use crate::{Error, Result};
 /// with host copies of the shapes; for a language-model loss, the next-token targets.
 #[derive(Debug, Clone)]
 pub struct Batch {
+    /// Token ids `[B·T]` (u32), sequence `b` in row `b`, right-padded with id 0.
     pub ids: Tensor,
+    /// Each sequence's length `[B]` (u32): the attention mask and the pooling read it.
     pub seq_lens: Tensor,
+    /// B: the number of sequences.
     pub batch: usize,
+    /// T: the longest sequence's length, which every row is padded to.
     pub seq: usize,
+    /// Host copy of `seq_lens`; every length is at least 1.
     pub lens: Vec<usize>,
     /// The unpadded ids, per sequence.
     pub sequences: Vec<Vec<u32>>,

@@ -13,8 +13,11 @@ use crate::{Error, Result};
 /// rotary embeddings, grouped-query attention and a SwiGLU MLP; they differ in biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
+    /// `LlamaForCausalLM`: biases only where `attention_bias` / `mlp_bias` ask for them.
     Llama,
+    /// `MistralForCausalLM`: Llama's layout and weight names.
     Mistral,
+    /// `Qwen2ForCausalLM`: biases on q, k and v, none elsewhere.
     Qwen2,
 }
 
@@ -28,6 +31,7 @@ impl Architecture {
         }
     }
 
+    /// The class name transformers gives it in `config.json`'s `architectures`.
     pub fn hf_name(self) -> &'static str {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
@@ -36,6 +40,7 @@ impl Architecture {
         }
     }
 
+    /// transformers' `model_type` for it (`llama`, `mistral`, `qwen2`).
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
@@ -48,18 +53,34 @@ impl Architecture {
 /// The model hyper-parameters es2-wgpu needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// Which model family, from `architectures` (or `model_type` when that is absent).
     pub architecture: Architecture,
+    /// V: rows of the embedding and of the LM head.
     pub vocab_size: usize,
+    /// C: the width of the residual stream.
     pub hidden_size: usize,
+    /// The MLP's inner width (gate and up project C to it, down back).
     pub intermediate_size: usize,
+    /// L: the number of decoder blocks.
     pub num_hidden_layers: usize,
+    /// Query heads per block.
     pub num_attention_heads: usize,
+    /// Key/value heads per block; divides `num_attention_heads` (equal to it when the file
+    /// does not say).
     pub num_key_value_heads: usize,
+    /// The width of one head: even and at most 128 (`hidden_size / num_attention_heads`
+    /// unless the file says otherwise).
     pub head_dim: usize,
+    /// The ε inside every RMSNorm's square root (1e-6 when the file does not say).
     pub rms_norm_eps: f64,
+    /// RoPE's base θ (10000 when the file does not say).
     pub rope_theta: f64,
+    /// Llama-3 frequency scaling of RoPE, when the file asks for it.
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// The longest context the model takes: generation refuses a prompt plus new tokens past
+    /// it (2048 when the file does not say).
     pub max_position_embeddings: usize,
+    /// The LM head is the embedding matrix itself (no `lm_head.weight` in the checkpoint).
     pub tie_word_embeddings: bool,
     /// Biases on the q, k and v projections (Qwen2; Llama with `attention_bias`).
     pub qkv_bias: bool,
@@ -67,8 +88,13 @@ pub struct Config {
     pub o_bias: bool,
     /// Biases on gate, up and down (Llama with `mlp_bias`).
     pub mlp_bias: bool,
+    /// The beginning-of-sequence id, kept to be written back into a saved `config.json`.
     pub bos_token_id: Option<u32>,
+    /// The end-of-sequence ids (`eos_token_id`, one id or a list; empty when absent):
+    /// generation stops on them unless `generation_config.json` names its own.
     pub eos_token_ids: Vec<u32>,
+    /// The padding id, kept to be written back into a saved `config.json` (batches pad with
+    /// id 0 and mask it, whatever this says).
     pub pad_token_id: Option<u32>,
     /// The dtype the checkpoint declares (`torch_dtype` or `dtype`), informational.
     pub torch_dtype: Option<String>,
@@ -201,7 +227,6 @@ impl Config {
         Ok(())
     }
 
-    /// Width of the query projection output (heads × head_dim).
     /// `(out_features, in_features)` of projection `p`.
     pub fn projection_shape(&self, p: Projection) -> (usize, usize) {
         let (hidden, ffn) = (self.hidden_size, self.intermediate_size);
@@ -223,6 +248,7 @@ impl Config {
         }
     }
 
+    /// Width of the query projection output (heads × head_dim).
     pub fn q_dim(&self) -> usize {
         self.num_attention_heads * self.head_dim
     }

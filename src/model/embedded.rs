@@ -25,6 +25,7 @@ const EOS_TOKEN: &str = "<|im_end|>";
 /// One embedded model: its definition files and the seed of its weights.
 #[derive(Debug)]
 pub struct EmbeddedModel {
+    /// What `--model` calls it, and the folder under `models/` that defines it.
     pub name: &'static str,
     config_json: &'static str,
     chat_template: &'static str,
@@ -35,11 +36,17 @@ pub struct EmbeddedModel {
 /// Training settings an embedded model prefers over the global defaults (each optional).
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 pub struct TrainingPreset {
+    /// Optimizer steps (`--steps`).
     pub steps: Option<usize>,
+    /// The peak learning rate (`--lr`).
     pub lr: Option<f64>,
+    /// Harmful prompts per step (`--harmful-batch`).
     pub harmful_batch: Option<usize>,
+    /// Harmless prompts per step (`--harmless-batch`).
     pub harmless_batch: Option<usize>,
+    /// Tokens kept per prompt (`--max-len`).
     pub max_len: Option<usize>,
+    /// Steps between held-out evaluations (`--eval-every`).
     pub eval_every: Option<usize>,
 }
 

@@ -24,10 +24,13 @@ impl KvCache {
         self.len
     }
 
+    /// Whether no token has been decoded into it yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The most tokens it holds (prompt and generated together); [`Transformer::decode`]
+    /// refuses tokens past it.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -42,6 +45,8 @@ pub struct SamplingOptions {
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f32,
+    /// Seeds the sampler (unused when greedy): the same seed, prompt and model on the same
+    /// device give the same tokens.
     pub seed: u64,
     /// Generation stops after producing one of these.
     pub stop_ids: Vec<u32>,

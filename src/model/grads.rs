@@ -21,16 +21,23 @@ pub enum Trainable {
 /// Gradients of one block.
 #[derive(Debug, Clone, Default)]
 pub struct BlockGrads {
+    /// The attention norm's weight gradient `[C]`, under full fine-tuning.
     pub attn_norm: Option<Tensor>,
+    /// The MLP norm's weight gradient `[C]`, under full fine-tuning.
     pub mlp_norm: Option<Tensor>,
+    /// Each projection's gradients (all `None` for a projection that does not train).
     pub proj: PerProjection<LinearGrads>,
 }
 
 /// Gradient buffers for the trainable parameters of a [`Transformer`].
 #[derive(Debug, Clone)]
 pub struct Gradients {
+    /// The embedding's gradient, chunked as the embedding is, under full fine-tuning (a tied
+    /// LM head's gradient adds into it).
     pub embed: Option<VocabMatrix>,
+    /// One per decoder block, in order.
     pub blocks: Vec<BlockGrads>,
+    /// The final norm's weight gradient `[C]`, under full fine-tuning.
     pub final_norm: Option<Tensor>,
     /// `None` also when the head is tied (its gradient then goes to `embed`).
     pub lm_head: Option<VocabMatrix>,
@@ -40,8 +47,11 @@ pub struct Gradients {
 /// Hugging Face name otherwise; chunks of a split matrix get `@first_row`).
 #[derive(Debug, Clone)]
 pub struct NamedParam {
+    /// Unique within a model: checkpoints store the optimizer state under it.
     pub name: String,
+    /// The parameter itself (shares the model's storage: an update changes the model).
     pub param: Tensor,
+    /// Its gradient buffer, the same shape.
     pub grad: Tensor,
 }
 

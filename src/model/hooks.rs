@@ -21,7 +21,12 @@ pub enum Positions {
     Last,
     /// Positions `start .. start + len` of each sequence (absolute positions, counting the
     /// tokens already in a KV cache), where they exist.
-    Span { start: usize, len: usize },
+    Span {
+        /// The first position, counted from the sequence's first token.
+        start: usize,
+        /// How many positions; those past a sequence's end are skipped.
+        len: usize,
+    },
 }
 
 /// What a hook reads out of a pass.
@@ -40,18 +45,33 @@ pub enum HookAction {
     /// nothing.
     Capture(Capture),
     /// `h += scale · value` at the selected positions; `value` is `[1, C]` (the same vector
-    /// everywhere) or `[n, C]` (the i-th selected position of a sequence takes row i % n).
-    Add { value: Tensor, scale: f32 },
+    /// everywhere) or `[n, C]` (the i-th selected row of the batch, sequences in order, takes
+    /// row i % n).
+    Add {
+        /// f32 `[1, C]` or `[n, C]`.
+        value: Tensor,
+        /// Multiplies `value` (1 from [`Hook::add`]).
+        scale: f32,
+    },
     /// `h = value` at the selected positions (value shaped as for `Add`).
-    Replace { value: Tensor },
+    Replace {
+        /// f32 `[1, C]` or `[n, C]`, rows taken as for `Add`.
+        value: Tensor,
+    },
     /// Removes the component along `direction` (`[1, C]`, any length).
-    ProjectOut { direction: Tensor },
+    ProjectOut {
+        /// f32 `[1, C]`; a zero vector changes nothing.
+        direction: Tensor,
+    },
     /// Where the linear score `h·w + bias` exceeds `threshold`, moves `h` along `w` by the
     /// least amount that brings it down to the threshold (`w = direction`, `[1, C]`): SCAV's
     /// closed-form step, with a probe's logit clamped at σ⁻¹(P0). It has no backward.
     ClampAbove {
+        /// The probe's weight `w`, f32 `[1, C]`.
         direction: Tensor,
+        /// The probe's bias, added to `h·w`.
         bias: f32,
+        /// The largest score a position keeps.
         threshold: f32,
     },
 }
@@ -61,7 +81,9 @@ pub enum HookAction {
 pub struct Hook {
     /// The hidden-state index (0 ..= L).
     pub hidden: usize,
+    /// Which positions of each sequence an edit touches (a capture reads them all).
     pub positions: Positions,
+    /// What it does there.
     pub action: HookAction,
 }
 

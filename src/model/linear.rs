@@ -8,16 +8,21 @@ use crate::ops::matmul::{
     MatmulOptions,
 };
 use crate::ops::residual::accumulate;
+use crate::ops::Write;
 
 /// A low-rank adapter on a [`Linear`]: `A [r, in]`, `B [out, r]`, scale `alpha / r`.
 #[derive(Debug, Clone)]
 pub struct Lora {
+    /// `A [r, in]` (f32): projects the input down to the rank.
     pub a: Tensor,
+    /// `B [out, r]` (f32): projects back up; zero when freshly attached.
     pub b: Tensor,
+    /// `alpha / r`, multiplying the adapter's output.
     pub scale: f32,
 }
 
 impl Lora {
+    /// The rank r: rows of `A`.
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
     }
@@ -30,18 +35,25 @@ pub struct LoraActivations {
     pub input: Tensor,
     /// `input·Aᵀ [M, r]`.
     pub hidden: Tensor,
+    /// The dropout the forward applied (its seed regenerates the same mask in the backward);
+    /// `None` without dropout.
     pub dropout: Option<Dropout>,
 }
 
 /// Weight `[out, in]`, optional bias `[out]`, optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `W [out, in]`, as the checkpoint stores it (f32, or f16 for frozen weights).
     pub weight: Tensor,
+    /// `b [out]` (f32), where the configuration has one.
     pub bias: Option<Tensor>,
+    /// The attached adapter, if any ([`Transformer::attach_lora`](super::Transformer::attach_lora),
+    /// [`Transformer::load_adapter`](super::Transformer::load_adapter)).
     pub lora: Option<Lora>,
 }
 
 impl Linear {
+    /// A projection with no adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
             weight,
@@ -50,10 +62,12 @@ impl Linear {
         }
     }
 
+    /// Output width: rows of `W`.
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
 
+    /// Input width: columns of `W`.
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }
@@ -114,9 +128,13 @@ impl Linear {
 /// Gradient buffers of one [`Linear`]: only those of trainable parameters exist.
 #[derive(Debug, Clone, Default)]
 pub struct LinearGrads {
+    /// `∂L/∂W [out, in]`, under full fine-tuning.
     pub weight: Option<Tensor>,
+    /// `∂L/∂b [out]`, under full fine-tuning of a projection with a bias.
     pub bias: Option<Tensor>,
+    /// `∂L/∂A [r, in]`, when the adapter trains.
     pub lora_a: Option<Tensor>,
+    /// `∂L/∂B [out, r]`, when the adapter trains.
     pub lora_b: Option<Tensor>,
 }
 
@@ -132,20 +150,15 @@ impl Linear {
         lora: Option<&LoraActivations>,
         dy: &Tensor,
         dx: &Tensor,
-        accumulate_dx: bool,
+        dx_write: Write,
         grads: &LinearGrads,
     ) {
-        let dx_mode = if accumulate_dx {
-            MatmulOptions::accumulate()
-        } else {
-            MatmulOptions::overwrite()
-        };
-        matmul_backward_input(rec, dy, &self.weight, dx, dx_mode);
+        matmul_backward_input(rec, dy, &self.weight, dx, MatmulOptions::writing(dx_write));
         if let Some(dw) = &grads.weight {
             matmul_backward_weight(rec, dy, x, dw, MatmulOptions::accumulate());
         }
         if let Some(db) = &grads.bias {
-            matmul_backward_bias(rec, dy, db, true);
+            matmul_backward_bias(rec, dy, db, Write::Accumulate);
         }
         let (Some(adapter), Some(saved)) = (&self.lora, lora) else {
             return;
@@ -156,8 +169,7 @@ impl Linear {
         if let Some(db) = &grads.lora_b {
             matmul_backward_weight(rec, dy, &saved.hidden, db, scaled);
         }
-        let gpu = rec.gpu();
-        let dh = Tensor::empty(gpu, saved.hidden.shape().clone(), DType::F32);
+        let dh = rec.scratch(saved.hidden.shape().clone(), DType::F32);
         matmul_backward_input(
             rec,
             dy,
@@ -171,9 +183,9 @@ impl Linear {
         match &saved.dropout {
             None => matmul_backward_input(rec, &dh, &adapter.a, dx, MatmulOptions::accumulate()),
             Some(d) => {
-                let du = Tensor::empty(gpu, x.shape().clone(), DType::F32);
+                let du = rec.scratch(x.shape().clone(), DType::F32);
                 matmul_backward_input(rec, &dh, &adapter.a, &du, MatmulOptions::overwrite());
-                let dropped = Tensor::empty(gpu, x.shape().clone(), DType::F32);
+                let dropped = rec.scratch(x.shape().clone(), DType::F32);
                 dropout_apply(rec, d, &du, &dropped);
                 accumulate(rec, &dropped, dx, 1.0);
             }

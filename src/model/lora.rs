@@ -23,9 +23,11 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct LoraConfig {
+    /// r: the inner width of every adapter (at least 1).
     pub rank: usize,
+    /// α: the adapter's output is multiplied by `alpha / rank` (above 0).
     pub alpha: f32,
-    /// Dropout on the adapter's input during training.
+    /// Dropout on the adapter's input during training, in `[0, 1)`.
     pub dropout: f32,
     /// The projections that get an adapter (short names in JSON: q, k, v, o, gate, up, down).
     pub targets: Vec<Projection>,
@@ -45,6 +47,7 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// `alpha / rank`: what the adapter's output is multiplied by.
     pub fn scale(&self) -> f32 {
         self.alpha / self.rank as f32
     }
@@ -72,6 +75,7 @@ impl LoraConfig {
 /// What a PEFT `adapter_config.json` says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
+    /// The rank, alpha, dropout and targets, validated.
     pub lora: LoraConfig,
     /// `base_model_name_or_path`: the model the adapter was trained on.
     pub base_model: Option<String>,

@@ -14,12 +14,19 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Projection {
+    /// Queries: `[Hq·D, C]` (`self_attn.q_proj`).
     Q,
+    /// Keys: `[Hkv·D, C]` (`self_attn.k_proj`).
     K,
+    /// Values: `[Hkv·D, C]` (`self_attn.v_proj`).
     V,
+    /// Attention output: `[C, Hq·D]` (`self_attn.o_proj`).
     O,
+    /// The MLP's gate, through SiLU: `[F, C]` (`mlp.gate_proj`).
     Gate,
+    /// The MLP's up projection, multiplied by the gate: `[F, C]` (`mlp.up_proj`).
     Up,
+    /// The MLP's output: `[C, F]` (`mlp.down_proj`).
     Down,
 }
 
@@ -162,7 +169,9 @@ pub enum Param {
 /// The two matrices of a LoRA adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LoraMatrix {
+    /// The down projection `[r, in]` (PEFT's `lora_A`).
     A,
+    /// The up projection `[out, r]` (PEFT's `lora_B`).
     B,
 }
 

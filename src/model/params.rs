@@ -34,7 +34,9 @@ impl ParamSource for Checkpoint {
 /// agree and the result does not depend on loading order.
 #[derive(Debug, Clone)]
 pub struct SeededInit {
+    /// The same seed gives the same weights on any machine (they are drawn on the host).
     pub seed: u64,
+    /// Standard deviation of the matrices' entries.
     pub std: f64,
 }
 

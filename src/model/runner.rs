@@ -57,12 +57,17 @@ pub enum Output {
 /// The settings of one pass through the block loop.
 #[derive(Debug, Clone, Copy)]
 pub struct Pass<'a> {
+    /// How far the pass runs and what it returns.
     pub output: Output,
     /// Run the LoRA adapters (off gives the base model).
     pub adapters: bool,
     /// Dropout on the adapters' inputs (training forwards only).
     pub dropout: Option<LoraDropout>,
+    /// Edits and captures at hidden states, applied in order; [`Forward::captured`] finds a
+    /// capture by its index here.
     pub hooks: &'a [Hook],
+    /// What the forward keeps for [`Transformer::backward`] (which refuses
+    /// [`SavePolicy::Nothing`]).
     pub save: SavePolicy,
 }
 

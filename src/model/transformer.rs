@@ -24,7 +24,9 @@ use half::{f16, slice::HalfFloatSliceExt};
 /// One decoder block's parameters.
 #[derive(Debug, Clone)]
 pub struct Block {
+    /// The RMSNorm weight `[C]` before attention (`input_layernorm`).
     pub attn_norm: Tensor,
+    /// The RMSNorm weight `[C]` before the MLP (`post_attention_layernorm`).
     pub mlp_norm: Tensor,
     /// q, k, v, o, gate, up, down.
     pub proj: PerProjection<Linear>,
@@ -61,28 +63,40 @@ impl LoadOptions {
 /// A decoder-only transformer on the GPU.
 #[derive(Debug)]
 pub struct Transformer {
+    /// The configuration the weights were checked against.
     pub config: Config,
+    /// The token embedding `[V, C]` (f32), in row chunks that each fit a binding.
     pub embed: VocabMatrix,
+    /// The decoder blocks, first to last.
     pub blocks: Vec<Block>,
+    /// The RMSNorm weight `[C]` applied after the last block (`model.norm`).
     pub final_norm: Tensor,
     /// `None` when the LM head is tied to the embedding.
     pub lm_head: Option<VocabMatrix>,
+    /// RoPE's inverse frequencies `[head_dim / 2]` (f32), Llama-3 scaling applied.
     pub inv_freq: Tensor,
 }
 
-/// What one block's forward leaves for its backward.
+/// What one block's forward leaves for its backward (`[B·T, ...]` rows, or `[B, T, H, D]`).
 #[derive(Debug)]
-pub struct BlockActivations {
+pub(crate) struct BlockActivations {
+    /// `norm(x) [B·T, C]` and its `rstd [B·T]`.
     pub attn_in: Tensor,
     pub attn_rstd: Tensor,
+    /// Queries `[B, T, Hq, D]` and keys `[B, T, Hkv, D]` after RoPE; values `[B, T, Hkv, D]`.
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
+    /// Attention's output `[B·T, Hq·D]` (the o projection's input) and its row logsumexp
+    /// `[B, Hq, T]`.
     pub attn: Tensor,
     pub lse: Tensor,
+    /// The residual stream after attention `[B·T, C]`.
     pub mid: Tensor,
+    /// `norm(mid) [B·T, C]` and its `rstd [B·T]`.
     pub mlp_in: Tensor,
     pub mlp_rstd: Tensor,
+    /// `gate`, `up` and `act = silu(gate)·up`, each `[B·T, F]`.
     pub gate: Tensor,
     pub up: Tensor,
     pub act: Tensor,
@@ -107,7 +121,9 @@ pub(crate) enum KvTarget<'a> {
 /// `seed` (every projection of every layer draws its own).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraDropout {
+    /// Probability of dropping an element, in `[0, 1)`; 0 turns dropout off.
     pub p: f32,
+    /// The step's seed: a different seed per step gives fresh masks.
     pub seed: u32,
 }
 

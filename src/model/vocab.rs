@@ -11,9 +11,14 @@ use super::params::ParamSource;
 /// A `[rows, cols]` f32 matrix stored as consecutive row chunks of `chunk_rows` rows.
 #[derive(Debug, Clone)]
 pub struct VocabMatrix {
+    /// The row chunks in order, chunk `i` holding rows `i·chunk_rows ..`, each
+    /// `[chunk_rows, cols]` but the last, which may be shorter.
     pub chunks: Vec<Tensor>,
+    /// Rows per chunk: a multiple of 64, or every row when they all fit one chunk.
     pub chunk_rows: usize,
+    /// Rows of the whole matrix (the vocabulary size V).
     pub rows: usize,
+    /// Columns (the hidden size C).
     pub cols: usize,
     /// The binding limit the chunking was planned for; [`VocabMatrix::project`] splits its
     /// output rows to the same limit.

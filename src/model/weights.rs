@@ -107,6 +107,7 @@ impl Checkpoint {
         names
     }
 
+    /// Whether any shard holds tensor `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

@@ -1,6 +1,6 @@
-//! Elementwise MLP activations: SwiGLU (`h = silu(gate)·up`, Llama's MLP, with `gate` and `up`
-//! as separate tensors as `gate_proj` and `up_proj` produce them) and GELU with GPT-2's tanh
-//! approximation (`gelu_new`). Backward launchers overwrite their outputs.
+//! The MLP activation: SwiGLU (`h = silu(gate)·up`, Llama's MLP, with `gate` and `up` as
+//! separate tensors as `gate_proj` and `up_proj` produce them). The backward launcher overwrites
+//! its outputs.
 
 use super::common::{expect_f32_alike, launch_per_item};
 use crate::gpu::{read, read_write, KernelSpec, Recorder, Shader, Tensor};
@@ -17,16 +17,6 @@ static SWIGLU_BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "swiglu_backward",
     bindings: &[read(1), read(2), read(3), read_write(5), read_write(6)],
-};
-static GELU_FORWARD: KernelSpec = KernelSpec {
-    shader: &SHADER,
-    entry: "gelu_forward",
-    bindings: &[read(7), read_write(9)],
-};
-static GELU_BACKWARD: KernelSpec = KernelSpec {
-    shader: &SHADER,
-    entry: "gelu_backward",
-    bindings: &[read(7), read(8), read_write(10)],
 };
 
 #[repr(C)]
@@ -59,22 +49,8 @@ pub fn swiglu_backward(
     launch(rec, &SWIGLU_BACKWARD, &[gate, up, dh, dgate, dup]);
 }
 
-/// `y = gelu(x)`, tanh approximation.
-pub fn gelu_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) {
-    launch(rec, &GELU_FORWARD, &[x, y]);
-}
-
-/// Gradient of [`gelu_forward`]: `dx = dy·gelu'(x)` (overwritten).
-pub fn gelu_backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor) {
-    launch(rec, &GELU_BACKWARD, &[x, dy, dx]);
-}
-
-/// CPU f64 references, written from the textbook formulas (tanh and its sech² derivative for
-/// GELU) rather than the kernels' sigmoid form, so the two check each other.
+/// CPU f64 references, written from the textbook formulas.
 pub mod reference {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    const CUBIC: f64 = 0.044_715;
-
     /// σ(t), without overflow for large |t|.
     pub fn sigmoid(t: f64) -> f64 {
         if t >= 0.0 {
@@ -107,28 +83,5 @@ pub mod reference {
             .collect();
         let dup = gate.iter().zip(dh).map(|(&g, &d)| d * silu(g)).collect();
         (dgate, dup)
-    }
-
-    /// GPT-2's tanh approximation of GELU.
-    pub fn gelu(x: f64) -> f64 {
-        let u = SQRT_2_OVER_PI * (x + CUBIC * x.powi(3));
-        0.5 * x * (1.0 + u.tanh())
-    }
-
-    /// The derivative of [`gelu`].
-    pub fn gelu_grad(x: f64) -> f64 {
-        let t = (SQRT_2_OVER_PI * (x + CUBIC * x.powi(3))).tanh();
-        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x);
-        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-    }
-
-    /// [`gelu`] elementwise.
-    pub fn gelu_forward(x: &[f64]) -> Vec<f64> {
-        x.iter().map(|&v| gelu(v)).collect()
-    }
-
-    /// `dx = gelu'(x)·dy`, elementwise.
-    pub fn gelu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
-        x.iter().zip(dy).map(|(&v, &d)| d * gelu_grad(v)).collect()
     }
 }

@@ -462,7 +462,7 @@ pub fn attention_backward(
     let params = Params::new(shape, scale);
     let [b, hq, t] = shape.lse_dims();
     // RowStats {lse, delta, keys} per query row.
-    let stats = Tensor::empty(gpu, [b, hq, t, ROW_STATS_WORDS], DType::U32);
+    let stats = rec.scratch([b, hq, t, ROW_STATS_WORDS], DType::U32);
     let preprocess = gpu.kernel(&PREPROCESS, &tiles.overrides());
     let rows = Grid::threads(b * hq * t, ROW_WG);
     rec.dispatch(

@@ -103,7 +103,8 @@ pub fn cross_entropy_loss(rec: &mut Recorder, logits: &Tensor, targets: &Tensor,
     launch(rec, &FORWARD, &[logits, targets, loss], dims, 1.0);
 }
 
-/// [`cross_entropy_loss`] over row parts that each fit one storage binding.
+/// [`cross_entropy_loss`] over row parts that each fit one storage binding (held-out
+/// evaluation of a long batch against a large vocabulary, with no gradient buffer).
 pub fn cross_entropy_loss_in_parts(
     rec: &mut Recorder,
     logits: &Tensor,

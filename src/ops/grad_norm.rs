@@ -3,6 +3,7 @@
 //! sums of squares of every tensor into one scratch vector, then [`reduce::sum_rows`].
 
 use super::common::{expect_dtype, expect_elements, REDUCE_WG};
+use super::Write;
 use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
@@ -41,7 +42,7 @@ pub fn grad_norm_squared(rec: &mut Recorder, grads: &[&Tensor], out: &Tensor) {
         rec.zero(out);
         return;
     }
-    let partials = Tensor::empty(rec.gpu(), [slots, 1], DType::F32);
+    let partials = rec.scratch([slots, 1], DType::F32);
     let kernel = rec.gpu().kernel(&SUM_SQUARES, &[("ITEMS", ITEMS)]);
     let mut first_slot = 0;
     for (g, &count) in grads.iter().zip(&blocks).filter(|(_, &b)| b > 0) {
@@ -53,7 +54,7 @@ pub fn grad_norm_squared(rec: &mut Recorder, grads: &[&Tensor], out: &Tensor) {
         rec.dispatch(&kernel, &[g, &partials], &params, Grid::flat(count));
         first_slot += count;
     }
-    reduce::sum_rows(rec, &partials, out, false);
+    reduce::sum_rows(rec, &partials, out, Write::Overwrite);
 }
 
 /// CPU f64 reference.

@@ -41,8 +41,11 @@ struct Params {
 /// with the i-th selected row.
 #[derive(Debug, Clone, Copy)]
 pub struct RowEdit<'a> {
+    /// The hidden states `[rows, C]` (f32), edited in place.
     pub x: &'a Tensor,
+    /// The indices of the rows to edit (u32, `[n]`, each below `rows` and none repeated).
     pub rows: &'a Tensor,
+    /// The values `[value_rows, C]` (f32, at least one row), reused cyclically over `rows`.
     pub value: &'a Tensor,
 }
 
@@ -90,13 +93,22 @@ pub fn hook_replace(rec: &mut Recorder, edit: &RowEdit) {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ProjectMode {
     /// `x −= (x·w + bias)·w/(w·w)`: with bias 0 the row loses its component along `w`.
-    Exact { bias: f32 },
+    Exact {
+        /// Added to `x·w`; the edited row ends with `x·w + bias = 0`.
+        bias: f32,
+    },
     /// `x −= max(x·w + bias − threshold, 0)·w/(w·w)`: a row with `x·w + bias` above the
     /// threshold moves onto it (a probe's logit clamped at σ⁻¹(P0)); others stay.
-    ClampAbove { bias: f32, threshold: f32 },
+    ClampAbove {
+        /// Added to `x·w` to give the value that is clamped (a probe's bias).
+        bias: f32,
+        /// The largest `x·w + bias` a row keeps.
+        threshold: f32,
+    },
 }
 
-/// Projects every selected row of `x` along `edit.value`'s first row `w` (`[1, C]`).
+/// Projects every selected row of `x` along `edit.value`'s first row `w` (`[1, C]`). A zero
+/// `w` leaves the rows unchanged.
 pub fn hook_project(rec: &mut Recorder, edit: &RowEdit, mode: ProjectMode) {
     let base = edit.params("hook_project");
     assert_eq!(base.value_rows, 1, "hook_project: w must be one row [1, C]");
@@ -122,6 +134,7 @@ pub mod reference {
         &value[(i % value_rows) * cols..][..cols]
     }
 
+    /// `x[rows[i]] += scale · value[i % value_rows]`.
     pub fn hook_add(x: &mut [f64], cols: usize, rows: &[u32], value: &[f64], scale: f64) {
         for (i, &r) in rows.iter().enumerate() {
             let v = value_row(value, cols, i);
@@ -131,12 +144,14 @@ pub mod reference {
         }
     }
 
+    /// `x[rows[i]] = value[i % value_rows]`.
     pub fn hook_replace(x: &mut [f64], cols: usize, rows: &[u32], value: &[f64]) {
         for (i, &r) in rows.iter().enumerate() {
             x[r as usize * cols..][..cols].copy_from_slice(value_row(value, cols, i));
         }
     }
 
+    /// Moves every row in `rows` along `w [C]` as `p` says; a zero `w` changes nothing.
     pub fn hook_project(x: &mut [f64], cols: usize, rows: &[u32], w: &[f64], p: ProjectMode) {
         let norm_sq: f64 = w.iter().map(|v| v * v).sum();
         for &r in rows {

@@ -12,6 +12,7 @@
 
 use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
+use crate::ops::Write;
 use crate::shader;
 
 static SHADER: Shader = shader!("matmul");
@@ -60,15 +61,15 @@ static GEMM_BIAS: KernelSpec = KernelSpec {
 pub struct MatmulOptions {
     /// Scale of the product (LoRA's `alpha / r`); a bias is added unscaled.
     pub alpha: f32,
-    /// `C += ...` (parameter gradients, LoRA's second path) instead of `C = ...`.
-    pub accumulate: bool,
+    /// `C += ...` (parameter gradients, LoRA's second path) or `C = ...`.
+    pub write: Write,
 }
 
 impl Default for MatmulOptions {
     fn default() -> Self {
         MatmulOptions {
             alpha: 1.0,
-            accumulate: false,
+            write: Write::Overwrite,
         }
     }
 }
@@ -81,8 +82,13 @@ impl MatmulOptions {
 
     /// `C += product` with alpha 1.
     pub fn accumulate() -> Self {
+        Self::writing(Write::Accumulate)
+    }
+
+    /// `C = product` or `C += product` as `write` says, with alpha 1.
+    pub fn writing(write: Write) -> Self {
         MatmulOptions {
-            accumulate: true,
+            write,
             ..Self::default()
         }
     }
@@ -242,7 +248,7 @@ impl Params {
             c_batch_stride: u(g.c.batch_stride),
             bias_offset: u(g.bias_offset),
             alpha: g.options.alpha,
-            accumulate: u32::from(g.options.accumulate),
+            accumulate: u32::from(g.options.write.accumulates()),
             k_split: u(k_split),
         }
     }
@@ -466,18 +472,18 @@ fn launch_split(
 ) {
     let part = g.k.div_ceil(splits).next_multiple_of(TILE_K as usize);
     let splits = g.k.div_ceil(part);
-    let partial = Tensor::empty(rec.gpu(), [splits, g.m * g.n], DType::F32);
+    let partial = rec.scratch([splits, g.m * g.n], DType::F32);
     let parts = Gemm {
         batch: splits,
         c: Strided::dense(g.m, g.n),
         options: MatmulOptions {
-            accumulate: false,
+            write: Write::Overwrite,
             ..g.options
         },
         ..*g
     };
     launch(rec, &parts, tiles, part, a, b, None, &partial);
-    reduce::sum_rows(rec, &partial, c, g.options.accumulate);
+    reduce::sum_rows(rec, &partial, c, g.options.write);
 }
 
 /// Records a checked `g` with `tiles`, K split into parts of `k_split` (0: not split; then
@@ -624,13 +630,13 @@ pub fn matmul_backward_weight(
 
 /// `db = Σ_rows dY` (or `+=`): `dy [.., N]`, `db [N]`. The bias is not scaled by alpha in the
 /// forward, so its gradient has no alpha either.
-pub fn matmul_backward_bias(rec: &mut Recorder, dy: &Tensor, db: &Tensor, accumulate: bool) {
+pub fn matmul_backward_bias(rec: &mut Recorder, dy: &Tensor, db: &Tensor, write: Write) {
     assert_eq!(
         dy.shape().last(),
         db.numel(),
         "matmul_backward_bias: dy {dy:?} and db {db:?} differ in columns"
     );
-    reduce::sum_rows(rec, dy, db, accumulate);
+    reduce::sum_rows(rec, dy, db, write);
 }
 
 /// CPU f64 references. Matrices are row-major slices; `alpha` scales the product as in
@@ -657,7 +663,11 @@ pub mod reference {
                         .sum();
                     let bias = bias.map_or(0.0, |bias| bias[g.bias_offset + j]);
                     let out = &mut c[at(&g.c, batch, i, j, false)];
-                    let previous = if g.options.accumulate { *out } else { 0.0 };
+                    let previous = if g.options.write.accumulates() {
+                        *out
+                    } else {
+                        0.0
+                    };
                     *out = alpha * product + bias + previous;
                 }
             }

@@ -14,7 +14,6 @@ pub mod embedding;
 pub mod grad_norm;
 pub mod hook;
 pub mod kl;
-pub mod layernorm;
 pub mod matmul;
 pub mod pool;
 pub mod reduce;
@@ -22,4 +21,19 @@ pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod separation;
-pub mod softmax;
+
+/// Whether a launcher overwrites its output (`=`) or adds into what it holds (`+=`, as
+/// parameter gradients accumulate over the passes of a step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// `out = result`: what the output held before is ignored (it may be NaN).
+    Overwrite,
+    /// `out += result`: the output must hold a value already (zeroed, or an earlier pass's).
+    Accumulate,
+}
+
+impl Write {
+    fn accumulates(self) -> bool {
+        self == Write::Accumulate
+    }
+}

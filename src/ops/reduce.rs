@@ -2,6 +2,7 @@
 //! and partial-sum gradient (two stages, fixed order, no float atomics).
 
 use super::common::{expect_dtype, launch_per_column_block};
+use super::Write;
 use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
@@ -43,9 +44,10 @@ fn launch(
     launch_per_column_block(rec, &SUM_ROWS, &[x, out], &params, cols, blocks);
 }
 
-/// `out[c] = Σ_r x[r, c]` (or `+=` when `accumulate`), treating `x` as `[numel / cols, cols]`
+/// `out[c] = Σ_r x[r, c]` (or `+=` with [`Write::Accumulate`]), treating `x` as `[numel / cols, cols]`
 /// with `cols = out.numel()`.
-pub fn sum_rows(rec: &mut Recorder, x: &Tensor, out: &Tensor, accumulate: bool) {
+pub fn sum_rows(rec: &mut Recorder, x: &Tensor, out: &Tensor, write: Write) {
+    let accumulate = write.accumulates();
     expect_dtype("sum_rows", "x", x, DType::F32);
     expect_dtype("sum_rows", "out", out, DType::F32);
     let cols = out.numel();
@@ -59,7 +61,7 @@ pub fn sum_rows(rec: &mut Recorder, x: &Tensor, out: &Tensor, accumulate: bool) 
         return;
     }
     let blocks = rows.div_ceil(ROWS_PER_GROUP);
-    let partial = Tensor::empty(rec.gpu(), [blocks, cols], DType::F32);
+    let partial = rec.scratch([blocks, cols], DType::F32);
     launch(rec, x, &partial, rows, cols, ROWS_PER_GROUP, false);
     launch(rec, &partial, out, blocks, cols, blocks, accumulate);
 }

@@ -3,10 +3,9 @@
 //!
 //! The forward saves `rstd [rows]` for the backward. The weight gradient is deterministic: a
 //! kernel sums blocks of rows into partials `[blocks, C]` and [`reduce::sum_rows`] adds them up.
-//! That plumbing (shape checks, one-workgroup-per-row launches, partial-then-sum weight
-//! gradients) is shared with `layernorm` through the `pub(crate)` helpers at the end.
 
 use super::common::{expect_dtype, expect_elements, launch_per_column_block, launch_rows};
+use super::Write;
 use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::shader;
@@ -49,8 +48,8 @@ pub fn rmsnorm_forward(
     launch_row_norm(rec, &FORWARD, &[x, w, y, rstd], shape, eps);
 }
 
-/// Gradients of [`rmsnorm_forward`]: `dx` is overwritten; `dw`, when given, is accumulated
-/// (`+=`) when `accumulate_dw`, overwritten otherwise.
+/// Gradients of [`rmsnorm_forward`]: `dx` is overwritten; `dw`, when given, is written as
+/// `dw_write` says.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     rec: &mut Recorder,
@@ -60,7 +59,7 @@ pub fn rmsnorm_backward(
     dy: &Tensor,
     dx: &Tensor,
     dw: Option<&Tensor>,
-    accumulate_dw: bool,
+    dw_write: Write,
 ) {
     let op = "rmsnorm_backward";
     let shape = RowShape::of(op, x);
@@ -73,25 +72,25 @@ pub fn rmsnorm_backward(
     if let Some(dw) = dw {
         shape.expect_per_column(op, "dw", dw);
         let partial_inputs = [x, rstd, dy];
-        weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, accumulate_dw);
+        weight_grad(rec, &DW_PARTIAL, &partial_inputs, shape, dw, dw_write);
     }
 }
 
-// ---- Plumbing shared with `layernorm` ----
+// ---- Shapes, launch parameters and the partial-then-sum weight gradient ----
 
 /// Rows one thread sums into a partial of a weight gradient: enough work per thread, and the
 /// partials stay a small fraction of the activations.
-pub(crate) const ROWS_PER_BLOCK: usize = 64;
+const ROWS_PER_BLOCK: usize = 64;
 
 /// The `[rows, cols]` view of a row-wise norm's input.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RowShape {
+struct RowShape {
     pub rows: usize,
     pub cols: usize,
 }
 
 impl RowShape {
-    pub(crate) fn of(op: &str, x: &Tensor) -> Self {
+    fn of(op: &str, x: &Tensor) -> Self {
         expect_dtype(op, "x", x, DType::F32);
         let cols = x.shape().last();
         assert!(cols > 0 && x.numel() > 0, "{op}: x {x:?} is empty");
@@ -102,23 +101,22 @@ impl RowShape {
     }
 
     /// An f32 tensor with one value per column (weights, biases, their gradients).
-    pub(crate) fn expect_per_column(&self, op: &str, name: &str, t: &Tensor) {
+    fn expect_per_column(&self, op: &str, name: &str, t: &Tensor) {
         expect_elements(op, name, t, DType::F32, &[self.cols]);
     }
 
     /// An f32 tensor with one value per row (saved statistics).
-    pub(crate) fn expect_per_row(&self, op: &str, name: &str, t: &Tensor) {
+    fn expect_per_row(&self, op: &str, name: &str, t: &Tensor) {
         expect_elements(op, name, t, DType::F32, &[self.rows]);
     }
 
     /// An f32 tensor as large as `x`.
-    pub(crate) fn expect_like_x(&self, op: &str, name: &str, t: &Tensor) {
+    fn expect_like_x(&self, op: &str, name: &str, t: &Tensor) {
         expect_elements(op, name, t, DType::F32, &[self.rows, self.cols]);
     }
 }
 
-/// The uniform parameters of every row-norm entry point (the WGSL `Params` of rmsnorm.wgsl
-/// and layernorm.wgsl).
+/// The uniform parameters of every entry point (the WGSL `Params` of rmsnorm.wgsl).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct RowParams {
@@ -140,7 +138,7 @@ impl RowParams {
 }
 
 /// Several rows per workgroup when rows are narrow (`eps` is read by forwards only).
-pub(crate) fn launch_row_norm(
+fn launch_row_norm(
     rec: &mut Recorder,
     spec: &'static KernelSpec,
     tensors: &[&Tensor],
@@ -153,15 +151,15 @@ pub(crate) fn launch_row_norm(
 
 /// A deterministic weight gradient: `partial_spec` (bound to `tensors` then the partials)
 /// writes `partial[block, c]`, the sum over a block of [`ROWS_PER_BLOCK`] rows, with one thread
-/// per column and block; [`reduce::sum_rows`] then adds the blocks into `grad` (`+=` when
-/// `accumulate`).
-pub(crate) fn weight_grad(
+/// per column and block; [`reduce::sum_rows`] then adds the blocks into `grad` as `write`
+/// says.
+fn weight_grad(
     rec: &mut Recorder,
     partial_spec: &'static KernelSpec,
     tensors: &[&Tensor],
     shape: RowShape,
     grad: &Tensor,
-    accumulate: bool,
+    write: Write,
 ) {
     const MAX_BLOCKS: usize = 65_535;
     let blocks = shape.rows.div_ceil(ROWS_PER_BLOCK);
@@ -171,12 +169,12 @@ pub(crate) fn weight_grad(
         partial_spec.entry,
         shape.rows
     );
-    let partial = Tensor::empty(rec.gpu(), [blocks, shape.cols], DType::F32);
+    let partial = rec.scratch([blocks, shape.cols], DType::F32);
     let mut bound = tensors.to_vec();
     bound.push(&partial);
     let params = RowParams::new(shape, 0.0);
     launch_per_column_block(rec, partial_spec, &bound, &params, shape.cols, blocks);
-    reduce::sum_rows(rec, &partial, grad, accumulate);
+    reduce::sum_rows(rec, &partial, grad, write);
 }
 
 /// CPU f64 references (row-major `[rows, cols]`).

@@ -259,7 +259,7 @@ pub fn separation_loss(
                 !options.grad_to_harmless(),
                 "separation_loss: a gradient flows to the harmless side but d_harmless is None"
             );
-            stand_in = Tensor::empty(rec.gpu(), [1], DType::F32);
+            stand_in = rec.scratch([1], DType::F32);
             &stand_in
         }
     };

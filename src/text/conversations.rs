@@ -13,6 +13,8 @@ use crate::{Error, Result};
 /// One training conversation: the messages in order. The model learns every assistant turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conversation {
+    /// The turns in order. A loaded conversation has at least one assistant turn, every role
+    /// is `system`, `user` or `assistant`, and no content is blank.
     pub messages: Vec<Message>,
 }
 

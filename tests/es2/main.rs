@@ -4,5 +4,6 @@ mod bad_data;
 mod kill;
 mod resume;
 mod run;
+mod sft_step;
 mod stories;
 mod torch_step;

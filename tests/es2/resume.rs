@@ -48,8 +48,8 @@ fn step_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
 
 fn trained_bits(trainer: &Trainer) -> Vec<(String, Vec<u32>)> {
     trainer
-        .engine
-        .grads
+        .job
+        .grads()
         .named(&trainer.models.tuned)
         .iter()
         .map(|p| (p.name.clone(), bits(&download(gpu(), &p.param))))

@@ -241,9 +241,7 @@ fn three_losses(config: &TrainConfig, f16_weights: bool) -> (Vec<f64>, Vec<Strin
     };
     let mut messages = Messages::default();
     let mut trainer = Trainer::new(gpu(), config, &mut messages).unwrap();
-    let losses = (0..3)
-        .map(|_| trainer.train_step().unwrap().values.loss)
-        .collect();
+    let losses = (0..3).map(|_| trainer.train_step().unwrap().loss).collect();
     (losses, messages.0)
 }
 

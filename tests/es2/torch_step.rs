@@ -5,16 +5,16 @@
 use std::path::PathBuf;
 
 use es2_wgpu::es2::{measure_base_stats, Es2Config, Es2Engine, ModelPair, OptimizerConfig};
-use es2_wgpu::model::{Batch, Checkpoint, LoadOptions, Trainable, Transformer};
+use es2_wgpu::model::{Batch, Checkpoint, LoadOptions, NamedParam, Trainable, Transformer};
 use es2_wgpu::ops::kl::KlDirection;
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::ops::separation::{Distance, LossShape, Pair};
 use es2_wgpu::testing::{download, gpu, rel_error};
 use serde_json::Value;
 
-const TOL: f64 = 1e-4;
+pub(super) const TOL: f64 = 1e-4;
 
-fn fixtures() -> PathBuf {
+pub(super) fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
@@ -58,7 +58,7 @@ fn objective(o: &Value) -> Es2Config {
     }
 }
 
-fn optimizer(o: &Value) -> OptimizerConfig {
+pub(super) fn optimizer(o: &Value) -> OptimizerConfig {
     OptimizerConfig {
         lr: o["lr"].as_f64().unwrap(),
         weight_decay: o["weight_decay"].as_f64().unwrap(),
@@ -71,7 +71,7 @@ fn optimizer(o: &Value) -> OptimizerConfig {
 }
 
 #[track_caller]
-fn close_scalar(what: &str, got: f64, want: f64, tol: f64) {
+pub(super) fn close_scalar(what: &str, got: f64, want: f64, tol: f64) {
     let err = (got - want).abs() / want.abs().max(1e-30);
     eprintln!("rel-error {what}: {err:.3e} (got {got:.7e}, torch {want:.7e})");
     assert!(
@@ -81,7 +81,7 @@ fn close_scalar(what: &str, got: f64, want: f64, tol: f64) {
 }
 
 #[track_caller]
-fn close_vec(what: &str, got: &[f32], want: &[f64], tol: f64) {
+pub(super) fn close_vec(what: &str, got: &[f32], want: &[f64], tol: f64) {
     let err = rel_error(got, want);
     eprintln!("rel-error {what}: {err:.3e}");
     assert!(
@@ -90,7 +90,7 @@ fn close_vec(what: &str, got: &[f32], want: &[f64], tol: f64) {
     );
 }
 
-fn as_f64(v: &Value) -> Vec<f64> {
+pub(super) fn as_f64(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap()
         .iter()
@@ -100,27 +100,8 @@ fn as_f64(v: &Value) -> Vec<f64> {
 
 fn run_case(case: &str) {
     let gpu = gpu();
-    let dir = fixtures().join("training");
-    let spec: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{case}.json"))).unwrap())
-            .unwrap();
-    let expected = Checkpoint::open_file(&dir.join(format!("{case}.safetensors"))).unwrap();
-    let model_dir = fixtures().join(spec["model"].as_str().unwrap());
-    let load = || Transformer::load(gpu, &model_dir, &LoadOptions::default()).unwrap();
-    let mut model = load();
-    let lora = spec["mode"] == "lora";
-    let frozen = if lora {
-        model
-            .load_adapter(gpu, &dir.join(format!("{case}.adapter")))
-            .unwrap();
-        None
-    } else {
-        Some(load())
-    };
-    let models = ModelPair {
-        tuned: model,
-        frozen,
-    };
+    let (spec, expected, models) = load_case(case);
+    let lora = models.frozen.is_none();
     let model = &models.tuned;
     let config = objective(&spec["objective"]);
     let vocab = model.config.vocab_size;
@@ -188,10 +169,10 @@ fn run_case(case: &str) {
         let got = engine
             .step(gpu, &models, &harmful, &harmless, lr, 0)
             .unwrap();
-        let v = &got.values;
+        let v = got.es2().expect("an ES2 step reports ES2 terms");
         close_scalar(
             &format!("{case} step {step} loss"),
-            v.loss,
+            got.loss,
             want["loss"].as_f64().unwrap(),
             TOL,
         );
@@ -224,33 +205,71 @@ fn run_case(case: &str) {
             TOL,
         );
 
-        let named = engine.grads.named(model);
-        let mut compared = 0;
-        for p in &named {
-            let step_key = format!("step{step}");
-            let kinds: &[&str] = if step == 1 {
-                &["grad", "step1"]
-            } else {
-                &[&step_key]
-            };
-            for &kind in kinds {
-                let key = format!("{kind}.{}", p.name);
-                if !expected.contains(&key) {
-                    continue;
-                }
-                let tensor = if kind == "grad" { &p.grad } else { &p.param };
-                let want: Vec<f64> = expected
-                    .load_f32(&key, tensor.dims())
-                    .unwrap()
-                    .iter()
-                    .map(|&x| f64::from(x))
-                    .collect();
-                close_vec(&format!("{case} {key}"), &download(gpu, tensor), &want, TOL);
-                compared += 1;
-            }
-        }
-        assert!(compared > 0, "{case} step {step}: no tensor compared");
+        compare_tensors(case, step, &expected, &engine.grads.named(model));
     }
+}
+
+/// A fixture case: its JSON spec, its stored tensors, and the model it starts from (the LoRA
+/// case with the stored initial adapter, the full case with a frozen copy beside it).
+pub(super) fn load_case(case: &str) -> (Value, Checkpoint, ModelPair) {
+    let gpu = gpu();
+    let dir = fixtures().join("training");
+    let spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{case}.json"))).unwrap())
+            .unwrap();
+    let expected = Checkpoint::open_file(&dir.join(format!("{case}.safetensors"))).unwrap();
+    let model_dir = fixtures().join(spec["model"].as_str().unwrap());
+    let load = || Transformer::load(gpu, &model_dir, &LoadOptions::default()).unwrap();
+    let mut model = load();
+    let frozen = if spec["mode"] == "lora" {
+        model
+            .load_adapter(gpu, &dir.join(format!("{case}.adapter")))
+            .unwrap();
+        None
+    } else {
+        Some(load())
+    };
+    let models = ModelPair {
+        tuned: model,
+        frozen,
+    };
+    (spec, expected, models)
+}
+
+/// Compares the trained tensors the fixture stores for `step` (`grad.*` and `step1.*` after
+/// the first step, `step<k>.*` after step k) and fails when none is stored.
+pub(super) fn compare_tensors(
+    case: &str,
+    step: usize,
+    expected: &Checkpoint,
+    named: &[NamedParam],
+) {
+    let gpu = gpu();
+    let mut compared = 0;
+    let step_key = format!("step{step}");
+    let kinds: &[&str] = if step == 1 {
+        &["grad", "step1"]
+    } else {
+        &[&step_key]
+    };
+    for p in named {
+        for &kind in kinds {
+            let key = format!("{kind}.{}", p.name);
+            if !expected.contains(&key) {
+                continue;
+            }
+            let tensor = if kind == "grad" { &p.grad } else { &p.param };
+            let want: Vec<f64> = expected
+                .load_f32(&key, tensor.dims())
+                .unwrap()
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            close_vec(&format!("{case} {key}"), &download(gpu, tensor), &want, TOL);
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "{case} step {step}: no tensor compared");
 }
 
 #[test]

@@ -4,25 +4,27 @@ use es2_wgpu::{Gpu, Recorder, Tensor};
 
 const TOL: f64 = 1e-5;
 
-/// `(loss, dlogits, loss from the forward-only kernel)`.
-fn run(gpu: &Gpu, vocab: usize, logits: &[f32], targets: &[u32], scale: f32) -> [Vec<f32>; 3] {
+/// `(loss, dlogits, loss from the forward-only kernel, the same through the row-part launcher)`.
+fn run(gpu: &Gpu, vocab: usize, logits: &[f32], targets: &[u32], scale: f32) -> [Vec<f32>; 4] {
     let rows = targets.len();
     let tz = upload(gpu, [rows, vocab], logits);
     let tt = Tensor::from_u32(gpu, [rows], targets).unwrap();
-    let (loss, dlogits, eval_loss) = (
+    let (loss, dlogits, eval_loss, parts_loss) = (
         poisoned(gpu, [rows]),
         poisoned(gpu, [rows, vocab]),
+        poisoned(gpu, [rows]),
         poisoned(gpu, [rows]),
     );
     let mut rec = Recorder::new(gpu);
     cross_entropy::cross_entropy(&mut rec, &tz, &tt, &loss, &dlogits, scale);
     cross_entropy::cross_entropy_loss(&mut rec, &tz, &tt, &eval_loss);
+    cross_entropy::cross_entropy_loss_in_parts(&mut rec, &tz, &tt, &parts_loss);
     rec.finish().unwrap();
-    [&loss, &dlogits, &eval_loss].map(|t| download(gpu, t))
+    [&loss, &dlogits, &eval_loss, &parts_loss].map(|t| download(gpu, t))
 }
 
 fn check(name: &str, vocab: usize, logits: &[f32], targets: &[u32], scale: f32) {
-    let [loss, dlogits, eval_loss] = run(gpu(), vocab, logits, targets, scale);
+    let [loss, dlogits, eval_loss, parts_loss] = run(gpu(), vocab, logits, targets, scale);
     let z = f64s(logits);
     let loss_ref = reference::cross_entropy_loss(&z, targets, vocab);
     let grad_ref = reference::cross_entropy_grad(&z, targets, vocab, f64::from(scale));
@@ -36,6 +38,12 @@ fn check(name: &str, vocab: usize, logits: &[f32], targets: &[u32], scale: f32) 
     assert_close(
         &format!("cross_entropy_loss (forward only) {name}"),
         &eval_loss,
+        &loss_ref,
+        TOL,
+    );
+    assert_close(
+        &format!("cross_entropy_loss_in_parts {name}"),
+        &parts_loss,
         &loss_ref,
         TOL,
     );

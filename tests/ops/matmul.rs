@@ -1,4 +1,5 @@
 use es2_wgpu::ops::matmul::{self, reference, Gemm, MatmulOptions, Strided};
+use es2_wgpu::ops::Write;
 use es2_wgpu::testing::*;
 use es2_wgpu::{Recorder, Tensor};
 use half::f16;
@@ -154,8 +155,8 @@ fn matmul_backward_bias_matches_reference_and_accumulates() {
         let tdy = upload(gpu, [m, n], &dy);
         let (db, db_acc) = (poisoned(gpu, [n]), upload(gpu, [n], &init));
         let mut rec = Recorder::new(gpu);
-        matmul::matmul_backward_bias(&mut rec, &tdy, &db, false);
-        matmul::matmul_backward_bias(&mut rec, &tdy, &db_acc, true);
+        matmul::matmul_backward_bias(&mut rec, &tdy, &db, Write::Overwrite);
+        matmul::matmul_backward_bias(&mut rec, &tdy, &db_acc, Write::Accumulate);
         rec.finish().unwrap();
         let want = reference::matmul_backward_bias(&f64s(&dy), n);
         let name = format!("matmul_backward_bias {m}x{n}");
@@ -207,7 +208,7 @@ fn matmul_backward_is_bit_identical_across_runs() {
         let options = MatmulOptions::default().scaled(0.3);
         matmul::matmul_backward_input(&mut rec, &tdy, &tw, &dx, options);
         matmul::matmul_backward_weight(&mut rec, &tdy, &tx, &dw, options);
-        matmul::matmul_backward_bias(&mut rec, &tdy, &db, false);
+        matmul::matmul_backward_bias(&mut rec, &tdy, &db, Write::Overwrite);
         rec.finish().unwrap();
         [&dx, &dw, &db].map(|t| bits(&download(gpu, t)))
     };
@@ -269,16 +270,16 @@ fn gemm_batched_matches_reference_in_every_layout_with_a_broadcast_operand() {
             MatmulOptions::accumulate().scaled(-1.25),
         ] {
             let g = g.with(options);
-            let c_init = if options.accumulate {
+            let c_init = if options.write == Write::Accumulate {
                 randn(seed + 3, batch * m * n, 1.0)
             } else {
                 vec![f32::NAN; batch * m * n]
             };
-            let with_bias = options.accumulate;
+            let with_bias = options.write == Write::Accumulate;
             let bias = with_bias.then_some(&bias[..]);
             let name = format!(
                 "gemm batch={batch} {m}x{n}x{k} transpose_a={transpose_a} transpose_b={transpose_b} alpha={} accumulate={} bias={with_bias}",
-                options.alpha, options.accumulate
+                options.alpha, (options.write == Write::Accumulate)
             );
             let out = run_gemm(&g, &a, &b, bias, &c_init);
             assert_close(&name, &out, &reference_gemm(&g, &a, &b, bias, &c_init), TOL);
@@ -310,7 +311,7 @@ fn gemm_writes_a_column_window_of_a_wider_output_and_nothing_else() {
             .into_iter()
             .enumerate()
             .map(|(i, v)| {
-                if window(i) && !options.accumulate {
+                if window(i) && options.write == Write::Overwrite {
                     f32::NAN
                 } else {
                     v
@@ -319,7 +320,10 @@ fn gemm_writes_a_column_window_of_a_wider_output_and_nothing_else() {
             .collect();
         let out = run_gemm(&g, &x, &w, Some(&bias), &c_init);
         let want = reference_gemm(&g, &x, &w, Some(&bias), &c_init);
-        let name = format!("gemm column window accumulate={}", options.accumulate);
+        let name = format!(
+            "gemm column window accumulate={}",
+            (options.write == Write::Accumulate)
+        );
         assert_close(&name, &out, &want, TOL);
         let outside = |v: &[f32]| -> Vec<u32> {
             v.iter()
@@ -481,7 +485,7 @@ fn gemm_reads_f16_b_at_odd_offsets_and_strides_in_both_layouts() {
         );
         for options in [MatmulOptions::default(), MatmulOptions::accumulate()] {
             let g = g.with(options.scaled(-1.5));
-            let c_init = if options.accumulate {
+            let c_init = if options.write == Write::Accumulate {
                 init.clone()
             } else {
                 vec![f32::NAN; init.len()]
@@ -496,7 +500,7 @@ fn gemm_reads_f16_b_at_odd_offsets_and_strides_in_both_layouts() {
             let (out16, out32) = (run(&tb16), run(&tb32));
             let name = format!(
                 "gemm f16 B transpose_b={transpose_b} offset 3 accumulate={}",
-                options.accumulate
+                (options.write == Write::Accumulate)
             );
             let want = reference_gemm(&g, &a, &b, None, &c_init);
             assert_close(&name, &out16, &want, TOL);

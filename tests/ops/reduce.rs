@@ -1,4 +1,5 @@
 use es2_wgpu::ops::reduce::{self, reference};
+use es2_wgpu::ops::Write;
 use es2_wgpu::testing::*;
 use es2_wgpu::Recorder;
 
@@ -13,8 +14,8 @@ fn sum_rows_matches_reference_in_one_and_two_stages() {
         let out = poisoned(gpu, [cols]);
         let acc = upload(gpu, [cols], &init);
         let mut rec = Recorder::new(gpu);
-        reduce::sum_rows(&mut rec, &tx, &out, false);
-        reduce::sum_rows(&mut rec, &tx, &acc, true);
+        reduce::sum_rows(&mut rec, &tx, &out, Write::Overwrite);
+        reduce::sum_rows(&mut rec, &tx, &acc, Write::Accumulate);
         rec.finish().unwrap();
         let want = reference::sum_rows(&f64s(&x), cols);
         let name = format!("sum_rows {rows}x{cols}");
@@ -31,7 +32,7 @@ fn sum_rows_is_bit_identical_across_runs() {
     let run = || {
         let out = poisoned(gpu, [cols]);
         let mut rec = Recorder::new(gpu);
-        reduce::sum_rows(&mut rec, &tx, &out, false);
+        reduce::sum_rows(&mut rec, &tx, &out, Write::Overwrite);
         rec.finish().unwrap();
         download(gpu, &out)
     };

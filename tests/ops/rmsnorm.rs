@@ -1,4 +1,5 @@
 use es2_wgpu::ops::rmsnorm::{self, reference};
+use es2_wgpu::ops::Write;
 use es2_wgpu::testing::*;
 use es2_wgpu::{Recorder, Tensor};
 
@@ -41,7 +42,11 @@ fn gpu_backward(x: &[f32], w: &[f32], dy: &[f32], rows: usize, dw0: Option<&[f32
         &tdy,
         &tdx,
         Some(&tdw),
-        dw0.is_some(),
+        if dw0.is_some() {
+            Write::Accumulate
+        } else {
+            Write::Overwrite
+        },
     );
     rec.finish().unwrap();
     Backward {
@@ -160,7 +165,16 @@ fn rmsnorm_backward_without_a_weight_gradient_gives_the_same_dx() {
     );
     let mut rec = Recorder::new(gpu);
     rmsnorm::rmsnorm_forward(&mut rec, &tx, &tw, &ty, &trstd, EPS);
-    rmsnorm::rmsnorm_backward(&mut rec, &tx, &tw, &trstd, &tdy, &tdx, None, false);
+    rmsnorm::rmsnorm_backward(
+        &mut rec,
+        &tx,
+        &tw,
+        &trstd,
+        &tdy,
+        &tdx,
+        None,
+        Write::Overwrite,
+    );
     rec.finish().unwrap();
     assert_bit_identical("rmsnorm dx without dw", &download(gpu, &tdx), &with_dw.dx);
 }

@@ -92,3 +92,53 @@ fn a_tensor_dropped_after_recording_is_not_overwritten_before_submission() {
     let want: Vec<f64> = x.iter().map(|&v| 2.0 * f64::from(v)).collect();
     assert_close("scale of a dropped input", &download(gpu, &y), &want, 0.0);
 }
+
+/// A device of its own: a fault is reported on the device where it happened, and the shared
+/// test device must not see this one's.
+fn own_device() -> es2_wgpu::Gpu {
+    es2_wgpu::Gpu::new().expect("the fault tests need an adapter")
+}
+
+#[test]
+fn a_binding_past_the_adapter_limit_is_an_error_not_a_panic() {
+    use es2_wgpu::ops::matmul::{matmul_forward, MatmulOptions};
+    use es2_wgpu::{DeviceFault, Error};
+    let gpu = &own_device();
+    // A weight [n, k] one row longer than one storage binding holds, as an LM head with a large
+    // vocabulary is: the product binds all of it.
+    let k = 1024;
+    let n = (gpu.max_binding_bytes() as usize / (4 * k)) + 1;
+    let x = upload(gpu, [2, k], &randn(1, 2 * k, 1.0));
+    let w = Tensor::empty(gpu, [n, k], DType::F32);
+    let y = Tensor::empty(gpu, [2, n], DType::F32);
+    let mut rec = Recorder::new(gpu);
+    matmul_forward(&mut rec, &x, &w, None, &y, MatmulOptions::overwrite());
+    match rec.finish() {
+        Err(Error::Device { kind, message }) => {
+            assert_eq!(kind, DeviceFault::Validation, "{message}");
+            assert!(message.contains("binding"), "{message}");
+        }
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+    // The fault was reported once; the device takes new work.
+    let small = upload(gpu, [4], &[1.0, 2.0, 3.0, 4.0]);
+    let out = poisoned(gpu, [4]);
+    let mut rec = Recorder::new(gpu);
+    scale_forward(&mut rec, &small, &out, 2.0);
+    rec.finish().unwrap();
+    assert_eq!(download(gpu, &out), vec![2.0, 4.0, 6.0, 8.0]);
+}
+
+#[test]
+fn a_buffer_past_the_adapter_limit_is_an_error_not_a_panic() {
+    use es2_wgpu::Error;
+    let gpu = &own_device();
+    let too_many = (gpu.limits().max_buffer_size / 4) as usize + 64;
+    let huge = Tensor::empty(gpu, [too_many], DType::F32);
+    let mut rec = Recorder::new(gpu);
+    rec.zero(&huge);
+    match rec.finish() {
+        Err(Error::Device { message, .. }) => eprintln!("reported: {message}"),
+        other => panic!("expected a device fault, got {other:?}"),
+    }
+}
