@@ -271,6 +271,11 @@ impl Report {
         md
     }
 
+    /// The attack and capability tables alone, for a terminal.
+    pub fn summary_markdown(&self) -> String {
+        self.attacks_section() + &self.capability_section()
+    }
+
     fn labels(&self) -> Vec<&str> {
         self.models.iter().map(|m| m.label.as_str()).collect()
     }
