@@ -32,6 +32,9 @@ pub struct CheckpointState {
     /// One per data set the objective draws from (ES2: harmful, harmless; SFT: one).
     pub samplers: Vec<Sampler>,
     pub evaluations: Vec<Evaluation>,
+    /// The steps skipped so far for a non-finite loss or gradient.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<usize>,
 }
 
 impl CheckpointState {

@@ -47,6 +47,25 @@ pub struct SftTerms {
 }
 
 impl StepReport {
+    /// The first of the step's terms that is NaN or infinite, by name (L_sep, L_KL, the
+    /// cross-entropy, then the gradient norm), with its value.
+    pub fn nonfinite_term(&self) -> Option<(&'static str, f64)> {
+        let loss_terms: Vec<(&'static str, f64)> = match &self.terms {
+            Terms::Es2(t) => vec![("L_sep", t.sep), ("L_KL", t.kl)],
+            Terms::Sft(_) => vec![("the cross-entropy", self.loss)],
+        };
+        loss_terms
+            .into_iter()
+            .chain([("the gradient norm", self.grad_norm)])
+            .find(|(_, v)| !v.is_finite())
+    }
+
+    /// Whether the GPU applied this step's update: it skips any update whose gradient norm is
+    /// not finite.
+    pub fn update_applied(&self) -> bool {
+        self.grad_norm.is_finite()
+    }
+
     /// The ES2 terms, for an ES2 step.
     pub fn es2(&self) -> Option<&Es2Terms> {
         match &self.terms {

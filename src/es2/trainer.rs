@@ -63,6 +63,10 @@ pub struct TrainConfig {
     /// says.
     pub max_len: usize,
     pub seed: u64,
+    /// Steps whose loss or gradient is NaN or infinite that the run may skip (each logged in
+    /// `metrics.jsonl`) before it stops; 0: stop at the first. A skipped step changes nothing
+    /// on the model: the GPU applies no update whose gradient norm is not finite.
+    pub skip_nonfinite: usize,
     pub val_fraction: f32,
     /// Held-out evaluation every this many steps (and at the start and end); 0: start/end.
     pub eval_every: usize,
@@ -107,6 +111,7 @@ impl Default for TrainConfig {
             sft_batch: 8,
             max_len: 128,
             seed: 0,
+            skip_nonfinite: 0,
             val_fraction: 0.1,
             eval_every: 50,
             save_every: 100,
@@ -275,6 +280,8 @@ pub struct Trainer<'g> {
     pub job: Job,
     /// Steps completed.
     pub step: usize,
+    /// The steps skipped for a non-finite loss or gradient.
+    pub skipped: Vec<usize>,
     evaluations: Vec<Evaluation>,
     metrics: MetricsLog,
 }
@@ -312,6 +319,7 @@ impl<'g> Trainer<'g> {
             tokenizer,
             job,
             step: 0,
+            skipped: Vec::new(),
             evaluations: Vec::new(),
             metrics,
         })
@@ -359,6 +367,7 @@ impl<'g> Trainer<'g> {
             tokenizer,
             job,
             step: state.step,
+            skipped: state.skipped,
             evaluations: state.evaluations,
             metrics,
         })
@@ -412,7 +421,18 @@ impl<'g> Trainer<'g> {
         let report = self.train_step()?;
         let tokens_per_s = report.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let lr = self.config.optimizer.lr_at(self.step, total);
-        self.metrics.step(self.step, &report, lr, tokens_per_s)?;
+        match report.nonfinite_term() {
+            Some((term, value)) => {
+                self.metrics.skipped(self.step, term, value)?;
+                observer.message(&format!(
+                    "step {}: {term} is not finite ({value}); step skipped ({} of at most {})",
+                    self.step,
+                    self.skipped.len(),
+                    self.config.skip_nonfinite
+                ));
+            }
+            None => self.metrics.step(self.step, &report, lr, tokens_per_s)?,
+        }
         crate::failpoint::hit("step", &self.step.to_string());
         observer.step(self.step, total, &report, tokens_per_s);
         let every = self.config.eval_every;
@@ -446,7 +466,38 @@ impl<'g> Trainer<'g> {
             .job
             .step(self.gpu, &self.models, &self.config, lr, seed)?;
         self.step += 1;
+        if let Some((term, value)) = report.nonfinite_term() {
+            self.skip_or_stop(&report, term, value)?;
+        }
         Ok(report)
+    }
+
+    /// Skips the step just taken, whose `term` is not finite, when the update was not applied
+    /// and the run may skip another; otherwise an error naming the step and the term.
+    fn skip_or_stop(&mut self, report: &StepReport, term: &str, value: f64) -> Result<()> {
+        let may_skip = self.skipped.len() < self.config.skip_nonfinite;
+        if may_skip && !report.update_applied() {
+            self.job.optimizer_mut().unstep();
+            self.skipped.push(self.step);
+            return Ok(());
+        }
+        let last = checkpoint::resolve(&self.config.out)
+            .ok()
+            .map_or("no checkpoint was written yet".to_owned(), |dir| {
+                format!("the last checkpoint, {}, is intact", dir.display())
+            });
+        let why = if may_skip {
+            "its update was already applied, so it cannot be skipped"
+        } else if self.config.skip_nonfinite > 0 {
+            "the run already skipped as many steps as skip_nonfinite allows"
+        } else {
+            "skip_nonfinite is 0"
+        };
+        Err(Error::Numerical(format!(
+            "step {}: {term} is not finite ({value}); {why}. {last}: lower the learning rate \
+             (lr) or clip the gradient norm (clip), and resume from it",
+            self.step
+        )))
     }
 
     /// The held-out measurements of the objective at the current step.
@@ -462,6 +513,7 @@ impl<'g> Trainer<'g> {
             config: self.config.clone(),
             base_stats: self.job.base_stats().cloned(),
             samplers: self.job.samplers(),
+            skipped: self.skipped.clone(),
             evaluations: self.evaluations.clone(),
         };
         checkpoint::save(
