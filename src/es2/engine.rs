@@ -19,6 +19,7 @@ use crate::{Error, Result};
 /// fine-tuning keeps none).
 #[derive(Debug)]
 pub struct ModelPair {
+    /// The model whose trainable weights the step updates.
     pub tuned: Transformer,
     /// The frozen base of a full fine-tune; `None` under LoRA.
     pub frozen: Option<Transformer>,
@@ -40,17 +41,23 @@ impl ModelPair {
 /// The state that persists across steps.
 #[derive(Debug)]
 pub struct Es2Engine {
+    /// The objective's options.
     pub config: Es2Config,
+    /// The chosen layers, resolved to block indices.
     pub layers: Vec<usize>,
+    /// Constants measured once on the base model (ν, margins, centroid).
     pub base_stats: BaseStats,
     base_tensors: BaseTensors,
+    /// Gradient buffers of the trainable parameters.
     pub grads: Gradients,
+    /// AdamW and its moments.
     pub optimizer: AdamW,
     /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,
 }
 
 impl Es2Engine {
+    /// An engine for `model`'s trainable parameters under `config`.
     pub fn new(
         gpu: &Gpu,
         model: &Transformer,

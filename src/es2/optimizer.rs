@@ -26,13 +26,19 @@ pub enum Schedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct OptimizerConfig {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Decay of the first moment.
     pub beta1: f64,
+    /// Decay of the second moment.
     pub beta2: f64,
+    /// Added to the second moment's square root.
     pub eps: f64,
     /// Global gradient-norm clipping threshold (0 turns it off).
     pub clip: f64,
+    /// The learning rate after warmup.
     pub schedule: Schedule,
     /// Warmup steps.
     pub warmup: usize,
@@ -54,6 +60,7 @@ impl Default for OptimizerConfig {
 }
 
 impl OptimizerConfig {
+    /// An error naming the first field out of its range.
     pub fn validate(&self) -> Result<()> {
         let bad = |field, rule: &str, value: f64| {
             Err(Error::config(field, format!("{rule}, got {value}")))
@@ -96,8 +103,11 @@ impl OptimizerConfig {
 /// AdamW moments for each trainable tensor, in the order of [`crate::model::Gradients::named`].
 #[derive(Debug)]
 pub struct AdamW {
+    /// The settings.
     pub config: OptimizerConfig,
+    /// First moments, one per trainable tensor.
     pub m: Vec<Tensor>,
+    /// Second moments, one per trainable tensor.
     pub v: Vec<Tensor>,
     /// Steps taken.
     pub step: u64,
@@ -105,6 +115,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// Zero moments for `params`, at step 0.
     pub fn new(gpu: &Gpu, params: &[NamedParam], config: OptimizerConfig) -> Self {
         let zeros = || {
             params

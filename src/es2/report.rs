@@ -15,6 +15,7 @@ pub struct StepReport {
     /// Real (non-padding) tokens processed.
     pub tokens: usize,
     #[serde(flatten)]
+    /// The objective's own terms.
     pub terms: Terms,
 }
 
@@ -22,7 +23,9 @@ pub struct StepReport {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Terms {
+    /// An ES2 step.
     Es2(Es2Terms),
+    /// An SFT step.
     Sft(SftTerms),
 }
 
@@ -86,8 +89,10 @@ impl StepReport {
 /// Held-out measurements at one point of the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
+    /// Steps completed when it was measured.
     pub step: usize,
     #[serde(flatten)]
+    /// The objective's numbers.
     pub held_out: HeldOut,
 }
 
@@ -95,7 +100,9 @@ pub struct Evaluation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum HeldOut {
+    /// Held-out separation and KL.
     Es2(Es2HeldOut),
+    /// Held-out cross-entropy.
     Sft(SftHeldOut),
 }
 

@@ -16,7 +16,9 @@ use crate::{Error, Result};
 /// The state that persists across SFT steps.
 #[derive(Debug)]
 pub struct SftEngine {
+    /// Gradient buffers of the trainable parameters.
     pub grads: Gradients,
+    /// AdamW and its moments.
     pub optimizer: AdamW,
     /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,

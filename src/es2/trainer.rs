@@ -41,20 +41,26 @@ pub struct TrainConfig {
     pub model: String,
     /// The objective trained: ES2 (the default) or supervised fine-tuning.
     pub task: Task,
-    /// Harmful / harmless prompt files (ES2); `None` uses the built-in sets.
+    /// Harmful prompt file (ES2); `None` uses the built-in set.
     pub harmful: Option<PathBuf>,
+    /// Harmless prompt file (ES2); `None` uses the built-in set.
     pub harmless: Option<PathBuf>,
     /// The conversations supervised fine-tuning learns (JSON, JSONL or CSV; see
     /// [`load_conversations`](crate::text::load_conversations)); required by [`Task::Sft`].
     pub data: Option<PathBuf>,
+    /// The output folder: adapter or model, metrics, checkpoints, curves, summary.
     pub out: PathBuf,
     /// The ES2 objective's options.
     pub objective: Es2Config,
     /// LoRA settings; `None` is full fine-tuning.
     pub lora: Option<LoraConfig>,
+    /// AdamW and the learning-rate schedule.
     pub optimizer: OptimizerConfig,
+    /// Training steps in all (a resumed run's new total).
     pub steps: usize,
+    /// Harmful prompts per ES2 step.
     pub harmful_batch: usize,
+    /// Harmless prompts per ES2 step.
     pub harmless_batch: usize,
     /// Conversations per SFT step.
     pub sft_batch: usize,
@@ -62,11 +68,13 @@ pub struct TrainConfig {
     /// conversations are cut as [`tokenize_conversations`](super::data::tokenize_conversations)
     /// says.
     pub max_len: usize,
+    /// Seed of the adapters' initialisation, the data order and dropout.
     pub seed: u64,
     /// Steps whose loss or gradient is NaN or infinite that the run may skip (each logged in
     /// `metrics.jsonl`) before it stops; 0: stop at the first. A skipped step changes nothing
     /// on the model: the GPU applies no update whose gradient norm is not finite.
     pub skip_nonfinite: usize,
+    /// Fraction of each data set held out for evaluation.
     pub val_fraction: f32,
     /// Held-out evaluation every this many steps (and at the start and end); 0: start/end.
     pub eval_every: usize,
@@ -147,6 +155,7 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// An error naming the first field that is out of range or missing for the objective.
     pub fn validate(&self) -> Result<()> {
         let at_least = |field, min: usize, value: usize| {
             if value < min {
@@ -272,9 +281,11 @@ impl TrainObserver for Quiet {}
 /// A training run in progress.
 pub struct Trainer<'g> {
     gpu: &'g Gpu,
+    /// The run's configuration.
     pub config: TrainConfig,
     /// The model in training and its reference (see [`ModelPair`]).
     pub models: ModelPair,
+    /// The model's tokenizer (with its chat template).
     pub tokenizer: Tokenizer,
     /// The objective with its engine and data.
     pub job: Job,
