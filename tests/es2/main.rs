@@ -2,6 +2,7 @@
 
 mod bad_data;
 mod kill;
+mod nonfinite;
 mod resume;
 mod run;
 mod sft_step;
