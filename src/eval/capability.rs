@@ -79,7 +79,9 @@ pub fn perplexity(
 /// One multiple-choice question.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Question {
+    /// The question's text.
     pub question: String,
+    /// The four choices, A to D.
     pub choices: [String; 4],
     /// 0..4.
     pub answer: usize,

@@ -19,12 +19,15 @@ pub const EMBED_BATCH: usize = 16;
 /// The pooled embeddings of the probe prompts at every hidden state (0..=L), fit rows first.
 #[derive(Debug, Clone)]
 pub struct Embeddings {
+    /// Values per embedding (the hidden size C).
     pub cols: usize,
-    /// Per hidden-state index, `[n·C]`.
+    /// Per hidden-state index, the harmful rows `[n·C]`.
     pub harmful: Vec<Vec<f64>>,
+    /// Per hidden-state index, the harmless rows `[n·C]`.
     pub harmless: Vec<Vec<f64>>,
-    /// How many of the rows (the first ones) fit the probes; the rest test them.
+    /// How many of the harmful rows (the first ones) fit the probes; the rest test them.
     pub harmful_fit: usize,
+    /// How many of the harmless rows (the first ones) fit the probes; the rest test them.
     pub harmless_fit: usize,
 }
 
@@ -108,6 +111,7 @@ impl Embeddings {
 pub struct LayerFindings {
     /// The hidden-state index.
     pub layer: usize,
+    /// Centroid and pairwise distances, raw and normalised.
     pub geometry: LayerGeometry,
     /// Fitted on the fit rows.
     pub probe: Probe,

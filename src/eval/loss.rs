@@ -38,7 +38,9 @@ impl SequenceLoss {
 /// position `t − 1`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scored {
+    /// The sequence's token ids.
     pub ids: Vec<u32>,
+    /// Per token, whether it is scored.
     pub learned: Vec<bool>,
 }
 
@@ -126,6 +128,7 @@ pub struct Wanted {
 /// What [`score`] measured on one batch.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Scoring {
+    /// Per sequence, its loss over the scored tokens.
     pub losses: Vec<SequenceLoss>,
     /// `[B·T, C]`: the gradient of Σ_b (mean loss of sequence b) at hidden state 0 after its
     /// hooks; each sequence's rows are the gradient of its own mean loss.

@@ -69,8 +69,11 @@ pub struct DrawSizes {
 /// A seeded draw from one side's prompts.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Drawn {
+    /// Prompts the model answers (and attacks attack).
     pub answered: Vec<String>,
+    /// Prompts whose embeddings fit the probes.
     pub probe_fit: Vec<String>,
+    /// Prompts whose embeddings test the probes and give the geometry.
     pub probe_test: Vec<String>,
 }
 

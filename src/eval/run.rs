@@ -39,11 +39,13 @@ pub struct EvalConfig {
     pub lora: Option<PathBuf>,
     /// A second model measured beside it, on the same prompts (the model before hardening).
     pub base: Option<String>,
-    /// Held-out prompt files (`None`: the built-in held-out sets).
+    /// Held-out harmful prompts (`None`: the built-in held-out set).
     pub harmful: Option<PathBuf>,
+    /// Held-out harmless prompts (`None`: the built-in held-out set).
     pub harmless: Option<PathBuf>,
-    /// How many prompts of each side are answered and embedded for the probes.
+    /// How many harmful prompts are answered and embedded for the probes.
     pub harmful_draw: DrawSizes,
+    /// How many harmless prompts are answered and embedded for the probes.
     pub harmless_draw: DrawSizes,
     /// The attacks to run, direct inquiry included (`None`: every attack).
     pub attacks: Option<Vec<AttackKind>>,
@@ -53,6 +55,7 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     /// Seed of the prompt draw and of every attack.
     pub seed: u64,
+    /// How prompts are rendered (chat template, truncation).
     pub prompting: Prompting,
     /// Where a prompt's embedding is read.
     pub pool: Pool,

@@ -23,10 +23,13 @@ pub struct Prompting {
 /// A model under evaluation.
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
+    /// The transformer.
     pub model: &'a Transformer,
+    /// Its tokenizer (and chat template).
     pub tokenizer: &'a Tokenizer,
     /// Run the LoRA adapters (off: the model they are attached to).
     pub adapters: bool,
+    /// How prompts become token ids.
     pub prompting: Prompting,
 }
 
@@ -34,7 +37,9 @@ pub struct Subject<'a> {
 /// inserts its tokens (before the template closes the message and opens the reply).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slotted {
+    /// The prompt's ids.
     pub ids: Vec<u32>,
+    /// Where inserted tokens go: right after the user's message.
     pub slot: usize,
 }
 

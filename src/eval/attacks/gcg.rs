@@ -134,11 +134,15 @@ pub fn candidates(suffix: &[u32], top: &[Vec<u32>], count: usize, rng: &mut Rng)
 /// How one prompt's search went.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Searched {
+    /// The suffix after the last step.
     pub suffix: Vec<u32>,
-    /// Mean loss per target token with the initial suffix and the final one.
+    /// Mean loss per target token with the initial suffix.
     pub initial_loss: f64,
+    /// Mean loss per target token with the final suffix.
     pub final_loss: f64,
+    /// Search steps taken.
     pub steps: usize,
+    /// Whether greedy decoding writes the target after the final suffix.
     pub success: bool,
 }
 

@@ -31,11 +31,17 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttackKind {
+    /// The prompt as it is.
     Direct,
+    /// SCAV's embedding attack ([`scav`]).
     Scav,
+    /// RepE steering ([`repe`]).
     Repe,
+    /// Refusal-direction ablation ([`ablation`]).
     Ablation,
+    /// Free input embeddings ([`soft_prompt`]).
     SoftPrompt,
+    /// GCG's suffix search ([`gcg`]).
     Gcg,
 }
 
@@ -81,9 +87,13 @@ impl AttackKind {
 /// Budgets and settings of every attack.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct AttackSettings {
+    /// SCAV's target probabilities and probe threshold.
     pub scav: scav::ScavSettings,
+    /// RepE's coefficients and window.
     pub repe: repe::RepeSettings,
+    /// Ablation's direction filters.
     pub ablation: ablation::AblationSettings,
+    /// The soft prompt's size, steps and target.
     pub soft_prompt: soft_prompt::SoftPromptSettings,
     /// `None`: [`gcg::GcgSettings::for_parameters`] of the evaluated model.
     pub gcg: Option<gcg::GcgSettings>,
@@ -109,18 +119,27 @@ fn json_of<T: Serialize>(value: &T) -> serde_json::Value {
 
 /// Everything an attack may use on one model.
 pub struct AttackContext<'a> {
+    /// The device the model lives on.
     pub gpu: &'a Gpu,
+    /// The attacked model.
     pub subject: Subject<'a>,
     /// Per hidden state: geometry, probe, mean difference (from the probe prompts).
     pub findings: &'a [LayerFindings],
+    /// The probe prompts' pooled embeddings at every hidden state.
     pub embeddings: &'a Embeddings,
+    /// The drawn harmful prompts.
     pub harmful: &'a Drawn,
+    /// The drawn harmless prompts.
     pub harmless: &'a Drawn,
     /// The answered prompts' ids.
     pub harmful_ids: &'a [Vec<u32>],
+    /// The answered harmless prompts' ids.
     pub harmless_ids: &'a [Vec<u32>],
+    /// Most new tokens of a reply.
     pub max_new_tokens: usize,
+    /// Seed of every random choice an attack makes.
     pub seed: u64,
+    /// Budgets and settings of the attacks.
     pub settings: &'a AttackSettings,
 }
 

@@ -73,8 +73,9 @@ pub fn clamp_hooks(gpu: &Gpu, probes: &[(usize, &Probe)], p0: f64) -> Result<Vec
 pub struct Step {
     /// The hidden-state index.
     pub layer: usize,
-    /// P(harmful) of the state the clamp received, and of the state it left.
+    /// P(harmful) of the state the clamp received.
     pub before: f64,
+    /// P(harmful) of the state the clamp left.
     pub after: f64,
     /// ‖ε‖: how far it moved the state (0 where it did not fire).
     pub epsilon: f64,

@@ -51,7 +51,9 @@ pub struct SoftPrompt {
     pub ids: Vec<u32>,
     /// Where the free embeddings start, and how many.
     pub start: usize,
+    /// How many free embeddings there are.
     pub tokens: usize,
+    /// The free embeddings, `[k·C]` row-major.
     pub values: Vec<f32>,
 }
 
@@ -105,6 +107,7 @@ pub struct Adam {
 }
 
 impl Adam {
+    /// Adam over `n` parameters with learning rate `lr`.
     pub fn new(n: usize, lr: f64) -> Adam {
         Adam {
             lr,
@@ -136,8 +139,9 @@ impl Adam {
 /// How one prompt's optimisation went.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Optimised {
-    /// Mean loss per target token before the first step and at the end.
+    /// Mean loss per target token before the first step.
     pub initial_loss: f64,
+    /// Mean loss per target token at the end.
     pub final_loss: f64,
     /// Adam steps taken.
     pub steps: usize,
