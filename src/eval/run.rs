@@ -81,11 +81,11 @@ impl Default for EvalConfig {
             harmful: None,
             harmless: None,
             harmful_draw: DrawSizes {
-                answered: 16,
+                answered: 8,
                 probe: 64,
             },
             harmless_draw: DrawSizes {
-                answered: 16,
+                answered: 8,
                 probe: 64,
             },
             attacks: None,
