@@ -113,6 +113,7 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
             multiple_choice: Some(questions.clone()),
             ..CapabilityFiles::default()
         },
+        write_ablated: true,
         out: dir.join("eval-out"),
         ..EvalConfig::default()
     };
@@ -219,6 +220,11 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
     assert_eq!(report.plots, ["layers.svg", "pca.svg", "repe.svg"]);
     for plot in &report.plots {
         assert!(out.join(plot).is_file(), "{plot} not written");
+    }
+    for label in ["base", "hardened"] {
+        let folder = out.join(format!("ablated-{label}"));
+        assert!(folder.join("model.safetensors").is_file(), "{label}");
+        assert!(folder.join("tokenizer.json").is_file(), "{label}");
     }
     assert!(observer.stages.iter().any(|s| s == "hardened: gcg"));
     assert!(observer.advanced > 20);
