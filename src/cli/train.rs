@@ -110,7 +110,8 @@ pub struct TrainArgs {
     #[arg(long)]
     merge: bool,
     /// Keep the frozen base weights' block projections in f16, at half their GPU memory
-    /// (the model of a LoRA run; the frozen reference copy under --full). Compute stays f32.
+    /// (the model of a LoRA run; the frozen reference copy of an es2 run under --full; an sft
+    /// run under --full has none). Compute stays f32.
     #[arg(long)]
     f16_weights: bool,
     /// Refuse model weights that hold NaN or infinity (by default they load with a warning).
@@ -232,10 +233,32 @@ fn with_preset(text: &str, value: impl Fn(&TrainingPreset) -> Option<String>) ->
     }
 }
 
+/// Flags only ES2 reads, by the configuration field each sets (whose last part is the flag's
+/// clap id).
+const ES2_ONLY: [&str; 13] = [
+    "objective.layers",
+    "objective.pool",
+    "objective.pair",
+    "objective.distance",
+    "objective.shape",
+    "objective.margin",
+    "objective.margin_abs",
+    "objective.harmful_only",
+    "objective.lambda",
+    "objective.temperature",
+    "objective.kl_dir",
+    "harmful_batch",
+    "harmless_batch",
+];
+
+/// Flags only SFT reads, as [`ES2_ONLY`].
+const SFT_ONLY: [&str; 1] = ["sft_batch"];
+
 impl TrainArgs {
     /// The run's configuration: the library's defaults for the model (an embedded model's
     /// preset included), overridden by the flags. Flags a preset can set count only when given.
     fn config(&self) -> Result<TrainConfig> {
+        self.check_objective_flags()?;
         let mut config = TrainConfig::for_model(&self.model)?;
         let given = |id: &str| self.given.contains(id);
         if given("lr") {
@@ -295,6 +318,28 @@ impl TrainArgs {
             kl_dir: self.kl_dir,
         };
         Ok(config)
+    }
+}
+
+impl TrainArgs {
+    /// Refuses a flag that only the other objective reads, which would otherwise be ignored
+    /// without a word.
+    fn check_objective_flags(&self) -> Result<()> {
+        let (foreign, objective, other): (&[&str], _, _) = match self.task {
+            Task::Es2 => (&SFT_ONLY, "es2", "sft"),
+            Task::Sft => (&ES2_ONLY, "sft", "es2"),
+        };
+        let given = |field: &&&str| {
+            let id = field.rsplit('.').next().unwrap_or(field);
+            self.given.contains(id)
+        };
+        match foreign.iter().find(given) {
+            Some(&field) => Err(Error::config(
+                field,
+                format!("only --objective {other} reads it; the {objective} objective does not"),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -439,5 +484,65 @@ fn print_summary(s: &Summary) {
             );
         }
         _ => println!("the evaluations before and after measure different objectives"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    /// The configuration `es2-wgpu ARGS` gives, as `main` builds it.
+    fn config_of(args: &[&str]) -> Result<TrainConfig> {
+        let matches = crate::Cli::command().get_matches_from(args);
+        let cli = crate::Cli::from_arg_matches(&matches).unwrap();
+        let crate::Command::Train(mut train) = cli.command else {
+            panic!("{args:?} is not a train command");
+        };
+        train.given = crate::cli::given_flags(&matches);
+        train.config()
+    }
+
+    #[test]
+    fn a_flag_of_the_other_objective_is_refused_naming_it() {
+        let sft = [
+            "es2-wgpu",
+            "train",
+            "--objective",
+            "sft",
+            "--data",
+            "c.jsonl",
+        ];
+        let config = config_of(&sft).unwrap();
+        assert_eq!((config.task, config.sft_batch), (Task::Sft, 8));
+        for (flag, value, field) in [
+            ("--layers", "1", "objective.layers"),
+            ("--lambda", "2", "objective.lambda"),
+            ("--harmful-batch", "4", "harmful_batch"),
+        ] {
+            match config_of(&[&sft[..], &[flag, value]].concat()) {
+                Err(Error::Config {
+                    field: named,
+                    message,
+                }) => {
+                    assert_eq!(named, field);
+                    assert!(
+                        message.contains("only --objective es2 reads it"),
+                        "{message}"
+                    );
+                }
+                other => panic!("{flag} under sft: {other:?}"),
+            }
+        }
+        let es2 = ["es2-wgpu", "train", "--sft-batch", "4"];
+        assert!(matches!(
+            config_of(&es2),
+            Err(Error::Config {
+                field: "sft_batch",
+                ..
+            })
+        ));
+        assert!(config_of(&["es2-wgpu", "train", "--lambda", "2"]).is_ok());
     }
 }
