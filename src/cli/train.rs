@@ -25,6 +25,10 @@ pub const EXAMPLE: &str = "Examples:
   es2-wgpu train --objective sft --data chats.jsonl --model models/stories260K --full \\
       --lr 1e-3 --out stories-sft";
 
+/// The help headings of the flags only one objective reads.
+const ES2_HEADING: &str = "ES2 options (--objective es2)";
+const SFT_HEADING: &str = "Supervised fine-tuning options (--objective sft)";
+
 /// `train`'s flags. Every default is read from the library's `Default`s; `given` records which
 /// flags the user set, so that an embedded model's preset fills the others.
 #[derive(Args, Debug)]
@@ -38,15 +42,15 @@ pub struct TrainArgs {
     task: Task,
     /// ES2's harmful prompts: JSON array, JSONL or CSV with an
     /// instruction/prompt/goal/behavior/text field (default: the built-in set).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmful: Option<PathBuf>,
     /// ES2's harmless prompts, same formats (default: the built-in set).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmless: Option<PathBuf>,
     /// SFT's conversations: JSON array or JSONL of {"prompt", "response"} or {"messages":
     /// [{"role", "content"}, ...]} rows, or CSV with prompt and response columns. The loss
     /// covers the assistant turns only.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, help_heading = SFT_HEADING, value_name = "FILE")]
     data: Option<PathBuf>,
     /// Output folder: adapter, metrics.jsonl, curves.svg, checkpoints, summary.json.
     #[arg(long, default_value_os_t = TrainConfig::default().out)]
@@ -57,38 +61,38 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
 
     /// Layers whose embeddings are separated: "all", or a list such as "2,4,6" or "8-12".
-    #[arg(long, default_value_t = Layers(Es2Config::default().layers))]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Layers(Es2Config::default().layers))]
     layers: Layers,
     /// Where a prompt's embedding is read: its last token, or the mean over its tokens.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().pool)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().pool)]
     pool: Pool,
     /// How the two groups are compared: distance of the means, mean over all pairs, or each
     /// harmful embedding against the base model's harmless centroid.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().pair)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().pair)]
     pair: Pair,
     /// Distance: Euclidean (l2), squared Euclidean, or 1 − cosine similarity.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().distance)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().distance)]
     distance: Distance,
     /// hinge: max(0, margin − D) (bounded); neg: −D (unbounded).
-    #[arg(long, value_enum, default_value_t = Es2Config::default().shape)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().shape)]
     shape: LossShape,
     /// Hinge margin relative to the base model's distance at each layer.
-    #[arg(long, default_value_t = Es2Config::default().margin)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().margin)]
     margin: f32,
     /// Absolute hinge margin (overrides --margin).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     margin_abs: Option<f32>,
     /// Stop the separation gradient on the harmless embeddings.
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmful_only: bool,
     /// Weight λ of the KL term.
-    #[arg(long, default_value_t = Es2Config::default().lambda)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().lambda)]
     lambda: f32,
     /// Softmax temperature of the KL term.
-    #[arg(long, default_value_t = Es2Config::default().temperature)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().temperature)]
     temperature: f32,
     /// KL(base ‖ tuned) (forward) or KL(tuned ‖ base) (reverse).
-    #[arg(long, value_enum, default_value_t = Es2Config::default().kl_dir)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().kl_dir)]
     kl_dir: KlDirection,
 
     /// Train every weight instead of LoRA adapters.
@@ -139,14 +143,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().steps, help = with_preset(
         "Training steps; with --resume, the new total", |p| p.steps.map(|v| v.to_string())))]
     steps: usize,
-    #[arg(long, default_value_t = TrainConfig::default().harmful_batch, help = with_preset(
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = TrainConfig::default().harmful_batch, help = with_preset(
         "Harmful prompts per step", |p| p.harmful_batch.map(|v| v.to_string())))]
     harmful_batch: usize,
-    #[arg(long, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
         "Harmless prompts per step", |p| p.harmless_batch.map(|v| v.to_string())))]
     harmless_batch: usize,
     /// Conversations per SFT step.
-    #[arg(long, default_value_t = TrainConfig::default().sft_batch)]
+    #[arg(long, help_heading = SFT_HEADING, default_value_t = TrainConfig::default().sft_batch)]
     sft_batch: usize,
     #[arg(long, default_value_t = TrainConfig::default().max_len, help = with_preset(
         "Prompts longer than this many tokens keep their last tokens; longer conversations \
@@ -233,27 +237,6 @@ fn with_preset(text: &str, value: impl Fn(&TrainingPreset) -> Option<String>) ->
     }
 }
 
-/// Flags only ES2 reads, by the configuration field each sets (whose last part is the flag's
-/// clap id).
-const ES2_ONLY: [&str; 13] = [
-    "objective.layers",
-    "objective.pool",
-    "objective.pair",
-    "objective.distance",
-    "objective.shape",
-    "objective.margin",
-    "objective.margin_abs",
-    "objective.harmful_only",
-    "objective.lambda",
-    "objective.temperature",
-    "objective.kl_dir",
-    "harmful_batch",
-    "harmless_batch",
-];
-
-/// Flags only SFT reads, as [`ES2_ONLY`].
-const SFT_ONLY: [&str; 1] = ["sft_batch"];
-
 impl TrainArgs {
     /// The run's configuration: the library's defaults for the model (an embedded model's
     /// preset included), overridden by the flags. Flags a preset can set count only when given.
@@ -322,22 +305,21 @@ impl TrainArgs {
 }
 
 impl TrainArgs {
-    /// Refuses a flag that only the other objective reads, which would otherwise be ignored
-    /// without a word.
+    /// Refuses a flag that only the other objective reads (one under that objective's help
+    /// heading), which would otherwise be ignored without a word.
     fn check_objective_flags(&self) -> Result<()> {
-        let (foreign, objective, other): (&[&str], _, _) = match self.task {
-            Task::Es2 => (&SFT_ONLY, "es2", "sft"),
-            Task::Sft => (&ES2_ONLY, "sft", "es2"),
+        let (heading, objective, other) = match self.task {
+            Task::Es2 => (SFT_HEADING, "es2", "sft"),
+            Task::Sft => (ES2_HEADING, "sft", "es2"),
         };
-        let given = |field: &&&str| {
-            let id = field.rsplit('.').next().unwrap_or(field);
-            self.given.contains(id)
-        };
-        match foreign.iter().find(given) {
-            Some(&field) => Err(Error::config(
-                field,
-                format!("only --objective {other} reads it; the {objective} objective does not"),
-            )),
+        let command = <TrainArgs as Args>::augment_args(clap::Command::new("train"));
+        let foreign = command.get_arguments().find(|arg| {
+            arg.get_help_heading() == Some(heading) && self.given.contains(arg.get_id().as_str())
+        });
+        match foreign.and_then(|arg| arg.get_long()) {
+            Some(flag) => Err(Error::InvalidArgument(format!(
+                "--{flag} is an option of --objective {other}; this run trains for {objective}"
+            ))),
             None => Ok(()),
         }
     }
@@ -516,33 +498,17 @@ mod tests {
         ];
         let config = config_of(&sft).unwrap();
         assert_eq!((config.task, config.sft_batch), (Task::Sft, 8));
-        for (flag, value, field) in [
-            ("--layers", "1", "objective.layers"),
-            ("--lambda", "2", "objective.lambda"),
-            ("--harmful-batch", "4", "harmful_batch"),
-        ] {
-            match config_of(&[&sft[..], &[flag, value]].concat()) {
-                Err(Error::Config {
-                    field: named,
-                    message,
-                }) => {
-                    assert_eq!(named, field);
-                    assert!(
-                        message.contains("only --objective es2 reads it"),
-                        "{message}"
-                    );
-                }
-                other => panic!("{flag} under sft: {other:?}"),
-            }
+        let refused = |args: &[&str], flag: &str| match config_of(args) {
+            Err(Error::InvalidArgument(message)) => assert!(
+                message.starts_with(&format!("--{flag} is an option of --objective")),
+                "{message}"
+            ),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        for (flag, value) in [("layers", "1"), ("lambda", "2"), ("harmful-batch", "4")] {
+            refused(&[&sft[..], &[&format!("--{flag}"), value]].concat(), flag);
         }
-        let es2 = ["es2-wgpu", "train", "--sft-batch", "4"];
-        assert!(matches!(
-            config_of(&es2),
-            Err(Error::Config {
-                field: "sft_batch",
-                ..
-            })
-        ));
+        refused(&["es2-wgpu", "train", "--sft-batch", "4"], "sft-batch");
         assert!(config_of(&["es2-wgpu", "train", "--lambda", "2"]).is_ok());
     }
 }
