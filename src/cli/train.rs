@@ -140,6 +140,10 @@ pub struct TrainArgs {
     /// Seed of the adapters' initialisation, the data order and dropout.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u64,
+    /// Skip up to N steps whose loss or gradient is NaN or infinite (each is logged and
+    /// changes nothing on the model) instead of stopping at the first.
+    #[arg(long, value_name = "N", default_value_t = TrainConfig::default().skip_nonfinite)]
+    skip_nonfinite: usize,
     #[arg(long, default_value_t = TrainConfig::default().steps, help = with_preset(
         "Training steps; with --resume, the new total", |p| p.steps.map(|v| v.to_string())))]
     steps: usize,
@@ -280,6 +284,7 @@ impl TrainArgs {
         optimizer.schedule = self.schedule;
         optimizer.warmup = self.warmup;
         config.seed = self.seed;
+        config.skip_nonfinite = self.skip_nonfinite;
         config.val_fraction = self.val_fraction;
         config.save_every = self.save_every;
         config.chat = !self.no_chat;

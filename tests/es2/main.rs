@@ -3,6 +3,7 @@
 
 mod bad_data;
 mod kill;
+mod nonfinite;
 mod resume;
 mod run;
 mod sft_run;
