@@ -1,4 +1,4 @@
-//! The `es2-wgpu` binary: `generate`, `embed`, `info` and `train` as a user runs them.
+//! The `es2-wgpu` binary: `generate`, `embed`, `info`, `train` and `eval` as a user runs them.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -337,4 +337,54 @@ fn train_sft_needs_data_and_reports_the_held_out_loss() {
     );
     assert!(out.join("adapter_model.safetensors").exists());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `eval` as a user runs it, with small budgets on the default model: the flags reach the
+/// report, the tables are printed and the report is written; an unknown attack is refused.
+#[test]
+fn eval_writes_the_report_its_flags_describe() {
+    let out_dir = std::env::temp_dir().join(format!("es2-cli-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = es2(&[
+        "eval",
+        "--attacks",
+        "direct,repe",
+        "--answered",
+        "2",
+        "--probe-prompts",
+        "8",
+        "--max-new-tokens",
+        "6",
+        "--repe-c",
+        "0.5,1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| attack | model |"), "{stdout}");
+    assert!(stdout.contains("## Capability"), "{stdout}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["models"][0]["model"], embedded::DEFAULT);
+    assert_eq!(report["settings"]["decoding"]["max_new_tokens"], 6);
+    let attacks: Vec<&str> = report["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["attack"].as_str().unwrap())
+        .collect();
+    assert_eq!(attacks, ["direct", "repe", "repe"]);
+    assert!(out_dir.join("report.md").is_file());
+    std::fs::remove_dir_all(&out_dir).unwrap();
+
+    let bad = es2(&["eval", "--attacks", "direct,autodan"]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("autodan") && stderr.contains("soft-prompt"),
+        "{stderr}"
+    );
 }

@@ -147,6 +147,12 @@ impl Tokenizer {
         self.encode_with(text, true)
     }
 
+    /// `tokenizer(text, add_special_tokens=False)`: a piece of text to place inside other
+    /// ids (a reply's first words after a rendered prompt).
+    pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         self.inner
             .encode(text, add_special_tokens)
