@@ -95,6 +95,11 @@ pub struct EvalArgs {
     /// Hidden states RepE steers, comma separated (default: the middle half).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     repe_layers: Option<Vec<usize>>,
+    /// Also write each model with its refusal direction orthogonalised out of the weights, as
+    /// a Hugging Face folder ablated-<label>/ in --out (the weights form of the ablation
+    /// attack; adapters merged in).
+    #[arg(long)]
+    write_ablated: bool,
     /// Free input embeddings of the soft prompt.
     #[arg(long, default_value_t = AttackSettings::default().soft_prompt.tokens)]
     soft_prompt_tokens: usize,
@@ -182,6 +187,7 @@ impl EvalArgs {
                 questions: self.mmlu_questions,
                 ..CapabilityFiles::default()
             },
+            write_ablated: self.write_ablated,
             out: self.out.clone(),
             load: LoadOptions {
                 f16_weights: self.f16_weights,

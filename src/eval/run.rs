@@ -63,6 +63,9 @@ pub struct EvalConfig {
     pub plot_layer: Option<usize>,
     /// Capability measurements on files.
     pub capability: CapabilityFiles,
+    /// Write each model with its refusal direction orthogonalised out of the weights, as
+    /// `ablated-<label>/` in `out` (needs the ablation attack).
+    pub write_ablated: bool,
     /// The report's folder.
     pub out: PathBuf,
     /// How the models are loaded.
@@ -96,6 +99,7 @@ impl Default for EvalConfig {
             pool: Pool::Last,
             plot_layer: None,
             capability: CapabilityFiles::default(),
+            write_ablated: false,
             out: PathBuf::from("eval-out"),
             load: LoadOptions::default(),
         }
@@ -132,6 +136,12 @@ struct Loaded {
 /// Runs the evaluation of `config` and writes `report.json`, `report.md` and the plots into
 /// `config.out`.
 pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver) -> Result<Report> {
+    if config.write_ablated && !selected_attacks(config).contains(&AttackKind::Ablation) {
+        return Err(Error::config(
+            "write_ablated",
+            "writing the ablated models needs the ablation attack among the attacks",
+        ));
+    }
     let (transformers, columns) = load_models(gpu, config)?;
     let harmful_all = read_side(config.harmful.as_deref(), true)?;
     let harmless_all = read_side(config.harmless.as_deref(), false)?;
@@ -181,6 +191,10 @@ pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver)
             max_new_tokens: config.max_new_tokens,
             seed: config.seed,
             settings: &config.attack_settings,
+            source: &column.entry.model,
+            ablated_out: config
+                .write_ablated
+                .then(|| config.out.join(format!("ablated-{label}"))),
         };
         let mut rows = Vec::new();
         let mut over_refusal = None;
@@ -465,6 +479,7 @@ fn settings(
         Field::new("harmful drawn", count(harmful)),
         Field::new("harmless drawn", count(harmless)),
         Field::new("pool", format!("{:?}", config.pool).to_lowercase()),
+        Field::new("write_ablated", config.write_ablated),
         Field::new("max_len", config.prompting.max_len),
         Field::new(
             "nu",

@@ -1,7 +1,7 @@
 //! Each attack moves what it targets, on the real stories260K checkpoint (on the GPU): SCAV's
 //! clamp brings the probe's P(harmful) to P0, RepE adds c·ν along its direction, ablation
-//! leaves no component along the refusal direction, the soft prompt's loss falls at least
-//! tenfold, and GCG's loss falls.
+//! leaves no component along the refusal direction (as hooks, and orthogonalised into the
+//! weights), the soft prompt's loss falls at least tenfold, and GCG's loss falls.
 
 use std::path::PathBuf;
 
@@ -15,15 +15,23 @@ use es2_wgpu::eval::layers::{analyse, Embeddings, LayerFindings};
 use es2_wgpu::eval::probe::ProbeOptions;
 use es2_wgpu::eval::prompts::{builtin_harmful, builtin_harmless, draw, DrawSizes, Drawn};
 use es2_wgpu::eval::subject::{Prompting, Subject};
-use es2_wgpu::model::{open_model, Batch, Hook, LoadOptions, Output, Transformer};
+use es2_wgpu::model::{
+    open_model, save_orthogonalised, Batch, Hook, LoadOptions, LoraConfig, Output, Transformer,
+};
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::rng::Rng;
-use es2_wgpu::testing::gpu;
+use es2_wgpu::testing::{assert_close, gpu, rel_error};
 use es2_wgpu::text::Tokenizer;
 
+fn stories_dir() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/stories260K")
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn stories() -> (Transformer, Tokenizer) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/stories260K");
-    open_model(gpu(), &dir.to_string_lossy(), &LoadOptions::default()).unwrap()
+    open_model(gpu(), &stories_dir(), &LoadOptions::default()).unwrap()
 }
 
 fn subject<'a>(model: &'a Transformer, tokenizer: &'a Tokenizer) -> Subject<'a> {
@@ -249,4 +257,86 @@ fn the_gcg_loss_falls() {
         searched.final_loss
     );
     assert!(searched.suffix.iter().all(|&t| allowed[t as usize]));
+}
+
+/// stories260K with rank-2 adapters on every projection, B nonzero (the same for every call).
+fn stories_with_adapters() -> (Transformer, Tokenizer) {
+    let (mut model, tokenizer) = stories();
+    let config = LoraConfig {
+        rank: 2,
+        ..LoraConfig::default()
+    };
+    model.attach_lora(gpu(), &config, 11).unwrap();
+    let mut rng = Rng::new(12);
+    for block in &model.blocks {
+        for (_, linear) in block.proj.iter() {
+            let b = &linear.lora.as_ref().unwrap().b;
+            b.write_f32(gpu(), &rng.normal_vec(b.numel(), 0.1)).unwrap();
+        }
+    }
+    (model, tokenizer)
+}
+
+/// Next-token logits at the last position of each sequence of `batch`.
+fn last_logits(subject: &Subject, batch: &Batch) -> Vec<f32> {
+    let forward = subject.run(gpu(), batch, Output::LastLogits, &[]).unwrap();
+    forward.logits.unwrap().to_f32(gpu()).unwrap()
+}
+
+#[test]
+fn the_orthogonalised_model_writes_nothing_along_the_direction_and_merges_its_adapters() {
+    let (model, tokenizer) = stories_with_adapters();
+    let subject = subject(&model, &tokenizer);
+    let (harmful, harmless) = drawn();
+    let (_, findings) = findings(&subject, &harmful, &harmless);
+    let direction = &findings[3].difference;
+    let unit: Vec<f64> = direction.iter().map(|d| d / norm(direction)).collect();
+    let root = std::env::temp_dir().join(format!("es2-orthogonal-{}", std::process::id()));
+    let (from_host, from_gpu) = (root.join("host-merge"), root.join("gpu-merge"));
+    save_orthogonalised(gpu(), &model, true, direction, &stories_dir(), &from_host).unwrap();
+
+    let (written, written_tokenizer) =
+        open_model(gpu(), &from_host.to_string_lossy(), &LoadOptions::default()).unwrap();
+    let ablated = self::subject(&written, &written_tokenizer);
+    let batch = batch(&ablated, &harmful.answered);
+    let cols = ablated.width();
+    // The embedding is the hooked model's ablated one, exactly.
+    let hooks = ablation_hooks(gpu(), subject.layers(), direction).unwrap();
+    let hooked: Vec<f64> = captured(&subject, &batch, 0, &hooks);
+    let embedded: Vec<f32> = captured(&ablated, &batch, 0, &[])
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    assert_close("ablated embedding", &embedded, &hooked, 1e-6);
+    // Nothing the written blocks write has a component along the direction.
+    for layer in 0..ablated.layers() {
+        for row in captured(&ablated, &batch, layer, &[]).chunks(cols) {
+            assert!(
+                dot(row, &unit).abs() < 1e-5 * norm(row),
+                "hidden {layer}: {} along the direction",
+                dot(row, &unit)
+            );
+        }
+    }
+    // The adapters merged on the host are the GPU's merge.
+    let (mut merged, _) = stories_with_adapters();
+    merged.merge_lora(gpu()).unwrap();
+    save_orthogonalised(gpu(), &merged, false, direction, &stories_dir(), &from_gpu).unwrap();
+    let (reference, _) =
+        open_model(gpu(), &from_gpu.to_string_lossy(), &LoadOptions::default()).unwrap();
+    let reference = self::subject(&reference, &written_tokenizer);
+    let expected: Vec<f64> = last_logits(&reference, &batch)
+        .iter()
+        .map(|&x| f64::from(x))
+        .collect();
+    let error = rel_error(&last_logits(&ablated, &batch), &expected);
+    assert!(error < 1e-5, "host and GPU merges differ by {error}");
+    // Written with the adapters off, it is another model.
+    let unmerged = root.join("no-adapters");
+    save_orthogonalised(gpu(), &model, false, direction, &stories_dir(), &unmerged).unwrap();
+    let (plain, _) =
+        open_model(gpu(), &unmerged.to_string_lossy(), &LoadOptions::default()).unwrap();
+    let plain = self::subject(&plain, &written_tokenizer);
+    assert!(rel_error(&last_logits(&plain, &batch), &expected) > 1e-3);
+    std::fs::remove_dir_all(&root).unwrap();
 }

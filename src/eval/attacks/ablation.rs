@@ -16,7 +16,9 @@
 //! and "Sorry" as a reply begins them).
 //!
 //! refusal_direction also removes the direction from every attention and MLP output; hooks
-//! here act between blocks, so the last block's own writes keep their component.
+//! here act between blocks, so the last block's own writes keep their component. With
+//! `ablated_out`, the model is also written with the direction orthogonalised out of its
+//! weights ([`save_orthogonalised`]), refusal_direction's weights form of the same attack.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +28,7 @@ use crate::eval::report::Field;
 use crate::eval::run::EvalObserver;
 use crate::eval::subject::Subject;
 use crate::gpu::{Gpu, Tensor};
-use crate::model::{Hook, HookAction, Output, Positions};
+use crate::model::{save_orthogonalised, Hook, HookAction, Output, Positions};
 use crate::{Error, Result};
 
 /// The words a refusal starts with; their first tokens are the refusal tokens.
@@ -227,6 +229,21 @@ pub fn run(
         ));
     }
     let direction = &context.findings[chosen.layer].difference;
+    let mut written = Vec::new();
+    if let Some(dir) = &context.ablated_out {
+        observer.stage(label, "ablation: writing the orthogonalised model", 1);
+        let subject = &context.subject;
+        save_orthogonalised(
+            context.gpu,
+            subject.model,
+            subject.adapters,
+            direction,
+            context.source,
+            dir,
+        )?;
+        observer.advance();
+        written.push(Field::new("written", dir.display().to_string()));
+    }
     let hooks = ablation_hooks(context.gpu, context.subject.layers(), direction)?;
     observer.stage(label, "ablation", context.harmful_ids.len());
     let mut tick = || observer.advance();
@@ -254,7 +271,10 @@ pub fn run(
                     .filter(|c| passes(c, &context.settings.ablation))
                     .count(),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(written)
+        .collect(),
     })
 }
 

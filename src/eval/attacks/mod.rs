@@ -16,6 +16,8 @@ pub mod repe;
 pub mod scav;
 pub mod soft_prompt;
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use super::layers::{Embeddings, LayerFindings};
@@ -141,6 +143,12 @@ pub struct AttackContext<'a> {
     pub seed: u64,
     /// Budgets and settings of the attacks.
     pub settings: &'a AttackSettings,
+    /// Where the model came from (a folder or an embedded model's name): the tokenizer files
+    /// of a model folder an attack writes.
+    pub source: &'a str,
+    /// Where ablation writes the model with its refusal direction orthogonalised out of the
+    /// weights (`None`: it writes nothing).
+    pub ablated_out: Option<PathBuf>,
 }
 
 /// What one setting of an attack did to one model.
