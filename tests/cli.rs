@@ -1,4 +1,4 @@
-//! The `es2-wgpu` binary: `generate`, `embed`, `info` and `eval` as a user runs them.
+//! The `es2-wgpu` binary: `generate`, `embed`, `info`, `train` and `eval` as a user runs them.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -279,6 +279,64 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
     );
     assert_eq!(dtype("model.norm.weight"), safetensors::Dtype::F32);
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// `train --objective sft` learns the conversations of `--data`: without it the command
+/// fails naming the flag and writes nothing; with a small file it trains and its summary
+/// gives the held-out loss before and after.
+#[test]
+fn train_sft_needs_data_and_reports_the_held_out_loss() {
+    let dir = std::env::temp_dir().join(format!("es2-cli-sft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let out_arg = out.to_str().unwrap();
+    let model = stories();
+    let base = [
+        "train",
+        "--objective",
+        "sft",
+        "--model",
+        &model,
+        "--out",
+        out_arg,
+    ];
+    let failed = es2(&base);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(
+        stderr.contains("invalid --data") && stderr.contains("conversations"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+
+    let rows: Vec<String> = ["cat", "dog", "bird", "fish", "frog", "duck"]
+        .iter()
+        .map(|a| {
+            serde_json::json!({"prompt": format!("Where is the {a}?"),
+                               "response": format!("The {a} is in the park.")})
+            .to_string()
+        })
+        .collect();
+    let data = dir.join("chats.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--data", data.to_str().unwrap(), "--steps", "2"]);
+    args.extend(["--sft-batch", "2", "--save-every", "0"]);
+    let trained = es2(&args);
+    let stdout = String::from_utf8_lossy(&trained.stdout);
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    assert!(stdout.starts_with("SFT finished: 2 steps"), "{stdout}");
+    assert!(
+        stdout.contains("held-out cross-entropy per learned token"),
+        "{stdout}"
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `eval` as a user runs it, with small budgets on the default model: the flags reach the

@@ -219,7 +219,8 @@ impl Tokenizer {
             let through = self.render_chat(&messages[..=i], false)?;
             if !through.starts_with(&before) || !text.starts_with(&through) {
                 return Err(Error::InvalidArgument(format!(
-                    "the chat template does not render message {i} as an extension of the                      messages before it, so its reply tokens cannot be found"
+                    "the chat template does not render message {i} as an extension of the \
+                     messages before it, so its reply tokens cannot be found"
                 )));
             }
             spans.push(before.len()..through.len());
