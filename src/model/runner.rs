@@ -20,14 +20,17 @@ use crate::ops::embedding::{embedding_backward, EmbeddingGradIndex};
 use crate::ops::residual::accumulate;
 use crate::{Error, Result};
 
-/// A KV cache for one pass: per layer `[1, capacity, n_kv_heads, head_dim]` keys and values,
-/// `past` tokens already in it, and the valid length after this pass (`seq_lens [1]`).
+/// A KV cache for one pass: per layer `[B, capacity, n_kv_heads, head_dim]` keys and values,
+/// with `past[b]` tokens already in row `b`; the pass appends each row's new tokens after them.
 pub(crate) struct CacheTarget<'a> {
     pub k: &'a [Tensor],
     pub v: &'a [Tensor],
-    pub past: usize,
+    pub past: &'a [usize],
     pub capacity: usize,
-    pub seq_lens: &'a Tensor,
+    /// `past` on the GPU (u32 `[B]`): where each row's new tokens start.
+    pub starts: &'a Tensor,
+    /// Each row's valid length after this pass, then `starts` (u32 `[2B]`).
+    pub lens_and_starts: &'a Tensor,
 }
 
 /// What a forward keeps for a backward.
@@ -208,7 +211,7 @@ impl Transformer {
             hook.check(layers, self.config.hidden_size)?;
         }
         let frame = PositionFrame {
-            past: cache.as_ref().map_or(0, |c| c.past),
+            past: cache.as_ref().map_or(&[], |c| c.past),
         };
         let hooks = bind_hooks(rec.gpu(), pass.hooks, batch, frame)?;
         let gpu = rec.gpu();
@@ -232,7 +235,8 @@ impl Transformer {
                     v: &c.v[layer],
                     past: c.past,
                     capacity: c.capacity,
-                    seq_lens: c.seq_lens,
+                    starts: c.starts,
+                    lens_and_starts: c.lens_and_starts,
                 },
             };
             let (out, saved) = self.block_forward(rec, &self.blocks[layer], x, batch, mode, kv);
