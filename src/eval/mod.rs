@@ -12,6 +12,7 @@ pub mod geometry;
 pub mod heldout;
 pub mod judge;
 pub mod probe;
+pub mod refusal;
 pub mod report;
 
 use crate::{Error, Result};
