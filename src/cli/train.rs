@@ -9,6 +9,7 @@ use es2_wgpu::es2::{
     Es2Config, Evaluation, HeldOut, OptimizerConfig, Schedule, StepReport, Summary, Task, Terms,
     TrainConfig, TrainObserver, Trainer,
 };
+use es2_wgpu::eval::judge::Rate;
 use es2_wgpu::model::embedded::{self, TrainingPreset};
 use es2_wgpu::model::{LoraConfig, Projection};
 use es2_wgpu::ops::kl::KlDirection;
@@ -147,6 +148,9 @@ pub struct TrainArgs {
     /// Conversations per SFT step.
     #[arg(long, default_value_t = TrainConfig::default().sft_batch)]
     sft_batch: usize,
+    /// SFT: batches of conversations of similar length (less padding, faster steps).
+    #[arg(long)]
+    group_by_length: bool,
     #[arg(long, default_value_t = TrainConfig::default().max_len, help = with_preset(
         "Prompts longer than this many tokens keep their last tokens; longer conversations \
          keep the whole replies that fit",
@@ -162,6 +166,10 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: none).
     #[arg(long, default_value_t = TrainConfig::default().save_every)]
     save_every: usize,
+    /// Held-out prompts per side whose greedy replies measure the refusal rates before and
+    /// after the run (a fixed sample of the built-in held-out sets; 0: none).
+    #[arg(long, default_value_t = TrainConfig::default().refusal_sample)]
+    refusal_sample: usize,
     /// Feed prompts and conversations as plain text even when the model has a chat template.
     #[arg(long)]
     no_chat: bool,
@@ -261,6 +269,7 @@ impl TrainArgs {
         config.harmless.clone_from(&self.harmless);
         config.data.clone_from(&self.data);
         config.sft_batch = self.sft_batch;
+        config.group_by_length = self.group_by_length;
         config.out.clone_from(&self.out);
         config.lora = (!self.full).then(|| LoraConfig {
             rank: self.lora_rank,
@@ -276,6 +285,7 @@ impl TrainArgs {
         config.seed = self.seed;
         config.val_fraction = self.val_fraction;
         config.save_every = self.save_every;
+        config.refusal_sample = self.refusal_sample;
         config.chat = !self.no_chat;
         config.merge = self.merge;
         config.overwrite = self.overwrite;
@@ -440,4 +450,27 @@ fn print_summary(s: &Summary) {
         }
         _ => println!("the evaluations before and after measure different objectives"),
     }
+    if let Some(r) = &s.refusals {
+        println!(
+            "refusals on held-out prompts ({} harmful + {} harmless of the built-in held-out \
+             sets; greedy, at most {} new tokens; GCG's refusal list):",
+            r.sample, r.sample, r.replies.max_new_tokens
+        );
+        println!(
+            "  harmful refused   {} → {}",
+            rate(&r.before.harmful),
+            rate(&r.after.harmful)
+        );
+        println!(
+            "  harmless refused  {} → {}",
+            rate(&r.before.harmless),
+            rate(&r.after.harmless)
+        );
+    }
+}
+
+/// `refused/total (percent)`.
+fn rate(r: &Rate) -> String {
+    let percent = 100.0 * r.fraction().unwrap_or(0.0);
+    format!("{:>3}/{} ({percent:.0}%)", r.refused, r.total)
 }

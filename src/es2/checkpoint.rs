@@ -12,6 +12,7 @@ use super::objective::BaseStats;
 use super::optimizer::AdamW;
 use super::report::Evaluation;
 use super::trainer::TrainConfig;
+use crate::eval::refusal::RefusalRates;
 use crate::gpu::{Gpu, Tensor};
 use crate::io::{atomic_dir, write_json, write_safetensors, SaveTensor};
 use crate::model::{Checkpoint, Gradients, NamedParam, Transformer};
@@ -32,6 +33,9 @@ pub struct CheckpointState {
     /// One per data set the objective draws from (ES2: harmful, harmless; SFT: one).
     pub samplers: Vec<Sampler>,
     pub evaluations: Vec<Evaluation>,
+    /// Refusal rates on the held-out sample before the first step, when the run measures them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusals_before: Option<RefusalRates>,
 }
 
 impl CheckpointState {

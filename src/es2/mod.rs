@@ -21,4 +21,4 @@ pub use report::{
     Es2HeldOut, Es2Terms, Evaluation, HeldOut, SftHeldOut, SftTerms, StepReport, Terms,
 };
 pub use sft::SftEngine;
-pub use trainer::{Quiet, Summary, Task, TrainConfig, TrainObserver, Trainer};
+pub use trainer::{Quiet, RefusalChange, Summary, Task, TrainConfig, TrainObserver, Trainer};
