@@ -147,20 +147,32 @@ impl Transformer {
                 rows.len()
             )));
         }
+        // Every row takes the batch's width in the cache (its padding lands past its end).
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if let Some(&most) = cache
+            .lens
+            .iter()
+            .filter(|&&n| n + width > cache.capacity)
+            .max()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the KV cache holds {} tokens; {} more do not fit",
+                cache.capacity,
+                most + width - cache.capacity
+            )));
+        }
         let after: Vec<usize> = cache
             .lens
             .iter()
             .zip(rows)
             .map(|(n, r)| n + r.len())
             .collect();
-        if let Some(&most) = after.iter().filter(|&&n| n > cache.capacity).max() {
-            return Err(Error::InvalidArgument(format!(
-                "the KV cache holds {} tokens; {} more do not fit",
-                cache.capacity,
-                most - cache.capacity
-            )));
-        }
         let batch = Batch::new(gpu, rows, self.config.vocab_size)?;
+        let slots: Vec<u32> = (0..rows.len())
+            .flat_map(|b| (0..width).map(move |t| (b, t)))
+            .map(|(b, t)| (b * cache.capacity + cache.lens[b] + t) as u32)
+            .collect();
+        let slots = Tensor::from_u32(gpu, [slots.len()], &slots)?;
         let starts: Vec<u32> = cache.lens.iter().map(|&n| n as u32).collect();
         let lens_and_starts: Vec<u32> = after
             .iter()
@@ -175,6 +187,7 @@ impl Transformer {
             past: &cache.lens,
             capacity: cache.capacity,
             starts: &starts_tensor,
+            slots: &slots,
             lens_and_starts: &lens_and_starts,
         };
         let pass = Pass {

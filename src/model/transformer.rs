@@ -15,6 +15,7 @@ use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::ops::activation::swiglu_forward;
 use crate::ops::attention::{attention_forward, attention_forward_at, AttentionShape};
 use crate::ops::dropout::Dropout;
+use crate::ops::hook::{hook_replace, RowEdit};
 use crate::ops::residual::residual_forward;
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, rope_forward_at, rope_inv_freq};
@@ -111,9 +112,9 @@ pub(crate) enum KvTarget<'a> {
     Cache {
         k: &'a Tensor,
         v: &'a Tensor,
-        past: &'a [usize],
         capacity: usize,
         starts: &'a Tensor,
+        slots: &'a Tensor,
         lens_and_starts: &'a Tensor,
     },
 }
@@ -288,18 +289,21 @@ impl Transformer {
             KvTarget::Cache {
                 k: k_cache,
                 v: v_cache,
-                past,
                 capacity,
+                slots,
                 lens_and_starts,
                 ..
             } => {
-                // Row `r` of the batch appends its new tokens (not its padding) to row `r` of
-                // the cache, after its `past[r]` tokens.
+                // Row `r` of the batch goes to row `r` of the cache after its cached tokens:
+                // one scatter of the batch's rows into the cache's rows (see `slots`).
                 let row = hkv * d;
-                for (r, (&len, &past)) in batch.lens.iter().zip(past).enumerate() {
-                    let (from, to) = (r * t * row, (r * capacity + past) * row);
-                    rec.copy_elements(&k, from, k_cache, to, len * row);
-                    rec.copy_elements(&v, from, v_cache, to, len * row);
+                for (new, cache) in [(&k, k_cache), (&v, v_cache)] {
+                    let edit = RowEdit {
+                        x: &cache.reshape([b * capacity, row]),
+                        rows: slots,
+                        value: &new.reshape([b * t, row]),
+                    };
+                    hook_replace(rec, &edit);
                 }
                 let shape = AttentionShape {
                     batch: b,
