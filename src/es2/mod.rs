@@ -11,6 +11,7 @@ pub mod objective;
 pub mod optimizer;
 pub mod report;
 pub mod sft;
+pub mod tiny_chat;
 pub mod trainer;
 
 pub use engine::{measure_base_stats, Es2Engine, ModelPair};
