@@ -6,4 +6,5 @@ mod resume;
 mod run;
 mod sft_step;
 mod stories;
+mod tiny_chat;
 mod torch_step;
