@@ -166,9 +166,10 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: none).
     #[arg(long, default_value_t = TrainConfig::default().save_every)]
     save_every: usize,
-    /// Held-out prompts per side whose greedy replies measure the refusal rates before and
-    /// after the run (a fixed sample of the built-in held-out sets; 0: none).
-    #[arg(long, default_value_t = TrainConfig::default().refusal_sample)]
+    #[arg(long, default_value_t = TrainConfig::default().refusal_sample, help = with_preset(
+        "Held-out prompts per side whose greedy replies measure the refusal rates before and \
+         after the run (a fixed sample of the built-in held-out sets; 0: none)",
+        |p| p.refusal_sample.map(|v| v.to_string())))]
     refusal_sample: usize,
     /// Feed prompts and conversations as plain text even when the model has a chat template.
     #[arg(long)]
@@ -264,6 +265,9 @@ impl TrainArgs {
         if given("eval_every") {
             config.eval_every = self.eval_every;
         }
+        if given("refusal_sample") {
+            config.refusal_sample = self.refusal_sample;
+        }
         config.task = self.task;
         config.harmful.clone_from(&self.harmful);
         config.harmless.clone_from(&self.harmless);
@@ -285,7 +289,7 @@ impl TrainArgs {
         config.seed = self.seed;
         config.val_fraction = self.val_fraction;
         config.save_every = self.save_every;
-        config.refusal_sample = self.refusal_sample;
+
         config.chat = !self.no_chat;
         config.merge = self.merge;
         config.overwrite = self.overwrite;

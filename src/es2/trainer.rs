@@ -81,7 +81,8 @@ pub struct TrainConfig {
     pub eval_prompts: usize,
     /// Prompts per side of the built-in held-out sets (a fixed sample, see
     /// [`heldout_sample`]) whose greedy replies measure the refusal rates before the first
-    /// step and after the last; 0 measures none.
+    /// step and after the last; 0 (the default, but not the built-in chat model's) measures
+    /// none.
     pub refusal_sample: usize,
     /// Wrap prompts and conversations in the model's chat template (when it has one).
     pub chat: bool,
@@ -123,7 +124,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             base_prompts: 128,
             eval_prompts: 64,
-            refusal_sample: 32,
+            refusal_sample: 0,
             chat: true,
             merge: false,
             overwrite: false,
@@ -149,6 +150,7 @@ impl TrainConfig {
             config.harmless_batch = p.harmless_batch.unwrap_or(config.harmless_batch);
             config.max_len = p.max_len.unwrap_or(config.max_len);
             config.eval_every = p.eval_every.unwrap_or(config.eval_every);
+            config.refusal_sample = p.refusal_sample.unwrap_or(config.refusal_sample);
         }
         Ok(config)
     }
