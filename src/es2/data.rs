@@ -235,10 +235,11 @@ impl Sampler {
         full.concat()
     }
 
-    /// The next batch of rows of similar length (`lengths[i]` of `rows[i]`), at most `size`:
-    /// each epoch visits every row once in batches drawn as [`Sampler::grouped_order`] says,
-    /// so that a batch carries little padding. A batch never spans two epochs (an epoch's
-    /// last batch holds what is left).
+    /// The next batch of rows of similar length (`lengths[i]` of `rows[i]`), at most `size`,
+    /// so that a batch carries little padding: each epoch's shuffle is cut into groups of
+    /// [`LENGTH_GROUP`] batches, each group sorted by length and cut into batches, and the
+    /// batches are shuffled. Each epoch visits every row once; a batch never spans two epochs
+    /// (an epoch's last batch holds what is left).
     pub fn next_by_length<T: Clone>(
         &mut self,
         rows: &[T],

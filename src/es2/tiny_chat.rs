@@ -38,7 +38,7 @@ use crate::model::{open_model, LoadOptions, Transformer};
 use crate::text::{conversations_jsonl, load_prompts};
 use crate::{Error, Result};
 
-/// "User: {prompt}\nAssistant: {reply}</s>" after BOS. The generation prompt stops at the
+/// `User: {prompt}\nAssistant: {reply}</s>` after BOS. The generation prompt stops at the
 /// colon, so that a reply's first token carries its own space ("▁I", "▁S") as it does inside
 /// the rendered pair: a pair's tokens begin with exactly its prompt's tokens.
 pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if \
