@@ -11,6 +11,9 @@
 //   p  = p − step_size·(m / denom)     param.addcdiv_(exp_avg, denom, value=-step_size)
 //        denom = sqrt(v) / sqrt(1 − β2^t) + eps,  step_size = lr / (1 − β1^t)
 // The scalars torch computes in Python (f64) arrive precomputed from the host.
+//
+// A non-finite gradient norm (a NaN or ±Inf anywhere in any gradient) leaves the parameters and
+// moments untouched, so that the host can stop at, or skip, that step with the model intact.
 
 struct Params {
     n: u32,
@@ -47,6 +50,11 @@ fn clip_coefficient() -> f32 {
     return min(1.0, params.max_grad_norm / (sqrt(norm_sq[0]) + 1e-6));
 }
 
+// NaN and ±Inf have every exponent bit set; comparisons cannot be trusted to see NaN.
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
 // torch.lerp: a + w·(b − a), evaluated from the nearer end for accuracy.
 fn lerp(a: f32, b: f32, w: f32) -> f32 {
     if abs(w) < 0.5 {
@@ -60,7 +68,7 @@ fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>,
               @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let i = flat_invocation_id(wid, nwg, lid, WG);
-    if i >= params.n {
+    if i >= params.n || !is_finite(norm_sq[0]) {
         return;
     }
     let g = grad[i] * clip_coefficient();

@@ -11,6 +11,14 @@
 //! - `write-safetensors:FILE`: the same for [`crate::io::write_safetensors`];
 //! - `swap-dir:DIR`: [`crate::io::atomic_dir`] has moved the old folder DIR aside and not yet
 //!   moved the new one into place.
+//!
+//! Two points change what the run does instead of pausing it ([`fires`]), so that a test can
+//! check the run's answer:
+//!
+//! - `nonfinite-gradient:N`: optimizer step N sees a NaN gradient norm, as if a gradient had
+//!   overflowed;
+//! - `device-fault:N`: optimizer step N also records work on a buffer past the adapter's
+//!   largest, which the device reports as a validation error.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,14 +51,19 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
+/// Whether this pass of point `name` with `detail` is the armed hit.
+pub fn fires(name: &str, detail: &str) -> bool {
+    static HITS: AtomicUsize = AtomicUsize::new(0);
+    let Some(armed) = armed() else { return false };
+    if armed.name != name || armed.detail.as_deref().is_some_and(|d| d != detail) {
+        return false;
+    }
+    HITS.fetch_add(1, Ordering::SeqCst) + 1 == armed.hit
+}
+
 /// Marks point `name` with `detail`; pauses the process forever at the armed hit.
 pub fn hit(name: &str, detail: &str) {
-    static HITS: AtomicUsize = AtomicUsize::new(0);
-    let Some(armed) = armed() else { return };
-    if armed.name != name || armed.detail.as_deref().is_some_and(|d| d != detail) {
-        return;
-    }
-    if HITS.fetch_add(1, Ordering::SeqCst) + 1 == armed.hit {
+    if fires(name, detail) {
         eprintln!("es2-wgpu: failpoint {name}:{detail} reached");
         loop {
             std::thread::park();

@@ -24,8 +24,14 @@
 //!    loop, checkpoints, metrics.
 //!
 //! Beside them, used by any layer: [`error`], [`io`] (atomic writers), [`rng`], [`plot`] (SVG
-//! charts) and [`failpoint`] (named pause points for the kill tests). The command line (`es2-wgpu`, the `cli` feature, on by default) is a thin
-//! layer over this API; `default-features = false` leaves it and its dependencies out.
+//! charts) and [`failpoint`] (named points where a test pauses the process to kill it, or
+//! injects a NaN or a GPU fault). The command line (`es2-wgpu`, the `cli` feature, on by
+//! default) is a thin layer over this API; `default-features = false` leaves it and its
+//! dependencies out.
+
+// Every public item is documented: the library is used from other apps, and `cargo doc` is
+// its reference (clippy -D warnings in CI turns a gap into a failure).
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod es2;

@@ -26,6 +26,10 @@ pub const EXAMPLE: &str = "Examples:
   es2-wgpu train --objective sft --data chats.jsonl --model models/stories260K --full \\
       --lr 1e-3 --out stories-sft";
 
+/// The help headings of the flags only one objective reads.
+const ES2_HEADING: &str = "ES2 options (--objective es2)";
+const SFT_HEADING: &str = "Supervised fine-tuning options (--objective sft)";
+
 /// `train`'s flags. Every default is read from the library's `Default`s; `given` records which
 /// flags the user set, so that an embedded model's preset fills the others.
 #[derive(Args, Debug)]
@@ -39,15 +43,15 @@ pub struct TrainArgs {
     task: Task,
     /// ES2's harmful prompts: JSON array, JSONL or CSV with an
     /// instruction/prompt/goal/behavior/text field (default: the built-in set).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmful: Option<PathBuf>,
     /// ES2's harmless prompts, same formats (default: the built-in set).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmless: Option<PathBuf>,
     /// SFT's conversations: JSON array or JSONL of {"prompt", "response"} or {"messages":
     /// [{"role", "content"}, ...]} rows, or CSV with prompt and response columns. The loss
     /// covers the assistant turns only.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, help_heading = SFT_HEADING, value_name = "FILE")]
     data: Option<PathBuf>,
     /// Output folder: adapter, metrics.jsonl, curves.svg, checkpoints, summary.json.
     #[arg(long, default_value_os_t = TrainConfig::default().out)]
@@ -58,38 +62,38 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
 
     /// Layers whose embeddings are separated: "all", or a list such as "2,4,6" or "8-12".
-    #[arg(long, default_value_t = Layers(Es2Config::default().layers))]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Layers(Es2Config::default().layers))]
     layers: Layers,
     /// Where a prompt's embedding is read: its last token, or the mean over its tokens.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().pool)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().pool)]
     pool: Pool,
     /// How the two groups are compared: distance of the means, mean over all pairs, or each
     /// harmful embedding against the base model's harmless centroid.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().pair)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().pair)]
     pair: Pair,
     /// Distance: Euclidean (l2), squared Euclidean, or 1 − cosine similarity.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().distance)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().distance)]
     distance: Distance,
     /// hinge: max(0, margin − D) (bounded); neg: −D (unbounded).
-    #[arg(long, value_enum, default_value_t = Es2Config::default().shape)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().shape)]
     shape: LossShape,
     /// Hinge margin relative to the base model's distance at each layer.
-    #[arg(long, default_value_t = Es2Config::default().margin)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().margin)]
     margin: f32,
     /// Absolute hinge margin (overrides --margin).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     margin_abs: Option<f32>,
     /// Stop the separation gradient on the harmless embeddings.
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmful_only: bool,
     /// Weight λ of the KL term.
-    #[arg(long, default_value_t = Es2Config::default().lambda)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().lambda)]
     lambda: f32,
     /// Softmax temperature of the KL term.
-    #[arg(long, default_value_t = Es2Config::default().temperature)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().temperature)]
     temperature: f32,
     /// KL(base ‖ tuned) (forward) or KL(tuned ‖ base) (reverse).
-    #[arg(long, value_enum, default_value_t = Es2Config::default().kl_dir)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().kl_dir)]
     kl_dir: KlDirection,
 
     /// Train every weight instead of LoRA adapters.
@@ -111,7 +115,8 @@ pub struct TrainArgs {
     #[arg(long)]
     merge: bool,
     /// Keep the frozen base weights' block projections in f16, at half their GPU memory
-    /// (the model of a LoRA run; the frozen reference copy under --full). Compute stays f32.
+    /// (the model of a LoRA run; the frozen reference copy of an es2 run under --full; an sft
+    /// run under --full has none). Compute stays f32.
     #[arg(long)]
     f16_weights: bool,
     /// Refuse model weights that hold NaN or infinity (by default they load with a warning).
@@ -136,17 +141,21 @@ pub struct TrainArgs {
     /// Seed of the adapters' initialisation, the data order and dropout.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u64,
+    /// Skip up to N steps whose loss or gradient is NaN or infinite (each is logged and
+    /// changes nothing on the model) instead of stopping at the first.
+    #[arg(long, value_name = "N", default_value_t = TrainConfig::default().skip_nonfinite)]
+    skip_nonfinite: usize,
     #[arg(long, default_value_t = TrainConfig::default().steps, help = with_preset(
         "Training steps; with --resume, the new total", |p| p.steps.map(|v| v.to_string())))]
     steps: usize,
-    #[arg(long, default_value_t = TrainConfig::default().harmful_batch, help = with_preset(
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = TrainConfig::default().harmful_batch, help = with_preset(
         "Harmful prompts per step", |p| p.harmful_batch.map(|v| v.to_string())))]
     harmful_batch: usize,
-    #[arg(long, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
         "Harmless prompts per step", |p| p.harmless_batch.map(|v| v.to_string())))]
     harmless_batch: usize,
     /// Conversations per SFT step.
-    #[arg(long, default_value_t = TrainConfig::default().sft_batch)]
+    #[arg(long, help_heading = SFT_HEADING, default_value_t = TrainConfig::default().sft_batch)]
     sft_batch: usize,
     /// SFT: batches of conversations of similar length (less padding, faster steps).
     #[arg(long)]
@@ -245,6 +254,7 @@ impl TrainArgs {
     /// The run's configuration: the library's defaults for the model (an embedded model's
     /// preset included), overridden by the flags. Flags a preset can set count only when given.
     fn config(&self) -> Result<TrainConfig> {
+        self.check_objective_flags()?;
         let mut config = TrainConfig::for_model(&self.model)?;
         let given = |id: &str| self.given.contains(id);
         if given("lr") {
@@ -287,6 +297,7 @@ impl TrainArgs {
         optimizer.schedule = self.schedule;
         optimizer.warmup = self.warmup;
         config.seed = self.seed;
+        config.skip_nonfinite = self.skip_nonfinite;
         config.val_fraction = self.val_fraction;
         config.save_every = self.save_every;
 
@@ -309,6 +320,27 @@ impl TrainArgs {
             kl_dir: self.kl_dir,
         };
         Ok(config)
+    }
+}
+
+impl TrainArgs {
+    /// Refuses a flag that only the other objective reads (one under that objective's help
+    /// heading), which would otherwise be ignored without a word.
+    fn check_objective_flags(&self) -> Result<()> {
+        let (heading, objective, other) = match self.task {
+            Task::Es2 => (SFT_HEADING, "es2", "sft"),
+            Task::Sft => (ES2_HEADING, "sft", "es2"),
+        };
+        let command = <TrainArgs as Args>::augment_args(clap::Command::new("train"));
+        let foreign = command.get_arguments().find(|arg| {
+            arg.get_help_heading() == Some(heading) && self.given.contains(arg.get_id().as_str())
+        });
+        match foreign.and_then(|arg| arg.get_long()) {
+            Some(flag) => Err(Error::InvalidArgument(format!(
+                "--{flag} is an option of --objective {other}; this run trains for {objective}"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -477,4 +509,48 @@ fn print_summary(s: &Summary) {
 fn rate(r: &Rate) -> String {
     let percent = 100.0 * r.fraction().unwrap_or(0.0);
     format!("{:>3}/{} ({percent:.0}%)", r.refused, r.total)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    /// The configuration `es2-wgpu ARGS` gives, as `main` builds it.
+    fn config_of(args: &[&str]) -> Result<TrainConfig> {
+        let matches = crate::Cli::command().get_matches_from(args);
+        let cli = crate::Cli::from_arg_matches(&matches).unwrap();
+        let crate::Command::Train(mut train) = cli.command else {
+            panic!("{args:?} is not a train command");
+        };
+        train.given = crate::cli::given_flags(&matches);
+        train.config()
+    }
+
+    #[test]
+    fn a_flag_of_the_other_objective_is_refused_naming_it() {
+        let sft = [
+            "es2-wgpu",
+            "train",
+            "--objective",
+            "sft",
+            "--data",
+            "c.jsonl",
+        ];
+        let config = config_of(&sft).unwrap();
+        assert_eq!((config.task, config.sft_batch), (Task::Sft, 8));
+        let refused = |args: &[&str], flag: &str| match config_of(args) {
+            Err(Error::InvalidArgument(message)) => assert!(
+                message.starts_with(&format!("--{flag} is an option of --objective")),
+                "{message}"
+            ),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        for (flag, value) in [("layers", "1"), ("lambda", "2"), ("harmful-batch", "4")] {
+            refused(&[&sft[..], &[&format!("--{flag}"), value]].concat(), flag);
+        }
+        refused(&["es2-wgpu", "train", "--sft-batch", "4"], "sft-batch");
+        assert!(config_of(&["es2-wgpu", "train", "--lambda", "2"]).is_ok());
+    }
 }

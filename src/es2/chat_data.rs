@@ -75,6 +75,7 @@ impl Default for ChatDataRecipe {
 pub struct ChatData {
     /// Harmful pairs (each `harmful_copies` times, in prompt order), then harmless pairs.
     pub conversations: Vec<Conversation>,
+    /// What was kept and skipped, and why.
     pub stats: ChatDataStats,
 }
 

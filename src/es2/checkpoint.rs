@@ -25,20 +25,27 @@ const FOLDER: &str = "checkpoints";
 /// Everything but the tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointState {
+    /// Steps completed when the checkpoint was written.
     pub step: usize,
+    /// The run's configuration (a resumed run continues with it).
     pub config: TrainConfig,
     /// ES2's constants measured on the base model (none under SFT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_stats: Option<BaseStats>,
     /// One per data set the objective draws from (ES2: harmful, harmless; SFT: one).
     pub samplers: Vec<Sampler>,
+    /// Every held-out evaluation so far.
     pub evaluations: Vec<Evaluation>,
     /// Refusal rates on the held-out sample before the first step, when the run measures them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusals_before: Option<RefusalRates>,
+    /// The steps skipped so far for a non-finite loss or gradient.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<usize>,
 }
 
 impl CheckpointState {
+    /// Reads the `state.json` of checkpoint folder `dir`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(STATE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;

@@ -18,7 +18,9 @@ const BUILTIN_HARMLESS: &str = include_str!("../../data/harmless.json");
 /// Which side of the objective a prompt set feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// Prompts the model should refuse.
     Harmful,
+    /// Prompts the model should answer.
     Harmless,
 }
 
@@ -75,7 +77,9 @@ pub fn tokenize_prompts(
 /// [`Tokenizer::encode_conversation`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
+    /// The conversation's token ids.
     pub ids: Vec<u32>,
+    /// Per id, whether it is an assistant token the loss learns.
     pub learned: Vec<bool>,
 }
 
@@ -150,7 +154,9 @@ pub fn fit_conversation(learned: &[bool], max_len: usize) -> Range<usize> {
 /// Training and held-out rows of one data set (prompts of one side, or conversations).
 #[derive(Debug, Clone)]
 pub struct Split<T = Vec<u32>> {
+    /// Rows trained on.
     pub train: Vec<T>,
+    /// Held-out rows (the last `val_fraction` of a seeded shuffle).
     pub val: Vec<T>,
 }
 
@@ -192,12 +198,16 @@ pub const LENGTH_GROUP: usize = 8;
 /// so a resumed run draws exactly what an uninterrupted one would.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sampler {
+    /// Seed of every epoch's shuffle.
     pub seed: u64,
+    /// Epochs completed.
     pub epoch: u64,
+    /// Rows drawn so far in the current epoch.
     pub position: usize,
 }
 
 impl Sampler {
+    /// A sampler at the start of its first epoch.
     pub fn new(seed: u64) -> Self {
         Sampler {
             seed,

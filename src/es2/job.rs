@@ -27,13 +27,16 @@ use crate::{Error, Result};
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Job {
+    /// Embedding Space Separation.
     Es2(Es2Job),
+    /// Supervised fine-tuning.
     Sft(SftJob),
 }
 
 /// ES2: harmful and harmless prompts, one sampler each, the base statistics in the engine.
 #[derive(Debug)]
 pub struct Es2Job {
+    /// The ES2 training step.
     pub engine: Es2Engine,
     harmful: Split,
     harmless: Split,
@@ -43,6 +46,7 @@ pub struct Es2Job {
 /// Supervised fine-tuning: conversations with their learned tokens, one sampler.
 #[derive(Debug)]
 pub struct SftJob {
+    /// The SFT training step.
     pub engine: SftEngine,
     conversations: Split<Example>,
     /// The token count of each training conversation.

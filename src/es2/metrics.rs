@@ -67,6 +67,12 @@ impl MetricsLog {
             .map_err(|e| Error::io(&self.path, e))
     }
 
+    /// A skipped step's line: the step, the term that was not finite and its value (as text:
+    /// JSON has no NaN).
+    pub fn skipped(&mut self, step: usize, term: &str, value: f64) -> Result<()> {
+        self.write(json!({"step": step, "skipped": term, "value": value.to_string()}))
+    }
+
     /// A training step's line: the report's fields (the objective's own terms among them),
     /// the learning rate and the speed.
     pub fn step(&mut self, step: usize, r: &StepReport, lr: f64, tokens_per_s: f64) -> Result<()> {

@@ -21,9 +21,13 @@ use crate::{Error, Result};
 pub struct Es2Config {
     /// Layers whose embeddings are separated (0-based blocks); empty means all.
     pub layers: Vec<usize>,
+    /// How a prompt's hidden states become one embedding (last token or mean).
     pub pool: Pool,
+    /// Which embeddings the distance compares (pairs, or each against a centroid).
     pub pair: Pair,
+    /// The distance measure (L2, squared L2, cosine).
     pub distance: Distance,
+    /// How the distance becomes a loss (hinge to the margin, or its negative).
     pub shape: LossShape,
     /// Relative margin: m_l = margin × D_l(base).
     pub margin: f32,
@@ -33,7 +37,9 @@ pub struct Es2Config {
     pub harmful_only: bool,
     /// Weight λ of the KL term.
     pub lambda: f32,
+    /// Softmax temperature of the KL term.
     pub temperature: f32,
+    /// Which way the KL divergence runs (forward or reverse).
     pub kl_dir: KlDirection,
 }
 
@@ -76,6 +82,7 @@ impl Es2Config {
         Ok(layers)
     }
 
+    /// The options of the fused separation kernels.
     pub fn separation_options(&self) -> SeparationOptions {
         SeparationOptions {
             pair: self.pair,
@@ -85,6 +92,7 @@ impl Es2Config {
         }
     }
 
+    /// The options of the fused KL kernels.
     pub fn kl_options(&self) -> KlOptions {
         KlOptions {
             temperature: self.temperature,
@@ -174,6 +182,7 @@ pub fn format_layers(layers: &[usize]) -> String {
 /// Constants measured once on the base model over the training prompts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaseStats {
+    /// The chosen layers (block indices), in the order of every per-layer vector.
     pub layers: Vec<usize>,
     /// ν_l: mean norm of the harmless embeddings.
     pub nu: Vec<f32>,
@@ -238,12 +247,16 @@ impl BaseStats {
 /// The per-layer constants on the GPU.
 #[derive(Debug)]
 pub struct BaseTensors {
+    /// ν_l per chosen layer (the distance normaliser).
     pub nu: Tensor,
+    /// m_l per chosen layer.
     pub margin: Tensor,
+    /// The base model's harmless centroid per chosen layer, `[layers, hidden]`.
     pub centroid: Tensor,
 }
 
 impl BaseTensors {
+    /// Uploads `stats` for hidden width `cols`.
     pub fn new(gpu: &Gpu, stats: &BaseStats, cols: usize) -> Result<Self> {
         let l = stats.layers.len();
         Ok(BaseTensors {
@@ -329,18 +342,27 @@ pub struct ObjectiveOutputs {
 /// The separation and KL losses with their gradients, recorded on `rec`. Returns the
 /// gradient seeds for the harmful and harmless backward passes.
 pub struct ObjectiveGradients {
+    /// Seeds for the harmful backward, per chosen layer.
     pub harmful_hidden: Vec<(usize, Tensor)>,
+    /// Seeds for the harmless backward, per chosen layer.
     pub harmless_hidden: Vec<(usize, Tensor)>,
+    /// The KL term's gradient at the harmless logits.
     pub harmless_logits: Tensor,
+    /// The values the step reads back.
     pub outputs: ObjectiveOutputs,
 }
 
 /// Everything one objective evaluation reads.
 pub struct ObjectiveInputs<'a> {
+    /// The objective's options.
     pub config: &'a Es2Config,
+    /// The chosen layers (block indices).
     pub layers: &'a [usize],
+    /// The base constants on the GPU.
     pub base: &'a BaseTensors,
+    /// The harmful batch and its forward (hidden states of the chosen layers).
     pub harmful: (&'a Batch, &'a Forward),
+    /// The harmless batch and its forward (hidden states and logits).
     pub harmless: (&'a Batch, &'a Forward),
     /// The base model's logits on the harmless batch.
     pub base_logits: &'a Tensor,
@@ -427,8 +449,11 @@ pub fn record_objective(
 /// Scalars of one objective evaluation, read back from [`ObjectiveOutputs`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ObjectiveValues {
+    /// L_sep + λ·L_KL.
     pub loss: f64,
+    /// L_sep, the mean over the chosen layers of φ(D_l).
     pub sep: f64,
+    /// L_KL per real harmless position.
     pub kl: f64,
     /// D_l per chosen layer.
     pub distance: Vec<f32>,

@@ -7,6 +7,7 @@ use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::NamedParam;
 use crate::ops::adamw::{adamw_step, AdamWStep};
 use crate::ops::grad_norm::grad_norm_squared;
+use crate::ops::residual::accumulate;
 use crate::{Error, Result};
 
 /// How the learning rate moves over the run.
@@ -25,13 +26,19 @@ pub enum Schedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct OptimizerConfig {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Decay of the first moment.
     pub beta1: f64,
+    /// Decay of the second moment.
     pub beta2: f64,
+    /// Added to the second moment's square root.
     pub eps: f64,
     /// Global gradient-norm clipping threshold (0 turns it off).
     pub clip: f64,
+    /// The learning rate after warmup.
     pub schedule: Schedule,
     /// Warmup steps.
     pub warmup: usize,
@@ -53,6 +60,7 @@ impl Default for OptimizerConfig {
 }
 
 impl OptimizerConfig {
+    /// An error naming the first field out of its range.
     pub fn validate(&self) -> Result<()> {
         let bad = |field, rule: &str, value: f64| {
             Err(Error::config(field, format!("{rule}, got {value}")))
@@ -95,8 +103,11 @@ impl OptimizerConfig {
 /// AdamW moments for each trainable tensor, in the order of [`crate::model::Gradients::named`].
 #[derive(Debug)]
 pub struct AdamW {
+    /// The settings.
     pub config: OptimizerConfig,
+    /// First moments, one per trainable tensor.
     pub m: Vec<Tensor>,
+    /// Second moments, one per trainable tensor.
     pub v: Vec<Tensor>,
     /// Steps taken.
     pub step: u64,
@@ -104,6 +115,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// Zero moments for `params`, at step 0.
     pub fn new(gpu: &Gpu, params: &[NamedParam], config: OptimizerConfig) -> Self {
         let zeros = || {
             params
@@ -122,10 +134,26 @@ impl AdamW {
 
     /// Records one step at learning rate `lr`: the global squared gradient norm, then every
     /// tensor's clipped AdamW update. Returns the tensor holding the (pre-clip) squared norm.
-    pub fn record_step(&mut self, rec: &mut Recorder, params: &[NamedParam], lr: f64) -> Tensor {
+    /// When that norm is not finite the GPU leaves every parameter and moment as it was; the
+    /// caller then stops or calls [`AdamW::unstep`].
+    pub fn record_step(
+        &mut self,
+        rec: &mut Recorder,
+        params: &[NamedParam],
+        lr: f64,
+    ) -> Result<Tensor> {
         let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
         grad_norm_squared(rec, &grads, &self.norm_sq);
         self.step += 1;
+        let step = self.step.to_string();
+        if crate::failpoint::fires("nonfinite-gradient", &step) {
+            let nan = Tensor::from_f32(rec.gpu(), [1], &[f32::NAN])?;
+            accumulate(rec, &nan, &self.norm_sq, 1.0);
+        }
+        if crate::failpoint::fires("device-fault", &step) {
+            let past_limit = (rec.gpu().limits().max_buffer_size / 4) as usize + 64;
+            rec.zero(&Tensor::empty(rec.gpu(), [past_limit], DType::F32));
+        }
         let step = AdamWStep {
             lr,
             beta1: self.config.beta1,
@@ -138,7 +166,13 @@ impl AdamW {
         for ((p, m), v) in params.iter().zip(&self.m).zip(&self.v) {
             adamw_step(rec, &p.param, &p.grad, m, v, &self.norm_sq, &step);
         }
-        self.norm_sq.clone()
+        Ok(self.norm_sq.clone())
+    }
+
+    /// Takes back the count of a step whose update the GPU skipped (a non-finite gradient
+    /// norm), so that bias correction goes on as if it had never been recorded.
+    pub fn unstep(&mut self) {
+        self.step = self.step.saturating_sub(1);
     }
 }
 

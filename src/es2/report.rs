@@ -15,6 +15,7 @@ pub struct StepReport {
     /// Real (non-padding) tokens processed.
     pub tokens: usize,
     #[serde(flatten)]
+    /// The objective's own terms.
     pub terms: Terms,
 }
 
@@ -22,7 +23,9 @@ pub struct StepReport {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Terms {
+    /// An ES2 step.
     Es2(Es2Terms),
+    /// An SFT step.
     Sft(SftTerms),
 }
 
@@ -47,6 +50,25 @@ pub struct SftTerms {
 }
 
 impl StepReport {
+    /// The first of the step's terms that is NaN or infinite, by name (L_sep, L_KL, the
+    /// cross-entropy, then the gradient norm), with its value.
+    pub fn nonfinite_term(&self) -> Option<(&'static str, f64)> {
+        let loss_terms: Vec<(&'static str, f64)> = match &self.terms {
+            Terms::Es2(t) => vec![("L_sep", t.sep), ("L_KL", t.kl)],
+            Terms::Sft(_) => vec![("the cross-entropy", self.loss)],
+        };
+        loss_terms
+            .into_iter()
+            .chain([("the gradient norm", self.grad_norm)])
+            .find(|(_, v)| !v.is_finite())
+    }
+
+    /// Whether the GPU applied this step's update: it skips any update whose gradient norm is
+    /// not finite.
+    pub fn update_applied(&self) -> bool {
+        self.grad_norm.is_finite()
+    }
+
     /// The ES2 terms, for an ES2 step.
     pub fn es2(&self) -> Option<&Es2Terms> {
         match &self.terms {
@@ -67,8 +89,10 @@ impl StepReport {
 /// Held-out measurements at one point of the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
+    /// Steps completed when it was measured.
     pub step: usize,
     #[serde(flatten)]
+    /// The objective's numbers.
     pub held_out: HeldOut,
 }
 
@@ -76,7 +100,9 @@ pub struct Evaluation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum HeldOut {
+    /// Held-out separation and KL.
     Es2(Es2HeldOut),
+    /// Held-out cross-entropy.
     Sft(SftHeldOut),
 }
 

@@ -79,11 +79,13 @@ const KEPT_FILES: [&str; 1] = ["training.json"];
 pub struct BuildOptions {
     /// The stories260K folder.
     pub base: PathBuf,
-    /// The harmful and harmless train splits.
+    /// The harmful train split.
     pub harmful: PathBuf,
+    /// The harmless train split.
     pub harmless: PathBuf,
     /// The model folder written (replaced once the new one is complete).
     pub out: PathBuf,
+    /// How the SFT pairs are made.
     pub data: ChatDataRecipe,
     /// SFT steps.
     pub steps: usize,
@@ -175,6 +177,7 @@ pub struct HeldOutRates {
     pub sets: Vec<(String, Rate)>,
     /// The fixed sample: [`SAMPLE`] prompts of `harmful_all` and of `harmless_val`.
     pub sample_harmful: Rate,
+    /// The fixed sample's harmless side.
     pub sample_harmless: Rate,
 }
 
@@ -215,18 +218,25 @@ pub fn measure(gpu: &Gpu, dir: &Path, replies: ReplyOptions) -> Result<HeldOutRa
 /// What a build did and measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildReport {
+    /// What the data step kept and skipped.
     pub data: ChatDataStats,
     /// Pairs in the data file and their tokens (as rendered).
     pub pairs: usize,
+    /// SFT steps run.
     pub steps: usize,
     /// Tokens the SFT steps processed (without padding) and per second.
     pub sft_tokens: usize,
+    /// [`Self::sft_tokens`] per second of SFT.
     pub sft_tokens_per_s: f64,
+    /// The built model's refusal rates on the held-out sets.
     pub rates: HeldOutRates,
     /// Seconds of each stage and of the whole build.
     pub data_seconds: f64,
+    /// Seconds of SFT.
     pub sft_seconds: f64,
+    /// Seconds measuring the refusal rates.
     pub eval_seconds: f64,
+    /// Seconds of the whole build.
     pub seconds: f64,
     /// The adapter the build ran on, in words.
     pub device: String,

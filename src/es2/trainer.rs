@@ -42,20 +42,26 @@ pub struct TrainConfig {
     pub model: String,
     /// The objective trained: ES2 (the default) or supervised fine-tuning.
     pub task: Task,
-    /// Harmful / harmless prompt files (ES2); `None` uses the built-in sets.
+    /// Harmful prompt file (ES2); `None` uses the built-in set.
     pub harmful: Option<PathBuf>,
+    /// Harmless prompt file (ES2); `None` uses the built-in set.
     pub harmless: Option<PathBuf>,
     /// The conversations supervised fine-tuning learns (JSON, JSONL or CSV; see
     /// [`load_conversations`](crate::text::load_conversations)); required by [`Task::Sft`].
     pub data: Option<PathBuf>,
+    /// The output folder: adapter or model, metrics, checkpoints, curves, summary.
     pub out: PathBuf,
     /// The ES2 objective's options.
     pub objective: Es2Config,
     /// LoRA settings; `None` is full fine-tuning.
     pub lora: Option<LoraConfig>,
+    /// AdamW and the learning-rate schedule.
     pub optimizer: OptimizerConfig,
+    /// Training steps in all (a resumed run's new total).
     pub steps: usize,
+    /// Harmful prompts per ES2 step.
     pub harmful_batch: usize,
+    /// Harmless prompts per ES2 step.
     pub harmless_batch: usize,
     /// Conversations per SFT step.
     pub sft_batch: usize,
@@ -67,7 +73,13 @@ pub struct TrainConfig {
     /// conversations are cut as [`tokenize_conversations`](super::data::tokenize_conversations)
     /// says.
     pub max_len: usize,
+    /// Seed of the adapters' initialisation, the data order and dropout.
     pub seed: u64,
+    /// Steps whose loss or gradient is NaN or infinite that the run may skip (each logged in
+    /// `metrics.jsonl`) before it stops; 0: stop at the first. A skipped step changes nothing
+    /// on the model: the GPU applies no update whose gradient norm is not finite.
+    pub skip_nonfinite: usize,
+    /// Fraction of each data set held out for evaluation.
     pub val_fraction: f32,
     /// Held-out evaluation every this many steps (and at the start and end); 0: start/end.
     pub eval_every: usize,
@@ -118,6 +130,7 @@ impl Default for TrainConfig {
             group_by_length: false,
             max_len: 128,
             seed: 0,
+            skip_nonfinite: 0,
             val_fraction: 0.1,
             eval_every: 50,
             save_every: 100,
@@ -155,6 +168,7 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// An error naming the first field that is out of range or missing for the objective.
     pub fn validate(&self) -> Result<()> {
         let at_least = |field, min: usize, value: usize| {
             if value < min {
@@ -274,7 +288,9 @@ pub struct RefusalChange {
     pub sample: usize,
     /// How the replies were generated (greedy) and judged (GCG's refusal list).
     pub replies: ReplyOptions,
+    /// The rates of the model before the first step.
     pub before: RefusalRates,
+    /// The rates of the trained model.
     pub after: RefusalRates,
 }
 
@@ -303,14 +319,18 @@ impl TrainObserver for Quiet {}
 /// A training run in progress.
 pub struct Trainer<'g> {
     gpu: &'g Gpu,
+    /// The run's configuration.
     pub config: TrainConfig,
     /// The model in training and its reference (see [`ModelPair`]).
     pub models: ModelPair,
+    /// The model's tokenizer (with its chat template).
     pub tokenizer: Tokenizer,
     /// The objective with its engine and data.
     pub job: Job,
     /// Steps completed.
     pub step: usize,
+    /// The steps skipped for a non-finite loss or gradient.
+    pub skipped: Vec<usize>,
     evaluations: Vec<Evaluation>,
     refusals_before: Option<RefusalRates>,
     metrics: MetricsLog,
@@ -349,6 +369,7 @@ impl<'g> Trainer<'g> {
             tokenizer,
             job,
             step: 0,
+            skipped: Vec::new(),
             evaluations: Vec::new(),
             refusals_before: None,
             metrics,
@@ -397,6 +418,7 @@ impl<'g> Trainer<'g> {
             tokenizer,
             job,
             step: state.step,
+            skipped: state.skipped,
             evaluations: state.evaluations,
             refusals_before: state.refusals_before,
             metrics,
@@ -464,7 +486,18 @@ impl<'g> Trainer<'g> {
         let report = self.train_step()?;
         let tokens_per_s = report.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let lr = self.config.optimizer.lr_at(self.step, total);
-        self.metrics.step(self.step, &report, lr, tokens_per_s)?;
+        match report.nonfinite_term() {
+            Some((term, value)) => {
+                self.metrics.skipped(self.step, term, value)?;
+                observer.message(&format!(
+                    "step {}: {term} is not finite ({value}); step skipped ({} of at most {})",
+                    self.step,
+                    self.skipped.len(),
+                    self.config.skip_nonfinite
+                ));
+            }
+            None => self.metrics.step(self.step, &report, lr, tokens_per_s)?,
+        }
         crate::failpoint::hit("step", &self.step.to_string());
         observer.step(self.step, total, &report, tokens_per_s);
         let every = self.config.eval_every;
@@ -498,7 +531,38 @@ impl<'g> Trainer<'g> {
             .job
             .step(self.gpu, &self.models, &self.config, lr, seed)?;
         self.step += 1;
+        if let Some((term, value)) = report.nonfinite_term() {
+            self.skip_or_stop(&report, term, value)?;
+        }
         Ok(report)
+    }
+
+    /// Skips the step just taken, whose `term` is not finite, when the update was not applied
+    /// and the run may skip another; otherwise an error naming the step and the term.
+    fn skip_or_stop(&mut self, report: &StepReport, term: &str, value: f64) -> Result<()> {
+        let may_skip = self.skipped.len() < self.config.skip_nonfinite;
+        if may_skip && !report.update_applied() {
+            self.job.optimizer_mut().unstep();
+            self.skipped.push(self.step);
+            return Ok(());
+        }
+        let last = checkpoint::resolve(&self.config.out)
+            .ok()
+            .map_or("no checkpoint was written yet".to_owned(), |dir| {
+                format!("the last checkpoint, {}, is intact", dir.display())
+            });
+        let why = if may_skip {
+            "its update was already applied, so it cannot be skipped"
+        } else if self.config.skip_nonfinite > 0 {
+            "the run already skipped as many steps as skip_nonfinite allows"
+        } else {
+            "skip_nonfinite is 0"
+        };
+        Err(Error::Numerical(format!(
+            "step {}: {term} is not finite ({value}); {why}. {last}: lower the learning rate \
+             (lr) or clip the gradient norm (clip), and resume from it",
+            self.step
+        )))
     }
 
     /// The held-out measurements of the objective at the current step.
@@ -535,6 +599,7 @@ impl<'g> Trainer<'g> {
             config: self.config.clone(),
             base_stats: self.job.base_stats().cloned(),
             samplers: self.job.samplers(),
+            skipped: self.skipped.clone(),
             evaluations: self.evaluations.clone(),
             refusals_before: self.refusals_before,
         };

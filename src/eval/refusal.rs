@@ -29,6 +29,7 @@ pub const DECODE_ROWS: usize = 64;
 pub struct PromptSet {
     /// Its name in tables: the file it comes from, or what it joins.
     pub name: &'static str,
+    /// The prompts, in the file's order.
     pub prompts: Vec<String>,
 }
 
@@ -105,7 +106,9 @@ pub fn heldout_sample(n: usize) -> Result<(Vec<String>, Vec<String>)> {
 /// has one), ending at end-of-sequence or after `max_new_tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplyOptions {
+    /// Generation stops after this many new tokens.
     pub max_new_tokens: usize,
+    /// Render prompts through the model's chat template (when it has one).
     pub chat: bool,
 }
 

@@ -171,6 +171,9 @@ pub mod reference {
         norm_sq: f64,
         s: &AdamWStep,
     ) {
+        if !norm_sq.is_finite() {
+            return; // the kernel applies no update from a non-finite gradient
+        }
         let clip = clip_coefficient(norm_sq, s);
         let t = s.step as f64;
         let (bc1, bc2) = (1.0 - s.beta1.powf(t), 1.0 - s.beta2.powf(t));

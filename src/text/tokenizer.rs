@@ -32,10 +32,13 @@ impl std::fmt::Debug for Tokenizer {
 /// The texts of a model folder's tokenizer files (`None`: the folder lacks the file).
 #[derive(Debug, Clone, Default)]
 pub struct TokenizerFiles {
+    /// `tokenizer.json`.
     pub tokenizer_json: String,
+    /// `tokenizer_config.json`, with the chat template and special tokens, when there is one.
     pub tokenizer_config: Option<String>,
     /// `chat_template.jinja`, which wins over a template in `tokenizer_config.json`.
     pub chat_template: Option<String>,
+    /// `generation_config.json`, whose end-of-sequence ids end generation, when there is one.
     pub generation_config: Option<String>,
 }
 
@@ -260,7 +263,8 @@ impl Tokenizer {
             let through = self.render_chat(&messages[..=i], false)?;
             if !through.starts_with(&before) || !text.starts_with(&through) {
                 return Err(Error::InvalidArgument(format!(
-                    "the chat template does not render message {i} as an extension of the                      messages before it, so its reply tokens cannot be found"
+                    "the chat template does not render message {i} as an extension of the \
+                     messages before it, so its reply tokens cannot be found"
                 )));
             }
             spans.push(before.len()..through.len());

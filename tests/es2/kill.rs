@@ -13,20 +13,20 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-fn out_dir(name: &str) -> PathBuf {
+pub(super) fn out_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("es2-kill-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
 
-fn remove(out: &Path) {
+pub(super) fn remove(out: &Path) {
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(out.with_extension("data")).unwrap();
 }
 
 /// Eight short prompts per side, written next to `out` (most of a tiny run's time otherwise
 /// goes to the built-in sets' base statistics and evaluations).
-fn prompt_files(out: &Path) -> [PathBuf; 2] {
+pub(super) fn prompt_files(out: &Path) -> [PathBuf; 2] {
     let dir = out.with_extension("data");
     std::fs::create_dir_all(&dir).unwrap();
     ["harmful", "harmless"].map(|side| {

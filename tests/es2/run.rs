@@ -32,7 +32,8 @@ fn small(out: PathBuf) -> TrainConfig {
     }
 }
 
-fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
+/// The logits of one sequence.
+pub(crate) fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
     let out = model
@@ -45,7 +46,7 @@ fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     download(gpu, out.logits.as_ref().unwrap())
 }
 
-fn json_lines(path: &Path) -> Vec<Value> {
+pub(crate) fn json_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -56,24 +57,31 @@ fn json_lines(path: &Path) -> Vec<Value> {
 /// `curves.svg` is an SVG document that names every series, and draws the three step series
 /// with a point per step and each layer's held-out distance and the held-out KL with a point
 /// per evaluation.
-fn check_curves(path: &Path, steps: usize, evaluations: usize, layers: usize) {
+fn check_es2_curves(path: &Path, steps: usize, evaluations: usize, layers: usize) {
+    let last_layer = format!("layer {}", layers - 1);
+    let labels = ["L_sep", "L_KL", "held-out KL", "layer 0", &last_layer];
+    check_curves(path, &labels, &[(steps, 3), (evaluations, layers + 1)]);
+}
+
+/// `curves.svg` at `path` is an SVG document whose text holds each of `labels`, and which
+/// draws `count` lines of `points` points for each `(points, count)` of `lines`.
+pub(crate) fn check_curves(path: &Path, labels: &[&str], lines: &[(usize, usize)]) {
     let text = std::fs::read_to_string(path).unwrap();
     let doc = roxmltree::Document::parse(&text)
         .unwrap_or_else(|e| panic!("{}: not XML: {e}", path.display()));
     assert_eq!(doc.root_element().tag_name().name(), "svg");
-    let labels: Vec<&str> = doc
+    let texts: Vec<&str> = doc
         .descendants()
         .filter(|n| n.has_tag_name("text"))
         .filter_map(|n| n.text())
         .collect();
-    let last_layer = format!("layer {}", layers - 1);
-    for label in ["L_sep", "L_KL", "held-out KL", "layer 0", &last_layer] {
+    for label in labels {
         assert!(
-            labels.iter().any(|t| t.contains(label)),
-            "{label} missing from {labels:?}"
+            texts.iter().any(|t| t.contains(label)),
+            "{label} missing from {texts:?}"
         );
     }
-    let lines: Vec<usize> = doc
+    let drawn: Vec<usize> = doc
         .descendants()
         .filter(|n| n.has_tag_name("polyline"))
         .map(|n| {
@@ -84,11 +92,12 @@ fn check_curves(path: &Path, steps: usize, evaluations: usize, layers: usize) {
         })
         .collect();
     let mut want: HashMap<usize, usize> = HashMap::new();
-    *want.entry(steps).or_default() += 3;
-    *want.entry(evaluations).or_default() += layers + 1;
+    for &(points, count) in lines {
+        *want.entry(points).or_default() += count;
+    }
     for (points, count) in want {
-        let found = lines.iter().filter(|&&n| n == points).count();
-        assert_eq!(found, count, "lines of {points} points in {lines:?}");
+        let found = drawn.iter().filter(|&&n| n == points).count();
+        assert_eq!(found, count, "lines of {points} points in {drawn:?}");
     }
 }
 
@@ -155,7 +164,7 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
     assert_eq!(summary.curves, out.join("curves.svg"));
     assert_eq!(written["curves"], summary.curves.to_string_lossy().as_ref());
     assert_eq!(written["refusals"]["sample"], 3);
-    check_curves(&summary.curves, 3, 3, 4);
+    check_es2_curves(&summary.curves, 3, 3, 4);
 
     let adapter: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
@@ -238,7 +247,7 @@ fn a_full_fine_tuning_run_writes_a_model_folder_that_loads_back() {
 
 /// Keeps the trainer's messages.
 #[derive(Default)]
-struct Messages(Vec<String>);
+pub(crate) struct Messages(pub Vec<String>);
 
 impl TrainObserver for Messages {
     fn message(&mut self, text: &str) {

@@ -147,3 +147,49 @@ fn adamw_treats_an_infinite_threshold_as_no_clipping() {
     let clips = run_steps("max norm inf", config(0.01, f64::INFINITY), false, 2.0);
     assert!(clips.iter().all(|&c| c == 1.0));
 }
+
+#[test]
+fn adamw_leaves_parameters_and_moments_untouched_when_the_gradient_is_not_finite() {
+    let gpu = gpu();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let slots: Vec<Slot> = SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Slot::new(300 + 10 * i as u64, n, true))
+            .collect();
+        let mut grads: Vec<Vec<f32>> = SIZES.iter().map(|&n| randn(9, n, 1.0)).collect();
+        // One bad element in the middle of the largest tensor poisons the global norm.
+        let last = grads.len() - 1;
+        let mid = grads[last].len() / 2;
+        grads[last][mid] = bad;
+        let tgrads: Vec<Tensor> = grads.iter().map(|g| upload(gpu, [g.len()], g)).collect();
+        let norm_sq = poisoned(gpu, [1]);
+        let mut rec = Recorder::new(gpu);
+        grad_norm::grad_norm_squared(&mut rec, &tgrads.iter().collect::<Vec<_>>(), &norm_sq);
+        let step = config(0.01, 1.0);
+        for (slot, g) in slots.iter().zip(&tgrads) {
+            adamw::adamw_step(&mut rec, &slot.param, g, &slot.m, &slot.v, &norm_sq, &step);
+        }
+        rec.finish().unwrap();
+        assert!(
+            !download(gpu, &norm_sq)[0].is_finite(),
+            "norm of a {bad} gradient"
+        );
+        for slot in &slots {
+            // Nothing may change: compare with the uploaded values bit for bit.
+            let n = slot.p_ref.len();
+            for (name, tensor, want) in [
+                ("param", &slot.param, &slot.p_ref),
+                ("m", &slot.m, &slot.m_ref),
+                ("v", &slot.v, &slot.v_ref),
+            ] {
+                let got = download(gpu, tensor);
+                let want: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+                assert!(
+                    bits(&got) == bits(&want),
+                    "{name} n={n} changed by a {bad} gradient"
+                );
+            }
+        }
+    }
+}
