@@ -73,7 +73,7 @@ enum Command {
     )]
     Embed(EmbedArgs),
     /// Write a model as a Hugging Face folder, with a --lora adapter merged into its weights.
-    #[command(after_help = "Example:\n  es2-wgpu export --lora es2-out --out tiny-llama-hardened")]
+    #[command(after_help = "Example:\n  es2-wgpu export --lora es2-out --out tiny-chat-hardened")]
     Export {
         #[command(flatten)]
         model: ModelArgs,

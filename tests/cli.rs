@@ -173,6 +173,38 @@ fn check_embed(model_spec: &str, prompt: &str, args: &[&str]) {
     assert_eq!(logits.len(), model.config.vocab_size);
 }
 
+/// `train` with no model hardens the built-in chat model with its preset, which measures
+/// refusals on a fixed held-out sample before and after; the table and summary.json say so.
+#[test]
+fn train_on_the_default_model_reports_refusal_rates_before_and_after() {
+    let out = std::env::temp_dir().join(format!("es2-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = es2(&["train", "--steps", "2", "--out", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(stderr.contains(embedded::DEFAULT), "{stderr}");
+    assert!(
+        table.contains("refusals on held-out prompts (32 harmful + 32 harmless"),
+        "{table}"
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let refusals = &summary["refusals"];
+    for when in ["before", "after"] {
+        for side in ["harmful", "harmless"] {
+            let rate = &refusals[when][side];
+            assert_eq!(rate["total"], 32, "{refusals}");
+            assert!(table.contains(&format!("{side} refused")), "{table}");
+            assert!(rate["refused"].as_u64().unwrap() <= 32);
+        }
+    }
+    // The chat model refuses harmful prompts far more often than harmless ones.
+    let refused = |side: &str| refusals["before"][side]["refused"].as_u64().unwrap();
+    assert!(refused("harmful") > refused("harmless") + 16, "{refusals}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn embed_json_on_the_default_model_matches_the_library() {
     check_embed(embedded::DEFAULT, "héllo 世界", &[]);

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// `es2-wgpu eval --help`'s closing example.
 pub const EXAMPLE: &str = "Examples:
   es2-wgpu eval
-  es2-wgpu train --out es2-out && es2-wgpu eval --lora es2-out --base tiny-llama
+  es2-wgpu train --out es2-out && es2-wgpu eval --lora es2-out --base tiny-chat
   es2-wgpu eval --model models/stories260K --attacks direct,scav,repe --max-new-tokens 64 \\
       --perplexity story.txt --mmlu questions.csv --out stories-eval";
 

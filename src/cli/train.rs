@@ -9,6 +9,7 @@ use es2_wgpu::es2::{
     Es2Config, Evaluation, HeldOut, OptimizerConfig, Schedule, StepReport, Summary, Task, Terms,
     TrainConfig, TrainObserver, Trainer,
 };
+use es2_wgpu::eval::judge::Rate;
 use es2_wgpu::model::embedded::{self, TrainingPreset};
 use es2_wgpu::model::{LoraConfig, Projection};
 use es2_wgpu::ops::kl::KlDirection;
@@ -156,6 +157,9 @@ pub struct TrainArgs {
     /// Conversations per SFT step.
     #[arg(long, help_heading = SFT_HEADING, default_value_t = TrainConfig::default().sft_batch)]
     sft_batch: usize,
+    /// SFT: batches of conversations of similar length (less padding, faster steps).
+    #[arg(long)]
+    group_by_length: bool,
     #[arg(long, default_value_t = TrainConfig::default().max_len, help = with_preset(
         "Prompts longer than this many tokens keep their last tokens; longer conversations \
          keep the whole replies that fit",
@@ -171,6 +175,11 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: none).
     #[arg(long, default_value_t = TrainConfig::default().save_every)]
     save_every: usize,
+    #[arg(long, default_value_t = TrainConfig::default().refusal_sample, help = with_preset(
+        "Held-out prompts per side whose greedy replies measure the refusal rates before and \
+         after the run (a fixed sample of the built-in held-out sets; 0: none)",
+        |p| p.refusal_sample.map(|v| v.to_string())))]
+    refusal_sample: usize,
     /// Feed prompts and conversations as plain text even when the model has a chat template.
     #[arg(long)]
     no_chat: bool,
@@ -266,11 +275,15 @@ impl TrainArgs {
         if given("eval_every") {
             config.eval_every = self.eval_every;
         }
+        if given("refusal_sample") {
+            config.refusal_sample = self.refusal_sample;
+        }
         config.task = self.task;
         config.harmful.clone_from(&self.harmful);
         config.harmless.clone_from(&self.harmless);
         config.data.clone_from(&self.data);
         config.sft_batch = self.sft_batch;
+        config.group_by_length = self.group_by_length;
         config.out.clone_from(&self.out);
         config.lora = (!self.full).then(|| LoraConfig {
             rank: self.lora_rank,
@@ -287,6 +300,7 @@ impl TrainArgs {
         config.skip_nonfinite = self.skip_nonfinite;
         config.val_fraction = self.val_fraction;
         config.save_every = self.save_every;
+
         config.chat = !self.no_chat;
         config.merge = self.merge;
         config.overwrite = self.overwrite;
@@ -472,6 +486,29 @@ fn print_summary(s: &Summary) {
         }
         _ => println!("the evaluations before and after measure different objectives"),
     }
+    if let Some(r) = &s.refusals {
+        println!(
+            "refusals on held-out prompts ({} harmful + {} harmless of the built-in held-out \
+             sets; greedy, at most {} new tokens; GCG's refusal list):",
+            r.sample, r.sample, r.replies.max_new_tokens
+        );
+        println!(
+            "  harmful refused   {} → {}",
+            rate(&r.before.harmful),
+            rate(&r.after.harmful)
+        );
+        println!(
+            "  harmless refused  {} → {}",
+            rate(&r.before.harmless),
+            rate(&r.after.harmless)
+        );
+    }
+}
+
+/// `refused/total (percent)`.
+fn rate(r: &Rate) -> String {
+    let percent = 100.0 * r.fraction().unwrap_or(0.0);
+    format!("{:>3}/{} ({percent:.0}%)", r.refused, r.total)
 }
 
 #[cfg(test)]

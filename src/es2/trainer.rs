@@ -14,6 +14,7 @@ use super::metrics::MetricsLog;
 use super::objective::Es2Config;
 use super::optimizer::OptimizerConfig;
 use super::report::{Evaluation, StepReport};
+use crate::eval::refusal::{heldout_sample, refusal_rates, RefusalRates, ReplyOptions};
 use crate::gpu::Gpu;
 use crate::model::{open_model, LoadOptions, LoraConfig, Trainable};
 use crate::text::Tokenizer;
@@ -64,6 +65,10 @@ pub struct TrainConfig {
     pub harmless_batch: usize,
     /// Conversations per SFT step.
     pub sft_batch: usize,
+    /// SFT: draw each batch from conversations of similar length, so that batches carry
+    /// little padding (transformers' `group_by_length`; see
+    /// [`Sampler::next_by_length`](super::data::Sampler::next_by_length)).
+    pub group_by_length: bool,
     /// Prompts longer than this many tokens keep their last `max_len` tokens; longer
     /// conversations are cut as [`tokenize_conversations`](super::data::tokenize_conversations)
     /// says.
@@ -86,6 +91,11 @@ pub struct TrainConfig {
     pub base_prompts: usize,
     /// Held-out prompts per side (or held-out conversations) used by an evaluation.
     pub eval_prompts: usize,
+    /// Prompts per side of the built-in held-out sets (a fixed sample, see
+    /// [`heldout_sample`]) whose greedy replies measure the refusal rates before the first
+    /// step and after the last; 0 (the default, but not the built-in chat model's) measures
+    /// none.
+    pub refusal_sample: usize,
     /// Wrap prompts and conversations in the model's chat template (when it has one).
     pub chat: bool,
     /// Also write a merged Hugging Face model folder (LoRA runs).
@@ -117,6 +127,7 @@ impl Default for TrainConfig {
             harmful_batch: 8,
             harmless_batch: 8,
             sft_batch: 8,
+            group_by_length: false,
             max_len: 128,
             seed: 0,
             skip_nonfinite: 0,
@@ -126,6 +137,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             base_prompts: 128,
             eval_prompts: 64,
+            refusal_sample: 0,
             chat: true,
             merge: false,
             overwrite: false,
@@ -151,6 +163,7 @@ impl TrainConfig {
             config.harmless_batch = p.harmless_batch.unwrap_or(config.harmless_batch);
             config.max_len = p.max_len.unwrap_or(config.max_len);
             config.eval_every = p.eval_every.unwrap_or(config.eval_every);
+            config.refusal_sample = p.refusal_sample.unwrap_or(config.refusal_sample);
         }
         Ok(config)
     }
@@ -177,6 +190,13 @@ impl TrainConfig {
                         "data",
                         "conversations are what the sft objective learns; es2 reads the harmful \
                          and harmless prompts",
+                    ));
+                }
+                if self.group_by_length {
+                    return Err(Error::config(
+                        "group_by_length",
+                        "groups the sft objective's conversations; es2 draws its prompts in \
+                         plain shuffled batches",
                     ));
                 }
                 self.objective.validate()?;
@@ -254,6 +274,24 @@ pub struct Summary {
     /// The run's charts (`curves.svg` in the output folder): losses per step and the held-out
     /// measurements per evaluation.
     pub curves: PathBuf,
+    /// Refusal rates on a fixed sample of held-out prompts before the first step and after the
+    /// last (when `refusal_sample` is not 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusals: Option<RefusalChange>,
+}
+
+/// How the refusal rates moved over a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusalChange {
+    /// Prompts per side: [`heldout_sample`] of the built-in held-out harmful and harmless
+    /// sets.
+    pub sample: usize,
+    /// How the replies were generated (greedy) and judged (GCG's refusal list).
+    pub replies: ReplyOptions,
+    /// The rates of the model before the first step.
+    pub before: RefusalRates,
+    /// The rates of the trained model.
+    pub after: RefusalRates,
 }
 
 /// Progress callbacks, so the library stays free of terminal output. Every method has a
@@ -294,6 +332,7 @@ pub struct Trainer<'g> {
     /// The steps skipped for a non-finite loss or gradient.
     pub skipped: Vec<usize>,
     evaluations: Vec<Evaluation>,
+    refusals_before: Option<RefusalRates>,
     metrics: MetricsLog,
 }
 
@@ -332,6 +371,7 @@ impl<'g> Trainer<'g> {
             step: 0,
             skipped: Vec::new(),
             evaluations: Vec::new(),
+            refusals_before: None,
             metrics,
         })
     }
@@ -380,6 +420,7 @@ impl<'g> Trainer<'g> {
             step: state.step,
             skipped: state.skipped,
             evaluations: state.evaluations,
+            refusals_before: state.refusals_before,
             metrics,
         })
     }
@@ -407,6 +448,15 @@ impl<'g> Trainer<'g> {
         else {
             return Err(Error::Numerical("no evaluation".into()));
         };
+        let refusals = match self.refusals_before {
+            Some(before) => Some(RefusalChange {
+                sample: self.config.refusal_sample,
+                replies: self.refusal_replies(),
+                before,
+                after: self.measure_refusals()?,
+            }),
+            None => None,
+        };
         let summary = Summary {
             task: self.config.task,
             layers: self.job.layers().to_vec(),
@@ -416,6 +466,7 @@ impl<'g> Trainer<'g> {
             seconds: started.elapsed().as_secs_f64(),
             out: self.config.out.clone(),
             curves,
+            refusals,
         };
         crate::io::write_json(&self.config.out.join("summary.json"), &summary)?;
         Ok(summary)
@@ -426,6 +477,9 @@ impl<'g> Trainer<'g> {
     pub fn advance(&mut self, observer: &mut dyn TrainObserver) -> Result<StepReport> {
         if self.evaluations.is_empty() {
             self.record_evaluation(observer)?;
+            if self.config.refusal_sample > 0 {
+                self.refusals_before = Some(self.measure_refusals()?);
+            }
         }
         let total = self.config.steps;
         let started = Instant::now();
@@ -517,6 +571,27 @@ impl<'g> Trainer<'g> {
             .evaluate(self.gpu, &self.models, &self.config, self.step)
     }
 
+    /// Refusal rates of the model as it is now, on [`heldout_sample`] of `refusal_sample`
+    /// prompts per side: greedy replies judged by GCG's list.
+    pub fn measure_refusals(&self) -> Result<RefusalRates> {
+        let (harmful, harmless) = heldout_sample(self.config.refusal_sample)?;
+        refusal_rates(
+            self.gpu,
+            &self.models.tuned,
+            &self.tokenizer,
+            &harmful,
+            &harmless,
+            self.refusal_replies(),
+        )
+    }
+
+    fn refusal_replies(&self) -> ReplyOptions {
+        ReplyOptions {
+            chat: self.config.chat,
+            ..ReplyOptions::default()
+        }
+    }
+
     /// Writes a checkpoint of the current step; returns its folder.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let state = CheckpointState {
@@ -526,6 +601,7 @@ impl<'g> Trainer<'g> {
             samplers: self.job.samplers(),
             skipped: self.skipped.clone(),
             evaluations: self.evaluations.clone(),
+            refusals_before: self.refusals_before,
         };
         checkpoint::save(
             self.gpu,

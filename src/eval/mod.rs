@@ -18,6 +18,7 @@ pub mod loss;
 pub mod plots;
 pub mod probe;
 pub mod prompts;
+pub mod refusal;
 pub mod replies;
 pub mod report;
 pub mod run;

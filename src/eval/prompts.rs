@@ -7,8 +7,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::refusal::{harmful_heldout, harmless_heldout, HARMFUL_ALL};
 use crate::rng::Rng;
-use crate::text::dataset::parse_json_array;
 use crate::text::load_prompts;
 use crate::{Error, Result};
 
@@ -18,33 +18,22 @@ not in harmful_train.json";
 /// The built-in held-out harmless set, in words.
 pub const BUILTIN_HARMLESS: &str = "data/datasets/harmless_val.json";
 
-const HARMBENCH_VAL: &str = include_str!("../../data/datasets/harmbench_val.json");
-const ADVBENCH: &str = include_str!("../../data/datasets/advbench.json");
-const HARMFUL_TRAIN: &str = include_str!("../../data/datasets/harmful_train.json");
-const HARMLESS_VAL: &str = include_str!("../../data/datasets/harmless_val.json");
-
-fn builtin(name: &str, text: &str) -> Result<Vec<String>> {
-    parse_json_array(text).map_err(|e| Error::format(format!("data/datasets/{name} (built in)"), e))
-}
-
 /// The held-out harmful prompts no built-in training set holds: HarmBench's validation
-/// behaviours and the AdvBench goals outside the harmful training split, without repeats.
+/// behaviours and the AdvBench goals outside the harmful training split, without repeats
+/// (the [`HARMFUL_ALL`] set of [`harmful_heldout`]).
 pub fn builtin_harmful() -> Result<Vec<String>> {
-    let train: HashSet<String> = builtin("harmful_train.json", HARMFUL_TRAIN)?
+    let all = harmful_heldout()?
         .into_iter()
-        .collect();
+        .find(|set| set.name == HARMFUL_ALL)
+        .map(|set| set.prompts)
+        .unwrap_or_default();
     let mut seen = HashSet::new();
-    let all = builtin("harmbench_val.json", HARMBENCH_VAL)?
-        .into_iter()
-        .chain(builtin("advbench.json", ADVBENCH)?);
-    Ok(all
-        .filter(|p| !train.contains(p) && seen.insert(p.clone()))
-        .collect())
+    Ok(all.into_iter().filter(|p| seen.insert(p.clone())).collect())
 }
 
 /// The held-out harmless prompts (Alpaca instructions of the validation split).
 pub fn builtin_harmless() -> Result<Vec<String>> {
-    builtin("harmless_val.json", HARMLESS_VAL)
+    Ok(harmless_heldout()?.prompts)
 }
 
 /// One side's prompts: from `path`, or the built-in set.
@@ -118,10 +107,12 @@ mod tests {
     #[test]
     fn builtin_sets_are_held_out_and_distinct() {
         let harmful = builtin_harmful().unwrap();
-        let train: HashSet<String> = builtin("harmful_train.json", HARMFUL_TRAIN)
-            .unwrap()
-            .into_iter()
-            .collect();
+        let train: HashSet<String> = crate::text::dataset::parse_json_array(include_str!(
+            "../../data/datasets/harmful_train.json"
+        ))
+        .unwrap()
+        .into_iter()
+        .collect();
         assert!(harmful.len() > 400, "{}", harmful.len());
         assert!(harmful.iter().all(|p| !train.contains(p)));
         assert_eq!(harmful.iter().collect::<HashSet<_>>().len(), harmful.len());

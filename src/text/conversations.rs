@@ -47,6 +47,24 @@ pub fn load_conversations(path: &Path) -> Result<Vec<Conversation>> {
     Ok(rows)
 }
 
+/// The conversations as JSON Lines that [`load_conversations`] reads back: a user prompt with
+/// one reply as `{"prompt": ..., "response": ...}`, any other conversation as
+/// `{"messages": [...]}`.
+pub fn conversations_jsonl(conversations: &[Conversation]) -> String {
+    let mut out = String::new();
+    for c in conversations {
+        let row = match c.messages.as_slice() {
+            [user, reply] if user.role == "user" && reply.role == "assistant" => {
+                serde_json::json!({"prompt": user.content, "response": reply.content})
+            }
+            messages => serde_json::json!({ "messages": messages }),
+        };
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    out
+}
+
 /// Parses a JSON array of conversation rows.
 pub fn parse_json(text: &str) -> std::result::Result<Vec<Conversation>, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
@@ -228,6 +246,26 @@ mod tests {
             err.starts_with("row 1:") && err.contains("field \"response\" is 1048577 bytes long"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn jsonl_written_reads_back() {
+        let rows = vec![
+            Conversation::pair("a \"quoted\"\nline", "b"),
+            Conversation {
+                messages: vec![
+                    Message {
+                        role: "system".into(),
+                        content: "s".into(),
+                    },
+                    Message::user("u"),
+                    Message::assistant("r"),
+                ],
+            },
+        ];
+        let text = conversations_jsonl(&rows);
+        assert!(text.starts_with("{\"prompt\":"), "{text}");
+        assert_eq!(parse_json_lines(&text).unwrap(), rows);
     }
 
     #[test]

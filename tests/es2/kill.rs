@@ -60,6 +60,8 @@ fn fresh_args(out: &Path, seed: u64) -> Vec<String> {
         "--lora-dropout",
         "0.1",
         "--merge",
+        "--refusal-sample",
+        "0",
     ];
     let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     args.extend(["--seed".into(), seed.to_string()]);

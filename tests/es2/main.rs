@@ -9,4 +9,5 @@ mod run;
 mod sft_run;
 mod sft_step;
 mod stories;
+mod tiny_chat;
 mod torch_step;

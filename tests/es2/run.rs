@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use es2_wgpu::es2::{Quiet, TrainConfig, TrainObserver, Trainer};
+use es2_wgpu::eval::refusal::{heldout_sample, refusal_rates};
 use es2_wgpu::model::{open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 use es2_wgpu::Error;
@@ -106,11 +107,24 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
     let out = out_dir("lora");
     let config = TrainConfig {
         merge: true,
+        refusal_sample: 3,
         ..small(out.clone())
     };
     let mut trainer = Trainer::new(gpu, config, &mut Quiet).unwrap();
     let summary = trainer.run(&mut Quiet).unwrap();
     assert_eq!(summary.steps, 3);
+    // Refusal rates before (the base model: fresh adapters change nothing) and after.
+    let refusals = summary.refusals.as_ref().expect("refusal rates measured");
+    let (harmful, harmless) = heldout_sample(3).unwrap();
+    let (base, base_tok) = open_model(gpu, "tiny-llama", &LoadOptions::default()).unwrap();
+    let replies = refusals.replies;
+    let want = refusal_rates(gpu, &base, &base_tok, &harmful, &harmless, replies).unwrap();
+    assert_eq!(refusals.before, want);
+    assert_eq!(
+        (refusals.after.harmful.total, refusals.after.harmless.total),
+        (3, 3)
+    );
+    assert_eq!(refusals.after, trainer.measure_refusals().unwrap());
 
     let lines = json_lines(&out.join("metrics.jsonl"));
     let steps: Vec<&Value> = lines.iter().filter(|v| v.get("step").is_some()).collect();
@@ -149,6 +163,7 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary.curves, out.join("curves.svg"));
     assert_eq!(written["curves"], summary.curves.to_string_lossy().as_ref());
+    assert_eq!(written["refusals"]["sample"], 3);
     check_es2_curves(&summary.curves, 3, 3, 4);
 
     let adapter: Value =
