@@ -280,12 +280,11 @@ fn direct(
     let total = context.harmful_ids.len() + context.harmless_ids.len();
     observer.stage(label, "direct inquiry", total);
     let mut tick = || observer.advance();
-    let no_hooks = |_| Ok(Vec::new());
     let harmful = generate_replies(
         gpu,
         subject,
         context.harmful_ids,
-        no_hooks,
+        &[],
         context.max_new_tokens,
         &mut tick,
     )?;
@@ -293,7 +292,7 @@ fn direct(
         gpu,
         subject,
         context.harmless_ids,
-        no_hooks,
+        &[],
         context.max_new_tokens,
         &mut tick,
     )?;
