@@ -424,6 +424,12 @@ pub fn attention_forward(
     tiles.launch(rec, &FORWARD, &tensors, &params, shape.query_tiles());
 }
 
+/// Bytes of scratch [`attention_backward`] takes for `shape`: each query row's statistics.
+pub fn attention_backward_scratch_bytes(shape: &AttentionShape) -> u64 {
+    let [b, hq, t] = shape.lse_dims();
+    (b * hq * t * ROW_STATS_WORDS * DType::U32.size_bytes()) as u64
+}
+
 /// Gradients of [`attention_forward`] (training case: `Tq == Tkv`, `q_offset == 0`) from the
 /// saved `out` and `lse` and the upstream `dout`. `dq`, `dk` and `dv` are overwritten; padding
 /// queries and keys get exactly zero.
