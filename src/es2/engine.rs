@@ -54,6 +54,10 @@ pub struct Es2Engine {
     pub optimizer: AdamW,
     /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,
+    /// What the forwards keep for the backward: every block's activations (the default), or
+    /// only the blocks' inputs, recomputing each block in the backward
+    /// (`TrainConfig::recompute`).
+    pub save: SavePolicy,
 }
 
 impl Es2Engine {
@@ -92,6 +96,7 @@ impl Es2Engine {
             base_tensors,
             grads,
             lora_dropout,
+            save: SavePolicy::Everything,
         })
     }
 
@@ -120,7 +125,7 @@ impl Es2Engine {
             Pass::new(output)
                 .with_hooks(&hooks)
                 .with_dropout(dropout)
-                .saving(SavePolicy::Everything)
+                .saving(self.save)
         };
         let (base_model, base_pass) = models.base();
         let base_fwd = base_model.run(&mut rec, harmless, &base_pass)?;

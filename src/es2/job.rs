@@ -229,7 +229,7 @@ impl Es2Job {
                 (stats, seeds.map(Sampler::new))
             }
         };
-        let engine = Es2Engine::new(
+        let mut engine = Es2Engine::new(
             s.gpu,
             &s.models.tuned,
             config.trainable(),
@@ -238,6 +238,7 @@ impl Es2Job {
             stats,
             config.lora_dropout(),
         )?;
+        engine.save = config.save_policy();
         Ok(Es2Job {
             engine,
             harmful,
@@ -327,13 +328,14 @@ impl SftJob {
             }
             None => Sampler::new(config.seed ^ 0x5346_5421),
         };
-        let engine = SftEngine::new(
+        let mut engine = SftEngine::new(
             s.gpu,
             &s.models.tuned,
             config.trainable(),
             config.optimizer.clone(),
             config.lora_dropout(),
         )?;
+        engine.save = config.save_policy();
         Ok(SftJob {
             engine,
             conversations,
