@@ -132,7 +132,7 @@ impl Es2Engine {
         let base_logits = base_fwd
             .logits
             .ok_or_else(|| Error::InvalidArgument("the base forward produced no logits".into()))?;
-        let s_fwd = model.run(&mut rec, harmless, &train(Output::Logits, dropout))?;
+        let mut s_fwd = model.run(&mut rec, harmless, &train(Output::Logits, dropout))?;
         // Harmful prompts need the network only up to the deepest chosen layer; their
         // adapters draw other dropout masks than the harmless batch's.
         let h_dropout = dropout.map(|d| LoraDropout {
@@ -140,7 +140,7 @@ impl Es2Engine {
             ..d
         });
         let h_output = embedding_output(&self.layers);
-        let h_fwd = model.run(&mut rec, harmful, &train(h_output, h_dropout))?;
+        let mut h_fwd = model.run(&mut rec, harmful, &train(h_output, h_dropout))?;
 
         let objective = record_objective(
             &mut rec,
@@ -154,16 +154,26 @@ impl Es2Engine {
             },
         )?;
         drop(base_logits);
+        // Hook i captured layer layers[i]: its gradient enters the backward where it read.
+        for (hook, grad) in objective.harmless_captures.into_iter().enumerate() {
+            s_fwd.seed_capture(harmless, hook, grad)?;
+        }
+        for (hook, grad) in objective.harmful_captures.into_iter().enumerate() {
+            h_fwd.seed_capture(harmful, hook, grad)?;
+        }
         let s_seeds = Seeds {
             logits: Some(&objective.harmless_logits),
-            hidden: &objective.harmless_hidden,
+            hidden: &[],
         };
         model.backward(&mut rec, harmless, s_fwd, &s_seeds, &[], &self.grads)?;
-        let h_seeds = Seeds {
-            logits: None,
-            hidden: &objective.harmful_hidden,
-        };
-        model.backward(&mut rec, harmful, h_fwd, &h_seeds, &[], &self.grads)?;
+        model.backward(
+            &mut rec,
+            harmful,
+            h_fwd,
+            &Seeds::default(),
+            &[],
+            &self.grads,
+        )?;
         let norm_sq = self.optimizer.record_step(&mut rec, &params, lr)?;
 
         // One readback: D_l and φ(D_l), the per-position KL, the squared gradient norm.

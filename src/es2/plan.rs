@@ -633,6 +633,7 @@ struct Fwd {
     blocks: Vec<Vec<Id>>,
     logits: Option<Id>,
     captures: Vec<Id>,
+    capture_grads: Vec<Id>,
     hook_rows: Vec<Id>,
     save: SavePolicy,
     top: usize,
@@ -872,9 +873,11 @@ impl<'a> Walk<'a> {
         };
         let s_pass = tuned(c.num_hidden_layers, true);
         let h_pass = tuned(hooks.iter().copied().max().unwrap_or(0), false);
-        let s_fwd = self.forward(s, &s_pass);
-        let h_fwd = self.forward(h, &h_pass);
-        let seeds = self.objective(&run.objective, layers.len(), h, s);
+        let mut s_fwd = self.forward(s, &s_pass);
+        let mut h_fwd = self.forward(h, &h_pass);
+        let [h_grads, s_grads] = self.objective(&run.objective, layers.len(), h, s);
+        h_fwd.capture_grads = h_grads;
+        s_fwd.capture_grads = s_grads;
         if let Some(logits) = base_fwd.logits {
             self.ledger.drop(logits);
         }
@@ -885,7 +888,6 @@ impl<'a> Walk<'a> {
         self.ledger
             .f32(Component::Workspace, "the readback", &[packed]);
         self.ledger.flush();
-        self.ledger.drop_all(seeds);
     }
 
     /// `SftEngine::step`: forward with logits, the fused cross-entropy, backward, AdamW.
@@ -939,9 +941,9 @@ impl<'a> Walk<'a> {
     }
 
     /// `record_objective`: the stacked embeddings, the separation loss and its gradients, the
-    /// KL with the gradient at the logits, and the gradients at the hidden states (the seeds
-    /// of both backwards, kept to the end of the step).
-    fn objective(&mut self, config: &Es2Config, layers: usize, h: Rows, s: Rows) -> Vec<Id> {
+    /// KL with the gradient at the logits, and the captures' gradients (harmful, harmless),
+    /// which their forwards keep for the backward.
+    fn objective(&mut self, config: &Es2Config, layers: usize, h: Rows, s: Rows) -> [Vec<Id>; 2] {
         let cols = self.cfg.hidden_size;
         let ledger = &mut self.ledger;
         let ws = Component::Workspace;
@@ -964,19 +966,20 @@ impl<'a> Walk<'a> {
         ledger.f32(ws, "per-position KL", &[s.rows()]);
         ledger.drop_all([eh, es, deh, mask].into_iter().chain(des));
         self.logits_tensor("the KL's gradient at the logits", s.rows());
-        let mut seeds = Vec::new();
-        let sides = if to_harmless { vec![s, h] } else { vec![h] };
-        for side in sides {
-            for _ in 0..layers {
-                // unpool_gradients: one pooled gradient, dropped, and one hidden-state seed.
-                self.ledger.temp("a pooled gradient", &[side.batch, cols]);
-                seeds.push(
-                    self.ledger
-                        .f32(ws, "a hidden-state seed", &[side.rows(), cols]),
-                );
-            }
-        }
-        seeds
+        let grads = |walk: &mut Self, side: Rows| {
+            (0..layers)
+                .map(|_| {
+                    walk.ledger
+                        .f32(ws, "a capture's gradient", &[side.batch, cols])
+                })
+                .collect()
+        };
+        let s_grads = if to_harmless {
+            grads(self, s)
+        } else {
+            Vec::new()
+        };
+        [grads(self, h), s_grads]
     }
 
     /// `AdamW::record_step`: the gradient norm's partial sums (the update takes nothing).
@@ -1005,6 +1008,7 @@ impl<'a> Walk<'a> {
             blocks: Vec::new(),
             logits: None,
             captures: Vec::new(),
+            capture_grads: Vec::new(),
             hook_rows,
             save: pass.save,
             top: pass.top,
@@ -1196,6 +1200,7 @@ impl<'a> Walk<'a> {
             mut blocks,
             logits,
             captures,
+            capture_grads,
             hook_rows,
             save,
             top,
@@ -1241,8 +1246,8 @@ impl<'a> Walk<'a> {
             self.ledger.drop_all(index);
         }
         self.ledger.drop(dx);
-        self.ledger
-            .drop_all(residual.into_iter().chain(normed).chain(hook_rows));
+        let held = residual.into_iter().chain(normed).chain(hook_rows);
+        self.ledger.drop_all(held.chain(capture_grads));
     }
 
     /// One block's backward (`Transformer::block_backward`): its temporaries, all released
