@@ -453,16 +453,14 @@ fn dry_run(gpu: &Gpu, args: &TrainArgs) -> Result<()> {
         memory: config.gpu_memory,
         ..DeviceLimits::of(gpu)
     };
-    let (plan, note, knobs) = match plan::fit(&model, &mut config, &device) {
-        Ok((plan, note)) => (plan, Some(note), Vec::new()),
-        Err(Error::DoesNotFit { .. }) => {
-            let plan = MemoryPlan::new(&model, &config, &device)?;
-            let knobs = plan::knobs(&model, &config, &device);
-            (plan, None, knobs)
-        }
-        Err(other) => return Err(other),
-    };
+    let verdict = plan::fit(&model, &mut config, &device);
     if args.json {
+        // With recomputation turned on when only that fits, as the run would.
+        let plan = MemoryPlan::new(&model, &config, &device)?;
+        let knobs = match verdict {
+            Ok(_) => Vec::new(),
+            Err(_) => plan::knobs(&model, &config, &device),
+        };
         let json = serde_json::json!({
             "plan": plan,
             "fits": plan.fits(),
@@ -474,16 +472,10 @@ fn dry_run(gpu: &Gpu, args: &TrainArgs) -> Result<()> {
         println!("{text}");
         return Ok(());
     }
-    println!("{plan}");
-    match note {
-        Some(note) => println!("fits: {note}"),
-        None => {
-            println!("does not fit: {}", plan.problems().join("; "));
-            println!("settings that change the plan:");
-            for knob in &knobs {
-                println!("  {knob}");
-            }
-        }
+    match verdict {
+        Ok((plan, note)) => println!("{plan}\nfits: {note}"),
+        Err(Error::DoesNotFit { message }) => println!("{message}"),
+        Err(other) => return Err(other),
     }
     Ok(())
 }

@@ -128,10 +128,13 @@ impl Es2Engine {
                 .saving(self.save)
         };
         let (base_model, base_pass) = models.base();
-        let base_fwd = base_model.run(&mut rec, harmless, &base_pass)?;
+        let mut base_fwd = base_model.run(&mut rec, harmless, &base_pass)?;
         let base_logits = base_fwd
             .logits
+            .take()
             .ok_or_else(|| Error::InvalidArgument("the base forward produced no logits".into()))?;
+        // Only the logits are needed: the last hidden states go back to the pool.
+        drop(base_fwd);
         let mut s_fwd = model.run(&mut rec, harmless, &train(Output::Logits, dropout))?;
         // Harmful prompts need the network only up to the deepest chosen layer; their
         // adapters draw other dropout masks than the harmless batch's.

@@ -404,18 +404,25 @@ pub fn knobs(model: &Config, run: &TrainConfig, device: &DeviceLimits) -> Vec<St
         }
     };
     if !run.recompute {
-        try_setting("recompute (--recompute)", with(run, |r| r.recompute = true));
+        let recompute = with(run, |r| r.recompute = true);
+        try_setting(
+            "activation recomputation (recompute, --recompute)",
+            recompute,
+        );
     }
     let frozen_copy = run.lora.is_some() || run.task == Task::Es2;
     if !run.f16_weights && frozen_copy {
         try_setting(
-            "f16 frozen weights (--f16-weights)",
+            "f16 frozen weights (f16_weights, --f16-weights)",
             with(run, |r| r.f16_weights = true),
         );
     }
     if run.lora.is_none() {
         let lora = with(run, |r| r.lora = Some(LoraConfig::default()));
-        try_setting("LoRA r16 instead of full fine-tuning (no --full)", lora);
+        try_setting(
+            "LoRA rank 16 instead of full fine-tuning (lora, no --full)",
+            lora,
+        );
     }
     let fits = |r: &TrainConfig| plan(r).is_some_and(|p| p.fits());
     // Memory grows with batches and length, so the largest that fits is a bisection away.
@@ -437,10 +444,10 @@ pub fn knobs(model: &Config, run: &TrainConfig, device: &DeviceLimits) -> Vec<St
     };
     let (batch_name, batch) = match run.task {
         Task::Es2 => (
-            "--harmful-batch and --harmless-batch",
+            "harmful_batch and harmless_batch (--harmful-batch, --harmless-batch)",
             run.harmful_batch.max(run.harmless_batch),
         ),
-        Task::Sft => ("--sft-batch", run.sft_batch),
+        Task::Sft => ("sft_batch (--sft-batch)", run.sft_batch),
     };
     let set_batch = |r: &mut TrainConfig, n: usize| {
         r.harmful_batch = r.harmful_batch.min(n);
@@ -451,7 +458,7 @@ pub fn knobs(model: &Config, run: &TrainConfig, device: &DeviceLimits) -> Vec<St
         out.push(format!("{batch_name} at most {n}: fits"));
     }
     if let Some(n) = largest(&|r, n| r.max_len = n, run.max_len).filter(|&n| n >= 2) {
-        out.push(format!("--max-len {n}: fits"));
+        out.push(format!("max_len (--max-len) at most {n}: fits"));
     }
     out
 }
@@ -861,8 +868,10 @@ impl<'a> Walk<'a> {
             top: c.num_hidden_layers,
             logits: true,
         };
-        // The base forward's other fields live to the end of the step (a partial move).
+        // Only the base forward's logits are kept.
         let base_fwd = self.forward(s, &base);
+        let held = base_fwd.residual.into_iter().chain(base_fwd.normed);
+        self.ledger.drop_all(held.chain(base_fwd.hook_rows));
         let hooks: Vec<usize> = layers.iter().map(|&l| embedding_index(l)).collect();
         let tuned = |top, logits| PassSpec {
             save: self.save,

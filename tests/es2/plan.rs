@@ -8,13 +8,17 @@
 //! total: within 10%.
 
 use es2_wgpu::es2::plan::{DeviceLimits, MemoryPlan};
+use std::path::PathBuf;
+
 use es2_wgpu::es2::{
-    measure_base_stats, Es2Engine, ModelPair, SftEngine, StepReport, Task, TrainConfig,
+    measure_base_stats, Es2Engine, ModelPair, Quiet, SftEngine, StepReport, Task, TrainConfig,
+    TrainObserver, Trainer,
 };
 use es2_wgpu::model::{Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer};
 use es2_wgpu::rng::Rng;
 use es2_wgpu::testing::assert_bit_identical;
-use es2_wgpu::Gpu;
+use es2_wgpu::{Error, Gpu};
+use serde_json::Value;
 
 /// A Qwen2-style shape larger than the embedded models that still runs a step in seconds on
 /// lavapipe: grouped-query attention, q/k/v biases, a tied 8,000-token vocabulary.
@@ -305,4 +309,126 @@ fn run_full_es2_on_some_layers() -> TrainConfig {
 fn recomputation_gives_the_same_sft_step() {
     recompute_changes_nothing(stories(), run(Task::Sft, true, [3, 0], 21, false));
     recompute_changes_nothing(stories(), run(Task::Sft, false, [2, 0], 19, false));
+}
+
+/// Collects the run's messages.
+#[derive(Default)]
+struct Messages(Vec<String>);
+
+impl TrainObserver for Messages {
+    fn message(&mut self, text: &str) {
+        self.0.push(text.to_owned());
+    }
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("es2-plan-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A short tiny-llama run whose prompts are all longer than `max_len` (they keep their last
+/// 12 tokens), so that every step has the planned shapes.
+fn short_run(out: PathBuf) -> TrainConfig {
+    TrainConfig {
+        out,
+        steps: 2,
+        eval_every: 0,
+        save_every: 0,
+        harmful_batch: 3,
+        harmless_batch: 3,
+        max_len: 12,
+        eval_prompts: 3,
+        base_prompts: 6,
+        ..TrainConfig::for_model("tiny-llama").unwrap()
+    }
+}
+
+#[test]
+fn a_run_reports_its_peak_beside_the_plan_it_made() {
+    let gpu = Gpu::new().unwrap();
+    let out = out_dir("peak");
+    let mut trainer = Trainer::new(&gpu, short_run(out.clone()), &mut Quiet).unwrap();
+    let summary = trainer.run(&mut Quiet).unwrap();
+    let error =
+        (summary.planned_bytes as f64 - summary.peak_bytes as f64) / summary.peak_bytes as f64;
+    eprintln!(
+        "run: peak {} B, planned {} B ({:+.1}%)",
+        summary.peak_bytes,
+        summary.planned_bytes,
+        100.0 * error
+    );
+    assert!(error.abs() < 0.10, "planned {summary:?}");
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["peak_bytes"], summary.peak_bytes);
+    assert_eq!(written["planned_bytes"], summary.planned_bytes);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let peaks: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v.get("peak_bytes").and_then(Value::as_u64))
+        .collect();
+    assert_eq!(peaks.len(), 2, "one peak per step line");
+    assert!(peaks.iter().all(|&p| p > 0 && p <= summary.peak_bytes));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_run_that_fits_only_with_recomputation_turns_it_on_and_says_so() {
+    let gpu = Gpu::new().unwrap();
+    let out = out_dir("auto-recompute");
+    let config = short_run(out.clone());
+    let model = tiny_llama();
+    let device = DeviceLimits::of(&gpu);
+    let plan = |recompute| {
+        let run = TrainConfig {
+            recompute,
+            ..config.clone()
+        };
+        MemoryPlan::new(&model, &run, &device).unwrap().total
+    };
+    let (kept, recomputed) = (plan(false), plan(true));
+    assert!(recomputed < kept);
+    let config = TrainConfig {
+        gpu_memory: Some((kept + recomputed) / 2),
+        ..config
+    };
+    let mut messages = Messages::default();
+    let mut trainer = Trainer::new(&gpu, config, &mut messages).unwrap();
+    assert!(trainer.config.recompute);
+    assert!(
+        messages
+            .0
+            .iter()
+            .any(|m| m.contains("activation recomputation is on")),
+        "{:?}",
+        messages.0
+    );
+    let summary = trainer.run(&mut Quiet).unwrap();
+    assert_eq!(summary.planned_bytes, recomputed);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_run_that_cannot_fit_fails_before_anything_loads() {
+    let gpu = Gpu::new().unwrap();
+    // The folder has a config.json and nothing else: loading would fail on the tokenizer.
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/configs/llama-3-8b-instruct");
+    let config = TrainConfig {
+        model: model.to_string_lossy().into_owned(),
+        gpu_memory: Some(16 << 30),
+        max_len: 256,
+        ..short_run(out_dir("cannot-fit"))
+    };
+    let started = std::time::Instant::now();
+    let error = Trainer::new(&gpu, config, &mut Quiet).err().unwrap();
+    eprintln!("refused in {:.3} s", started.elapsed().as_secs_f64());
+    let Error::DoesNotFit { message } = &error else {
+        panic!("expected DoesNotFit, got {error}");
+    };
+    for wanted in ["16.00 GiB", "memory plan", "--recompute", "--f16-weights"] {
+        assert!(message.contains(wanted), "{wanted} missing from: {message}");
+    }
 }
