@@ -86,16 +86,13 @@ impl Job {
         match self {
             Job::Es2(job) => {
                 let [h, s] = &mut job.samplers;
-                let harmful = Batch::new(
-                    gpu,
-                    &h.next(&job.harmful.train, config.harmful_batch),
-                    vocab,
-                )?;
-                let harmless = Batch::new(
-                    gpu,
-                    &s.next(&job.harmless.train, config.harmless_batch),
-                    vocab,
-                )?;
+                let h = h.next(&job.harmful.train, config.harmful_batch);
+                let s = s.next(&job.harmless.train, config.harmless_batch);
+                // One length for both sides, so that their activations share the pool's
+                // buffers (as the memory plan assumes) whatever the prompts' lengths.
+                let seq = h.iter().chain(&s).map(Vec::len).max().unwrap_or(1);
+                let harmful = Batch::padded(gpu, &h, vocab, seq)?;
+                let harmless = Batch::padded(gpu, &s, vocab, seq)?;
                 job.engine.step(gpu, models, &harmful, &harmless, lr, seed)
             }
             Job::Sft(job) => {
