@@ -357,7 +357,8 @@ pub fn fit(
         if second.fits() {
             run.recompute = true;
             let message = format!(
-                "activation recomputation is on (--recompute): without it the run would not                  fit ({}); memory plan: {}",
+                "activation recomputation is on (--recompute): without it the run would not \
+                 fit ({}); memory plan: {}",
                 plan.problems().join("; "),
                 summary(&second)
             );
@@ -656,8 +657,6 @@ struct Walk<'a> {
     dropout: bool,
     f16_weights: bool,
     save: SavePolicy,
-    cpu: bool,
-    max_binding: u64,
     device: DeviceLimits,
     /// Numbers of elements of each trained tensor (the gradient norm's scratch).
     trained: Vec<usize>,
@@ -673,8 +672,6 @@ impl<'a> Walk<'a> {
             dropout: run.lora.as_ref().is_some_and(|l| l.dropout > 0.0),
             f16_weights: run.f16_weights,
             save: run.save_policy(),
-            cpu: device.cpu,
-            max_binding: device.max_binding_size,
             device: device.clone(),
             trained: Vec::new(),
             ledger: Ledger::default(),
@@ -716,7 +713,7 @@ impl<'a> Walk<'a> {
     /// The rows of each chunk of a vocabulary-sized matrix (`VocabMatrix::load`).
     fn vocab_chunks(&self) -> Vec<usize> {
         let (v, c) = (self.cfg.vocab_size, self.cfg.hidden_size);
-        let per = rows_per_binding(v, c, self.max_binding);
+        let per = rows_per_binding(v, c, self.device.max_binding_size);
         (0..v)
             .step_by(per)
             .map(|start| per.min(v - start))
@@ -1077,7 +1074,7 @@ impl<'a> Walk<'a> {
     fn lm_head_scratch(&mut self, rows: usize, backward: bool) {
         let (v, cols) = (self.cfg.vocab_size, self.cfg.hidden_size);
         let chunks = self.vocab_chunks();
-        let part = rows_per_binding(rows, v, self.max_binding);
+        let part = rows_per_binding(rows, v, self.device.max_binding_size);
         let whole = chunks.len() == 1 && part >= rows;
         for start in (0..rows).step_by(part) {
             let m = part.min(rows - start);
@@ -1093,7 +1090,7 @@ impl<'a> Walk<'a> {
                     vec![(Gemm::dense(m, n, cols, false, true), !whole)]
                 };
                 for (g, unsplittable) in products {
-                    let bytes = gemm_scratch_bytes(&g, unsplittable, self.cpu);
+                    let bytes = gemm_scratch_bytes(&g, unsplittable, self.device.cpu);
                     self.ledger.scratch("the LM head's partial products", bytes);
                 }
             }
@@ -1165,7 +1162,7 @@ impl<'a> Walk<'a> {
         let y = self.ledger.f32(part, "a projection's output", &[rows, out]);
         let bias = self.cfg.projection_has_bias(p);
         let forward = Gemm::dense(rows, out, inp, false, true);
-        let bytes = gemm_scratch_bytes(&forward, bias, self.cpu);
+        let bytes = gemm_scratch_bytes(&forward, bias, self.device.cpu);
         self.ledger
             .scratch("a projection's partial products", bytes);
         let Some(rank) = self.adapter_rank(p).filter(|_| adapters) else {
@@ -1185,7 +1182,7 @@ impl<'a> Walk<'a> {
             Gemm::dense(rows, rank, inp, false, true),
             Gemm::dense(rows, out, rank, false, true),
         ] {
-            let bytes = gemm_scratch_bytes(&g, false, self.cpu);
+            let bytes = gemm_scratch_bytes(&g, false, self.device.cpu);
             self.ledger.scratch("an adapter's partial products", bytes);
         }
         y
@@ -1327,7 +1324,7 @@ impl<'a> Walk<'a> {
             }
         }
         for g in products {
-            let bytes = gemm_scratch_bytes(&g, false, self.cpu);
+            let bytes = gemm_scratch_bytes(&g, false, self.device.cpu);
             self.ledger
                 .scratch("a projection's partial products", bytes);
         }
