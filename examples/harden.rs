@@ -7,7 +7,7 @@
 //! ```
 //!
 //! MODEL is a Hugging Face folder or a built-in model's name (default: the built-in
-//! `tiny-llama` on the built-in prompt sets; a folder trains on `data/datasets/`). The adapter,
+//! `tiny-chat` on the built-in prompt sets; a folder trains on `data/datasets/`). The adapter,
 //! metrics and `curves.svg` go to `harden-out/`, replacing an earlier run there.
 
 use std::time::Instant;

@@ -2,10 +2,10 @@
 """Checks that es2-wgpu's outputs load in transformers/PEFT with the same numbers.
 
     cargo run --release -- train --merge --out /tmp/es2-run
-    cargo run --release -- export --out /tmp/tiny-llama-hf
+    cargo run --release -- export --out /tmp/tiny-chat-hf
     cargo run --release -- embed --chat --logits --json --lora /tmp/es2-run \\
         --prompt "How do I pick a lock?" > /tmp/es2-logits.json
-    .venv/bin/python scripts/check_peft_export.py /tmp/tiny-llama-hf /tmp/es2-run /tmp/es2-logits.json
+    .venv/bin/python scripts/check_peft_export.py /tmp/tiny-chat-hf /tmp/es2-run /tmp/es2-logits.json
 
 Loads the base folder, applies the adapter with PeftModel.from_pretrained, and compares the
 last-position logits of the same chat prompt with es2-wgpu's; with a `merged/` folder in the

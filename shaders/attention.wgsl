@@ -5,7 +5,9 @@
 // k, v [B, Tkv, Hkv, D]; lse [B, Hq, Tq]; seq_lens [B]. Query t of batch b sits at position
 // pos = q_offset + t and attends the keys j <= pos with j < seq_lens[b]; a query with
 // pos >= seq_lens[b] is padding (out = 0, lse = 0, no gradient). Query head h reads kv head
-// h / (Hq / Hkv): grouped heads share K and V by index.
+// h / (Hq / Hkv): grouped heads share K and V by index. With row_starts set (the forward of
+// rows decoded side by side after different numbers of cached tokens), seq_lens is [2B] and
+// row b's queries start at position seq_lens[B + b] instead of q_offset.
 //
 // Every kernel but the preprocess gives one workgroup ROWS "outer" rows and streams tiles of
 // INNER rows of the other side past them. The outer rows are queries in the forward and dQ,
@@ -40,6 +42,7 @@ struct Params {
     n_heads: u32,
     n_kv_heads: u32,
     scale: f32,
+    row_starts: u32,
 }
 
 // What the backward needs per query row, made by `attention_backward_preprocess`.
@@ -116,20 +119,29 @@ fn valid_len(b: u32) -> u32 {
     return min(seq_lens[b], params.kv_len);
 }
 
+// Position of query 0 of batch b: q_offset, or the row's own start (see the header).
+fn query_start(b: u32) -> u32 {
+    if params.row_starts != 0u {
+        return seq_lens[params.batch + b];
+    }
+    return params.q_offset;
+}
+
 // How many keys query t of batch b attends: pos + 1 (causal), or 0 for a padding row (also
 // for t past the end, so that tile rows beyond q_len drop out).
 fn attended_keys(b: u32, t: u32) -> u32 {
-    let pos = params.q_offset + t;
+    let pos = query_start(b) + t;
     return select(0u, pos + 1u, t < params.q_len && pos < valid_len(b));
 }
 
 // One past the last key any query of the tile q0.. attends (0 if all are padding). Uniform.
 fn forward_key_end(b: u32, q0: u32) -> u32 {
     let valid = valid_len(b);
-    if params.q_offset + q0 >= valid {
+    let start = query_start(b);
+    if start + q0 >= valid {
         return 0u;
     }
-    return min(valid, params.q_offset + min(q0 + ROWS, params.q_len));
+    return min(valid, start + min(q0 + ROWS, params.q_len));
 }
 
 // The same bound in the backward, which reads the padding from the row statistics: valid

@@ -1,6 +1,7 @@
 // Rotary position embedding, Hugging Face rotate-half layout, on x [B, T, H, D]: for each head
-// vector at position p = pos_offset + t and each i < D/2, with angle = p · inv_freq[i] (an f32
-// multiply, as transformers computes it),
+// vector at position p = pos_offset + t (rope_forward_at: p = starts[b] + t, each row at its
+// own positions) and each i < D/2, with angle = p · inv_freq[i] (an f32 multiply, as
+// transformers computes it),
 //   out[i]       = x[i] · cos − x[i + D/2] · sin
 //   out[i + D/2] = x[i + D/2] · cos + x[i] · sin.
 // The backward is the transpose rotation: the same with sin negated.
@@ -18,6 +19,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read> inv_freq: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(4) var<storage, read> starts: array<u32>;
 
 override WG: u32 = 256u;
 
@@ -36,16 +38,13 @@ fn reduce_angle(angle: f32) -> f32 {
     return ((angle - k * TWO_PI_HI) - k * TWO_PI_MID) - k * TWO_PI_LO;
 }
 
-// Rotates pair `i` by the angle of its position times `direction` (1: forward, −1: the
-// transpose, for the backward).
-fn rotate_pair(i: u32, direction: f32) {
-    if i >= params.pairs {
-        return;
-    }
+// Rotates pair `i` (< pairs) by the angle of its position, `start` + its token index, times
+// `direction` (1: forward, −1: the transpose, for the backward).
+fn rotate_pair(i: u32, direction: f32, start: u32) {
     let k = i % params.half_dim;
     let vector = i / params.half_dim;
     let t = (vector / params.heads) % params.tokens;
-    let angle = reduce_angle(f32(params.pos_offset + t) * inv_freq[k]);
+    let angle = reduce_angle(f32(start + t) * inv_freq[k]);
     let c = cos(angle);
     let s = direction * sin(angle);
     let lo = vector * 2u * params.half_dim + k;
@@ -60,12 +59,29 @@ fn rotate_pair(i: u32, direction: f32) {
 fn rope_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    rotate_pair(flat_invocation_id(wid, nwg, lid, WG), 1.0);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
+    if i < params.pairs {
+        rotate_pair(i, 1.0, params.pos_offset);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn rope_forward_at(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = flat_invocation_id(wid, nwg, lid, WG);
+    if i < params.pairs {
+        let row = i / (params.half_dim * params.heads * params.tokens);
+        rotate_pair(i, 1.0, starts[row]);
+    }
 }
 
 @compute @workgroup_size(WG)
 fn rope_backward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    rotate_pair(flat_invocation_id(wid, nwg, lid, WG), -1.0);
+    let i = flat_invocation_id(wid, nwg, lid, WG);
+    if i < params.pairs {
+        rotate_pair(i, -1.0, params.pos_offset);
+    }
 }

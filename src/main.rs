@@ -73,7 +73,7 @@ enum Command {
     )]
     Embed(EmbedArgs),
     /// Write a model as a Hugging Face folder, with a --lora adapter merged into its weights.
-    #[command(after_help = "Example:\n  es2-wgpu export --lora es2-out --out tiny-llama-hardened")]
+    #[command(after_help = "Example:\n  es2-wgpu export --lora es2-out --out tiny-chat-hardened")]
     Export {
         #[command(flatten)]
         model: ModelArgs,
@@ -93,6 +93,17 @@ enum Command {
     /// summary.json to --out.
     #[command(after_help = cli::train::EXAMPLE)]
     Train(Box<cli::train::TrainArgs>),
+    /// Measure what a defence buys (no arguments: the built-in model): refusals of held-out
+    /// harmful prompts, directly and under white-box attacks, over-refusal of harmless ones,
+    /// the per-layer geometry of their embeddings, and capability.
+    ///
+    /// Attacks: SCAV's embedding attack (per-layer probes and their closed-form step, at every
+    /// P0), RepE steering (swept in strength), refusal-direction ablation, a soft prompt and
+    /// GCG; each is judged by three refusal keyword lists (GCG's is the headline) and the
+    /// coherence of its replies. With --base, every number is measured for both models on the
+    /// same prompts. Writes report.json, report.md and SVG plots to --out.
+    #[command(after_help = cli::eval::EXAMPLE)]
+    Eval(Box<cli::eval::EvalArgs>),
 }
 
 #[derive(Args)]
@@ -208,6 +219,7 @@ fn main() -> ExitCode {
             cli::train::run(&gpu, &args)
         }
         Command::Export { model, out } => export(&gpu, &model, &out),
+        Command::Eval(args) => cli::eval::run(&gpu, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,4 @@
-//! The `es2-wgpu` binary: `generate`, `embed` and `info` as a user runs them.
+//! The `es2-wgpu` binary: `generate`, `embed`, `info`, `train` and `eval` as a user runs them.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -171,6 +171,38 @@ fn check_embed(model_spec: &str, prompt: &str, args: &[&str]) {
     }
     let logits: Vec<f32> = serde_json::from_value(out["logits"].clone()).unwrap();
     assert_eq!(logits.len(), model.config.vocab_size);
+}
+
+/// `train` with no model hardens the built-in chat model with its preset, which measures
+/// refusals on a fixed held-out sample before and after; the table and summary.json say so.
+#[test]
+fn train_on_the_default_model_reports_refusal_rates_before_and_after() {
+    let out = std::env::temp_dir().join(format!("es2-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = es2(&["train", "--steps", "2", "--out", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(stderr.contains(embedded::DEFAULT), "{stderr}");
+    assert!(
+        table.contains("refusals on held-out prompts (32 harmful + 32 harmless"),
+        "{table}"
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let refusals = &summary["refusals"];
+    for when in ["before", "after"] {
+        for side in ["harmful", "harmless"] {
+            let rate = &refusals[when][side];
+            assert_eq!(rate["total"], 32, "{refusals}");
+            assert!(table.contains(&format!("{side} refused")), "{table}");
+            assert!(rate["refused"].as_u64().unwrap() <= 32);
+        }
+    }
+    // The chat model refuses harmful prompts far more often than harmless ones.
+    let refused = |side: &str| refusals["before"][side]["refused"].as_u64().unwrap();
+    assert!(refused("harmful") > refused("harmless") + 16, "{refusals}");
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
@@ -348,5 +380,113 @@ fn train_that_cannot_fit_fails_with_the_plan_before_loading() {
     assert!(
         !stderr.contains("tokenizer"),
         "it got as far as loading: {stderr}"
+    );
+}
+
+/// `train --objective sft` learns the conversations of `--data`: without it the command
+/// fails naming the flag and writes nothing; with a small file it trains and its summary
+/// gives the held-out loss before and after.
+#[test]
+fn train_sft_needs_data_and_reports_the_held_out_loss() {
+    let dir = std::env::temp_dir().join(format!("es2-cli-sft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let out_arg = out.to_str().unwrap();
+    let model = stories();
+    let base = [
+        "train",
+        "--objective",
+        "sft",
+        "--model",
+        &model,
+        "--out",
+        out_arg,
+    ];
+    let failed = es2(&base);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(
+        stderr.contains("invalid --data") && stderr.contains("conversations"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+
+    let rows: Vec<String> = ["cat", "dog", "bird", "fish", "frog", "duck"]
+        .iter()
+        .map(|a| {
+            serde_json::json!({"prompt": format!("Where is the {a}?"),
+                               "response": format!("The {a} is in the park.")})
+            .to_string()
+        })
+        .collect();
+    let data = dir.join("chats.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--data", data.to_str().unwrap(), "--steps", "2"]);
+    args.extend(["--sft-batch", "2", "--save-every", "0"]);
+    let trained = es2(&args);
+    let stdout = String::from_utf8_lossy(&trained.stdout);
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    assert!(stdout.starts_with("SFT finished: 2 steps"), "{stdout}");
+    assert!(
+        stdout.contains("held-out cross-entropy per learned token"),
+        "{stdout}"
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `eval` as a user runs it, with small budgets on the default model: the flags reach the
+/// report, the tables are printed and the report is written; an unknown attack is refused.
+#[test]
+fn eval_writes_the_report_its_flags_describe() {
+    let out_dir = std::env::temp_dir().join(format!("es2-cli-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = es2(&[
+        "eval",
+        "--attacks",
+        "direct,repe",
+        "--answered",
+        "2",
+        "--probe-prompts",
+        "8",
+        "--max-new-tokens",
+        "6",
+        "--repe-c",
+        "0.5,1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| attack | model |"), "{stdout}");
+    assert!(stdout.contains("## Capability"), "{stdout}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["models"][0]["model"], embedded::DEFAULT);
+    assert_eq!(report["settings"]["decoding"]["max_new_tokens"], 6);
+    let attacks: Vec<&str> = report["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["attack"].as_str().unwrap())
+        .collect();
+    assert_eq!(attacks, ["direct", "repe", "repe"]);
+    assert!(out_dir.join("report.md").is_file());
+    std::fs::remove_dir_all(&out_dir).unwrap();
+
+    let bad = es2(&["eval", "--attacks", "direct,autodan"]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("autodan") && stderr.contains("soft-prompt"),
+        "{stderr}"
     );
 }

@@ -1,6 +1,7 @@
 //! The command line's own plumbing: which flags a user gave, and library errors told in terms
 //! of flags. Subcommands with enough flags to deserve a file of their own live beside it.
 
+pub mod eval;
 pub mod train;
 
 use std::collections::BTreeSet;
@@ -67,9 +68,9 @@ pub fn describe(error: &Error, matches: &ArgMatches) -> String {
             ..
         } => format!(
             "{error}\nthe work did not fit this GPU: try --recompute, a smaller \
-             --harmful-batch/--harmless-batch or --max-len, or --f16-weights; `es2-wgpu train \
-             --dry-run --gpu-memory SIZE` shows the memory plan, `es2-wgpu info` the adapter's \
-             limits"
+             --harmful-batch/--harmless-batch (--sft-batch under sft) or --max-len, or \
+             --f16-weights; `es2-wgpu train --dry-run --gpu-memory SIZE` shows the memory \
+             plan, `es2-wgpu info` the adapter's limits"
         ),
         other => other.to_string(),
     }

@@ -10,6 +10,7 @@ use es2_wgpu::es2::{
     Es2Config, Evaluation, HeldOut, OptimizerConfig, Schedule, StepReport, Summary, Task, Terms,
     TrainConfig, TrainObserver, Trainer,
 };
+use es2_wgpu::eval::judge::Rate;
 use es2_wgpu::model::embedded::{self, TrainingPreset};
 use es2_wgpu::model::{open_config, LoraConfig, Projection};
 use es2_wgpu::ops::kl::KlDirection;
@@ -26,6 +27,10 @@ pub const EXAMPLE: &str = "Examples:
   es2-wgpu train --objective sft --data chats.jsonl --model models/stories260K --full \\
       --lr 1e-3 --out stories-sft";
 
+/// The help headings of the flags only one objective reads.
+const ES2_HEADING: &str = "ES2 options (--objective es2)";
+const SFT_HEADING: &str = "Supervised fine-tuning options (--objective sft)";
+
 /// `train`'s flags. Every default is read from the library's `Default`s; `given` records which
 /// flags the user set, so that an embedded model's preset fills the others.
 #[derive(Args, Debug)]
@@ -39,15 +44,15 @@ pub struct TrainArgs {
     task: Task,
     /// ES2's harmful prompts: JSON array, JSONL or CSV with an
     /// instruction/prompt/goal/behavior/text field (default: the built-in set).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmful: Option<PathBuf>,
     /// ES2's harmless prompts, same formats (default: the built-in set).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmless: Option<PathBuf>,
     /// SFT's conversations: JSON array or JSONL of {"prompt", "response"} or {"messages":
     /// [{"role", "content"}, ...]} rows, or CSV with prompt and response columns. The loss
     /// covers the assistant turns only.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, help_heading = SFT_HEADING, value_name = "FILE")]
     data: Option<PathBuf>,
     /// Output folder: adapter, metrics.jsonl, curves.svg, checkpoints, summary.json.
     #[arg(long, default_value_os_t = TrainConfig::default().out)]
@@ -58,38 +63,38 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
 
     /// Layers whose embeddings are separated: "all", or a list such as "2,4,6" or "8-12".
-    #[arg(long, default_value_t = Layers(Es2Config::default().layers))]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Layers(Es2Config::default().layers))]
     layers: Layers,
     /// Where a prompt's embedding is read: its last token, or the mean over its tokens.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().pool)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().pool)]
     pool: Pool,
     /// How the two groups are compared: distance of the means, mean over all pairs, or each
     /// harmful embedding against the base model's harmless centroid.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().pair)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().pair)]
     pair: Pair,
     /// Distance: Euclidean (l2), squared Euclidean, or 1 − cosine similarity.
-    #[arg(long, value_enum, default_value_t = Es2Config::default().distance)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().distance)]
     distance: Distance,
     /// hinge: max(0, margin − D) (bounded); neg: −D (unbounded).
-    #[arg(long, value_enum, default_value_t = Es2Config::default().shape)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().shape)]
     shape: LossShape,
     /// Hinge margin relative to the base model's distance at each layer.
-    #[arg(long, default_value_t = Es2Config::default().margin)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().margin)]
     margin: f32,
     /// Absolute hinge margin (overrides --margin).
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     margin_abs: Option<f32>,
     /// Stop the separation gradient on the harmless embeddings.
-    #[arg(long)]
+    #[arg(long, help_heading = ES2_HEADING)]
     harmful_only: bool,
     /// Weight λ of the KL term.
-    #[arg(long, default_value_t = Es2Config::default().lambda)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().lambda)]
     lambda: f32,
     /// Softmax temperature of the KL term.
-    #[arg(long, default_value_t = Es2Config::default().temperature)]
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = Es2Config::default().temperature)]
     temperature: f32,
     /// KL(base ‖ tuned) (forward) or KL(tuned ‖ base) (reverse).
-    #[arg(long, value_enum, default_value_t = Es2Config::default().kl_dir)]
+    #[arg(long, help_heading = ES2_HEADING, value_enum, default_value_t = Es2Config::default().kl_dir)]
     kl_dir: KlDirection,
 
     /// Train every weight instead of LoRA adapters.
@@ -111,7 +116,8 @@ pub struct TrainArgs {
     #[arg(long)]
     merge: bool,
     /// Keep the frozen base weights' block projections in f16, at half their GPU memory
-    /// (the model of a LoRA run; the frozen reference copy under --full). Compute stays f32.
+    /// (the model of a LoRA run; the frozen reference copy of an es2 run under --full; an sft
+    /// run under --full has none). Compute stays f32.
     #[arg(long)]
     f16_weights: bool,
     /// Refuse model weights that hold NaN or infinity (by default they load with a warning).
@@ -157,15 +163,18 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().steps, help = with_preset(
         "Training steps; with --resume, the new total", |p| p.steps.map(|v| v.to_string())))]
     steps: usize,
-    #[arg(long, default_value_t = TrainConfig::default().harmful_batch, help = with_preset(
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = TrainConfig::default().harmful_batch, help = with_preset(
         "Harmful prompts per step", |p| p.harmful_batch.map(|v| v.to_string())))]
     harmful_batch: usize,
-    #[arg(long, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
+    #[arg(long, help_heading = ES2_HEADING, default_value_t = TrainConfig::default().harmless_batch, help = with_preset(
         "Harmless prompts per step", |p| p.harmless_batch.map(|v| v.to_string())))]
     harmless_batch: usize,
     /// Conversations per SFT step.
-    #[arg(long, default_value_t = TrainConfig::default().sft_batch)]
+    #[arg(long, help_heading = SFT_HEADING, default_value_t = TrainConfig::default().sft_batch)]
     sft_batch: usize,
+    /// SFT: batches of conversations of similar length (less padding, faster steps).
+    #[arg(long)]
+    group_by_length: bool,
     #[arg(long, default_value_t = TrainConfig::default().max_len, help = with_preset(
         "Prompts longer than this many tokens keep their last tokens; longer conversations \
          keep the whole replies that fit",
@@ -181,6 +190,11 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: none).
     #[arg(long, default_value_t = TrainConfig::default().save_every)]
     save_every: usize,
+    #[arg(long, default_value_t = TrainConfig::default().refusal_sample, help = with_preset(
+        "Held-out prompts per side whose greedy replies measure the refusal rates before and \
+         after the run (a fixed sample of the built-in held-out sets; 0: none)",
+        |p| p.refusal_sample.map(|v| v.to_string())))]
+    refusal_sample: usize,
     /// Feed prompts and conversations as plain text even when the model has a chat template.
     #[arg(long)]
     no_chat: bool,
@@ -281,6 +295,7 @@ impl TrainArgs {
     /// The run's configuration: the library's defaults for the model (an embedded model's
     /// preset included), overridden by the flags. Flags a preset can set count only when given.
     fn config(&self) -> Result<TrainConfig> {
+        self.check_objective_flags()?;
         let mut config = TrainConfig::for_model(&self.model)?;
         let given = |id: &str| self.given.contains(id);
         if given("lr") {
@@ -301,11 +316,15 @@ impl TrainArgs {
         if given("eval_every") {
             config.eval_every = self.eval_every;
         }
+        if given("refusal_sample") {
+            config.refusal_sample = self.refusal_sample;
+        }
         config.task = self.task;
         config.harmful.clone_from(&self.harmful);
         config.harmless.clone_from(&self.harmless);
         config.data.clone_from(&self.data);
         config.sft_batch = self.sft_batch;
+        config.group_by_length = self.group_by_length;
         config.out.clone_from(&self.out);
         config.lora = (!self.full).then(|| LoraConfig {
             rank: self.lora_rank,
@@ -322,6 +341,7 @@ impl TrainArgs {
         config.skip_nonfinite = self.skip_nonfinite;
         config.val_fraction = self.val_fraction;
         config.save_every = self.save_every;
+
         config.chat = !self.no_chat;
         config.merge = self.merge;
         config.overwrite = self.overwrite;
@@ -343,6 +363,27 @@ impl TrainArgs {
             kl_dir: self.kl_dir,
         };
         Ok(config)
+    }
+}
+
+impl TrainArgs {
+    /// Refuses a flag that only the other objective reads (one under that objective's help
+    /// heading), which would otherwise be ignored without a word.
+    fn check_objective_flags(&self) -> Result<()> {
+        let (heading, objective, other) = match self.task {
+            Task::Es2 => (SFT_HEADING, "es2", "sft"),
+            Task::Sft => (ES2_HEADING, "sft", "es2"),
+        };
+        let command = <TrainArgs as Args>::augment_args(clap::Command::new("train"));
+        let foreign = command.get_arguments().find(|arg| {
+            arg.get_help_heading() == Some(heading) && self.given.contains(arg.get_id().as_str())
+        });
+        match foreign.and_then(|arg| arg.get_long()) {
+            Some(flag) => Err(Error::InvalidArgument(format!(
+                "--{flag} is an option of --objective {other}; this run trains for {objective}"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -533,4 +574,71 @@ fn print_summary(s: &Summary) {
         plan::human_bytes(s.peak_bytes),
         plan::human_bytes(s.planned_bytes)
     );
+    if let Some(r) = &s.refusals {
+        println!(
+            "refusals on held-out prompts ({} harmful + {} harmless of the built-in held-out \
+             sets; greedy, at most {} new tokens; GCG's refusal list):",
+            r.sample, r.sample, r.replies.max_new_tokens
+        );
+        println!(
+            "  harmful refused   {} → {}",
+            rate(&r.before.harmful),
+            rate(&r.after.harmful)
+        );
+        println!(
+            "  harmless refused  {} → {}",
+            rate(&r.before.harmless),
+            rate(&r.after.harmless)
+        );
+    }
+}
+
+/// `refused/total (percent)`.
+fn rate(r: &Rate) -> String {
+    let percent = 100.0 * r.fraction().unwrap_or(0.0);
+    format!("{:>3}/{} ({percent:.0}%)", r.refused, r.total)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    /// The configuration `es2-wgpu ARGS` gives, as `main` builds it.
+    fn config_of(args: &[&str]) -> Result<TrainConfig> {
+        let matches = crate::Cli::command().get_matches_from(args);
+        let cli = crate::Cli::from_arg_matches(&matches).unwrap();
+        let crate::Command::Train(mut train) = cli.command else {
+            panic!("{args:?} is not a train command");
+        };
+        train.given = crate::cli::given_flags(&matches);
+        train.config()
+    }
+
+    #[test]
+    fn a_flag_of_the_other_objective_is_refused_naming_it() {
+        let sft = [
+            "es2-wgpu",
+            "train",
+            "--objective",
+            "sft",
+            "--data",
+            "c.jsonl",
+        ];
+        let config = config_of(&sft).unwrap();
+        assert_eq!((config.task, config.sft_batch), (Task::Sft, 8));
+        let refused = |args: &[&str], flag: &str| match config_of(args) {
+            Err(Error::InvalidArgument(message)) => assert!(
+                message.starts_with(&format!("--{flag} is an option of --objective")),
+                "{message}"
+            ),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        for (flag, value) in [("layers", "1"), ("lambda", "2"), ("harmful-batch", "4")] {
+            refused(&[&sft[..], &[&format!("--{flag}"), value]].concat(), flag);
+        }
+        refused(&["es2-wgpu", "train", "--sft-batch", "4"], "sft-batch");
+        assert!(config_of(&["es2-wgpu", "train", "--lambda", "2"]).is_ok());
+    }
 }

@@ -12,6 +12,7 @@ use super::objective::BaseStats;
 use super::optimizer::AdamW;
 use super::report::Evaluation;
 use super::trainer::TrainConfig;
+use crate::eval::refusal::RefusalRates;
 use crate::gpu::{Gpu, Tensor};
 use crate::io::{atomic_dir, write_json, write_safetensors, SaveTensor};
 use crate::model::{Checkpoint, Gradients, NamedParam, Transformer};
@@ -35,6 +36,9 @@ pub struct CheckpointState {
     pub samplers: Vec<Sampler>,
     /// Every held-out evaluation so far.
     pub evaluations: Vec<Evaluation>,
+    /// Refusal rates on the held-out sample before the first step, when the run measures them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusals_before: Option<RefusalRates>,
     /// The steps skipped so far for a non-finite loss or gradient.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<usize>,

@@ -49,6 +49,8 @@ pub struct SftJob {
     /// The SFT training step.
     pub engine: SftEngine,
     conversations: Split<Example>,
+    /// The token count of each training conversation.
+    lengths: Vec<usize>,
     sampler: Sampler,
 }
 
@@ -96,7 +98,13 @@ impl Job {
                 job.engine.step(gpu, models, &harmful, &harmless, lr, seed)
             }
             Job::Sft(job) => {
-                let rows = job.sampler.next(&job.conversations.train, config.sft_batch);
+                let train = &job.conversations.train;
+                let rows = if config.group_by_length {
+                    job.sampler
+                        .next_by_length(train, &job.lengths, config.sft_batch)
+                } else {
+                    job.sampler.next(train, config.sft_batch)
+                };
                 let batch = sft_batch(gpu, &rows, vocab)?;
                 job.engine.step(gpu, &models.tuned, &batch, lr, seed)
             }
@@ -335,6 +343,7 @@ impl SftJob {
         engine.save = config.save_policy();
         Ok(SftJob {
             engine,
+            lengths: conversations.train.iter().map(|e| e.ids.len()).collect(),
             conversations,
             sampler,
         })

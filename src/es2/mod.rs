@@ -1,6 +1,7 @@
 //! Layer 6: the ES2 objective and supervised fine-tuning, the training loop, the optimizer,
 //! checkpoints and metrics.
 
+pub mod chat_data;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
@@ -11,6 +12,7 @@ pub mod optimizer;
 pub mod plan;
 pub mod report;
 pub mod sft;
+pub mod tiny_chat;
 pub mod trainer;
 
 pub use engine::{measure_base_stats, Es2Engine, ModelPair};
@@ -22,4 +24,4 @@ pub use report::{
     Es2HeldOut, Es2Terms, Evaluation, HeldOut, SftHeldOut, SftTerms, StepReport, Terms,
 };
 pub use sft::SftEngine;
-pub use trainer::{Quiet, Summary, Task, TrainConfig, TrainObserver, Trainer};
+pub use trainer::{Quiet, RefusalChange, Summary, Task, TrainConfig, TrainObserver, Trainer};

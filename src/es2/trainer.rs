@@ -15,6 +15,7 @@ use super::objective::Es2Config;
 use super::optimizer::OptimizerConfig;
 use super::plan::{self, human_bytes, DeviceLimits, MemoryPlan};
 use super::report::{Evaluation, StepReport};
+use crate::eval::refusal::{heldout_sample, refusal_rates, RefusalRates, ReplyOptions};
 use crate::gpu::Gpu;
 use crate::model::{open_config, open_model, LoadOptions, LoraConfig, SavePolicy, Trainable};
 use crate::text::Tokenizer;
@@ -65,6 +66,10 @@ pub struct TrainConfig {
     pub harmless_batch: usize,
     /// Conversations per SFT step.
     pub sft_batch: usize,
+    /// SFT: draw each batch from conversations of similar length, so that batches carry
+    /// little padding (transformers' `group_by_length`; see
+    /// [`Sampler::next_by_length`](super::data::Sampler::next_by_length)).
+    pub group_by_length: bool,
     /// Prompts longer than this many tokens keep their last `max_len` tokens; longer
     /// conversations are cut as [`tokenize_conversations`](super::data::tokenize_conversations)
     /// says.
@@ -87,6 +92,11 @@ pub struct TrainConfig {
     pub base_prompts: usize,
     /// Held-out prompts per side (or held-out conversations) used by an evaluation.
     pub eval_prompts: usize,
+    /// Prompts per side of the built-in held-out sets (a fixed sample, see
+    /// [`heldout_sample`]) whose greedy replies measure the refusal rates before the first
+    /// step and after the last; 0 (the default, but not the built-in chat model's) measures
+    /// none.
+    pub refusal_sample: usize,
     /// Wrap prompts and conversations in the model's chat template (when it has one).
     pub chat: bool,
     /// Also write a merged Hugging Face model folder (LoRA runs).
@@ -126,6 +136,7 @@ impl Default for TrainConfig {
             harmful_batch: 8,
             harmless_batch: 8,
             sft_batch: 8,
+            group_by_length: false,
             max_len: 128,
             seed: 0,
             skip_nonfinite: 0,
@@ -135,6 +146,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             base_prompts: 128,
             eval_prompts: 64,
+            refusal_sample: 0,
             chat: true,
             merge: false,
             overwrite: false,
@@ -162,6 +174,7 @@ impl TrainConfig {
             config.harmless_batch = p.harmless_batch.unwrap_or(config.harmless_batch);
             config.max_len = p.max_len.unwrap_or(config.max_len);
             config.eval_every = p.eval_every.unwrap_or(config.eval_every);
+            config.refusal_sample = p.refusal_sample.unwrap_or(config.refusal_sample);
         }
         Ok(config)
     }
@@ -188,6 +201,13 @@ impl TrainConfig {
                         "data",
                         "conversations are what the sft objective learns; es2 reads the harmful \
                          and harmless prompts",
+                    ));
+                }
+                if self.group_by_length {
+                    return Err(Error::config(
+                        "group_by_length",
+                        "groups the sft objective's conversations; es2 draws its prompts in \
+                         plain shuffled batches",
                     ));
                 }
                 self.objective.validate()?;
@@ -276,10 +296,29 @@ pub struct Summary {
     /// measurements per evaluation.
     pub curves: PathBuf,
     /// The most GPU memory the run's buffers took at once ([`Gpu::peak_bytes`]: weights,
-    /// optimizer state and the largest step or evaluation), in bytes.
+    /// optimizer state and the largest step or evaluation), in bytes. The replies generated
+    /// for [`Summary::refusals`] are not counted: generation is outside the plan.
     pub peak_bytes: u64,
     /// What the memory plan made before the run predicted for its peak, in bytes.
     pub planned_bytes: u64,
+    /// Refusal rates on a fixed sample of held-out prompts before the first step and after the
+    /// last (when `refusal_sample` is not 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusals: Option<RefusalChange>,
+}
+
+/// How the refusal rates moved over a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusalChange {
+    /// Prompts per side: [`heldout_sample`] of the built-in held-out harmful and harmless
+    /// sets.
+    pub sample: usize,
+    /// How the replies were generated (greedy) and judged (GCG's refusal list).
+    pub replies: ReplyOptions,
+    /// The rates of the model before the first step.
+    pub before: RefusalRates,
+    /// The rates of the trained model.
+    pub after: RefusalRates,
 }
 
 /// Progress callbacks, so the library stays free of terminal output. Every method has a
@@ -326,6 +365,7 @@ pub struct Trainer<'g> {
     /// The last step's own peak, for its metrics line.
     step_peak: u64,
     evaluations: Vec<Evaluation>,
+    refusals_before: Option<RefusalRates>,
     metrics: MetricsLog,
 }
 
@@ -368,6 +408,7 @@ impl<'g> Trainer<'g> {
             peak_bytes: gpu.peak_bytes(),
             step_peak: 0,
             evaluations: Vec::new(),
+            refusals_before: None,
             metrics,
         })
     }
@@ -420,6 +461,7 @@ impl<'g> Trainer<'g> {
             peak_bytes: gpu.peak_bytes(),
             step_peak: 0,
             evaluations: state.evaluations,
+            refusals_before: state.refusals_before,
             metrics,
         })
     }
@@ -447,6 +489,15 @@ impl<'g> Trainer<'g> {
         else {
             return Err(Error::Numerical("no evaluation".into()));
         };
+        let refusals = match self.refusals_before {
+            Some(before) => Some(RefusalChange {
+                sample: self.config.refusal_sample,
+                replies: self.refusal_replies(),
+                before,
+                after: self.measure_refusals()?,
+            }),
+            None => None,
+        };
         let summary = Summary {
             task: self.config.task,
             layers: self.job.layers().to_vec(),
@@ -458,6 +509,7 @@ impl<'g> Trainer<'g> {
             curves,
             peak_bytes: self.peak_bytes,
             planned_bytes: self.plan.total,
+            refusals,
         };
         crate::io::write_json(&self.config.out.join("summary.json"), &summary)?;
         Ok(summary)
@@ -468,6 +520,9 @@ impl<'g> Trainer<'g> {
     pub fn advance(&mut self, observer: &mut dyn TrainObserver) -> Result<StepReport> {
         if self.evaluations.is_empty() {
             self.record_evaluation(observer)?;
+            if self.config.refusal_sample > 0 {
+                self.refusals_before = Some(self.measure_refusals()?);
+            }
         }
         let total = self.config.steps;
         let started = Instant::now();
@@ -576,6 +631,27 @@ impl<'g> Trainer<'g> {
             .evaluate(self.gpu, &self.models, &self.config, self.step)
     }
 
+    /// Refusal rates of the model as it is now, on [`heldout_sample`] of `refusal_sample`
+    /// prompts per side: greedy replies judged by GCG's list.
+    pub fn measure_refusals(&self) -> Result<RefusalRates> {
+        let (harmful, harmless) = heldout_sample(self.config.refusal_sample)?;
+        refusal_rates(
+            self.gpu,
+            &self.models.tuned,
+            &self.tokenizer,
+            &harmful,
+            &harmless,
+            self.refusal_replies(),
+        )
+    }
+
+    fn refusal_replies(&self) -> ReplyOptions {
+        ReplyOptions {
+            chat: self.config.chat,
+            ..ReplyOptions::default()
+        }
+    }
+
     /// Writes a checkpoint of the current step; returns its folder.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let state = CheckpointState {
@@ -585,6 +661,7 @@ impl<'g> Trainer<'g> {
             samplers: self.job.samplers(),
             skipped: self.skipped.clone(),
             evaluations: self.evaluations.clone(),
+            refusals_before: self.refusals_before,
         };
         checkpoint::save(
             self.gpu,

@@ -8,11 +8,24 @@
 //! in f64: a layer's embeddings of a group of prompts are a [`Rows`] view. It uses `gpu`, `ops`,
 //! `text` and `model`, never `es2`.
 
+pub mod attacks;
+pub mod capability;
 pub mod geometry;
 pub mod heldout;
 pub mod judge;
+pub mod layers;
+pub mod loss;
+pub mod plots;
 pub mod probe;
+pub mod prompts;
+pub mod refusal;
+pub mod replies;
 pub mod report;
+pub mod run;
+pub mod subject;
+
+pub use attacks::{AttackKind, AttackSettings};
+pub use run::{run_eval, EvalConfig, EvalObserver, Quiet, DEFAULT_MODEL};
 
 use crate::{Error, Result};
 

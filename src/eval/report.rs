@@ -31,6 +31,9 @@ pub struct Report {
     pub capability: Vec<Capability>,
     /// Each model's per-layer geometry.
     pub geometry: Vec<ModelGeometry>,
+    /// The SVG plots written beside the report (file names).
+    #[serde(default)]
+    pub plots: Vec<String>,
 }
 
 /// One evaluated model: a column of the tables.
@@ -263,8 +266,14 @@ impl Report {
         md += &self.effort_section();
         md += &self.capability_section();
         md += &self.geometry_section();
+        md += &self.plots_section();
         md += &self.settings_section();
         md
+    }
+
+    /// The attack and capability tables alone, for a terminal.
+    pub fn summary_markdown(&self) -> String {
+        self.attacks_section() + &self.capability_section()
     }
 
     fn labels(&self) -> Vec<&str> {
@@ -452,6 +461,18 @@ impl Report {
              row l + 1 here.\n\n{}",
             table(&header, rows)
         )
+    }
+
+    fn plots_section(&self) -> String {
+        if self.plots.is_empty() {
+            return String::new();
+        }
+        let images: Vec<String> = self
+            .plots
+            .iter()
+            .map(|p| format!("![{}]({p})", p.trim_end_matches(".svg")))
+            .collect();
+        format!("## Plots\n\n{}\n\n", images.join("\n\n"))
     }
 
     fn settings_section(&self) -> String {

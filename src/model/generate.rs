@@ -9,30 +9,41 @@ use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-/// Keys and values of every layer for one sequence, `[1, capacity, n_kv_heads, head_dim]`.
+/// Keys and values of every layer for `rows` sequences decoded side by side,
+/// `[rows, capacity, n_kv_heads, head_dim]`; each row holds its own number of tokens.
 #[derive(Debug)]
 pub struct KvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
     capacity: usize,
-    len: usize,
+    lens: Vec<usize>,
 }
 
 impl KvCache {
-    /// Tokens cached so far.
+    /// Tokens cached so far (in the longest row).
     pub fn len(&self) -> usize {
-        self.len
+        self.lens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Tokens cached so far in each row.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
     }
 
     /// Whether no token has been decoded into it yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// The most tokens it holds (prompt and generated together); [`Transformer::decode`]
+    /// The most tokens a row holds (prompt and generated together); [`Transformer::decode`]
     /// refuses tokens past it.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// The sequences it holds.
+    pub fn rows(&self) -> usize {
+        self.lens.len()
     }
 }
 
@@ -83,19 +94,21 @@ impl SamplingOptions {
 }
 
 impl Transformer {
-    /// An empty cache for up to `capacity` tokens.
+    /// An empty cache for one sequence of up to `capacity` tokens.
     pub fn kv_cache(&self, gpu: &Gpu, capacity: usize) -> KvCache {
+        self.kv_cache_rows(gpu, 1, capacity)
+    }
+
+    /// An empty cache for `rows` sequences of up to `capacity` tokens each.
+    pub fn kv_cache_rows(&self, gpu: &Gpu, rows: usize, capacity: usize) -> KvCache {
         let c = &self.config;
-        let dims = [1, capacity, c.num_key_value_heads, c.head_dim];
+        let dims = [rows, capacity, c.num_key_value_heads, c.head_dim];
+        let layer = || Tensor::empty(gpu, dims, DType::F32);
         KvCache {
-            k: (0..self.layers())
-                .map(|_| Tensor::empty(gpu, dims, DType::F32))
-                .collect(),
-            v: (0..self.layers())
-                .map(|_| Tensor::empty(gpu, dims, DType::F32))
-                .collect(),
+            k: (0..self.layers()).map(|_| layer()).collect(),
+            v: (0..self.layers()).map(|_| layer()).collect(),
             capacity,
-            len: 0,
+            lens: vec![0; rows],
         }
     }
 
@@ -110,22 +123,72 @@ impl Transformer {
         adapters: bool,
         hooks: &[Hook],
     ) -> Result<Vec<f32>> {
-        let past = cache.len;
-        if past + ids.len() > cache.capacity {
+        let mut logits = self.decode_rows(gpu, cache, &[ids.to_vec()], adapters, hooks)?;
+        logits
+            .pop()
+            .ok_or_else(|| Error::InvalidArgument("decoding produced no logits".into()))
+    }
+
+    /// [`Transformer::decode`] for every sequence of `cache` at once: `rows[b]` (at least one
+    /// token) follows row `b`'s cached tokens; rows may bring different numbers of tokens.
+    /// Returns each row's logits at its last token.
+    pub fn decode_rows(
+        &self,
+        gpu: &Gpu,
+        cache: &mut KvCache,
+        rows: &[Vec<u32>],
+        adapters: bool,
+        hooks: &[Hook],
+    ) -> Result<Vec<Vec<f32>>> {
+        if rows.len() != cache.rows() {
+            return Err(Error::InvalidArgument(format!(
+                "the KV cache holds {} rows; {} were given",
+                cache.rows(),
+                rows.len()
+            )));
+        }
+        // Every row takes the batch's width in the cache (its padding lands past its end).
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if let Some(&most) = cache
+            .lens
+            .iter()
+            .filter(|&&n| n + width > cache.capacity)
+            .max()
+        {
             return Err(Error::InvalidArgument(format!(
                 "the KV cache holds {} tokens; {} more do not fit",
                 cache.capacity,
-                past + ids.len() - cache.capacity
+                most + width - cache.capacity
             )));
         }
-        let batch = Batch::new(gpu, &[ids.to_vec()], self.config.vocab_size)?;
-        let seq_lens = Tensor::from_u32(gpu, [1], &[(past + ids.len()) as u32])?;
+        let after: Vec<usize> = cache
+            .lens
+            .iter()
+            .zip(rows)
+            .map(|(n, r)| n + r.len())
+            .collect();
+        let batch = Batch::new(gpu, rows, self.config.vocab_size)?;
+        let slots: Vec<u32> = (0..rows.len())
+            .flat_map(|b| (0..width).map(move |t| (b, t)))
+            .map(|(b, t)| (b * cache.capacity + cache.lens[b] + t) as u32)
+            .collect();
+        let slots = Tensor::from_u32(gpu, [slots.len()], &slots)?;
+        let starts: Vec<u32> = cache.lens.iter().map(|&n| n as u32).collect();
+        let lens_and_starts: Vec<u32> = after
+            .iter()
+            .map(|&n| n as u32)
+            .chain(starts.clone())
+            .collect();
+        let starts_tensor = Tensor::from_u32(gpu, [rows.len()], &starts)?;
+        let lens_and_starts = Tensor::from_u32(gpu, [2 * rows.len()], &lens_and_starts)?;
         let target = CacheTarget {
             k: &cache.k,
             v: &cache.v,
-            past,
+            past: &cache.lens,
             capacity: cache.capacity,
-            seq_lens: &seq_lens,
+            starts: &starts_tensor,
+            slots: &slots,
+            lens_and_starts: &lens_and_starts,
         };
         let pass = Pass {
             adapters,
@@ -135,11 +198,13 @@ impl Transformer {
         let mut rec = Recorder::new(gpu);
         let forward = self.run_with(&mut rec, &batch, &pass, Some(target))?;
         rec.finish()?;
-        cache.len += ids.len();
-        forward
+        cache.lens = after;
+        let logits = forward
             .logits
             .ok_or_else(|| Error::InvalidArgument("decoding produced no logits".into()))?
-            .to_f32(gpu)
+            .to_f32(gpu)?;
+        let vocab = self.config.vocab_size;
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// Generates after `prompt`, calling `on_token` with each new id as it is made; returns
@@ -164,34 +229,90 @@ impl Transformer {
         hooks: &[Hook],
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
+        let mut out = self.generate_rows(gpu, &[prompt.to_vec()], options, hooks, |_, id| {
+            on_token(id)
+        })?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Continuations of many prompts, each decoded with the prompts of similar length beside
+    /// it, up to `max_rows` at a time (which costs little more than one on a GPU). Returned in
+    /// the order of `prompts`. Each is what [`Transformer::generate`] gives it alone up to the
+    /// rounding of sums whose split depends on how many rows run together (see
+    /// `ops::matmul`), which can tip a near tie; the same prompts give the same ids.
+    pub fn generate_batch(
+        &self,
+        gpu: &Gpu,
+        prompts: &[Vec<u32>],
+        options: &SamplingOptions,
+        max_rows: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| prompts[i].len());
+        let mut out = vec![Vec::new(); prompts.len()];
+        for chunk in order.chunks(max_rows.max(1)) {
+            let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+            let replies = self.generate_rows(gpu, &rows, options, &[], |_, _| Ok(()))?;
+            for (&i, reply) in chunk.iter().zip(replies) {
+                out[i] = reply;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The decoding loop: continues prompts side by side, each row sampling from its own
+    /// generator seeded with `options.seed` and stopping on its own (a row that has stopped
+    /// rides along until every row has); `on_token(row, id)` sees each new id.
+    pub fn generate_rows(
+        &self,
+        gpu: &Gpu,
+        prompts: &[Vec<u32>],
+        options: &SamplingOptions,
+        hooks: &[Hook],
+        mut on_token: impl FnMut(usize, u32) -> Result<()>,
+    ) -> Result<Vec<Vec<u32>>> {
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(Error::InvalidArgument("the prompt has no tokens".into()));
         }
         options.validate()?;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let context = self.config.max_position_embeddings;
-        if prompt.len() + options.max_tokens > context {
+        if longest + options.max_tokens > context {
             let message = format!(
-                "a {}-token prompt and {} new tokens exceed the model's context of {context} \
-                 tokens",
-                prompt.len(),
+                "a {longest}-token prompt and {} new tokens exceed the model's context of \
+                 {context} tokens",
                 options.max_tokens
             );
             return Err(Error::config("sampling.max_tokens", message));
         }
-        let mut cache = self.kv_cache(gpu, prompt.len() + options.max_tokens);
-        let mut rng = Rng::new(options.seed);
-        let mut logits = self.decode(gpu, &mut cache, prompt, options.adapters, hooks)?;
-        let mut out = Vec::new();
-        while out.len() < options.max_tokens {
-            let next = sample(&logits, options.temperature, options.top_p, &mut rng);
-            out.push(next);
-            on_token(next)?;
-            if options.stop_ids.contains(&next) || out.len() == options.max_tokens {
-                break;
+        let mut cache = self.kv_cache_rows(gpu, prompts.len(), longest + options.max_tokens);
+        let mut rngs = vec![Rng::new(options.seed); prompts.len()];
+        let mut logits = self.decode_rows(gpu, &mut cache, prompts, options.adapters, hooks)?;
+        let mut out = vec![Vec::new(); prompts.len()];
+        let mut running = vec![options.max_tokens > 0; prompts.len()];
+        loop {
+            for (row, reply) in out.iter_mut().enumerate() {
+                if !running[row] {
+                    continue;
+                }
+                let next = sample(
+                    &logits[row],
+                    options.temperature,
+                    options.top_p,
+                    &mut rngs[row],
+                );
+                reply.push(next);
+                on_token(row, next)?;
+                running[row] =
+                    !options.stop_ids.contains(&next) && reply.len() < options.max_tokens;
             }
-            logits = self.decode(gpu, &mut cache, &[next], options.adapters, hooks)?;
+            if !running.contains(&true) {
+                return Ok(out);
+            }
+            // A stopped row repeats its last token: its logits are never read again.
+            let step: Vec<Vec<u32>> = out.iter().map(|r| r[r.len() - 1..].to_vec()).collect();
+            logits = self.decode_rows(gpu, &mut cache, &step, options.adapters, hooks)?;
         }
-        Ok(out)
     }
 }
 

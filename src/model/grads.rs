@@ -105,6 +105,17 @@ impl Gradients {
         })
     }
 
+    /// No parameter gradients at all: a backward then only carries the gradient to the hidden
+    /// states it taps (an attack's gradient at the input embeddings).
+    pub fn none(model: &Transformer) -> Self {
+        Gradients {
+            embed: None,
+            blocks: vec![BlockGrads::default(); model.layers()],
+            final_norm: None,
+            lm_head: None,
+        }
+    }
+
     /// The gradient buffer of the LM head (the embedding's when tied), if it trains.
     pub fn lm_head_grad<'a>(&'a self, model: &Transformer) -> Option<&'a VocabMatrix> {
         if model.lm_head.is_some() {

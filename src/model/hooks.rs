@@ -152,10 +152,18 @@ impl Hook {
     }
 }
 
-/// Where a pass's positions sit: a fresh batch, or new tokens after `past` cached ones.
+/// Where a pass's positions sit: a fresh batch (no `past`), or new tokens after `past[b]`
+/// cached ones in row `b`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct PositionFrame {
-    pub past: usize,
+pub(crate) struct PositionFrame<'a> {
+    pub past: &'a [usize],
+}
+
+impl PositionFrame<'_> {
+    /// Tokens cached before row `b`'s new ones.
+    fn past(&self, b: usize) -> usize {
+        self.past.get(b).copied().unwrap_or(0)
+    }
 }
 
 /// A hook with its positions resolved to rows of `[B·T, C]` for one pass.
@@ -175,8 +183,8 @@ fn select_rows(batch: &Batch, positions: Positions, frame: PositionFrame) -> Vec
             Positions::All => 0..len,
             Positions::Last => len - 1..len,
             Positions::Span { start, len: n } => {
-                let lo = start.saturating_sub(frame.past).min(len);
-                let hi = (start + n).saturating_sub(frame.past).min(len);
+                let lo = start.saturating_sub(frame.past(b)).min(len);
+                let hi = (start + n).saturating_sub(frame.past(b)).min(len);
                 lo..hi
             }
         };

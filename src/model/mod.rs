@@ -35,7 +35,7 @@ pub use names::{LoraMatrix, Param, PerProjection, Projection};
 pub use open::{open_config, open_model};
 pub use params::{ParamSource, SeededInit};
 pub use runner::{Forward, Output, Pass, SavePolicy};
-pub use save::save_pretrained;
+pub use save::{save_orthogonalised, save_pretrained};
 pub use transformer::{Block, LoadOptions, LoraDropout, Transformer};
 pub use vocab::VocabMatrix;
 pub use weights::Checkpoint;

@@ -87,20 +87,11 @@ pub fn open_folder(
     Ok((model, tokenizer))
 }
 
-/// Builds an embedded model: its tokenizer from code, its weights from its seed.
+/// Opens an embedded model (see [`EmbeddedModel::open`]).
 pub fn open_embedded(
     gpu: &Gpu,
     model: &EmbeddedModel,
     options: &LoadOptions,
 ) -> Result<(Transformer, Tokenizer)> {
-    let config = model.config()?;
-    let tokenizer = Tokenizer::from_json(
-        &model.tokenizer_json(),
-        None,
-        Some(model.eos_token()),
-        Some(model.chat_template()),
-    )
-    .map_err(|message| Error::format(format!("embedded model {}", model.name), message))?;
-    let transformer = Transformer::from_source(gpu, config, &model.init()?, options)?;
-    Ok((transformer, tokenizer))
+    model.open(gpu, options)
 }

@@ -18,18 +18,25 @@ use super::hooks::{
 };
 use super::transformer::{BlockActivations, KvTarget, LoraDropout, ProjectionMode, Transformer};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
-use crate::ops::embedding::{embedding_backward, EmbeddingGradIndex};
+use crate::ops::embedding::{embedding_backward, embedding_forward, EmbeddingGradIndex};
 use crate::ops::residual::accumulate;
 use crate::{Error, Result};
 
-/// A KV cache for one pass: per layer `[1, capacity, n_kv_heads, head_dim]` keys and values,
-/// `past` tokens already in it, and the valid length after this pass (`seq_lens [1]`).
+/// A KV cache for one pass: per layer `[B, capacity, n_kv_heads, head_dim]` keys and values,
+/// with `past[b]` tokens already in row `b`; the pass appends each row's new tokens after them.
 pub(crate) struct CacheTarget<'a> {
     pub k: &'a [Tensor],
     pub v: &'a [Tensor],
-    pub past: usize,
+    pub past: &'a [usize],
     pub capacity: usize,
-    pub seq_lens: &'a Tensor,
+    /// `past` on the GPU (u32 `[B]`): where each row's new tokens start.
+    pub starts: &'a Tensor,
+    /// The cache row (of `[B·capacity]`) each position of the batch `[B·T]` is written to:
+    /// `b·capacity + past[b] + t` (padding included: it lands past the row's length, where
+    /// nothing reads it before a later token overwrites it).
+    pub slots: &'a Tensor,
+    /// Each row's valid length after this pass, then `starts` (u32 `[2B]`).
+    pub lens_and_starts: &'a Tensor,
 }
 
 /// What a forward keeps for a backward.
@@ -223,7 +230,7 @@ impl Transformer {
             hook.check(layers, self.config.hidden_size)?;
         }
         let frame = PositionFrame {
-            past: cache.as_ref().map_or(0, |c| c.past),
+            past: cache.as_ref().map_or(&[], |c| c.past),
         };
         let hooks = bind_hooks(rec.gpu(), pass.hooks, batch, frame)?;
         let gpu = rec.gpu();
@@ -245,9 +252,10 @@ impl Transformer {
                 Some(c) => KvTarget::Cache {
                     k: &c.k[layer],
                     v: &c.v[layer],
-                    past: c.past,
                     capacity: c.capacity,
-                    seq_lens: c.seq_lens,
+                    starts: c.starts,
+                    slots: c.slots,
+                    lens_and_starts: c.lens_and_starts,
                 },
             };
             let (out, saved) = self.block_forward(rec, &self.blocks[layer], x, batch, mode, kv);
@@ -273,7 +281,7 @@ impl Transformer {
         let logits = match (&normed, pass.output) {
             (Some((normed, _)), Output::Logits) => Some(self.logits(rec, normed)),
             (Some((normed, _)), Output::LastLogits) => {
-                let last = last_rows(rec, normed, batch);
+                let last = last_rows(rec, normed, batch)?;
                 Some(self.logits(rec, &last))
             }
             _ => None,
@@ -426,12 +434,19 @@ impl Transformer {
     }
 }
 
-/// The last real row of each sequence of `h [B·T, C]`, as `[B, C]`.
-fn last_rows(rec: &mut Recorder, h: &Tensor, batch: &Batch) -> Tensor {
+/// The last real row of each sequence of `h [B·T, C]`, as `[B, C]` (one gather, however many
+/// sequences).
+fn last_rows(rec: &mut Recorder, h: &Tensor, batch: &Batch) -> Result<Tensor> {
     let cols = h.dims()[1];
-    let out = Tensor::empty(rec.gpu(), [batch.batch, cols], DType::F32);
-    for (b, &len) in batch.lens.iter().enumerate() {
-        rec.copy_elements(h, (b * batch.seq + len - 1) * cols, &out, b * cols, cols);
-    }
-    out
+    let gpu = rec.gpu();
+    let out = Tensor::empty(gpu, [batch.batch, cols], DType::F32);
+    let rows: Vec<u32> = batch
+        .lens
+        .iter()
+        .enumerate()
+        .map(|(b, &len)| (b * batch.seq + len - 1) as u32)
+        .collect();
+    let rows = Tensor::from_u32(gpu, [batch.batch], &rows)?;
+    embedding_forward(rec, &rows, h, 0, &out);
+    Ok(out)
 }

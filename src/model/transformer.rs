@@ -13,11 +13,12 @@ use super::vocab::VocabMatrix;
 use super::weights::Checkpoint;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::ops::activation::swiglu_forward;
-use crate::ops::attention::{attention_forward, AttentionShape};
+use crate::ops::attention::{attention_forward, attention_forward_at, AttentionShape};
 use crate::ops::dropout::Dropout;
+use crate::ops::hook::{hook_replace, RowEdit};
 use crate::ops::residual::residual_forward;
 use crate::ops::rmsnorm::rmsnorm_forward;
-use crate::ops::rope::{rope_forward, rope_inv_freq};
+use crate::ops::rope::{rope_forward, rope_forward_at, rope_inv_freq};
 use crate::{Error, Result};
 use half::{f16, slice::HalfFloatSliceExt};
 
@@ -105,15 +106,16 @@ pub(crate) struct BlockActivations {
 }
 
 /// Where a block's keys and values go: straight into attention (training, full prompts), or
-/// appended to a cache that attention then reads (generation).
+/// appended to a cache that attention then reads (generation; see `runner::CacheTarget`).
 pub(crate) enum KvTarget<'a> {
     Fresh,
     Cache {
         k: &'a Tensor,
         v: &'a Tensor,
-        past: usize,
         capacity: usize,
-        seq_lens: &'a Tensor,
+        starts: &'a Tensor,
+        slots: &'a Tensor,
+        lens_and_starts: &'a Tensor,
     },
 }
 
@@ -261,20 +263,19 @@ impl Transformer {
 
         let (b, t, d) = (batch.batch, batch.seq, cfg.head_dim);
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let past = match kv {
-            KvTarget::Fresh => 0,
-            KvTarget::Cache { past, .. } => past,
-        };
         let q = f32_tensor(&[b, t, hq, d]);
         let k = f32_tensor(&[b, t, hkv, d]);
-        rope_forward(rec, &q_raw.reshape([b, t, hq, d]), &self.inv_freq, &q, past);
-        rope_forward(
-            rec,
-            &k_raw.reshape([b, t, hkv, d]),
-            &self.inv_freq,
-            &k,
-            past,
-        );
+        let (q_raw, k_raw) = (q_raw.reshape([b, t, hq, d]), k_raw.reshape([b, t, hkv, d]));
+        match kv {
+            KvTarget::Fresh => {
+                rope_forward(rec, &q_raw, &self.inv_freq, &q, 0);
+                rope_forward(rec, &k_raw, &self.inv_freq, &k, 0);
+            }
+            KvTarget::Cache { starts, .. } => {
+                rope_forward_at(rec, &q_raw, &self.inv_freq, &q, starts);
+                rope_forward_at(rec, &k_raw, &self.inv_freq, &k, starts);
+            }
+        }
         let v = v.reshape([b, t, hkv, d]);
 
         let attn = f32_tensor(&[b, t, hq, d]);
@@ -288,25 +289,41 @@ impl Transformer {
             KvTarget::Cache {
                 k: k_cache,
                 v: v_cache,
-                past,
                 capacity,
-                seq_lens,
+                slots,
+                lens_and_starts,
+                ..
             } => {
-                assert_eq!(b, 1, "the KV cache holds one sequence");
+                // Row `r` of the batch goes to row `r` of the cache after its cached tokens:
+                // one scatter of the batch's rows into the cache's rows (see `slots`).
                 let row = hkv * d;
-                rec.copy_elements(&k, 0, k_cache, past * row, t * row);
-                rec.copy_elements(&v, 0, v_cache, past * row, t * row);
+                for (new, cache) in [(&k, k_cache), (&v, v_cache)] {
+                    let edit = RowEdit {
+                        x: &cache.reshape([b * capacity, row]),
+                        rows: slots,
+                        value: &new.reshape([b * t, row]),
+                    };
+                    hook_replace(rec, &edit);
+                }
                 let shape = AttentionShape {
-                    batch: 1,
+                    batch: b,
                     q_len: t,
                     kv_len: capacity,
-                    q_offset: past,
+                    q_offset: 0,
                     n_heads: hq,
                     n_kv_heads: hkv,
                     head_dim: d,
                 };
-                attention_forward(
-                    rec, &shape, &q, k_cache, v_cache, seq_lens, &attn, &lse, scale,
+                attention_forward_at(
+                    rec,
+                    &shape,
+                    &q,
+                    k_cache,
+                    v_cache,
+                    lens_and_starts,
+                    &attn,
+                    &lse,
+                    scale,
                 );
             }
         }

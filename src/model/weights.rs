@@ -17,9 +17,26 @@ use crate::{Error, Result};
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// A shard's bytes: a memory-mapped file, or bytes built into the binary.
+enum Bytes {
+    Mapped(Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(map) => map,
+            Bytes::Static(bytes) => bytes,
+        }
+    }
+}
+
 struct Shard {
+    /// The file, or what stands in for it in messages.
     path: PathBuf,
-    map: Mmap,
+    map: Bytes,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
 }
@@ -95,9 +112,17 @@ impl Checkpoint {
 
     /// Opens one safetensors file (an adapter, a fixture).
     pub fn open_file(path: &Path) -> Result<Self> {
-        let shard = open_shard(path)?;
+        open_shard(path).map(Checkpoint::single)
+    }
+
+    /// A safetensors file built into the binary; `origin` names it in messages.
+    pub fn from_static(origin: &str, bytes: &'static [u8]) -> Result<Self> {
+        read_shard(Path::new(origin), Bytes::Static(bytes)).map(Checkpoint::single)
+    }
+
+    fn single(shard: Shard) -> Self {
         let index = shard.tensors.keys().map(|name| (name.clone(), 0)).collect();
-        Ok(Checkpoint::new(vec![shard], index))
+        Checkpoint::new(vec![shard], index)
     }
 
     /// Every tensor name, sorted.
@@ -271,6 +296,10 @@ fn open_shard(path: &Path) -> Result<Shard> {
     // SAFETY: the map is read-only; as with every memory-mapped loader, the file must not be
     // truncated by another process while the checkpoint is open.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    read_shard(path, Bytes::Mapped(map))
+}
+
+fn read_shard(path: &Path, map: Bytes) -> Result<Shard> {
     let (header_len, metadata) = SafeTensors::read_metadata(&map)
         .map_err(|e| Error::format(path, header_problem(&map, &e)))?;
     // safetensors keeps the last of two entries with one name when their offsets still tile.

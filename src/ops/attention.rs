@@ -266,6 +266,7 @@ struct Params {
     n_heads: u32,
     n_kv_heads: u32,
     scale: f32,
+    row_starts: u32,
 }
 
 impl Params {
@@ -278,6 +279,7 @@ impl Params {
             n_heads: shape.n_heads as u32,
             n_kv_heads: shape.n_kv_heads as u32,
             scale,
+            row_starts: 0,
         }
     }
 }
@@ -430,6 +432,51 @@ pub fn attention_backward_scratch_bytes(shape: &AttentionShape) -> u64 {
     (b * hq * t * ROW_STATS_WORDS * DType::U32.size_bytes()) as u64
 }
 
+/// [`attention_forward`] with each row's queries at positions of their own: rows decoded side
+/// by side after different numbers of cached tokens. `lens_and_starts` (u32 `[2B]`) holds the
+/// rows' valid lengths, then the position of each row's first query (`shape.q_offset` is not
+/// used): query `t` of row `b` sits at `starts[b] + t`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_at(
+    rec: &mut Recorder,
+    shape: &AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_and_starts: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+) {
+    let op = "attention_forward_at";
+    let uniform = AttentionShape {
+        q_offset: 0,
+        ..*shape
+    };
+    uniform.validate(op);
+    for (name, t) in [("q", q), ("out", out)] {
+        expect_elements(op, name, t, DType::F32, &shape.q_dims());
+    }
+    for (name, t) in [("k", k), ("v", v)] {
+        expect_elements(op, name, t, DType::F32, &shape.kv_dims());
+    }
+    expect_elements(op, "lse", lse, DType::F32, &shape.lse_dims());
+    expect_elements(
+        op,
+        "lens_and_starts",
+        lens_and_starts,
+        DType::U32,
+        &[2 * shape.batch],
+    );
+    let tiles = Tiles::for_device(rec.gpu(), shape.head_dim);
+    let tensors = [q, k, v, lens_and_starts, out, lse];
+    let params = Params {
+        row_starts: 1,
+        ..Params::new(&uniform, scale)
+    };
+    tiles.launch(rec, &FORWARD, &tensors, &params, shape.query_tiles());
+}
+
 /// Gradients of [`attention_forward`] (training case: `Tq == Tkv`, `q_offset == 0`) from the
 /// saved `out` and `lse` and the upstream `dout`. `dq`, `dk` and `dv` are overwritten; padding
 /// queries and keys get exactly zero.
@@ -556,6 +603,40 @@ pub mod reference {
                     *o += pj * vj;
                 }
             }
+        }
+        (out, lse)
+    }
+
+    /// [`attention_forward`] with row `b`'s queries at positions `starts[b] + t` (see
+    /// [`super::attention_forward_at`]): each row is the uniform case with its own offset.
+    pub fn attention_forward_at(
+        s: &AttentionShape,
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        seq_lens: &[u32],
+        starts: &[u32],
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let row = AttentionShape { batch: 1, ..*s };
+        let q_row: usize = row.q_dims().iter().product();
+        let kv_row: usize = row.kv_dims().iter().product();
+        let (mut out, mut lse) = (Vec::new(), Vec::new());
+        for b in 0..s.batch {
+            let one = AttentionShape {
+                q_offset: starts[b] as usize,
+                ..row
+            };
+            let (o, l) = attention_forward(
+                &one,
+                &q[b * q_row..][..q_row],
+                &k[b * kv_row..][..kv_row],
+                &v[b * kv_row..][..kv_row],
+                &seq_lens[b..=b],
+                scale,
+            );
+            out.extend(o);
+            lse.extend(l);
         }
         (out, lse)
     }

@@ -1,6 +1,7 @@
 //! Rotary position embedding (Hugging Face rotate-half layout) on `x [B, T, H, D]`: the head
 //! vector of token `t` is rotated by the angles `(pos_offset + t) · inv_freq[i]`, pairing
-//! element `i` with `i + D/2`. The same positions apply to every batch row.
+//! element `i` with `i + D/2`. The same positions apply to every batch row, except in
+//! [`rope_forward_at`], where each row has positions of its own (decoding rows side by side).
 //!
 //! `inv_freq [D/2]` is computed on the host by [`rope_inv_freq`] (with Llama-3 frequency
 //! scaling when the config asks for it) and uploaded once.
@@ -16,6 +17,12 @@ static FORWARD: KernelSpec = KernelSpec {
     entry: "rope_forward",
     // x, inv_freq, out
     bindings: &[read(1), read(2), read_write(3)],
+};
+static FORWARD_AT: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "rope_forward_at",
+    // x, inv_freq, out, starts
+    bindings: &[read(1), read(2), read_write(3), read(4)],
 };
 static BACKWARD: KernelSpec = KernelSpec {
     shader: &SHADER,
@@ -91,6 +98,7 @@ fn launch(
     inv_freq: &Tensor,
     dst: &Tensor,
     pos_offset: usize,
+    starts: Option<&Tensor>,
 ) {
     let op = spec.entry;
     assert!(
@@ -123,7 +131,16 @@ fn launch(
         half_dim: (head_dim / 2) as u32,
         pos_offset: pos_offset as u32,
     };
-    launch_per_item(rec, spec, &[src, inv_freq, dst], &params, pairs);
+    match starts {
+        Some(starts) => {
+            assert!(
+                starts.dtype() == DType::U32 && starts.numel() == src.dims()[0],
+                "{op}: starts must be one u32 per batch row, got {starts:?}"
+            );
+            launch_per_item(rec, spec, &[src, inv_freq, dst, starts], &params, pairs);
+        }
+        None => launch_per_item(rec, spec, &[src, inv_freq, dst], &params, pairs),
+    }
 }
 
 /// `out = rope(x)` for `x [B, T, H, D]` at positions `pos_offset + t`. `out` must not alias `x`.
@@ -134,7 +151,20 @@ pub fn rope_forward(
     out: &Tensor,
     pos_offset: usize,
 ) {
-    launch(rec, &FORWARD, x, inv_freq, out, pos_offset);
+    launch(rec, &FORWARD, x, inv_freq, out, pos_offset, None);
+}
+
+/// [`rope_forward`] with each batch row at positions of its own: row `b`'s token `t` at
+/// `starts[b] + t` (`starts`: u32 `[B]`), for rows decoded side by side after different
+/// numbers of cached tokens.
+pub fn rope_forward_at(
+    rec: &mut Recorder,
+    x: &Tensor,
+    inv_freq: &Tensor,
+    out: &Tensor,
+    starts: &Tensor,
+) {
+    launch(rec, &FORWARD_AT, x, inv_freq, out, 0, Some(starts));
 }
 
 /// `dx = rope⁻¹(dout)`: the transpose (inverse) rotation, overwriting `dx`.
@@ -145,7 +175,7 @@ pub fn rope_backward(
     dx: &Tensor,
     pos_offset: usize,
 ) {
-    launch(rec, &BACKWARD, dout, inv_freq, dx, pos_offset);
+    launch(rec, &BACKWARD, dout, inv_freq, dx, pos_offset, None);
 }
 
 /// CPU f64 references, on row-major `[B, T, H, D]` data given as `dims`.
@@ -189,6 +219,21 @@ pub mod reference {
         pos_offset: usize,
     ) -> Vec<f64> {
         rotate(x, inv_freq, dims, pos_offset, 1.0)
+    }
+
+    /// [`rope_forward`] with batch row `b` at positions `starts[b] + t`.
+    pub fn rope_forward_at(
+        x: &[f64],
+        inv_freq: &[f32],
+        dims: [usize; 4],
+        starts: &[usize],
+    ) -> Vec<f64> {
+        let row_dims = [1, dims[1], dims[2], dims[3]];
+        let row: usize = row_dims.iter().product();
+        x.chunks_exact(row)
+            .zip(starts)
+            .flat_map(|(x, &start)| rotate(x, inv_freq, row_dims, start, 1.0))
+            .collect()
     }
 
     /// The gradient of [`rope_forward`]: the inverse rotation of `dout`.

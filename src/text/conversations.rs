@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::chat::Message;
+use super::dataset::{read_dataset, Format, MAX_PROMPT_BYTES};
 use crate::{Error, Result};
 
 /// One training conversation: the messages in order. The model learns every assistant turn.
@@ -33,25 +34,35 @@ const ROLES: [&str; 3] = ["system", "user", "assistant"];
 /// Reads the conversations of `path`; the format follows the extension (`.json`, `.jsonl`,
 /// `.csv`).
 pub fn load_conversations(path: &Path) -> Result<Vec<Conversation>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let extension = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let rows = match extension.as_str() {
-        "json" => parse_json(&text),
-        "jsonl" | "ndjson" => parse_json_lines(&text),
-        "csv" => parse_csv(&text),
-        other => Err(format!(
-            "unknown dataset format '.{other}': expected .json (an array), .jsonl or .csv"
-        )),
+    let (text, format) = read_dataset(path)?;
+    let rows = match format {
+        Format::Json => parse_json(&text),
+        Format::JsonLines => parse_json_lines(&text),
+        Format::Csv => parse_csv(&text),
     }
     .map_err(|message| Error::format(path, message))?;
     if rows.is_empty() {
         return Err(Error::format(path, "the dataset holds no conversations"));
     }
     Ok(rows)
+}
+
+/// The conversations as JSON Lines that [`load_conversations`] reads back: a user prompt with
+/// one reply as `{"prompt": ..., "response": ...}`, any other conversation as
+/// `{"messages": [...]}`.
+pub fn conversations_jsonl(conversations: &[Conversation]) -> String {
+    let mut out = String::new();
+    for c in conversations {
+        let row = match c.messages.as_slice() {
+            [user, reply] if user.role == "user" && reply.role == "assistant" => {
+                serde_json::json!({"prompt": user.content, "response": reply.content})
+            }
+            messages => serde_json::json!({ "messages": messages }),
+        };
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    out
 }
 
 /// Parses a JSON array of conversation rows.
@@ -134,8 +145,15 @@ fn message_of(value: &Value) -> std::result::Result<Message, String> {
     })
 }
 
+/// A field's text: a string, not blank, and not over [`MAX_PROMPT_BYTES`] (longer is nearly
+/// always a broken file, such as a CSV quote left open).
 fn text_field(name: &str, value: &Value) -> std::result::Result<String, String> {
     match value.as_str() {
+        Some(s) if s.len() > MAX_PROMPT_BYTES => Err(format!(
+            "field \"{name}\" is {} bytes long, over the {MAX_PROMPT_BYTES} accepted (a CSV \
+             quote left open?)",
+            s.len()
+        )),
         Some(s) if !s.trim().is_empty() => Ok(s.to_owned()),
         Some(_) => Err(format!("field \"{name}\" is empty")),
         None => Err(format!("field \"{name}\" is not a string: {value}")),
@@ -222,6 +240,32 @@ mod tests {
             err.starts_with("line 1") && err.contains("\"response\" is empty"),
             "{err}"
         );
+        let long = "x".repeat(MAX_PROMPT_BYTES + 1);
+        let err = parse_json(&format!(r#"[{{"prompt": "a", "response": "{long}"}}]"#)).unwrap_err();
+        assert!(
+            err.starts_with("row 1:") && err.contains("field \"response\" is 1048577 bytes long"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn jsonl_written_reads_back() {
+        let rows = vec![
+            Conversation::pair("a \"quoted\"\nline", "b"),
+            Conversation {
+                messages: vec![
+                    Message {
+                        role: "system".into(),
+                        content: "s".into(),
+                    },
+                    Message::user("u"),
+                    Message::assistant("r"),
+                ],
+            },
+        ];
+        let text = conversations_jsonl(&rows);
+        assert!(text.starts_with("{\"prompt\":"), "{text}");
+        assert_eq!(parse_json_lines(&text).unwrap(), rows);
     }
 
     #[test]

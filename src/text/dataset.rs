@@ -18,26 +18,53 @@ pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 
 /// Reads the prompts of `path`; the format follows the extension (`.json`, `.jsonl`, `.csv`).
 pub fn load_prompts(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = utf8(bytes).map_err(|message| Error::format(path, message))?;
-    let extension = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let prompts = match extension.as_str() {
-        "json" => parse_json_array(&text),
-        "jsonl" | "ndjson" => parse_json_lines(&text),
-        "csv" => parse_csv(&text),
-        other => Err(format!(
-            "unknown dataset format '.{other}': expected .json (an array), .jsonl or .csv"
-        )),
+    let (text, format) = read_dataset(path)?;
+    let prompts = match format {
+        Format::Json => parse_json_array(&text),
+        Format::JsonLines => parse_json_lines(&text),
+        Format::Csv => parse_csv(&text),
     }
     .map_err(|message| Error::format(path, message))?;
     if prompts.is_empty() {
         return Err(Error::format(path, "the dataset holds no prompts"));
     }
     Ok(prompts)
+}
+
+/// How a dataset file is written, told by its extension.
+pub(crate) enum Format {
+    /// `.json`: one array of rows.
+    Json,
+    /// `.jsonl` or `.ndjson`: one row per line.
+    JsonLines,
+    /// `.csv`, with a header row.
+    Csv,
+}
+
+/// The text of dataset file `path` and its format, or an error naming the file: one that
+/// cannot be read, is not UTF-8 (where it stops being so), or has an unknown extension.
+pub(crate) fn read_dataset(path: &Path) -> Result<(String, Format)> {
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let format = match extension.as_str() {
+        "json" => Format::Json,
+        "jsonl" | "ndjson" => Format::JsonLines,
+        "csv" => Format::Csv,
+        other => {
+            return Err(Error::format(
+                path,
+                format!(
+                    "unknown dataset format '.{other}': expected .json (an array), .jsonl or .csv"
+                ),
+            ))
+        }
+    };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = utf8(bytes).map_err(|message| Error::format(path, message))?;
+    Ok((text, format))
 }
 
 /// The file's text, or where it stops being UTF-8.

@@ -6,6 +6,6 @@ pub mod dataset;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
-pub use conversations::{load_conversations, Conversation};
+pub use conversations::{conversations_jsonl, load_conversations, Conversation};
 pub use dataset::load_prompts;
-pub use tokenizer::{TextStream, Tokenizer};
+pub use tokenizer::{TextStream, Tokenizer, TokenizerFiles};

@@ -29,6 +29,19 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// The texts of a model folder's tokenizer files (`None`: the folder lacks the file).
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerFiles {
+    /// `tokenizer.json`.
+    pub tokenizer_json: String,
+    /// `tokenizer_config.json`, with the chat template and special tokens, when there is one.
+    pub tokenizer_config: Option<String>,
+    /// `chat_template.jinja`, which wins over a template in `tokenizer_config.json`.
+    pub chat_template: Option<String>,
+    /// `generation_config.json`, whose end-of-sequence ids end generation, when there is one.
+    pub generation_config: Option<String>,
+}
+
 /// Special tokens and the chat template from `tokenizer_config.json`.
 #[derive(Default)]
 struct TokenizerConfig {
@@ -63,24 +76,55 @@ impl Tokenizer {
                  AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
             ));
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let read = |name: &str| -> Result<Option<String>> {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Ok(None);
+            }
+            std::fs::read_to_string(&path)
+                .map(Some)
+                .map_err(|e| Error::io(&path, e))
+        };
+        let files = TokenizerFiles {
+            tokenizer_json: read("tokenizer.json")?.unwrap_or_default(),
+            tokenizer_config: read("tokenizer_config.json")?,
+            chat_template: read("chat_template.jinja")?,
+            generation_config: read("generation_config.json")?,
+        };
+        Self::from_files(dir, &files, config_eos)
+    }
+
+    /// A tokenizer from the texts of a model folder's tokenizer files; `dir` names the folder
+    /// (or what stands in for it) in errors. `config_eos` are the eos ids of `config.json`.
+    pub fn from_files(dir: &Path, files: &TokenizerFiles, config_eos: &[u32]) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
-        let config = read_tokenizer_config(&config_path)?;
-        let template_file = dir.join("chat_template.jinja");
-        let (template, template_path) = if template_file.exists() {
-            let source = std::fs::read_to_string(&template_file)
-                .map_err(|e| Error::io(&template_file, e))?;
-            (Some(source), template_file)
-        } else {
-            (config.chat_template.clone(), config_path)
+        let config = match &files.tokenizer_config {
+            Some(text) => parse_tokenizer_config(&config_path, &parse_json(&config_path, text)?)?,
+            None => TokenizerConfig::default(),
+        };
+        let (template, template_path) = match &files.chat_template {
+            Some(source) => (Some(source.clone()), dir.join("chat_template.jinja")),
+            None => (config.chat_template.clone(), config_path),
         };
         let chat = template
             .map(|source| config.compile(&source))
             .transpose()
             .map_err(|message| Error::format(&template_path, message))?;
-        let generation_eos = read_generation_eos(&dir.join("generation_config.json"))?;
-        Self::from_parts(&text, &config, chat, config_eos, &generation_eos)
-            .map_err(|message| Error::format(&path, message))
+        let generation_path = dir.join("generation_config.json");
+        let generation_eos = match &files.generation_config {
+            Some(text) => {
+                parse_generation_eos(&generation_path, &parse_json(&generation_path, text)?)?
+            }
+            None => Vec::new(),
+        };
+        Self::from_parts(
+            &files.tokenizer_json,
+            &config,
+            chat,
+            config_eos,
+            &generation_eos,
+        )
+        .map_err(|message| Error::format(dir.join("tokenizer.json"), message))
     }
 
     /// Builds a tokenizer from the text of a `tokenizer.json` and an optional chat template.
@@ -145,6 +189,12 @@ impl Tokenizer {
     /// `tokenizer(text)`: the tokenizer's post-processor adds its special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_with(text, true)
+    }
+
+    /// `tokenizer(text, add_special_tokens=False)`: a piece of text to place inside other
+    /// ids (a reply's first words after a rendered prompt).
+    pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
     }
 
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -213,7 +263,8 @@ impl Tokenizer {
             let through = self.render_chat(&messages[..=i], false)?;
             if !through.starts_with(&before) || !text.starts_with(&through) {
                 return Err(Error::InvalidArgument(format!(
-                    "the chat template does not render message {i} as an extension of the                      messages before it, so its reply tokens cannot be found"
+                    "the chat template does not render message {i} as an extension of the \
+                     messages before it, so its reply tokens cannot be found"
                 )));
             }
             spans.push(before.len()..through.len());
@@ -387,14 +438,8 @@ fn preview(text: &str) -> String {
     }
 }
 
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
+fn parse_json(path: &Path, text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
 }
 
 /// A special token is written either as a string or as an AddedToken object.
@@ -406,10 +451,7 @@ fn token_text(value: Option<&Value>) -> Option<String> {
     }
 }
 
-fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
-    let Some(v) = read_json(path)? else {
-        return Ok(TokenizerConfig::default());
-    };
+fn parse_tokenizer_config(path: &Path, v: &Value) -> Result<TokenizerConfig> {
     let chat_template = match v.get("chat_template") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -432,10 +474,7 @@ fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
     })
 }
 
-fn read_generation_eos(path: &Path) -> Result<Vec<u32>> {
-    let Some(v) = read_json(path)? else {
-        return Ok(Vec::new());
-    };
+fn parse_generation_eos(path: &Path, v: &Value) -> Result<Vec<u32>> {
     let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
     match v.get("eos_token_id") {
         None | Some(Value::Null) => Ok(Vec::new()),

@@ -5,24 +5,26 @@
 use std::path::{Path, PathBuf};
 
 use es2_wgpu::es2::data::tokenize_prompts;
-use es2_wgpu::es2::{TrainConfig, TrainObserver, Trainer};
+use es2_wgpu::es2::{TrainConfig, Trainer};
 use es2_wgpu::model::open_model;
 use es2_wgpu::testing::gpu;
 use es2_wgpu::text::dataset::{MAX_PROMPT_BYTES, PROMPT_FIELDS};
 use es2_wgpu::text::load_prompts;
 
+use super::run::Messages;
+
 /// A scratch folder of dataset files, removed when dropped.
-struct Files(PathBuf);
+pub(crate) struct Files(pub PathBuf);
 
 impl Files {
-    fn new(tag: &str) -> Files {
+    pub(crate) fn new(tag: &str) -> Files {
         let dir = std::env::temp_dir().join(format!("es2-data-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Files(dir)
     }
 
-    fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
         let path = self.0.join(name);
         std::fs::write(&path, bytes).unwrap();
         path
@@ -118,16 +120,6 @@ fn a_10_mb_row_is_refused_with_its_size_not_tokenised() {
     );
     let path = files.write("huge.jsonl", format!("{:?}\n", "x".repeat(10 << 20)));
     assert_refused(&path, &["line 1", "10485760 bytes long"]);
-}
-
-/// Keeps the trainer's messages.
-#[derive(Default)]
-struct Messages(Vec<String>);
-
-impl TrainObserver for Messages {
-    fn message(&mut self, text: &str) {
-        self.0.push(text.to_owned());
-    }
 }
 
 #[test]

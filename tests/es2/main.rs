@@ -1,4 +1,5 @@
-//! ES2 training tests: one engine step against PyTorch state files, resume, and short runs.
+//! Training tests: one engine step of ES2 and of SFT against PyTorch state files, resume, and
+//! short runs of either objective.
 
 mod bad_data;
 mod kill;
@@ -6,6 +7,8 @@ mod nonfinite;
 mod plan;
 mod resume;
 mod run;
+mod sft_run;
 mod sft_step;
 mod stories;
+mod tiny_chat;
 mod torch_step;

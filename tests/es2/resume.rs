@@ -34,7 +34,7 @@ fn config(out: PathBuf) -> TrainConfig {
 
 /// Step lines of metrics.jsonl without the measured fields: speed, and the peak memory (other
 /// tests share the device's buffer pool).
-fn step_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
+pub(crate) fn step_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -49,7 +49,8 @@ fn step_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn trained_bits(trainer: &Trainer) -> Vec<(String, Vec<u32>)> {
+/// Every trained parameter's name and bits.
+pub(crate) fn trained_bits(trainer: &Trainer) -> Vec<(String, Vec<u32>)> {
     trainer
         .job
         .grads()

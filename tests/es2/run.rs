@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use es2_wgpu::es2::{Quiet, TrainConfig, TrainObserver, Trainer};
+use es2_wgpu::eval::refusal::{heldout_sample, refusal_rates};
 use es2_wgpu::model::{open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 use es2_wgpu::Error;
@@ -31,7 +32,8 @@ fn small(out: PathBuf) -> TrainConfig {
     }
 }
 
-fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
+/// The logits of one sequence.
+pub(crate) fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     let gpu = gpu();
     let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
     let out = model
@@ -44,7 +46,7 @@ fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
     download(gpu, out.logits.as_ref().unwrap())
 }
 
-fn json_lines(path: &Path) -> Vec<Value> {
+pub(crate) fn json_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -55,24 +57,31 @@ fn json_lines(path: &Path) -> Vec<Value> {
 /// `curves.svg` is an SVG document that names every series, and draws the three step series
 /// with a point per step and each layer's held-out distance and the held-out KL with a point
 /// per evaluation.
-fn check_curves(path: &Path, steps: usize, evaluations: usize, layers: usize) {
+fn check_es2_curves(path: &Path, steps: usize, evaluations: usize, layers: usize) {
+    let last_layer = format!("layer {}", layers - 1);
+    let labels = ["L_sep", "L_KL", "held-out KL", "layer 0", &last_layer];
+    check_curves(path, &labels, &[(steps, 3), (evaluations, layers + 1)]);
+}
+
+/// `curves.svg` at `path` is an SVG document whose text holds each of `labels`, and which
+/// draws `count` lines of `points` points for each `(points, count)` of `lines`.
+pub(crate) fn check_curves(path: &Path, labels: &[&str], lines: &[(usize, usize)]) {
     let text = std::fs::read_to_string(path).unwrap();
     let doc = roxmltree::Document::parse(&text)
         .unwrap_or_else(|e| panic!("{}: not XML: {e}", path.display()));
     assert_eq!(doc.root_element().tag_name().name(), "svg");
-    let labels: Vec<&str> = doc
+    let texts: Vec<&str> = doc
         .descendants()
         .filter(|n| n.has_tag_name("text"))
         .filter_map(|n| n.text())
         .collect();
-    let last_layer = format!("layer {}", layers - 1);
-    for label in ["L_sep", "L_KL", "held-out KL", "layer 0", &last_layer] {
+    for label in labels {
         assert!(
-            labels.iter().any(|t| t.contains(label)),
-            "{label} missing from {labels:?}"
+            texts.iter().any(|t| t.contains(label)),
+            "{label} missing from {texts:?}"
         );
     }
-    let lines: Vec<usize> = doc
+    let drawn: Vec<usize> = doc
         .descendants()
         .filter(|n| n.has_tag_name("polyline"))
         .map(|n| {
@@ -83,11 +92,12 @@ fn check_curves(path: &Path, steps: usize, evaluations: usize, layers: usize) {
         })
         .collect();
     let mut want: HashMap<usize, usize> = HashMap::new();
-    *want.entry(steps).or_default() += 3;
-    *want.entry(evaluations).or_default() += layers + 1;
+    for &(points, count) in lines {
+        *want.entry(points).or_default() += count;
+    }
     for (points, count) in want {
-        let found = lines.iter().filter(|&&n| n == points).count();
-        assert_eq!(found, count, "lines of {points} points in {lines:?}");
+        let found = drawn.iter().filter(|&&n| n == points).count();
+        assert_eq!(found, count, "lines of {points} points in {drawn:?}");
     }
 }
 
@@ -97,11 +107,24 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
     let out = out_dir("lora");
     let config = TrainConfig {
         merge: true,
+        refusal_sample: 3,
         ..small(out.clone())
     };
     let mut trainer = Trainer::new(gpu, config, &mut Quiet).unwrap();
     let summary = trainer.run(&mut Quiet).unwrap();
     assert_eq!(summary.steps, 3);
+    // Refusal rates before (the base model: fresh adapters change nothing) and after.
+    let refusals = summary.refusals.as_ref().expect("refusal rates measured");
+    let (harmful, harmless) = heldout_sample(3).unwrap();
+    let (base, base_tok) = open_model(gpu, "tiny-llama", &LoadOptions::default()).unwrap();
+    let replies = refusals.replies;
+    let want = refusal_rates(gpu, &base, &base_tok, &harmful, &harmless, replies).unwrap();
+    assert_eq!(refusals.before, want);
+    assert_eq!(
+        (refusals.after.harmful.total, refusals.after.harmless.total),
+        (3, 3)
+    );
+    assert_eq!(refusals.after, trainer.measure_refusals().unwrap());
 
     let lines = json_lines(&out.join("metrics.jsonl"));
     let steps: Vec<&Value> = lines.iter().filter(|v| v.get("step").is_some()).collect();
@@ -140,7 +163,8 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary.curves, out.join("curves.svg"));
     assert_eq!(written["curves"], summary.curves.to_string_lossy().as_ref());
-    check_curves(&summary.curves, 3, 3, 4);
+    assert_eq!(written["refusals"]["sample"], 3);
+    check_es2_curves(&summary.curves, 3, 3, 4);
 
     let adapter: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
@@ -223,7 +247,7 @@ fn a_full_fine_tuning_run_writes_a_model_folder_that_loads_back() {
 
 /// Keeps the trainer's messages.
 #[derive(Default)]
-struct Messages(Vec<String>);
+pub(crate) struct Messages(pub Vec<String>);
 
 impl TrainObserver for Messages {
     fn message(&mut self, text: &str) {

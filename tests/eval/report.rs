@@ -148,6 +148,7 @@ fn sample() -> Report {
         attacks,
         capability,
         geometry,
+        plots: vec!["layers.svg".to_owned()],
     }
 }
 
@@ -222,6 +223,7 @@ fn markdown_puts_attacks_in_rows_and_models_in_columns() {
     assert_eq!(line("| harmful |"), "| harmful | data/harmful.json |");
     assert!(line("| judge: AutoDAN/SCAV |").contains("39 strings; case-sensitive"));
     assert!(md.contains("**hardened**: `tiny-chat` with the LoRA adapter `es2-out`"));
+    assert!(md.contains("## Plots\n\n![layers](layers.svg)"));
 }
 
 #[test]
@@ -257,4 +259,79 @@ fn judging_describes_the_lists_the_judges_use() {
     let counts: Vec<usize> = judging.lists.iter().map(|l| l.strings).collect();
     assert_eq!(counts, [29, 39, 12]);
     assert_eq!(judging.normalisation, judge::NORMALISATION);
+}
+
+/// The sample with a RepE sweep: DSR (GCG) 80% and 40% for base at c = 1, 0.5 (out of order),
+/// 60% for hardened at c = 1 only.
+fn with_repe() -> Report {
+    let mut report = sample();
+    let row = |c: f64, results| AttackRow {
+        attack: "repe".into(),
+        settings: vec![Field::new("c", c)],
+        results,
+    };
+    report.attacks.push(row(
+        1.0,
+        vec![
+            result("base", rates(8, 0, 0, 10), vec![]),
+            result("hardened", rates(6, 0, 0, 10), vec![]),
+        ],
+    ));
+    report
+        .attacks
+        .push(row(0.5, vec![result("base", rates(4, 0, 0, 10), vec![])]));
+    report
+}
+
+#[test]
+fn plots_draw_each_model_from_the_report_data() {
+    use es2_wgpu::eval::plots::{layer_charts, projection_charts, repe_charts, write_plots};
+    let report = with_repe();
+    let layers = layer_charts(&report);
+    assert_eq!(layers.len(), 2);
+    let distance: Vec<_> = layers[0]
+        .series
+        .iter()
+        .map(|s| (s.label.as_str(), s.points.clone()))
+        .collect();
+    assert_eq!(
+        distance,
+        [
+            ("base", vec![(1.0, 0.25), (2.0, 0.5)]),
+            ("hardened", vec![(2.0, 1.5)])
+        ]
+    );
+    // Rows without a probe accuracy leave no point.
+    assert_eq!(layers[1].series[1].points, vec![]);
+    let pca = projection_charts(&report);
+    assert_eq!(pca.len(), 1, "only base has a projection");
+    assert_eq!(pca[0].series[0].label, "harmful");
+    assert_eq!(
+        pca[0].series[0].points.len(),
+        report.geometry[0]
+            .projection
+            .as_ref()
+            .unwrap()
+            .projection
+            .harmful
+            .len()
+    );
+    let repe = repe_charts(&report);
+    assert_eq!(repe[0].series[0].points, vec![(0.5, 40.0), (1.0, 80.0)]);
+    assert_eq!(repe[0].series[1].points, vec![(1.0, 60.0)]);
+
+    let dir = std::env::temp_dir().join(format!("es2-eval-plots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let written = write_plots(&report, &dir).unwrap();
+    assert_eq!(written, ["layers.svg", "pca.svg", "repe.svg"]);
+    for name in &written {
+        let svg = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("base"), "{name}");
+    }
+    // No RepE rows: no repe.svg.
+    assert_eq!(
+        write_plots(&sample(), &dir).unwrap(),
+        ["layers.svg", "pca.svg"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

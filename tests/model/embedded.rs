@@ -1,5 +1,8 @@
-//! The embedded default model: it loads with no files, its weights are deterministic and its
+//! The embedded models. `tiny-llama` loads with no files, its weights are deterministic and its
 //! logits usable, its chat template renders, and its byte-level tokenizer takes any text.
+//! `tiny-chat` (the default) is exactly the folder `models/tiny-chat`.
+
+use std::path::PathBuf;
 
 use es2_wgpu::model::{
     embedded, open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer,
@@ -8,7 +11,7 @@ use es2_wgpu::testing::{download, gpu};
 use es2_wgpu::text::{Message, Tokenizer};
 
 fn tiny() -> (Transformer, Tokenizer) {
-    open_model(gpu(), embedded::DEFAULT, &LoadOptions::default()).unwrap()
+    open_model(gpu(), embedded::TINY_LLAMA, &LoadOptions::default()).unwrap()
 }
 
 fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
@@ -35,7 +38,7 @@ fn std_dev(v: &[f32]) -> f64 {
 }
 
 #[test]
-fn default_model_logits_are_finite_varied_and_identical_across_loads() {
+fn tiny_llama_logits_are_finite_varied_and_identical_across_loads() {
     let (model, tok) = tiny();
     assert_eq!(model.config.vocab_size, tok.vocab_size());
     assert_eq!((model.layers(), model.config.intermediate_size), (4, 172));
@@ -61,7 +64,7 @@ fn default_model_logits_are_finite_varied_and_identical_across_loads() {
 }
 
 #[test]
-fn default_chat_template_renders_chatml() {
+fn tiny_llama_chat_template_renders_chatml() {
     let (_, tok) = tiny();
     let text = tok.render_chat(&[Message::user("hi")], true).unwrap();
     assert_eq!(
@@ -111,16 +114,17 @@ fn text_stream_holds_back_partial_characters() {
     assert_eq!(stream.finish(), "\u{FFFD}");
 }
 
-#[test]
-fn default_model_written_as_a_folder_loads_identically() {
+/// Writes embedded model `name` as a folder and checks that it loads with the same tokens and
+/// logits as the built-in model.
+fn written_as_a_folder_loads_identically(name: &str) {
     let gpu = gpu();
-    let dir = std::env::temp_dir().join(format!("es2-wgpu-{}-tiny-llama", std::process::id()));
-    let model = embedded::find(embedded::DEFAULT).unwrap();
+    let dir = std::env::temp_dir().join(format!("es2-wgpu-{}-{name}", std::process::id()));
+    let model = embedded::find(name).unwrap();
     model.write_hf_folder(gpu, &dir).unwrap();
     let (from_folder, folder_tok) =
         open_model(gpu, dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    let (built_in, tok) = tiny();
+    let (built_in, tok) = open_model(gpu, name, &LoadOptions::default()).unwrap();
     let ids = tok.encode_prompt("héllo", true).unwrap();
     assert_eq!(folder_tok.encode_prompt("héllo", true).unwrap(), ids);
     assert_eq!(folder_tok.eos_ids(), tok.eos_ids());
@@ -129,4 +133,38 @@ fn default_model_written_as_a_folder_loads_identically() {
         bits(logits(&from_folder, &ids)),
         bits(logits(&built_in, &ids))
     );
+}
+
+#[test]
+fn tiny_llama_written_as_a_folder_loads_identically() {
+    written_as_a_folder_loads_identically(embedded::TINY_LLAMA);
+}
+
+#[test]
+fn tiny_chat_written_as_a_folder_loads_identically() {
+    written_as_a_folder_loads_identically(embedded::TINY_CHAT);
+}
+
+#[test]
+fn tiny_chat_is_the_default_and_the_committed_folder() {
+    assert_eq!(embedded::DEFAULT, embedded::TINY_CHAT);
+    let gpu = gpu();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-chat");
+    let (folder, folder_tok) =
+        open_model(gpu, dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let (built_in, tok) = open_model(gpu, embedded::DEFAULT, &LoadOptions::default()).unwrap();
+    let text = tok.render_chat(&[Message::user("Hi")], true).unwrap();
+    assert_eq!(text, "<s>User: Hi\nAssistant:");
+    let ids = tok
+        .encode_prompt("Write a poem about the sea", true)
+        .unwrap();
+    assert_eq!(
+        folder_tok
+            .encode_prompt("Write a poem about the sea", true)
+            .unwrap(),
+        ids
+    );
+    assert_eq!((tok.eos_ids(), folder_tok.eos_ids()), (&[2][..], &[2][..]));
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(logits(&folder, &ids)), bits(logits(&built_in, &ids)));
 }

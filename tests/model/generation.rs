@@ -95,3 +95,43 @@ fn stories260k_greedy_continuation_equals_transformers() {
         );
     }
 }
+
+#[test]
+fn batched_generation_gives_each_prompt_what_it_gets_alone() {
+    let gpu = gpu();
+    let model = Transformer::load(gpu, &stories_dir(), &LoadOptions::default()).unwrap();
+    let tok = Tokenizer::from_dir(&stories_dir(), &model.config.eos_token_ids).unwrap();
+    let texts = [
+        "Once upon a time",
+        "Once upon a day",
+        "The dog ran to",
+        "Tom and Lily went to the park",
+        "Lily",
+        "Once upon a big",
+    ];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    let mut lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    assert!(
+        lengths.len() >= 2 && lengths.len() + 2 <= prompts.len(),
+        "the prompts need several lengths, some shared: {lengths:?}"
+    );
+    for (temperature, max_rows) in [(0.0, 2), (0.9, 8)] {
+        let options = SamplingOptions {
+            max_tokens: 20,
+            temperature,
+            seed: 7,
+            stop_ids: tok.eos_ids().to_vec(),
+            ..SamplingOptions::default()
+        };
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| model.generate(gpu, p, &options, |_| Ok(())).unwrap())
+            .collect();
+        let batched = model
+            .generate_batch(gpu, &prompts, &options, max_rows)
+            .unwrap();
+        assert_eq!(batched, alone, "temperature {temperature}, rows {max_rows}");
+    }
+}

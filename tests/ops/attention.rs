@@ -287,6 +287,69 @@ fn attention_forward_decodes_against_a_kv_cache() {
 }
 
 #[test]
+fn attention_forward_at_decodes_rows_at_their_own_positions() {
+    let gpu = gpu();
+    // Three rows after 9, 3 and 12 cached tokens, one or two new tokens each; the last row's
+    // length stops before its second query, which is padding.
+    for (seed, q_len, starts, lens) in [
+        (90u64, 1usize, [9u32, 3, 12], [10u32, 4, 13]),
+        (91, 2, [9, 3, 12], [11, 5, 13]),
+    ] {
+        let full = AttentionShape::training(3, 16, 6, 2, 12);
+        let shape = AttentionShape { q_len, ..full };
+        let case = Case::new(seed, shape, &lens);
+        let scale = case.scale();
+        let (want_out, want_lse) = reference::attention_forward_at(
+            &shape,
+            &f64s(&case.q),
+            &f64s(&case.k),
+            &f64s(&case.v),
+            &lens,
+            &starts,
+            f64::from(scale),
+        );
+        let x = case.upload(gpu);
+        let lens_and_starts: Vec<u32> = lens.iter().chain(&starts).copied().collect();
+        let lens_and_starts = Tensor::from_u32(gpu, [6], &lens_and_starts).unwrap();
+        let (out, lse) = (
+            poisoned(gpu, shape.q_dims()),
+            poisoned(gpu, shape.lse_dims()),
+        );
+        let mut rec = Recorder::new(gpu);
+        attention::attention_forward_at(
+            &mut rec,
+            &shape,
+            &x.q,
+            &x.k,
+            &x.v,
+            &lens_and_starts,
+            &out,
+            &lse,
+            scale,
+        );
+        rec.finish().unwrap();
+        let name = format!("q_len {q_len}, starts {starts:?}, lens {lens:?}");
+        assert_close(
+            &format!("attention_forward_at out {name}"),
+            &download(gpu, &out),
+            &want_out,
+            TOL,
+        );
+        assert_close(
+            &format!("attention_forward_at lse {name}"),
+            &download(gpu, &lse),
+            &want_lse,
+            TOL,
+        );
+        if q_len == 2 {
+            let row = shape.n_heads * shape.head_dim;
+            let padding: Vec<usize> = ((2 * 2 + 1) * row..(2 * 2 + 2) * row).collect();
+            assert_exact_zeros("out", &download(gpu, &out), &padding);
+        }
+    }
+}
+
+#[test]
 fn attention_backward_matches_reference_and_zeroes_padding() {
     let gpu = gpu();
     for case in training_cases() {

@@ -1,6 +1,6 @@
 use es2_wgpu::ops::rope::{self, reference, rope_inv_freq, Llama3RopeScaling};
 use es2_wgpu::testing::*;
-use es2_wgpu::Recorder;
+use es2_wgpu::{Recorder, Tensor};
 
 const TOL: f64 = 1e-5;
 
@@ -54,6 +54,32 @@ fn rope_matches_reference_for_several_head_dims() {
     ] {
         let inv_freq = rope_inv_freq(dims[3], 10_000.0, None);
         check(&format!("{dims:?} offset 7"), seed, dims, &inv_freq, 7);
+    }
+}
+
+#[test]
+fn rope_forward_at_puts_each_row_at_its_own_positions() {
+    let gpu = gpu();
+    let dims = [3, 2, 3, 8];
+    let starts = [0usize, 5, 131];
+    let n = dims.iter().product();
+    let x = randn(11, n, 1.0);
+    let inv_freq = rope_inv_freq(8, 10_000.0, None);
+    let (tx, tfreq) = (upload(gpu, dims, &x), upload(gpu, [4], &inv_freq));
+    let starts_u32: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
+    let tstarts = Tensor::from_u32(gpu, [3], &starts_u32).unwrap();
+    let tout = poisoned(gpu, dims);
+    let mut rec = Recorder::new(gpu);
+    rope::rope_forward_at(&mut rec, &tx, &tfreq, &tout, &tstarts);
+    rec.finish().unwrap();
+    let want = reference::rope_forward_at(&f64s(&x), &inv_freq, dims, &starts);
+    assert_close("rope_forward_at", &download(gpu, &tout), &want, TOL);
+    // Each row is the uniform rotation at its own offset.
+    let row = n / 3;
+    for (b, &start) in starts.iter().enumerate() {
+        let alone =
+            reference::rope_forward(&f64s(&x[b * row..][..row]), &inv_freq, [1, 2, 3, 8], start);
+        assert_eq!(&want[b * row..][..row], alone.as_slice(), "row {b}");
     }
 }
 
