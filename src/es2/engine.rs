@@ -213,7 +213,21 @@ pub fn measure_base_stats(
     harmless: &[Batch],
 ) -> Result<BaseStats> {
     let layers = config.resolved_layers(base.layers())?;
-    let h = embeddings_on_host(gpu, base, harmful, &layers, config.pool, false)?;
-    let s = embeddings_on_host(gpu, base, harmless, &layers, config.pool, false)?;
+    let embed = |batches: &[Batch]| -> Result<Vec<Vec<f64>>> {
+        let mut out = vec![Vec::new(); layers.len()];
+        for batch in batches {
+            // The prompts differ in length and the pool reuses an idle buffer only for a tensor
+            // of its size: without this the pool would keep every length's buffers, and
+            // measuring would take more memory than a training step (the run's plan).
+            gpu.trim_pool();
+            let one = std::slice::from_ref(batch);
+            let pooled = embeddings_on_host(gpu, base, one, &layers, config.pool, false)?;
+            for (all, layer) in out.iter_mut().zip(pooled) {
+                all.extend(layer);
+            }
+        }
+        Ok(out)
+    };
+    let (h, s) = (embed(harmful)?, embed(harmless)?);
     BaseStats::from_embeddings(config, &layers, &h, &s, base.config.hidden_size)
 }

@@ -374,6 +374,38 @@ fn a_run_reports_its_peak_beside_the_plan_it_made() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// The default model's own run (prompts of many lengths, up to its `max_len`), cut to three
+/// steps with the refusal rates off (generation is outside the plan): neither the setup (the
+/// base statistics over prompts of many lengths), an evaluation nor a step takes more than the
+/// plan, which assumes every prompt at `max_len`.
+#[test]
+fn the_default_run_stays_within_its_plan() {
+    let gpu = Gpu::new().unwrap();
+    let out = out_dir("default");
+    let config = TrainConfig {
+        out: out.clone(),
+        steps: 3,
+        eval_every: 0,
+        save_every: 0,
+        refusal_sample: 0,
+        ..TrainConfig::for_model(es2_wgpu::model::embedded::DEFAULT).unwrap()
+    };
+    let mut trainer = Trainer::new(&gpu, config, &mut Quiet).unwrap();
+    let summary = trainer.run(&mut Quiet).unwrap();
+    eprintln!(
+        "default run: peak {} B, planned {} B",
+        summary.peak_bytes, summary.planned_bytes
+    );
+    assert!(summary.peak_bytes > 0);
+    assert!(
+        summary.peak_bytes <= summary.planned_bytes,
+        "the default run peaked at {} B, above its plan of {} B",
+        summary.peak_bytes,
+        summary.planned_bytes
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn a_run_that_fits_only_with_recomputation_turns_it_on_and_says_so() {
     let gpu = Gpu::new().unwrap();
