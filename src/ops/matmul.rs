@@ -472,14 +472,20 @@ fn split_parts(k: usize, splits: usize) -> (usize, usize) {
 fn split_count(g: &Gemm, tiles: Tiles, cpu: bool) -> usize {
     let groups = workgroups(g, tiles.extents());
     let wanted = if cpu {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (2 * cores).div_ceil(groups)
+        (2 * cpu_cores()).div_ceil(groups)
     } else {
         let threads = groups * tiles.threads.iter().product::<u32>() as usize;
         GPU_MIN_THREADS.div_ceil(threads)
     };
     let deepest = g.k / (MIN_SPLIT_STEPS * TILE_K as usize);
     wanted.min(deepest).clamp(1, MAX_SPLITS)
+}
+
+/// The cores a CPU adapter runs on, read once: `available_parallelism` reads the cgroup's
+/// files on every call, which for a 7B model's plan (thousands of products) took seconds.
+fn cpu_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Records `g` (one product into all of a dense C, no bias) with K in `splits` parts: each
