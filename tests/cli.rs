@@ -313,6 +313,76 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+#[test]
+fn train_dry_run_plans_a_7b_model_from_its_config_alone() {
+    // data/configs holds config.json files only: no weights, no tokenizer.
+    let mistral = manifest().join("data/configs/mistral-7b-instruct-v0.2");
+    let mistral = mistral.to_str().unwrap();
+    let args = [
+        "train",
+        "--dry-run",
+        "--model",
+        mistral,
+        "--max-len",
+        "256",
+        "--recompute",
+        "--f16-weights",
+        "--gpu-memory",
+        "24GB",
+    ];
+    let out = es2(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for wanted in [
+        "memory plan",
+        "activations kept for the backward",
+        "total",
+        "fits:",
+    ] {
+        assert!(stdout.contains(wanted), "{wanted} missing from:\n{stdout}");
+    }
+    let json = es2_json(&[&args[..], &["--json"]].concat());
+    assert_eq!(json["fits"], true);
+    let total = json["plan"]["total"].as_u64().unwrap();
+    assert!(total > 10 << 30 && total < 24 << 30, "{total}");
+
+    // Without recomputation and f16 weights it does not fit 24 GB: the plan says what would.
+    let out = es2(&[&args[..6], &args[8..]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("does not fit"), "{stdout}");
+    assert!(stdout.contains("--recompute"), "{stdout}");
+}
+
+#[test]
+fn train_that_cannot_fit_fails_with_the_plan_before_loading() {
+    let llama = manifest().join("data/configs/llama-3-8b-instruct");
+    let out = es2(&[
+        "train",
+        "--model",
+        llama.to_str().unwrap(),
+        "--gpu-memory",
+        "16GB",
+        "--out",
+        std::env::temp_dir()
+            .join("es2-cli-cannot-fit")
+            .to_str()
+            .unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("does not fit the GPU"), "{stderr}");
+    assert!(stderr.contains("memory plan"), "{stderr}");
+    assert!(
+        !stderr.contains("tokenizer"),
+        "it got as far as loading: {stderr}"
+    );
+}
+
 /// `train --objective sft` learns the conversations of `--data`: without it the command
 /// fails naming the flag and writes nothing; with a small file it trains and its summary
 /// gives the held-out loss before and after.

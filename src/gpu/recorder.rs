@@ -14,6 +14,9 @@ use crate::Result;
 const UNIFORM_SLOT: u64 = 256;
 /// Launch parameter slots per arena chunk.
 const SLOTS_PER_CHUNK: u64 = 256;
+/// Bytes of one chunk of the uniform arena: a recorder holds one from its first dispatch, and
+/// another per 256 dispatches before a submission (pooled apart from tensors).
+pub const UNIFORM_CHUNK_BYTES: u64 = UNIFORM_SLOT * SLOTS_PER_CHUNK;
 
 /// A workgroup grid. Large 1-D launches fold into two dimensions because one dimension holds
 /// at most 65,535 workgroups; kernels recover the flat index with `flat_workgroup_id`.
@@ -381,7 +384,7 @@ impl<'g> Recorder<'g> {
         if needs_chunk {
             let buffer = self.gpu.pool.take(
                 &self.gpu.device,
-                UNIFORM_SLOT * SLOTS_PER_CHUNK,
+                UNIFORM_CHUNK_BYTES,
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             );
             self.uniforms.push(UniformChunk {
