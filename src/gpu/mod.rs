@@ -17,4 +17,4 @@ pub use kernel::{
 };
 pub use recorder::{Grid, Recorder};
 pub use tensor::{rows_per_binding, DType, Shape, Tensor};
-pub use timing::KernelTime;
+pub use timing::{KernelTime, Work};
