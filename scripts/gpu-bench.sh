@@ -77,15 +77,17 @@ if [ "$big" = 1 ]; then
     bench es2-step-7b es2-step --shape mistral-7b
 fi
 
-# One table of every run, read from the pretty-printed JSON: a step's times, and the GEMM
-# family's rate in its profiled step; each product of a gemm run.
+# One table of every run, read from the pretty-printed JSON: a step's times and the GEMM
+# family's rate in its profiled step; each product of a gemm run (At: A stored transposed).
 echo
 echo "== es2-wgpu bench on $(sed -n 's/^  "adapter": "\(.*\)",/\1/p' "$out/lm-step.json"), $(date -u +%Y-%m-%d)"
-printf '%-14s %-13s %-5s %-9s %10s %10s %10s %12s\n' \
-    workload shape train tokens "first ms" "median ms" "tokens/s" "GEMM GFLOP/s"
+printf '%-10s %-36s %10s %10s %10s %8s\n' workload what "first ms" "median ms" "tokens/s" GFLOP/s
 for name in $runs; do
-    awk -v name="$name" '
+    awk '
         function val(line) { sub(/^[^:]*: /, "", line); sub(/,$/, "", line); gsub(/"/, "", line); return line }
+        function row(w, what, first, ms, rate, gf) {
+            printf "%-10s %-36s %10.2f %10.2f %10s %8s\n", w, what, first, ms, rate, gf
+        }
         /^  "workload":/ { w = val($0) }
         /^  "shape":/ { s = val($0) }
         /^  "trainable":/ { tr = val($0) }
@@ -99,16 +101,17 @@ for name in $runs; do
         /^      "m":/ { M = val($0) }
         /^      "n":/ { N = val($0) }
         /^      "k":/ { K = val($0) }
-        /^      "transpose_a":/ { ta = val($0) == "true" ? "Aᵀ" : "A" }
-        /^      "transpose_b":/ { tb = val($0) == "true" ? "Bᵀ" : "B" }
+        /^      "transpose_a":/ { ta = val($0) == "true" ? "At" : "A" }
+        /^      "transpose_b":/ { tb = val($0) == "true" ? "Bt" : "B" }
+        /^      "first_ms":/ && label != "" { gf = val($0) }
         /^      "ms":/ && label != "" { gms = val($0) }
         /^      "gflops":/ && label != "" {
-            printf "%-14s %-27s %-9s %10s %10.3f %10s %12.2f\n", "gemm", label " " M "x" N "x" K, ta "·" tb, "", gms, "", val($0)
+            row("gemm", label " " M "x" N "x" K " " ta "." tb, gf, gms, "-", sprintf("%.2f", val($0)))
             label = ""
         }
         END {
             if (w != "gemm")
-                printf "%-14s %-13s %-5s %-9s %10.1f %10.1f %10.1f %12s\n", w, s, tr, tok, f, m, t, (g == "" ? "-" : sprintf("%.2f", g))
+                row(w, s " " tr " " tok " tokens", f, m, sprintf("%.1f", t), (g == "" ? "-" : sprintf("%.2f", g)))
         }' "$out/$name.json"
 done
 echo "(step times: wall clock, median of the timed steps; GEMM rates: timestamp queries where the"
