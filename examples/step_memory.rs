@@ -8,6 +8,7 @@
 //! cargo run --release --example step_memory -- qwen2.5-0.5b --batch 4 --max-len 64 --f16 --recompute
 //! ```
 
+use es2_wgpu::es2::bench::BenchShape;
 use es2_wgpu::es2::plan::{DeviceLimits, MemoryPlan};
 use es2_wgpu::es2::{
     measure_base_stats, Es2Config, Es2Engine, ModelPair, OptimizerConfig, TrainConfig,
@@ -15,15 +16,6 @@ use es2_wgpu::es2::{
 use es2_wgpu::model::{Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer};
 use es2_wgpu::rng::Rng;
 use es2_wgpu::{Error, Gpu, Result};
-
-/// Qwen2.5-0.5B's shape (its config.json, minus the fields the loader ignores).
-const QWEN2_5_0_5B: &str = r#"{
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-    "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
-    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-    "tie_word_embeddings": true, "bos_token_id": 151643, "eos_token_id": 151645
-}"#;
 
 struct Args {
     model: String,
@@ -61,7 +53,7 @@ fn parse_args() -> Result<Args> {
 
 fn config_for(name: &str) -> Result<Config> {
     match name {
-        "qwen2.5-0.5b" => Config::from_json(QWEN2_5_0_5B).map_err(Error::InvalidArgument),
+        "qwen2.5-0.5b" => BenchShape::Qwen2_5_0_5b.config(),
         other => es2_wgpu::model::embedded::find(other)
             .ok_or_else(|| Error::InvalidArgument(format!("unknown shape {other}")))?
             .config(),

@@ -1,6 +1,7 @@
 //! The command line's own plumbing: which flags a user gave, and library errors told in terms
 //! of flags. Subcommands with enough flags to deserve a file of their own live beside it.
 
+pub mod bench;
 pub mod eval;
 pub mod train;
 

@@ -1,6 +1,7 @@
 //! Layer 6: the ES2 objective and supervised fine-tuning, the training loop, the optimizer,
 //! checkpoints and metrics.
 
+pub mod bench;
 pub mod chat_data;
 pub mod checkpoint;
 pub mod data;

@@ -18,4 +18,4 @@ pub use kernel::{
 pub use pool::pooled_size;
 pub use recorder::{Grid, Recorder, UNIFORM_CHUNK_BYTES};
 pub use tensor::{rows_per_binding, DType, Shape, Tensor};
-pub use timing::KernelTime;
+pub use timing::{KernelTime, Work};

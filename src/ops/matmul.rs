@@ -544,11 +544,15 @@ fn launch(
         None => vec![a, b, c],
     };
     let [x, y, z] = grid.map(|d| d as u32);
-    rec.dispatch(
+    // A split product's batch entries are parts of one K, not products of their own.
+    let products = if k_split == 0 { g.batch } else { 1 };
+    let flops = 2 * (products * g.m * g.n * g.k) as u64;
+    rec.dispatch_counting(
         &kernel,
         &tensors,
         &Params::new(g, k_split),
         Grid::xyz(x, y, z),
+        flops,
     );
 }
 
