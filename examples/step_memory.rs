@@ -1,32 +1,28 @@
 //! GPU memory of one ES2 LoRA training step: the buffer pool's high-water mark over the step,
-//! beside what the weights alone take. The model is built from a config with seeded weights (no
-//! download) and the prompts are seeded random token ids of exactly `--max-len` tokens, so the
-//! numbers depend only on the shape.
+//! beside what the weights alone take and what the memory plan predicted. The model is built
+//! from a config with seeded weights (no download) and the prompts are seeded random token ids
+//! of exactly `--max-len` tokens, so the numbers depend only on the shape.
 //!
 //! ```sh
 //! cargo run --release --example step_memory -- tiny-llama
-//! cargo run --release --example step_memory -- qwen2.5-0.5b --batch 4 --max-len 64 --f16
+//! cargo run --release --example step_memory -- qwen2.5-0.5b --batch 4 --max-len 64 --f16 --recompute
 //! ```
 
-use es2_wgpu::es2::{measure_base_stats, Es2Config, Es2Engine, ModelPair, OptimizerConfig};
+use es2_wgpu::es2::bench::BenchShape;
+use es2_wgpu::es2::plan::{DeviceLimits, MemoryPlan};
+use es2_wgpu::es2::{
+    measure_base_stats, Es2Config, Es2Engine, ModelPair, OptimizerConfig, TrainConfig,
+};
 use es2_wgpu::model::{Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer};
 use es2_wgpu::rng::Rng;
 use es2_wgpu::{Error, Gpu, Result};
-
-/// Qwen2.5-0.5B's shape (its config.json, minus the fields the loader ignores).
-const QWEN2_5_0_5B: &str = r#"{
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-    "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
-    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-    "tie_word_embeddings": true, "bos_token_id": 151643, "eos_token_id": 151645
-}"#;
 
 struct Args {
     model: String,
     batch: usize,
     max_len: usize,
     f16: bool,
+    recompute: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -35,6 +31,7 @@ fn parse_args() -> Result<Args> {
         batch: 4,
         max_len: 64,
         f16: false,
+        recompute: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -47,6 +44,7 @@ fn parse_args() -> Result<Args> {
             "--batch" => args.batch = value("--batch")?,
             "--max-len" => args.max_len = value("--max-len")?,
             "--f16" => args.f16 = true,
+            "--recompute" => args.recompute = true,
             name => args.model = name.to_owned(),
         }
     }
@@ -55,7 +53,7 @@ fn parse_args() -> Result<Args> {
 
 fn config_for(name: &str) -> Result<Config> {
     match name {
-        "qwen2.5-0.5b" => Config::from_json(QWEN2_5_0_5B).map_err(Error::InvalidArgument),
+        "qwen2.5-0.5b" => BenchShape::Qwen2_5_0_5b.config(),
         other => es2_wgpu::model::embedded::find(other)
             .ok_or_else(|| Error::InvalidArgument(format!("unknown shape {other}")))?
             .config(),
@@ -82,6 +80,15 @@ fn main() -> Result<()> {
     let gpu = Gpu::new()?;
     let config = config_for(&args.model)?;
     let vocab = config.vocab_size;
+    let run = TrainConfig {
+        harmful_batch: args.batch,
+        harmless_batch: args.batch,
+        max_len: args.max_len,
+        f16_weights: args.f16,
+        recompute: args.recompute,
+        ..TrainConfig::default()
+    };
+    let plan = MemoryPlan::new(&config, &run, &DeviceLimits::of(&gpu))?;
     let options = LoadOptions {
         f16_weights: args.f16,
         ..LoadOptions::default()
@@ -111,6 +118,7 @@ fn main() -> Result<()> {
         stats,
         0.0,
     )?;
+    engine.save = run.save_policy();
     gpu.trim_pool();
     gpu.reset_peak_bytes();
     let before_step = gpu.allocated_bytes();
@@ -123,13 +131,14 @@ fn main() -> Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let peak = gpu.peak_bytes();
     println!(
-        "{} ({}), batches {} + {} x {} tokens, f16 weights: {}",
+        "{} ({}), batches {} + {} x {} tokens, f16 weights: {}, recompute: {}",
         args.model,
         gpu.info().name,
         args.batch,
         args.batch,
         args.max_len,
-        args.f16
+        args.f16,
+        args.recompute
     );
     println!("weights + adapters:           {:10.1} MiB", mib(weights));
     println!(
@@ -141,6 +150,14 @@ fn main() -> Result<()> {
         "peak beyond the weights:      {:10.1} MiB",
         mib(peak.saturating_sub(weights))
     );
+    let error = 100.0 * (plan.total as f64 / peak as f64 - 1.0);
+    println!(
+        "planned peak:                 {:10.1} MiB ({error:+.2}%; {} B measured, {} B planned)",
+        mib(plan.total),
+        peak,
+        plan.total
+    );
+    println!("{plan}");
     println!("step: loss {:.6}, {:.1} s", report.loss, seconds);
     Ok(())
 }

@@ -53,6 +53,13 @@ pub enum Error {
     /// fields).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A training run's memory plan does not fit the GPU: the message shows the plan and the
+    /// settings that would make it fit (see [`MemoryPlan`](crate::es2::plan::MemoryPlan)).
+    #[error("{message}")]
+    DoesNotFit {
+        /// The problems, the plan's table and the settings to change.
+        message: String,
+    },
     /// Training diverged or produced a non-finite value.
     #[error("numerical failure: {0}")]
     Numerical(String),

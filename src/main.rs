@@ -104,6 +104,14 @@ enum Command {
     /// same prompts. Writes report.json, report.md and SVG plots to --out.
     #[command(after_help = cli::eval::EXAMPLE)]
     Eval(Box<cli::eval::EvalArgs>),
+    /// Time a workload: a plain language-model step (lm-step, the peers' tiny Llama), an ES2
+    /// step (es2-step), or GEMMs (gemm): milliseconds per step, tokens/s, and per kernel family
+    /// the GPU time, GFLOP/s and GB/s of one more step (timestamp queries).
+    ///
+    /// Models are built from a config with seeded weights (--shape), so nothing is downloaded.
+    /// The first step builds the pipelines and is reported on its own.
+    #[command(after_help = cli::bench::EXAMPLE)]
+    Bench(Box<cli::bench::BenchArgs>),
 }
 
 #[derive(Args)]
@@ -213,6 +221,7 @@ fn main() -> ExitCode {
         }
         Command::Export { model, out } => export(&gpu, &model, &out),
         Command::Eval(args) => cli::eval::run(&gpu, &args),
+        Command::Bench(args) => cli::bench::run(&gpu, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -313,6 +313,76 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+#[test]
+fn train_dry_run_plans_a_7b_model_from_its_config_alone() {
+    // data/configs holds config.json files only: no weights, no tokenizer.
+    let mistral = manifest().join("data/configs/mistral-7b-instruct-v0.2");
+    let mistral = mistral.to_str().unwrap();
+    let args = [
+        "train",
+        "--dry-run",
+        "--model",
+        mistral,
+        "--max-len",
+        "256",
+        "--recompute",
+        "--f16-weights",
+        "--gpu-memory",
+        "24GB",
+    ];
+    let out = es2(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for wanted in [
+        "memory plan",
+        "activations kept for the backward",
+        "total",
+        "fits:",
+    ] {
+        assert!(stdout.contains(wanted), "{wanted} missing from:\n{stdout}");
+    }
+    let json = es2_json(&[&args[..], &["--json"]].concat());
+    assert_eq!(json["fits"], true);
+    let total = json["plan"]["total"].as_u64().unwrap();
+    assert!(total > 10 << 30 && total < 24 << 30, "{total}");
+
+    // Without recomputation and f16 weights it does not fit 24 GB: the plan says what would.
+    let out = es2(&[&args[..6], &args[8..]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("does not fit"), "{stdout}");
+    assert!(stdout.contains("--recompute"), "{stdout}");
+}
+
+#[test]
+fn train_that_cannot_fit_fails_with_the_plan_before_loading() {
+    let llama = manifest().join("data/configs/llama-3-8b-instruct");
+    let out = es2(&[
+        "train",
+        "--model",
+        llama.to_str().unwrap(),
+        "--gpu-memory",
+        "16GB",
+        "--out",
+        std::env::temp_dir()
+            .join("es2-cli-cannot-fit")
+            .to_str()
+            .unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("does not fit the GPU"), "{stderr}");
+    assert!(stderr.contains("memory plan"), "{stderr}");
+    assert!(
+        !stderr.contains("tokenizer"),
+        "it got as far as loading: {stderr}"
+    );
+}
+
 /// `train --objective sft` learns the conversations of `--data`: without it the command
 /// fails naming the flag and writes nothing; with a small file it trains and its summary
 /// gives the held-out loss before and after.
@@ -419,4 +489,85 @@ fn eval_writes_the_report_its_flags_describe() {
         stderr.contains("autodan") && stderr.contains("soft-prompt"),
         "{stderr}"
     );
+}
+
+/// A number of a report that must be finite and above zero.
+fn positive(report: &Value, field: &str) -> f64 {
+    let x = report[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing or not a number: {report}"));
+    assert!(x.is_finite() && x > 0.0, "{field} = {x}");
+    x
+}
+
+#[test]
+fn bench_lm_step_json_reports_times_rates_and_kernel_families() {
+    let r = es2_json(&["bench", "lm-step", "--steps", "1", "--json"]);
+    assert_eq!(r["workload"], "lm-step");
+    assert_eq!(r["shape"], "peer-tiny");
+    assert_eq!(r["tokens_per_step"], 8 * 64);
+    positive(&r, "first_step_ms");
+    let median = positive(&r, "median_step_ms");
+    let rate = positive(&r, "tokens_per_s");
+    assert!(
+        (rate * median * 1e-3 - 512.0).abs() < 1e-6,
+        "{rate} tokens/s"
+    );
+    assert_eq!(r["step_ms"].as_array().unwrap().len(), 1);
+    // A seeded model of small weights starts near the uniform distribution: ln 512 per token.
+    let losses: Vec<f64> = serde_json::from_value(r["losses"].clone()).unwrap();
+    assert!(losses.len() >= 2, "{losses:?}");
+    assert!((losses[0] - 512f64.ln()).abs() < 0.2, "{losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(!r["adapter"].as_str().unwrap().is_empty());
+    if r["timestamps"] == true {
+        let families = r["families"].as_array().unwrap();
+        let share: f64 = families
+            .iter()
+            .map(|f| f["percent"].as_f64().unwrap())
+            .sum();
+        assert!((share - 100.0).abs() < 1e-6, "{share}");
+        let matmul = families
+            .iter()
+            .find(|f| f["family"] == "matmul")
+            .expect("the step runs GEMMs");
+        positive(matmul, "gflops");
+        positive(matmul, "gbytes_per_s");
+        positive(matmul, "ms");
+        positive(&r, "profiled_step_ms");
+    }
+}
+
+#[test]
+fn bench_gemm_json_times_the_given_product_and_refuses_bad_sizes() {
+    let r = es2_json(&["bench", "gemm", "64", "48", "40", "--json"]);
+    assert_eq!(r["workload"], "gemm");
+    let gemms = r["gemms"].as_array().unwrap();
+    assert_eq!(gemms.len(), 1, "{r}");
+    let g = &gemms[0];
+    assert_eq!(
+        (g["m"].clone(), g["n"].clone(), g["k"].clone()),
+        (64.into(), 48.into(), 40.into())
+    );
+    let (ms, gflops) = (positive(g, "ms"), positive(g, "gflops"));
+    positive(g, "first_ms");
+    positive(g, "gbytes_per_s");
+    let want = 2.0 * 64.0 * 48.0 * 40.0 / (ms * 1e-3) * 1e-9;
+    assert!(
+        (gflops - want).abs() < 1e-9 * want.max(1.0),
+        "{gflops} vs {want}"
+    );
+
+    for bad in [
+        &["bench", "gemm", "0", "4", "4"][..],
+        &["bench", "lm-step", "4", "4", "4"],
+    ] {
+        let out = es2(bad);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} succeeded");
+        assert!(
+            stderr.contains("M") && stderr.contains("N"),
+            "{bad:?}: {stderr}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The command line's own plumbing: which flags a user gave, and library errors told in terms
 //! of flags. Subcommands with enough flags to deserve a file of their own live beside it.
 
+pub mod bench;
 pub mod eval;
 pub mod train;
 
@@ -67,8 +68,10 @@ pub fn describe(error: &Error, matches: &ArgMatches) -> String {
             kind: DeviceFault::OutOfMemory | DeviceFault::Validation,
             ..
         } => format!(
-            "{error}\nthe work did not fit this GPU: try a smaller --harmful-batch/--harmless-batch \
-             (--sft-batch under sft) or --max-len, or --f16-weights; `es2-wgpu info` lists the adapter's limits"
+            "{error}\nthe work did not fit this GPU: try --recompute, a smaller \
+             --harmful-batch/--harmless-batch (--sft-batch under sft) or --max-len, or \
+             --f16-weights; `es2-wgpu train --dry-run --gpu-memory SIZE` shows the memory \
+             plan, `es2-wgpu info` the adapter's limits"
         ),
         other => other.to_string(),
     }

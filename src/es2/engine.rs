@@ -54,6 +54,10 @@ pub struct Es2Engine {
     pub optimizer: AdamW,
     /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,
+    /// What the forwards keep for the backward: every block's activations (the default), or
+    /// only the blocks' inputs, recomputing each block in the backward
+    /// (`TrainConfig::recompute`).
+    pub save: SavePolicy,
 }
 
 impl Es2Engine {
@@ -92,6 +96,7 @@ impl Es2Engine {
             base_tensors,
             grads,
             lora_dropout,
+            save: SavePolicy::Everything,
         })
     }
 
@@ -120,14 +125,17 @@ impl Es2Engine {
             Pass::new(output)
                 .with_hooks(&hooks)
                 .with_dropout(dropout)
-                .saving(SavePolicy::Everything)
+                .saving(self.save)
         };
         let (base_model, base_pass) = models.base();
-        let base_fwd = base_model.run(&mut rec, harmless, &base_pass)?;
+        let mut base_fwd = base_model.run(&mut rec, harmless, &base_pass)?;
         let base_logits = base_fwd
             .logits
+            .take()
             .ok_or_else(|| Error::InvalidArgument("the base forward produced no logits".into()))?;
-        let s_fwd = model.run(&mut rec, harmless, &train(Output::Logits, dropout))?;
+        // Only the logits are needed: the last hidden states go back to the pool.
+        drop(base_fwd);
+        let mut s_fwd = model.run(&mut rec, harmless, &train(Output::Logits, dropout))?;
         // Harmful prompts need the network only up to the deepest chosen layer; their
         // adapters draw other dropout masks than the harmless batch's.
         let h_dropout = dropout.map(|d| LoraDropout {
@@ -135,7 +143,7 @@ impl Es2Engine {
             ..d
         });
         let h_output = embedding_output(&self.layers);
-        let h_fwd = model.run(&mut rec, harmful, &train(h_output, h_dropout))?;
+        let mut h_fwd = model.run(&mut rec, harmful, &train(h_output, h_dropout))?;
 
         let objective = record_objective(
             &mut rec,
@@ -149,16 +157,26 @@ impl Es2Engine {
             },
         )?;
         drop(base_logits);
+        // Hook i captured layer layers[i]: its gradient enters the backward where it read.
+        for (hook, grad) in objective.harmless_captures.into_iter().enumerate() {
+            s_fwd.seed_capture(harmless, hook, grad)?;
+        }
+        for (hook, grad) in objective.harmful_captures.into_iter().enumerate() {
+            h_fwd.seed_capture(harmful, hook, grad)?;
+        }
         let s_seeds = Seeds {
             logits: Some(&objective.harmless_logits),
-            hidden: &objective.harmless_hidden,
+            hidden: &[],
         };
         model.backward(&mut rec, harmless, s_fwd, &s_seeds, &[], &self.grads)?;
-        let h_seeds = Seeds {
-            logits: None,
-            hidden: &objective.harmful_hidden,
-        };
-        model.backward(&mut rec, harmful, h_fwd, &h_seeds, &[], &self.grads)?;
+        model.backward(
+            &mut rec,
+            harmful,
+            h_fwd,
+            &Seeds::default(),
+            &[],
+            &self.grads,
+        )?;
         let norm_sq = self.optimizer.record_step(&mut rec, &params, lr)?;
 
         // One readback: D_l and φ(D_l), the per-position KL, the squared gradient norm.
@@ -195,7 +213,21 @@ pub fn measure_base_stats(
     harmless: &[Batch],
 ) -> Result<BaseStats> {
     let layers = config.resolved_layers(base.layers())?;
-    let h = embeddings_on_host(gpu, base, harmful, &layers, config.pool, false)?;
-    let s = embeddings_on_host(gpu, base, harmless, &layers, config.pool, false)?;
+    let embed = |batches: &[Batch]| -> Result<Vec<Vec<f64>>> {
+        let mut out = vec![Vec::new(); layers.len()];
+        for batch in batches {
+            // The prompts differ in length and the pool reuses an idle buffer only for a tensor
+            // of its size: without this the pool would keep every length's buffers, and
+            // measuring would take more memory than a training step (the run's plan).
+            gpu.trim_pool();
+            let one = std::slice::from_ref(batch);
+            let pooled = embeddings_on_host(gpu, base, one, &layers, config.pool, false)?;
+            for (all, layer) in out.iter_mut().zip(pooled) {
+                all.extend(layer);
+            }
+        }
+        Ok(out)
+    };
+    let (h, s) = (embed(harmful)?, embed(harmless)?);
     BaseStats::from_embeddings(config, &layers, &h, &s, base.config.hidden_size)
 }

@@ -88,16 +88,13 @@ impl Job {
         match self {
             Job::Es2(job) => {
                 let [h, s] = &mut job.samplers;
-                let harmful = Batch::new(
-                    gpu,
-                    &h.next(&job.harmful.train, config.harmful_batch),
-                    vocab,
-                )?;
-                let harmless = Batch::new(
-                    gpu,
-                    &s.next(&job.harmless.train, config.harmless_batch),
-                    vocab,
-                )?;
+                let h = h.next(&job.harmful.train, config.harmful_batch);
+                let s = s.next(&job.harmless.train, config.harmless_batch);
+                // One length for both sides, so that their activations share the pool's
+                // buffers (as the memory plan assumes) whatever the prompts' lengths.
+                let seq = h.iter().chain(&s).map(Vec::len).max().unwrap_or(1);
+                let harmful = Batch::padded(gpu, &h, vocab, seq)?;
+                let harmless = Batch::padded(gpu, &s, vocab, seq)?;
                 job.engine.step(gpu, models, &harmful, &harmless, lr, seed)
             }
             Job::Sft(job) => {
@@ -237,7 +234,7 @@ impl Es2Job {
                 (stats, seeds.map(Sampler::new))
             }
         };
-        let engine = Es2Engine::new(
+        let mut engine = Es2Engine::new(
             s.gpu,
             &s.models.tuned,
             config.trainable(),
@@ -246,6 +243,7 @@ impl Es2Job {
             stats,
             config.lora_dropout(),
         )?;
+        engine.save = config.save_policy();
         Ok(Es2Job {
             engine,
             harmful,
@@ -335,13 +333,14 @@ impl SftJob {
             }
             None => Sampler::new(config.seed ^ 0x5346_5421),
         };
-        let engine = SftEngine::new(
+        let mut engine = SftEngine::new(
             s.gpu,
             &s.models.tuned,
             config.trainable(),
             config.optimizer.clone(),
             config.lora_dropout(),
         )?;
+        engine.save = config.save_policy();
         Ok(SftJob {
             engine,
             lengths: conversations.train.iter().map(|e| e.ids.len()).collect(),

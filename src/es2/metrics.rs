@@ -74,14 +74,22 @@ impl MetricsLog {
     }
 
     /// A training step's line: the report's fields (the objective's own terms among them),
-    /// the learning rate and the speed.
-    pub fn step(&mut self, step: usize, r: &StepReport, lr: f64, tokens_per_s: f64) -> Result<()> {
+    /// the learning rate, the speed and the step's peak GPU memory in bytes.
+    pub fn step(
+        &mut self,
+        step: usize,
+        r: &StepReport,
+        lr: f64,
+        tokens_per_s: f64,
+        peak_bytes: u64,
+    ) -> Result<()> {
         let mut line = serde_json::to_value(r)
             .map_err(|e| Error::InvalidArgument(format!("a step report as JSON: {e}")))?;
         if let Value::Object(fields) = &mut line {
             fields.insert("step".into(), json!(step));
             fields.insert("lr".into(), json!(lr));
             fields.insert("tokens_per_s".into(), json!(tokens_per_s));
+            fields.insert("peak_bytes".into(), json!(peak_bytes));
         }
         self.write(line)
     }

@@ -1,6 +1,7 @@
 //! Layer 6: the ES2 objective and supervised fine-tuning, the training loop, the optimizer,
 //! checkpoints and metrics.
 
+pub mod bench;
 pub mod chat_data;
 pub mod checkpoint;
 pub mod data;
@@ -9,6 +10,7 @@ pub mod job;
 pub mod metrics;
 pub mod objective;
 pub mod optimizer;
+pub mod plan;
 pub mod report;
 pub mod sft;
 pub mod tiny_chat;
@@ -18,6 +20,7 @@ pub use engine::{measure_base_stats, Es2Engine, ModelPair};
 pub use job::Job;
 pub use objective::{BaseStats, Es2Config};
 pub use optimizer::{OptimizerConfig, Schedule};
+pub use plan::{DeviceLimits, MemoryPlan};
 pub use report::{
     Es2HeldOut, Es2Terms, Evaluation, HeldOut, SftHeldOut, SftTerms, StepReport, Terms,
 };

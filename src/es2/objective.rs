@@ -8,7 +8,7 @@ use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::embed::pooled_hidden_states;
 use crate::model::{Batch, Forward, Hook, Output, Transformer};
 use crate::ops::kl::{kl_loss_in_parts, KlDirection, KlOptions};
-use crate::ops::pool::{pool_backward, Pool};
+use crate::ops::pool::Pool;
 use crate::ops::separation::{
     separation_loss, Distance, LossShape, Pair, SeparationInputs, SeparationOptions,
     SeparationOutputs,
@@ -301,29 +301,16 @@ pub fn stacked_embeddings(rec: &mut Recorder, forward: &Forward, layers: usize) 
     Ok(stacked)
 }
 
-/// Gradients at hidden states (transformers' index, `[B·T, C]`) from gradients of the pooled
-/// embeddings `[L, B, C]`.
-pub fn unpool_gradients(
-    rec: &mut Recorder,
-    d_pooled: &Tensor,
-    batch: &Batch,
-    layers: &[usize],
-    pool: Pool,
-) -> Vec<(usize, Tensor)> {
-    let gpu = rec.gpu();
-    let cols = d_pooled.dims()[2];
-    let (b, t) = (batch.batch, batch.seq);
-    layers
-        .iter()
-        .enumerate()
-        .map(|(slot, &layer)| {
-            let de = Tensor::empty(gpu, [b, cols], DType::F32);
+/// Each chosen layer's slice `[B, C]` of the gradient of the pooled embeddings `[L, B, C]`:
+/// the gradients of the captures, in the order of [`embedding_hooks`] (for
+/// [`Forward::seed_capture`]).
+pub fn capture_gradients(rec: &mut Recorder, d_pooled: &Tensor) -> Vec<Tensor> {
+    let [layers, b, cols] = [d_pooled.dims()[0], d_pooled.dims()[1], d_pooled.dims()[2]];
+    (0..layers)
+        .map(|slot| {
+            let de = Tensor::empty(rec.gpu(), [b, cols], DType::F32);
             rec.copy_elements(d_pooled, slot * b * cols, &de, 0, b * cols);
-            // Zeroed in the step's command buffer, not by a submission of its own.
-            let dh = Tensor::empty(gpu, [b, t, cols], DType::F32);
-            rec.zero(&dh);
-            pool_backward(rec, &de, &batch.seq_lens, pool, &dh);
-            (embedding_index(layer), dh.reshape([b * t, cols]))
+            de
         })
         .collect()
 }
@@ -339,13 +326,14 @@ pub struct ObjectiveOutputs {
     pub kl_positions: usize,
 }
 
-/// The separation and KL losses with their gradients, recorded on `rec`. Returns the
-/// gradient seeds for the harmful and harmless backward passes.
+/// The separation and KL losses with their gradients, recorded on `rec`: the seeds of the
+/// harmful and harmless backward passes.
 pub struct ObjectiveGradients {
-    /// Seeds for the harmful backward, per chosen layer.
-    pub harmful_hidden: Vec<(usize, Tensor)>,
-    /// Seeds for the harmless backward, per chosen layer.
-    pub harmless_hidden: Vec<(usize, Tensor)>,
+    /// The gradients of the harmful pass's captures, per chosen layer (`[B_H, C]` each).
+    pub harmful_captures: Vec<Tensor>,
+    /// The gradients of the harmless pass's captures, per chosen layer (none when
+    /// `harmful_only`).
+    pub harmless_captures: Vec<Tensor>,
     /// The KL term's gradient at the harmless logits.
     pub harmless_logits: Tensor,
     /// The values the step reads back.
@@ -375,7 +363,7 @@ pub fn record_objective(
 ) -> Result<ObjectiveGradients> {
     let gpu = rec.gpu();
     let cfg = inputs.config;
-    let (h_batch, h_fwd) = inputs.harmful;
+    let (_, h_fwd) = inputs.harmful;
     let (s_batch, s_fwd) = inputs.harmless;
     let layers = inputs.layers;
     let eh = stacked_embeddings(rec, h_fwd, layers.len())?;
@@ -430,13 +418,13 @@ pub fn record_objective(
         grad_scale,
     );
 
-    let harmless_hidden = match &des {
-        Some(des) => unpool_gradients(rec, des, s_batch, layers, cfg.pool),
+    let harmless_captures = match &des {
+        Some(des) => capture_gradients(rec, des),
         None => Vec::new(),
     };
     Ok(ObjectiveGradients {
-        harmful_hidden: unpool_gradients(rec, &deh, h_batch, layers, cfg.pool),
-        harmless_hidden,
+        harmful_captures: capture_gradients(rec, &deh),
+        harmless_captures,
         harmless_logits: dzt,
         outputs: ObjectiveOutputs {
             per_layer,

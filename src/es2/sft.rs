@@ -22,6 +22,8 @@ pub struct SftEngine {
     pub optimizer: AdamW,
     /// Dropout probability on the LoRA adapters' inputs.
     pub lora_dropout: f32,
+    /// What the forward keeps for the backward (see [`Es2Engine::save`](super::Es2Engine)).
+    pub save: SavePolicy,
 }
 
 impl SftEngine {
@@ -45,6 +47,7 @@ impl SftEngine {
             optimizer: AdamW::new(gpu, &params, optimizer),
             grads,
             lora_dropout,
+            save: SavePolicy::Everything,
         })
     }
 
@@ -67,7 +70,7 @@ impl SftEngine {
         });
         let pass = Pass::new(Output::Logits)
             .with_dropout(dropout)
-            .saving(SavePolicy::Everything);
+            .saving(self.save);
         let forward = model.run(&mut rec, batch, &pass)?;
         let logits = forward
             .logits

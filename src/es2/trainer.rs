@@ -13,10 +13,11 @@ use super::job::{Job, Start};
 use super::metrics::MetricsLog;
 use super::objective::Es2Config;
 use super::optimizer::OptimizerConfig;
+use super::plan::{self, human_bytes, DeviceLimits, MemoryPlan};
 use super::report::{Evaluation, StepReport};
 use crate::eval::refusal::{heldout_sample, refusal_rates, RefusalRates, ReplyOptions};
 use crate::gpu::Gpu;
-use crate::model::{open_model, LoadOptions, LoraConfig, Trainable};
+use crate::model::{open_config, open_model, LoadOptions, LoraConfig, SavePolicy, Trainable};
 use crate::text::Tokenizer;
 use crate::{Error, Result};
 
@@ -109,6 +110,14 @@ pub struct TrainConfig {
     pub f16_weights: bool,
     /// Refuse model weights holding NaN or ±Inf (see [`LoadOptions::strict`]).
     pub strict: bool,
+    /// Activation recomputation: the forwards keep only each block's input and the backward
+    /// runs each block again ([`SavePolicy::BlockInputs`](crate::model::SavePolicy)), for
+    /// the same gradients at a fraction of the memory. Turned on by the run itself when its
+    /// memory plan fits only with it.
+    pub recompute: bool,
+    /// The GPU memory the run may use, in bytes, when known (wgpu does not report it): the
+    /// memory plan is checked against it before anything loads.
+    pub gpu_memory: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +152,8 @@ impl Default for TrainConfig {
             overwrite: false,
             f16_weights: false,
             strict: false,
+            recompute: false,
+            gpu_memory: None,
         }
     }
 }
@@ -247,6 +258,16 @@ impl TrainConfig {
         }
     }
 
+    /// What the training forwards keep for the backward: with [`TrainConfig::recompute`],
+    /// only the blocks' inputs.
+    pub fn save_policy(&self) -> SavePolicy {
+        if self.recompute {
+            SavePolicy::BlockInputs
+        } else {
+            SavePolicy::Everything
+        }
+    }
+
     /// Dropout on the adapters' inputs (0 without adapters).
     pub(crate) fn lora_dropout(&self) -> f32 {
         self.lora.as_ref().map_or(0.0, |l| l.dropout)
@@ -274,6 +295,12 @@ pub struct Summary {
     /// The run's charts (`curves.svg` in the output folder): losses per step and the held-out
     /// measurements per evaluation.
     pub curves: PathBuf,
+    /// The most GPU memory the run's buffers took at once ([`Gpu::peak_bytes`]: weights,
+    /// optimizer state and the largest step or evaluation), in bytes. The replies generated
+    /// for [`Summary::refusals`] are not counted: generation is outside the plan.
+    pub peak_bytes: u64,
+    /// What the memory plan made before the run predicted for its peak, in bytes.
+    pub planned_bytes: u64,
     /// Refusal rates on a fixed sample of held-out prompts before the first step and after the
     /// last (when `refusal_sample` is not 0).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -331,6 +358,12 @@ pub struct Trainer<'g> {
     pub step: usize,
     /// The steps skipped for a non-finite loss or gradient.
     pub skipped: Vec<usize>,
+    /// The run's memory plan, made before the model loaded.
+    pub plan: MemoryPlan,
+    /// The most GPU memory the run's buffers have taken so far ([`Gpu::peak_bytes`]).
+    pub peak_bytes: u64,
+    /// The last step's own peak, for its metrics line.
+    step_peak: u64,
     evaluations: Vec<Evaluation>,
     refusals_before: Option<RefusalRates>,
     metrics: MetricsLog,
@@ -346,6 +379,7 @@ impl<'g> Trainer<'g> {
     ) -> Result<Self> {
         config.validate()?;
         check_out_dir(&config.out, config.overwrite)?;
+        let (config, plan) = plan_memory(gpu, config, observer)?;
         let (models, tokenizer) = load_models(gpu, &config)?;
         observer.message(&weights_message(&models));
         let start = Start {
@@ -370,6 +404,9 @@ impl<'g> Trainer<'g> {
             job,
             step: 0,
             skipped: Vec::new(),
+            plan,
+            peak_bytes: gpu.peak_bytes(),
+            step_peak: 0,
             evaluations: Vec::new(),
             refusals_before: None,
             metrics,
@@ -393,6 +430,7 @@ impl<'g> Trainer<'g> {
             config.steps = steps;
         }
         config.validate()?;
+        let (config, plan) = plan_memory(gpu, config, observer)?;
         let (models, tokenizer) = load_models(gpu, &config)?;
         observer.message(&weights_message(&models));
         let start = Start {
@@ -419,6 +457,9 @@ impl<'g> Trainer<'g> {
             job,
             step: state.step,
             skipped: state.skipped,
+            plan,
+            peak_bytes: gpu.peak_bytes(),
+            step_peak: 0,
             evaluations: state.evaluations,
             refusals_before: state.refusals_before,
             metrics,
@@ -466,6 +507,8 @@ impl<'g> Trainer<'g> {
             seconds: started.elapsed().as_secs_f64(),
             out: self.config.out.clone(),
             curves,
+            peak_bytes: self.peak_bytes,
+            planned_bytes: self.plan.total,
             refusals,
         };
         crate::io::write_json(&self.config.out.join("summary.json"), &summary)?;
@@ -496,7 +539,11 @@ impl<'g> Trainer<'g> {
                     self.config.skip_nonfinite
                 ));
             }
-            None => self.metrics.step(self.step, &report, lr, tokens_per_s)?,
+            None => {
+                let peak = self.step_peak;
+                self.metrics
+                    .step(self.step, &report, lr, tokens_per_s, peak)?
+            }
         }
         crate::failpoint::hit("step", &self.step.to_string());
         observer.step(self.step, total, &report, tokens_per_s);
@@ -513,7 +560,9 @@ impl<'g> Trainer<'g> {
     }
 
     fn record_evaluation(&mut self, observer: &mut dyn TrainObserver) -> Result<()> {
+        self.start_measuring();
         let eval = self.evaluate()?;
+        self.peak_bytes = self.peak_bytes.max(self.gpu.peak_bytes());
         observer.evaluation(&eval);
         self.metrics.evaluation(&eval)?;
         self.evaluations.push(eval);
@@ -527,14 +576,25 @@ impl<'g> Trainer<'g> {
             .optimizer
             .lr_at(self.step + 1, self.config.steps);
         let seed = (self.config.seed as u32) ^ ((self.step as u32 + 1).wrapping_mul(0x85EB_CA6B));
+        self.start_measuring();
         let report = self
             .job
             .step(self.gpu, &self.models, &self.config, lr, seed)?;
+        self.step_peak = self.gpu.peak_bytes();
+        self.peak_bytes = self.peak_bytes.max(self.step_peak);
         self.step += 1;
         if let Some((term, value)) = report.nonfinite_term() {
             self.skip_or_stop(&report, term, value)?;
         }
         Ok(report)
+    }
+
+    /// Releases the idle buffers of earlier steps and evaluations, whose shapes the next one
+    /// may not share (the pool reuses a buffer only for a tensor of its size, and batches
+    /// differ in length), and starts a new high-water mark.
+    fn start_measuring(&self) {
+        self.gpu.trim_pool();
+        self.gpu.reset_peak_bytes();
     }
 
     /// Skips the step just taken, whose `term` is not finite, when the update was not applied
@@ -651,6 +711,23 @@ impl<'g> Trainer<'g> {
     }
 }
 
+/// The run's memory plan on `gpu`, from `config.json` alone, before any weight loads:
+/// recomputation turned on when only that makes the run fit, an error when nothing does.
+fn plan_memory(
+    gpu: &Gpu,
+    mut config: TrainConfig,
+    observer: &mut dyn TrainObserver,
+) -> Result<(TrainConfig, MemoryPlan)> {
+    let model = open_config(&config.model)?;
+    let device = DeviceLimits {
+        memory: config.gpu_memory,
+        ..DeviceLimits::of(gpu)
+    };
+    let (plan, message) = plan::fit(&model, &mut config, &device)?;
+    observer.message(&message);
+    Ok((config, plan))
+}
+
 /// The model (with fresh adapters, or, for full fine-tuning under ES2, with a frozen copy for
 /// the KL's reference logits) and its tokenizer. The frozen weights are f16 when
 /// `config.f16_weights`.
@@ -730,16 +807,4 @@ fn check_out_dir(out: &Path, overwrite: bool) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// `bytes` in KiB, MiB or GiB.
-fn human_bytes(bytes: u64) -> String {
-    let mut value = bytes as f64;
-    for unit in ["B", "KiB", "MiB"] {
-        if value < 1024.0 {
-            return format!("{value:.1} {unit}");
-        }
-        value /= 1024.0;
-    }
-    format!("{value:.2} GiB")
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::kernel::KernelCache;
 use super::pool::BufferPool;
-use super::timing::{KernelTime, Profile};
+use super::timing::{KernelTime, Profile, TimedPass};
 use crate::error::DeviceFault;
 use crate::{Error, Result};
 
@@ -274,25 +274,26 @@ impl Gpu {
     /// Stops profiling and returns the time per kernel, largest first.
     pub fn take_profile(&self) -> Vec<KernelTime> {
         let profile = std::mem::take(&mut *self.lock_profile());
-        let mut times: Vec<KernelTime> = profile
-            .kernels
-            .into_iter()
-            .map(|(kernel, (dispatches, seconds))| KernelTime {
-                kernel,
-                dispatches,
-                seconds,
-            })
-            .collect();
+        let mut times: Vec<KernelTime> = profile.kernels.into_values().collect();
         times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         times
     }
 
-    pub(crate) fn add_to_profile(&self, times: &[(&'static str, f64)]) {
+    pub(crate) fn add_to_profile(&self, passes: &[TimedPass]) {
         let mut profile = self.lock_profile();
-        for &(kernel, seconds) in times {
-            let entry = profile.kernels.entry(kernel).or_default();
-            entry.0 += 1;
-            entry.1 += seconds;
+        for pass in passes {
+            let entry = profile
+                .kernels
+                .entry(pass.entry)
+                .or_insert_with(|| KernelTime {
+                    kernel: pass.entry,
+                    family: pass.family,
+                    ..KernelTime::default()
+                });
+            entry.dispatches += 1;
+            entry.seconds += pass.seconds;
+            entry.flops += pass.work.flops;
+            entry.bytes += pass.work.bytes;
         }
     }
 

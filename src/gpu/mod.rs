@@ -15,6 +15,7 @@ pub use context::{
 pub use kernel::{
     read, read_write, Access, Kernel, KernelSpec, Overrides, Shader, MAX_STORAGE_BINDINGS,
 };
-pub use recorder::{Grid, Recorder};
+pub use pool::pooled_size;
+pub use recorder::{Grid, Recorder, UNIFORM_CHUNK_BYTES};
 pub use tensor::{rows_per_binding, DType, Shape, Tensor};
-pub use timing::KernelTime;
+pub use timing::{KernelTime, Work};

@@ -16,6 +16,12 @@ const SIZE_QUANTUM: u64 = 256;
 
 type Key = (u64, u32);
 
+/// The bytes the buffer pool allocates for a request of `size` bytes (what
+/// [`Gpu::peak_bytes`](super::Gpu::peak_bytes) counts for it).
+pub fn pooled_size(size: u64) -> u64 {
+    size.max(4).div_ceil(SIZE_QUANTUM) * SIZE_QUANTUM
+}
+
 /// Idle buffers keyed by (rounded size, usage bits), and the bytes the pool holds from the
 /// driver (in use or idle) with their high-water mark: what the device really had to allocate.
 #[derive(Default)]
@@ -32,7 +38,7 @@ impl BufferPool {
     }
 
     pub(crate) fn rounded(size: u64) -> u64 {
-        size.max(4).div_ceil(SIZE_QUANTUM) * SIZE_QUANTUM
+        pooled_size(size)
     }
 
     /// A buffer of at least `size` bytes with `usage`, reused when one is idle.

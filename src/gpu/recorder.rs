@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::kernel::Kernel;
 use super::pool::PooledBuffer;
 use super::tensor::{DType, Shape, Tensor};
-use super::timing::Timestamps;
+use super::timing::{Timestamps, Work};
 use super::Gpu;
 use crate::Result;
 
@@ -14,6 +14,9 @@ use crate::Result;
 const UNIFORM_SLOT: u64 = 256;
 /// Launch parameter slots per arena chunk.
 const SLOTS_PER_CHUNK: u64 = 256;
+/// Bytes of one chunk of the uniform arena: a recorder holds one from its first dispatch, and
+/// another per 256 dispatches before a submission (pooled apart from tensors).
+pub const UNIFORM_CHUNK_BYTES: u64 = UNIFORM_SLOT * SLOTS_PER_CHUNK;
 
 /// A workgroup grid. Large 1-D launches fold into two dimensions because one dimension holds
 /// at most 65,535 workgroups; kernels recover the flat index with `flat_workgroup_id`.
@@ -126,6 +129,19 @@ impl<'g> Recorder<'g> {
         params: &P,
         grid: Grid,
     ) {
+        self.dispatch_counting(kernel, tensors, params, grid, 0);
+    }
+
+    /// [`Recorder::dispatch`] of a launch that does `flops` floating-point operations, which a
+    /// profile turns into GFLOP/s ([`crate::gpu::KernelTime::gflops`]).
+    pub fn dispatch_counting<P: bytemuck::Pod>(
+        &mut self,
+        kernel: &Kernel,
+        tensors: &[&Tensor],
+        params: &P,
+        grid: Grid,
+        flops: u64,
+    ) {
         let spec = kernel.spec;
         assert_eq!(
             tensors.len(),
@@ -173,9 +189,13 @@ impl<'g> Recorder<'g> {
             // A timed dispatch gets a pass of its own, bracketed by two timestamps.
             self.pass = None;
             let encoder = self.encoder.as_mut().expect("encoder lives until consumed");
+            let work = Work {
+                flops,
+                bytes: tensors.iter().map(|t| t.size_bytes()).sum(),
+            };
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(spec.entry),
-                timestamp_writes: Some(timestamps.next_pass(spec.entry)),
+                timestamp_writes: Some(timestamps.next_pass(spec.entry, spec.shader.name, work)),
             });
             record(&mut pass);
         } else {
@@ -280,7 +300,7 @@ impl<'g> Recorder<'g> {
     fn record_timings(&mut self) {
         if let Some(t) = self.timestamps.take() {
             // A failed timing read is a failed device, which the next real readback reports.
-            if let Ok(times) = t.read(self.gpu) {
+            if let Ok(times) = t.read_with_work(self.gpu) {
                 self.gpu.add_to_profile(&times);
             }
         }
@@ -381,7 +401,7 @@ impl<'g> Recorder<'g> {
         if needs_chunk {
             let buffer = self.gpu.pool.take(
                 &self.gpu.device,
-                UNIFORM_SLOT * SLOTS_PER_CHUNK,
+                UNIFORM_CHUNK_BYTES,
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             );
             self.uniforms.push(UniformChunk {

@@ -43,6 +43,17 @@ impl Batch {
     /// Pads `sequences` on the right to the longest one. Every sequence needs at least one
     /// token and every id must be below `vocab_size`.
     pub fn new(gpu: &Gpu, sequences: &[Vec<u32>], vocab_size: usize) -> Result<Batch> {
+        Self::padded(gpu, sequences, vocab_size, 0)
+    }
+
+    /// [`Batch::new`], padded to at least `seq` positions: two batches of one step padded to
+    /// the same length have activations of the same sizes, which the buffer pool then shares.
+    pub fn padded(
+        gpu: &Gpu,
+        sequences: &[Vec<u32>],
+        vocab_size: usize,
+        seq: usize,
+    ) -> Result<Batch> {
         if sequences.is_empty() {
             return Err(Error::InvalidArgument(
                 "a batch needs at least one sequence".into(),
@@ -62,7 +73,7 @@ impl Batch {
                 "token id {bad} is outside the vocabulary of {vocab_size}"
             )));
         }
-        let seq = sequences.iter().map(Vec::len).max().unwrap_or(1);
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(1).max(seq);
         let batch = sequences.len();
         let mut ids = vec![0u32; batch * seq];
         for (row, s) in ids.chunks_exact_mut(seq).zip(sequences) {

@@ -9,7 +9,8 @@
 use super::batch::Batch;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::ops::hook::{hook_add, hook_project, hook_replace, ProjectMode, RowEdit};
-use crate::ops::pool::{pool_forward, Pool};
+use crate::ops::pool::{pool_backward, pool_forward, Pool};
+use crate::ops::residual::accumulate;
 use crate::{Error, Result};
 
 /// The positions of each sequence a hook acts on.
@@ -279,21 +280,31 @@ fn capture_hidden(rec: &mut Recorder, h: &Tensor, batch: &Batch, capture: Captur
 }
 
 /// The backward of the hooks at `index`, in reverse order, applied to `dh` (the gradient at
-/// the hidden state after them) in place: afterwards `dh` is the gradient before them.
+/// the hidden state after them) in place: afterwards `dh` is the gradient before them. A
+/// capture with a gradient in `capture_grads` (hook number, gradient of what it captured)
+/// adds it where it read.
 pub(crate) fn hooks_backward(
     rec: &mut Recorder,
     hooks: &[BoundHook],
     index: usize,
     dh: &Tensor,
+    capture_grads: &[(usize, Tensor)],
+    batch: &Batch,
 ) -> Result<()> {
-    for bound in hooks.iter().rev() {
+    for (number, bound) in hooks.iter().enumerate().rev() {
         if bound.hook.hidden != index {
+            continue;
+        }
+        if let HookAction::Capture(capture) = bound.hook.action {
+            for (_, grad) in capture_grads.iter().filter(|(n, _)| *n == number) {
+                capture_backward(rec, grad, dh, batch, capture);
+            }
             continue;
         }
         let Some(rows) = &bound.rows else { continue };
         let edit = |value| RowEdit { x: dh, rows, value };
         match &bound.hook.action {
-            // Adding a constant or reading leaves the gradient as it is.
+            // Adding a constant leaves the gradient as it is.
             HookAction::Capture(_) | HookAction::Add { .. } => {}
             HookAction::Replace { .. } => {
                 // Replaced rows did not depend on what came before.
@@ -312,6 +323,55 @@ pub(crate) fn hooks_backward(
                 )))
             }
         }
+    }
+    Ok(())
+}
+
+/// `dh += ∂(capture)/∂h · grad`: a pooled capture's gradient `[B, C]` goes to the positions
+/// the pooling read, a whole capture's `[B·T, C]` everywhere.
+fn capture_backward(
+    rec: &mut Recorder,
+    grad: &Tensor,
+    dh: &Tensor,
+    batch: &Batch,
+    capture: Capture,
+) {
+    match capture {
+        Capture::Pooled(pool) => {
+            let cols = dh.dims()[1];
+            let dh = dh.reshape([batch.batch, batch.seq, cols]);
+            pool_backward(rec, grad, &batch.seq_lens, pool, &dh);
+        }
+        Capture::Whole => accumulate(rec, grad, dh, 1.0),
+    }
+}
+
+/// Checks a gradient for what hook number `hook` of `hooks` captured on `batch`: the hook is a
+/// capture, and the gradient has the capture's shape.
+pub(crate) fn check_capture_grad(
+    hooks: &[BoundHook],
+    hook: usize,
+    grad: &Tensor,
+    batch: &Batch,
+    cols: usize,
+) -> Result<()> {
+    let capture = match hooks.get(hook).map(|b| &b.hook.action) {
+        Some(HookAction::Capture(capture)) => *capture,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "hook {hook} of the pass is not a capture: only a capture's output has a \
+                 gradient to seed"
+            )))
+        }
+    };
+    let rows = match capture {
+        Capture::Pooled(_) => batch.batch,
+        Capture::Whole => batch.rows(),
+    };
+    if grad.dtype() != DType::F32 || grad.numel() != rows * cols {
+        return Err(Error::InvalidArgument(format!(
+            "the gradient of capture {hook} must be f32 [{rows}, {cols}], got {grad:?}"
+        )));
     }
     Ok(())
 }

@@ -32,7 +32,7 @@ pub use hooks::{Capture, Hook, HookAction, Positions};
 pub use linear::{Linear, LinearGrads, Lora};
 pub use lora::{adapter_base_warning, read_adapter_config, same_base, AdapterConfig, LoraConfig};
 pub use names::{LoraMatrix, Param, PerProjection, Projection};
-pub use open::open_model;
+pub use open::{open_config, open_model};
 pub use params::{ParamSource, SeededInit};
 pub use runner::{Forward, Output, Pass, SavePolicy};
 pub use save::{save_orthogonalised, save_pretrained};

@@ -19,12 +19,37 @@ pub fn open_model(
     spec: &str,
     options: &LoadOptions,
 ) -> Result<(Transformer, Tokenizer)> {
+    match resolve(spec)? {
+        Named::Folder(dir) => open_folder(gpu, dir, options),
+        Named::Embedded(model) => open_embedded(gpu, model, options),
+    }
+}
+
+/// Only the configuration of the model `spec` names (as [`open_model`] resolves it): its
+/// `config.json`, with no tokenizer and no weights, so that a run can be planned before the
+/// weights are downloaded.
+pub fn open_config(spec: &str) -> Result<Config> {
+    match resolve(spec)? {
+        Named::Folder(dir) => Config::from_file(&dir.join("config.json")),
+        Named::Embedded(model) => model.config(),
+    }
+}
+
+/// What a model name resolves to.
+enum Named<'a> {
+    Folder(&'a Path),
+    Embedded(&'static EmbeddedModel),
+}
+
+/// A folder wins over an embedded model of the same name; anything else is an error naming
+/// the embedded models.
+fn resolve(spec: &str) -> Result<Named<'_>> {
     let path = Path::new(spec);
     if path.is_dir() {
-        return open_folder(gpu, path, options);
+        return Ok(Named::Folder(path));
     }
     if let Some(model) = embedded::find(spec) {
-        return open_embedded(gpu, model, options);
+        return Ok(Named::Embedded(model));
     }
     let what = if path.exists() {
         "is not a folder"

@@ -13,7 +13,9 @@
 use super::backward::Seeds;
 use super::batch::Batch;
 use super::grads::Gradients;
-use super::hooks::{apply_hooks, bind_hooks, hooks_backward, BoundHook, Hook, PositionFrame};
+use super::hooks::{
+    apply_hooks, bind_hooks, check_capture_grad, hooks_backward, BoundHook, Hook, PositionFrame,
+};
 use super::transformer::{BlockActivations, KvTarget, LoraDropout, ProjectionMode, Transformer};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::ops::embedding::{embedding_backward, embedding_forward, EmbeddingGradIndex};
@@ -128,6 +130,8 @@ pub struct Forward {
     /// The logits (`[B·T, V]`, or `[B, V]` for [`Output::LastLogits`]).
     pub logits: Option<Tensor>,
     captures: Vec<(usize, Tensor)>,
+    /// Gradients of what captures read ([`Forward::seed_capture`]), by hook number.
+    capture_grads: Vec<(usize, Tensor)>,
     /// `h_0 ..= h_top` as the blocks read them (after the hooks); with [`SavePolicy::Nothing`]
     /// only the last one.
     residual: Vec<Tensor>,
@@ -175,6 +179,17 @@ impl Forward {
     /// The highest hidden-state index the pass computed.
     pub fn top(&self) -> usize {
         self.top
+    }
+
+    /// Seeds the backward with `grad`, the gradient of the loss with respect to what hook
+    /// number `hook` captured on `batch` (`[B, C]` for a pooled capture, `[B·T, C]` for a whole
+    /// one): the backward adds it where the capture read, with no `[B·T, C]` seed tensor
+    /// (what a pooled capture's gradient would otherwise need).
+    pub fn seed_capture(&mut self, batch: &Batch, hook: usize, grad: Tensor) -> Result<()> {
+        let cols = self.residual.last().map_or(0, |h| h.dims()[1]);
+        check_capture_grad(&self.hooks, hook, &grad, batch, cols)?;
+        self.capture_grads.push((hook, grad));
+        Ok(())
     }
 }
 
@@ -274,6 +289,7 @@ impl Transformer {
         Ok(Forward {
             logits,
             captures,
+            capture_grads: Vec::new(),
             residual,
             normed,
             blocks,
@@ -321,6 +337,7 @@ impl Transformer {
         let Forward {
             logits,
             captures,
+            capture_grads,
             mut residual,
             normed,
             mut blocks,
@@ -347,7 +364,7 @@ impl Transformer {
                 rec.copy(dh, &copy);
                 tapped.push((index, copy));
             }
-            hooks_backward(rec, &hooks, index, dh)
+            hooks_backward(rec, &hooks, index, dh, &capture_grads, batch)
         };
 
         let mut dx = Tensor::empty(gpu, [batch.rows(), cols], DType::F32);

@@ -426,6 +426,12 @@ pub fn attention_forward(
     tiles.launch(rec, &FORWARD, &tensors, &params, shape.query_tiles());
 }
 
+/// Bytes of scratch [`attention_backward`] takes for `shape`: each query row's statistics.
+pub fn attention_backward_scratch_bytes(shape: &AttentionShape) -> u64 {
+    let [b, hq, t] = shape.lse_dims();
+    (b * hq * t * ROW_STATS_WORDS * DType::U32.size_bytes()) as u64
+}
+
 /// [`attention_forward`] with each row's queries at positions of their own: rows decoded side
 /// by side after different numbers of cached tokens. `lens_and_starts` (u32 `[2B]`) holds the
 /// rows' valid lengths, then the position of each row's first query (`shape.q_offset` is not

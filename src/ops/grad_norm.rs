@@ -57,6 +57,15 @@ pub fn grad_norm_squared(rec: &mut Recorder, grads: &[&Tensor], out: &Tensor) {
     reduce::sum_rows(rec, &partials, out, Write::Overwrite);
 }
 
+/// Bytes of scratch [`grad_norm_squared`] takes for gradients of `numels` elements each.
+pub fn grad_norm_scratch_bytes(numels: impl IntoIterator<Item = usize>) -> u64 {
+    let slots: usize = numels.into_iter().map(|n| n.div_ceil(BLOCK)).sum();
+    if slots == 0 {
+        return 0;
+    }
+    (slots * DType::F32.size_bytes()) as u64 + reduce::sum_rows_scratch_bytes(slots, 1)
+}
+
 /// CPU f64 reference.
 pub mod reference {
     /// Σ over every tensor of Σ g².

@@ -429,13 +429,8 @@ pub fn gemm(
         );
     }
     let cpu = rec.gpu().info().device_type == wgpu::DeviceType::Cpu;
-    let tiles = Tiles::choose(g, cpu);
     let dense_c = g.c.offset == 0 && g.c.row_stride == g.n && c.numel() == g.m * g.n;
-    let splits = if g.batch == 1 && bias.is_none() && dense_c {
-        split_count(g, tiles, cpu)
-    } else {
-        1
-    };
+    let (tiles, splits) = split_plan(g, bias.is_some() || !dense_c, cpu);
     if splits > 1 {
         launch_split(rec, g, tiles, splits, a, b, c);
     } else {
@@ -443,19 +438,54 @@ pub fn gemm(
     }
 }
 
+/// The tiles of `g` and into how many parts its K splits (1: not at all). Only a single
+/// product into a whole, dense C with no bias splits (`unsplittable` says otherwise).
+fn split_plan(g: &Gemm, unsplittable: bool, cpu: bool) -> (Tiles, usize) {
+    let tiles = Tiles::choose(g, cpu);
+    if g.batch != 1 || unsplittable {
+        return (tiles, 1);
+    }
+    (tiles, split_count(g, tiles, cpu))
+}
+
+/// Bytes of scratch [`gemm`] takes for `g` (a whole, dense C; `bias` says whether it adds
+/// one) on a CPU adapter (`cpu`) or a GPU: the partial products of a split K, or nothing. The
+/// memory planner asks this before any device runs the product.
+pub fn gemm_scratch_bytes(g: &Gemm, bias: bool, cpu: bool) -> u64 {
+    match split_plan(g, bias, cpu) {
+        (_, 1) => 0,
+        (_, splits) => {
+            let (_, splits) = split_parts(g.k, splits);
+            (splits * g.m * g.n * DType::F32.size_bytes()) as u64
+        }
+    }
+}
+
+/// K split into `splits` parts of whole K steps: (part length, parts).
+fn split_parts(k: usize, splits: usize) -> (usize, usize) {
+    let part = k.div_ceil(splits).next_multiple_of(TILE_K as usize);
+    (part, k.div_ceil(part))
+}
+
 /// Into how many parts to split K (1: not at all) so that the grid fills the device, each
 /// part at least [`MIN_SPLIT_STEPS`] K steps long.
 fn split_count(g: &Gemm, tiles: Tiles, cpu: bool) -> usize {
     let groups = workgroups(g, tiles.extents());
     let wanted = if cpu {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (2 * cores).div_ceil(groups)
+        (2 * cpu_cores()).div_ceil(groups)
     } else {
         let threads = groups * tiles.threads.iter().product::<u32>() as usize;
         GPU_MIN_THREADS.div_ceil(threads)
     };
     let deepest = g.k / (MIN_SPLIT_STEPS * TILE_K as usize);
     wanted.min(deepest).clamp(1, MAX_SPLITS)
+}
+
+/// The cores a CPU adapter runs on, read once: `available_parallelism` reads the cgroup's
+/// files on every call, which for a 7B model's plan (thousands of products) took seconds.
+fn cpu_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Records `g` (one product into all of a dense C, no bias) with K in `splits` parts: each
@@ -470,8 +500,7 @@ fn launch_split(
     b: &Tensor,
     c: &Tensor,
 ) {
-    let part = g.k.div_ceil(splits).next_multiple_of(TILE_K as usize);
-    let splits = g.k.div_ceil(part);
+    let (part, splits) = split_parts(g.k, splits);
     let partial = rec.scratch([splits, g.m * g.n], DType::F32);
     let parts = Gemm {
         batch: splits,
@@ -515,11 +544,15 @@ fn launch(
         None => vec![a, b, c],
     };
     let [x, y, z] = grid.map(|d| d as u32);
-    rec.dispatch(
+    // A split product's batch entries are parts of one K, not products of their own.
+    let products = if k_split == 0 { g.batch } else { 1 };
+    let flops = 2 * (products * g.m * g.n * g.k) as u64;
+    rec.dispatch_counting(
         &kernel,
         &tensors,
         &Params::new(g, k_split),
         Grid::xyz(x, y, z),
+        flops,
     );
 }
 

@@ -66,6 +66,15 @@ pub fn sum_rows(rec: &mut Recorder, x: &Tensor, out: &Tensor, write: Write) {
     launch(rec, &partial, out, blocks, cols, blocks, accumulate);
 }
 
+/// Bytes of scratch [`sum_rows`] takes for `rows` rows of `cols` columns (the memory
+/// planner's question): the per-block partial sums when the rows span several blocks.
+pub fn sum_rows_scratch_bytes(rows: usize, cols: usize) -> u64 {
+    if rows <= ROWS_PER_GROUP {
+        return 0;
+    }
+    (rows.div_ceil(ROWS_PER_GROUP) * cols * DType::F32.size_bytes()) as u64
+}
+
 /// CPU f64 reference.
 pub mod reference {
     /// Column sums of row-major `x [rows, cols]`.

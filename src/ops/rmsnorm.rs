@@ -177,6 +177,17 @@ fn weight_grad(
     reduce::sum_rows(rec, &partial, grad, write);
 }
 
+/// Bytes of scratch [`rmsnorm_backward`] takes for `[rows, cols]` when it computes the
+/// weight's gradient (`weight_grad`; a frozen weight takes none): the per-block partials and
+/// their sum's own.
+pub fn rmsnorm_backward_scratch_bytes(rows: usize, cols: usize, weight_grad: bool) -> u64 {
+    if !weight_grad {
+        return 0;
+    }
+    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    (blocks * cols * DType::F32.size_bytes()) as u64 + reduce::sum_rows_scratch_bytes(blocks, cols)
+}
+
 /// CPU f64 references (row-major `[rows, cols]`).
 pub mod reference {
     /// `(y, rstd)`.

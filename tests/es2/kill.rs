@@ -145,14 +145,17 @@ fn is_hidden(path: &Path) -> bool {
         .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
 }
 
-/// The lines of a metrics.jsonl without the wall-clock field.
+/// The lines of a metrics.jsonl without the measured fields: speed, and the peak memory (a
+/// resumed process's pool has a history of its own).
 fn metrics(file: &Path) -> Vec<Value> {
     std::fs::read_to_string(file)
         .unwrap()
         .lines()
         .map(|l| {
             let mut v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
-            v.as_object_mut().unwrap().remove("tokens_per_s");
+            let fields = v.as_object_mut().unwrap();
+            fields.remove("tokens_per_s");
+            fields.remove("peak_bytes");
             v
         })
         .collect()

@@ -4,6 +4,7 @@
 mod bad_data;
 mod kill;
 mod nonfinite;
+mod plan;
 mod resume;
 mod run;
 mod sft_run;

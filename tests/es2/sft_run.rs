@@ -185,6 +185,7 @@ fn a_lora_sft_run_learns_held_out_replies_and_writes_every_output() {
             "learned_tokens",
             "loss",
             "lr",
+            "peak_bytes",
             "step",
             "tokens",
         ];
