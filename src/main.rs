@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use es2_wgpu::gpu::{survey_adapters, AdapterSurvey, GpuOptions};
 use es2_wgpu::model::{
-    embed_prompt, embedded, open_model, read_adapter_config, same_base, Embedding, LoadOptions,
+    adapter_base_warning, embed_prompt, embedded, open_model, Embedding, LoadOptions,
     SamplingOptions,
 };
 use es2_wgpu::ops::pool::Pool;
@@ -140,15 +140,8 @@ impl ModelArgs {
         };
         let (mut model, tokenizer) = open_model(gpu, &self.model, &options)?;
         if let Some(dir) = &self.lora {
-            let base = read_adapter_config(dir)?.base_model;
-            if let Some(base) = base.filter(|b| !same_base(b, &self.model)) {
-                eprintln!(
-                    "warning: the adapter in {} was trained on {base}, and is applied to {}; \
-                     unless that is the same model under another name, its outputs are \
-                     meaningless",
-                    dir.display(),
-                    self.model
-                );
+            if let Some(warning) = adapter_base_warning(dir, &self.model)? {
+                eprintln!("{warning}");
             }
             model.load_adapter(gpu, dir)?;
         }

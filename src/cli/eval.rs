@@ -232,16 +232,31 @@ impl EvalArgs {
     }
 }
 
-/// Progress on stderr: one bar per stage of the evaluation.
+/// Progress on stderr: one bar per stage of the evaluation, and a line with each finished
+/// stage's time (so that a log shows where the time went).
 struct Progress {
     bar: Option<ProgressBar>,
 }
 
-impl EvalObserver for Progress {
-    fn stage(&mut self, model: &str, what: &str, total: usize) {
+impl Progress {
+    /// Ends the current stage's bar and reports its time.
+    fn finish_stage(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
+            eprintln!(
+                "{}: {}/{} in {:.1} s",
+                bar.message(),
+                bar.position(),
+                bar.length().unwrap_or(0),
+                bar.elapsed().as_secs_f64()
+            );
         }
+    }
+}
+
+impl EvalObserver for Progress {
+    fn stage(&mut self, model: &str, what: &str, total: usize) {
+        self.finish_stage();
         let bar = ProgressBar::new(total as u64);
         let style =
             ProgressStyle::with_template("{msg:32} {bar:24} {pos}/{len} [{elapsed_precise}]")
@@ -272,9 +287,7 @@ pub fn run(options: &GpuOptions, args: &EvalArgs) -> Result<()> {
     let mut progress = Progress { bar: None };
     let started = std::time::Instant::now();
     let report = run_eval(&gpu, &config, &mut progress)?;
-    if let Some(bar) = &progress.bar {
-        bar.finish_and_clear();
-    }
+    progress.finish_stage();
     print!("{}", report.summary_markdown());
     println!(
         "evaluated in {:.0} s; report.md, report.json and {} plots in {}",

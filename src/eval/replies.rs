@@ -21,6 +21,10 @@ pub const REPETITION_NGRAM: usize = 3;
 /// Sequences per pass when a reference model scores replies.
 const SCORING_BATCH: usize = 4;
 
+/// Prompts decoded side by side: a decoding step of many rows costs little more than one of a
+/// single row, and a reply that has ended rides along until its chunk has.
+pub const REPLY_ROWS: usize = 16;
+
 /// Replies to a set of prompts.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Replies {
@@ -35,24 +39,32 @@ impl Replies {
     pub fn rates(&self) -> ListRates {
         dsr(&self.texts)
     }
+
+    /// Appends `other`'s replies after these.
+    pub fn extend(&mut self, other: Replies) {
+        self.ids.extend(other.ids);
+        self.texts.extend(other.texts);
+    }
 }
 
-/// The greedy replies of `subject` to each of `prompts`, with `hooks(i)` acting on prompt `i`
-/// and at every decoding step; `tick` is called after each reply.
+/// The greedy replies of `subject` to each of `prompts`, with `hooks` acting on every prompt
+/// and at every decoding step; up to [`REPLY_ROWS`] prompts are decoded side by side, and
+/// `tick` is called after each reply.
 pub fn generate_replies(
     gpu: &Gpu,
     subject: &Subject,
     prompts: &[Vec<u32>],
-    hooks: impl Fn(usize) -> Result<Vec<Hook>>,
+    hooks: &[Hook],
     max_new_tokens: usize,
     tick: &mut dyn FnMut(),
 ) -> Result<Replies> {
     let mut out = Replies::default();
-    for (i, ids) in prompts.iter().enumerate() {
-        let reply = subject.reply(gpu, ids, &hooks(i)?, max_new_tokens)?;
-        out.texts.push(subject.decode(&reply)?);
-        out.ids.push(reply);
-        tick();
+    for chunk in prompts.chunks(REPLY_ROWS) {
+        for reply in subject.replies(gpu, chunk, hooks, max_new_tokens)? {
+            out.texts.push(subject.decode(&reply)?);
+            out.ids.push(reply);
+            tick();
+        }
     }
     Ok(out)
 }

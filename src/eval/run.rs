@@ -21,7 +21,7 @@ use super::report::{
 };
 use super::subject::{Prompting, Subject};
 use crate::gpu::Gpu;
-use crate::model::{embedded, open_model, read_adapter_config, LoadOptions, Transformer};
+use crate::model::{adapter_base_warning, embedded, open_model, LoadOptions, Transformer};
 use crate::ops::pool::Pool;
 use crate::text::{Message, Tokenizer};
 use crate::{Error, Result};
@@ -81,11 +81,11 @@ impl Default for EvalConfig {
             harmful: None,
             harmless: None,
             harmful_draw: DrawSizes {
-                answered: 16,
+                answered: 8,
                 probe: 64,
             },
             harmless_draw: DrawSizes {
-                answered: 16,
+                answered: 8,
                 probe: 64,
             },
             attacks: None,
@@ -142,7 +142,7 @@ pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver)
             "writing the ablated models needs the ablation attack among the attacks",
         ));
     }
-    let (transformers, columns) = load_models(gpu, config)?;
+    let (transformers, columns) = load_models(gpu, config, observer)?;
     let harmful_all = read_side(config.harmful.as_deref(), true)?;
     let harmless_all = read_side(config.harmless.as_deref(), false)?;
     let harmful = draw(
@@ -280,12 +280,11 @@ fn direct(
     let total = context.harmful_ids.len() + context.harmless_ids.len();
     observer.stage(label, "direct inquiry", total);
     let mut tick = || observer.advance();
-    let no_hooks = |_| Ok(Vec::new());
     let harmful = generate_replies(
         gpu,
         subject,
         context.harmful_ids,
-        no_hooks,
+        &[],
         context.max_new_tokens,
         &mut tick,
     )?;
@@ -293,7 +292,7 @@ fn direct(
         gpu,
         subject,
         context.harmless_ids,
-        no_hooks,
+        &[],
         context.max_new_tokens,
         &mut tick,
     )?;
@@ -319,11 +318,17 @@ fn source_name(path: &Option<PathBuf>, builtin: &str) -> String {
 
 /// Opens the evaluated model and the base model. A base that names the same model as a LoRA
 /// run shares its weights: the base is the model with its adapters off.
-fn load_models(gpu: &Gpu, config: &EvalConfig) -> Result<(Vec<Opened>, Vec<Loaded>)> {
+fn load_models(
+    gpu: &Gpu,
+    config: &EvalConfig,
+    observer: &mut dyn EvalObserver,
+) -> Result<(Vec<Opened>, Vec<Loaded>)> {
     let mut transformers = Vec::new();
     let (mut model, tokenizer) = open_model(gpu, &config.model, &config.load)?;
     if let Some(dir) = &config.lora {
-        read_adapter_config(dir)?;
+        if let Some(warning) = adapter_base_warning(dir, &config.model)? {
+            observer.note(&warning);
+        }
         model.load_adapter(gpu, dir)?;
     }
     transformers.push((model, tokenizer));

@@ -150,21 +150,22 @@ impl<'a> Subject<'a> {
         Ok(forward)
     }
 
-    /// The greedy reply to `ids` (at most `max_new_tokens`, ending at an end-of-sequence
-    /// token), with `hooks` acting on the prompt and at every decoding step.
-    pub fn reply(
+    /// The greedy replies to `prompts`, decoded side by side (at most `max_new_tokens` each,
+    /// each ending at an end-of-sequence token), with `hooks` acting on every prompt and at
+    /// every decoding step.
+    pub fn replies(
         &self,
         gpu: &Gpu,
-        ids: &[u32],
+        prompts: &[Vec<u32>],
         hooks: &[Hook],
         max_new_tokens: usize,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<Vec<Vec<u32>>> {
         let context = self.model.config.max_position_embeddings;
-        let room = context.saturating_sub(ids.len());
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let room = context.saturating_sub(longest);
         if room == 0 {
             return Err(Error::InvalidArgument(format!(
-                "a {}-token prompt leaves no room in the model's context of {context} tokens",
-                ids.len()
+                "a {longest}-token prompt leaves no room in the model's context of {context} tokens"
             )));
         }
         let options = SamplingOptions {
@@ -175,7 +176,7 @@ impl<'a> Subject<'a> {
             ..SamplingOptions::default()
         };
         self.model
-            .generate_hooked(gpu, ids, &options, hooks, |_| Ok(()))
+            .generate_rows(gpu, prompts, &options, hooks, |_, _| Ok(()))
     }
 
     /// The text of reply ids (special tokens skipped; bytes that are not UTF-8 read as

@@ -178,6 +178,20 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     })
 }
 
+/// A warning for the user when the adapter in `dir` was trained on a model other than `spec`
+/// (by [`same_base`]); `None` when it names `spec` or no model. An error when `dir` holds no
+/// readable adapter configuration.
+pub fn adapter_base_warning(dir: &Path, spec: &str) -> Result<Option<String>> {
+    let base = read_adapter_config(dir)?.base_model;
+    Ok(base.filter(|b| !same_base(b, spec)).map(|base| {
+        format!(
+            "warning: the adapter in {} was trained on {base}, and is applied to {spec}; unless \
+             that is the same model under another name, its outputs are meaningless",
+            dir.display()
+        )
+    }))
+}
+
 /// Whether an adapter's `base_model_name_or_path` plausibly names the model `spec`: the same
 /// text, the same folder, or the same last path component (a hub name such as
 /// `org/Model-7B` against a local copy in `models/Model-7B`).

@@ -30,7 +30,7 @@ pub use generate::{KvCache, SamplingOptions};
 pub use grads::{BlockGrads, Gradients, NamedParam, Trainable};
 pub use hooks::{Capture, Hook, HookAction, Positions};
 pub use linear::{Linear, LinearGrads, Lora};
-pub use lora::{read_adapter_config, same_base, AdapterConfig, LoraConfig};
+pub use lora::{adapter_base_warning, read_adapter_config, same_base, AdapterConfig, LoraConfig};
 pub use names::{LoraMatrix, Param, PerProjection, Projection};
 pub use open::{open_config, open_model};
 pub use params::{ParamSource, SeededInit};

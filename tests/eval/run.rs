@@ -1,4 +1,4 @@
-//! `eval` end to end: stories260K against itself hardened by a short ES2 run (LoRA), every
+//! `eval` end to end: tiny-chat against itself hardened by a short ES2 run (LoRA), every
 //! attack with small budgets, capability on small files; the report holds every number for
 //! both models and is written with its plots.
 
@@ -8,6 +8,7 @@ use es2_wgpu::es2::{Quiet as TrainQuiet, TrainConfig, Trainer};
 use es2_wgpu::eval::attacks::gcg::GcgSettings;
 use es2_wgpu::eval::attacks::AttackSettings;
 use es2_wgpu::eval::capability::CapabilityFiles;
+use es2_wgpu::eval::judge::JudgeKind;
 use es2_wgpu::eval::prompts::DrawSizes;
 use es2_wgpu::eval::report::Report;
 use es2_wgpu::eval::{run_eval, AttackKind, EvalConfig, EvalObserver};
@@ -19,12 +20,8 @@ fn temp(name: &str) -> PathBuf {
     dir
 }
 
-fn stories() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models/stories260K")
-        .to_string_lossy()
-        .into_owned()
-}
+/// The built-in chat model that refuses harmful requests.
+const TINY_CHAT: &str = "tiny-chat";
 
 /// Counts the stages and units of work it is told about.
 #[derive(Default)]
@@ -44,7 +41,7 @@ impl EvalObserver for Counting {
 
 fn harden(out: &std::path::Path) {
     let mut config = TrainConfig {
-        model: stories(),
+        model: TINY_CHAT.into(),
         out: out.to_path_buf(),
         steps: 6,
         harmful_batch: 4,
@@ -95,9 +92,9 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
     )
     .unwrap();
     let config = EvalConfig {
-        model: stories(),
+        model: TINY_CHAT.into(),
         lora: Some(adapter.clone()),
-        base: Some(stories()),
+        base: Some(TINY_CHAT.into()),
         harmful_draw: DrawSizes {
             answered: 2,
             probe: 16,
@@ -107,12 +104,14 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
             probe: 16,
         },
         attack_settings: small_attacks(),
-        max_new_tokens: 8,
+        // Enough for a whole refusal ("I apologize, but ...").
+        max_new_tokens: 16,
         capability: CapabilityFiles {
             perplexity: Some(text.clone()),
             multiple_choice: Some(questions.clone()),
             ..CapabilityFiles::default()
         },
+        write_ablated: true,
         out: dir.join("eval-out"),
         ..EvalConfig::default()
     };
@@ -162,6 +161,14 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
             assert!((0.0..=1.0).contains(&coherence.repetition));
         }
     }
+    // tiny-chat refuses 98% of held-out harmful requests asked directly.
+    let direct = report
+        .attacks
+        .iter()
+        .find(|r| r.attack == "direct")
+        .unwrap();
+    let refused = &direct.results[0].dsr[&JudgeKind::Gcg];
+    assert_eq!(refused.refused, refused.total, "{direct:?}");
     let scav = report.attacks.iter().find(|r| r.attack == "scav").unwrap();
     assert!(scav.results[0].effort.iter().any(|f| f.name == "layers"));
 
@@ -198,7 +205,7 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
             .iter()
             .all(|l| l.probe_accuracy.is_some()));
     }
-    assert_eq!(report.settings.decoding.max_new_tokens, 8);
+    assert_eq!(report.settings.decoding.max_new_tokens, 16);
 
     let out = &config.out;
     let written: Report =
@@ -219,6 +226,11 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
     assert_eq!(report.plots, ["layers.svg", "pca.svg", "repe.svg"]);
     for plot in &report.plots {
         assert!(out.join(plot).is_file(), "{plot} not written");
+    }
+    for label in ["base", "hardened"] {
+        let folder = out.join(format!("ablated-{label}"));
+        assert!(folder.join("model.safetensors").is_file(), "{label}");
+        assert!(folder.join("tokenizer.json").is_file(), "{label}");
     }
     assert!(observer.stages.iter().any(|s| s == "hardened: gcg"));
     assert!(observer.advanced > 20);

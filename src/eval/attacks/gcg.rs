@@ -240,14 +240,7 @@ pub fn run(
         observer.advance();
     }
     let mut tick = || observer.advance();
-    let replies = generate_replies(
-        gpu,
-        subject,
-        &ids,
-        |_| Ok(Vec::new()),
-        context.max_new_tokens,
-        &mut tick,
-    )?;
+    let replies = generate_replies(gpu, subject, &ids, &[], context.max_new_tokens, &mut tick)?;
     let n = runs.len().max(1) as f64;
     let mean = |f: fn(&Searched) -> f64| runs.iter().map(f).sum::<f64>() / n;
     Ok(AttackOutcome {

@@ -115,7 +115,7 @@ pub fn run(
             context.gpu,
             &context.subject,
             context.harmful_ids,
-            |_| Ok(hooks.clone()),
+            &hooks,
             context.max_new_tokens,
             &mut tick,
         )?;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AttackContext, AttackOutcome};
 use crate::eval::loss::{score, scored_batch, Scored, Wanted};
-use crate::eval::replies::generate_replies;
+use crate::eval::replies::{generate_replies, Replies};
 use crate::eval::report::Field;
 use crate::eval::run::EvalObserver;
 use crate::eval::subject::{Slotted, Subject};
@@ -224,16 +224,19 @@ pub fn run(
         softs.push(soft);
         observer.advance();
     }
-    let ids: Vec<Vec<u32>> = softs.iter().map(|s| s.ids.clone()).collect();
+    // Each soft prompt is its own hook, so each reply is decoded alone.
+    let mut replies = Replies::default();
     let mut tick = || observer.advance();
-    let replies = generate_replies(
-        gpu,
-        subject,
-        &ids,
-        |i| Ok(vec![softs[i].hook(gpu)?]),
-        context.max_new_tokens,
-        &mut tick,
-    )?;
+    for soft in &softs {
+        replies.extend(generate_replies(
+            gpu,
+            subject,
+            std::slice::from_ref(&soft.ids),
+            &[soft.hook(gpu)?],
+            context.max_new_tokens,
+            &mut tick,
+        )?);
+    }
     let n = runs.len().max(1) as f64;
     let mean = |f: fn(&Optimised) -> f64| runs.iter().map(f).sum::<f64>() / n;
     Ok(AttackOutcome {
