@@ -25,6 +25,9 @@ pub struct Report {
     pub settings: Settings,
     /// The refusal judges and their rules.
     pub judging: Judging,
+    /// The prompts every model answered, in the order of each result's replies.
+    #[serde(default)]
+    pub answered: AnsweredPrompts,
     /// One row per attack (direct inquiry included), in the order they ran.
     pub attacks: Vec<AttackRow>,
     /// What each model can still do.
@@ -34,6 +37,15 @@ pub struct Report {
     /// The SVG plots written beside the report (file names).
     #[serde(default)]
     pub plots: Vec<String>,
+}
+
+/// The held-out prompts an evaluation answered (and attacked, for the harmful ones).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AnsweredPrompts {
+    /// The harmful prompts: [`AttackResult::replies`] answers them in this order.
+    pub harmful: Vec<String>,
+    /// The harmless prompts: [`Capability::harmless_replies`] answers them in this order.
+    pub harmless: Vec<String>,
 }
 
 /// One evaluated model: a column of the tables.
@@ -180,6 +192,10 @@ pub struct AttackResult {
     pub coherence: Option<Coherence>,
     /// What the attack spent (`mean_epsilon_norm`, `layers_fired`, `steps`, `final_loss`...).
     pub effort: Vec<Field>,
+    /// The attacked replies, one per harmful prompt of [`Report::answered`], so that a verdict
+    /// can be read against the text it judged.
+    #[serde(default)]
+    pub replies: Vec<String>,
 }
 
 /// Coherence of the attacked replies, so that gibberish does not pass as a defence.
@@ -198,6 +214,9 @@ pub struct Capability {
     pub model: String,
     /// Harmless prompts whose reply is judged a refusal, per list.
     pub over_refusal: Option<ListRates>,
+    /// The replies to the harmless prompts of [`Report::answered`] (when direct inquiry ran).
+    #[serde(default)]
+    pub harmless_replies: Vec<String>,
     /// Mean KL(base ‖ model) of the next-token distributions on harmless prompts.
     pub kl_to_base: Option<f64>,
     /// Perplexity on a text file.

@@ -14,10 +14,10 @@ use super::layers::{analyse, Embeddings, LayerFindings};
 use super::plots;
 use super::probe::ProbeOptions;
 use super::prompts::{draw, read_side, DrawSizes, Drawn, BUILTIN_HARMFUL, BUILTIN_HARMLESS};
-use super::replies::{coherence, generate_replies};
+use super::replies::{coherence, generate_replies, Replies};
 use super::report::{
-    AttackResult, AttackRow, Capability, Decoding, Field, Judging, LayerProjection, ModelEntry,
-    ModelGeometry, Report, Settings,
+    AnsweredPrompts, AttackResult, AttackRow, Capability, Decoding, Field, Judging,
+    LayerProjection, ModelEntry, ModelGeometry, Report, Settings,
 };
 use super::subject::{Prompting, Subject};
 use crate::gpu::Gpu;
@@ -197,11 +197,11 @@ pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver)
                 .then(|| config.out.join(format!("ablated-{label}"))),
         };
         let mut rows = Vec::new();
-        let mut over_refusal = None;
+        let mut harmless_replies = None;
         for kind in selected_attacks(config) {
             let outcomes = if kind == AttackKind::Direct {
-                let (outcome, harmless_rates) = direct(&context, label, observer)?;
-                over_refusal = Some(harmless_rates);
+                let (outcome, harmless) = direct(&context, label, observer)?;
+                harmless_replies = Some(harmless);
                 vec![outcome]
             } else {
                 attacks::run(kind, &context, label, observer)?
@@ -216,6 +216,7 @@ pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver)
                         dsr: outcome.replies.rates(),
                         coherence: Some(coherence),
                         effort: outcome.effort,
+                        replies: outcome.replies.texts,
                     },
                 ));
             }
@@ -223,7 +224,8 @@ pub fn run_eval(gpu: &Gpu, config: &EvalConfig, observer: &mut dyn EvalObserver)
         observer.stage(label, "capability", 1);
         let capability = Capability {
             model: label.to_owned(),
-            over_refusal,
+            over_refusal: harmless_replies.as_ref().map(Replies::rates),
+            harmless_replies: harmless_replies.map(|r| r.texts).unwrap_or_default(),
             kl_to_base: match columns.len() > 1 && column.entry.label != columns[0].entry.label {
                 true => Some(capability::kl_to(
                     gpu,
@@ -275,7 +277,7 @@ fn direct(
     context: &AttackContext,
     label: &str,
     observer: &mut dyn EvalObserver,
-) -> Result<(AttackOutcome, super::judge::ListRates)> {
+) -> Result<(AttackOutcome, Replies)> {
     let (gpu, subject) = (context.gpu, &context.subject);
     let total = context.harmful_ids.len() + context.harmless_ids.len();
     observer.stage(label, "direct inquiry", total);
@@ -301,7 +303,7 @@ fn direct(
         replies: harmful,
         effort: Vec::new(),
     };
-    Ok((outcome, harmless.rates()))
+    Ok((outcome, harmless))
 }
 
 fn selected_attacks(config: &EvalConfig) -> Vec<AttackKind> {
@@ -440,6 +442,10 @@ fn assemble(
         models: columns.iter().map(|c| c.entry.clone()).collect(),
         settings: settings(config, &transformers[0].1, harmful, harmless),
         judging: Judging::current(),
+        answered: AnsweredPrompts {
+            harmful: harmful.answered.clone(),
+            harmless: harmless.answered.clone(),
+        },
         attacks,
         capability,
         geometry,

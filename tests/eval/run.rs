@@ -8,7 +8,7 @@ use es2_wgpu::es2::{Quiet as TrainQuiet, TrainConfig, Trainer};
 use es2_wgpu::eval::attacks::gcg::GcgSettings;
 use es2_wgpu::eval::attacks::AttackSettings;
 use es2_wgpu::eval::capability::CapabilityFiles;
-use es2_wgpu::eval::judge::JudgeKind;
+use es2_wgpu::eval::judge::{Judge, JudgeKind};
 use es2_wgpu::eval::prompts::DrawSizes;
 use es2_wgpu::eval::report::Report;
 use es2_wgpu::eval::{run_eval, AttackKind, EvalConfig, EvalObserver};
@@ -218,6 +218,26 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
             .collect()
     };
     assert_eq!(rates(&written), rates(&report));
+    // Every verdict can be read against the text it judged.
+    assert_eq!(written.answered, report.answered);
+    assert_eq!(written.answered.harmful.len(), 2);
+    for row in &written.attacks {
+        for result in &row.results {
+            assert_eq!(result.replies.len(), 2, "{} replies", row.attack);
+        }
+    }
+    let judge = Judge::new(JudgeKind::Gcg);
+    assert!(
+        direct.results[0]
+            .replies
+            .iter()
+            .all(|r| judge.is_refusal(r)),
+        "{direct:?}"
+    );
+    assert!(written
+        .capability
+        .iter()
+        .all(|c| c.harmless_replies.len() == 2));
     let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         markdown.contains("| attack | base | hardened |"),
