@@ -169,6 +169,25 @@ fn eval_measures_a_model_and_its_hardened_twin_on_the_same_prompts() {
         .unwrap();
     let refused = &direct.results[0].dsr[&JudgeKind::Gcg];
     assert_eq!(refused.refused, refused.total, "{direct:?}");
+    let gcg_steps: Vec<_> = report
+        .attacks
+        .iter()
+        .filter(|r| r.attack == "gcg")
+        .map(|r| {
+            r.settings
+                .iter()
+                .find(|f| f.name == "steps")
+                .unwrap()
+                .value
+                .clone()
+        })
+        .collect();
+    assert_eq!(
+        gcg_steps.len(),
+        2,
+        "GCG's starting-suffix control and its search"
+    );
+    assert_eq!(gcg_steps[0], 0);
     let scav = report.attacks.iter().find(|r| r.attack == "scav").unwrap();
     assert!(scav.results[0].effort.iter().any(|f| f.name == "layers"));
 

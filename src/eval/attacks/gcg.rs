@@ -205,12 +205,13 @@ pub fn search(
     }
 }
 
-/// The attack on every harmful prompt.
+/// The attack on every harmful prompt: two rows, the starting suffix alone (`steps` = 0, a
+/// control) and the searched suffix.
 pub fn run(
     context: &AttackContext,
     label: &str,
     observer: &mut dyn EvalObserver,
-) -> Result<AttackOutcome> {
+) -> Result<Vec<AttackOutcome>> {
     let (gpu, subject) = (context.gpu, &context.subject);
     let parameters = subject.model.parameter_bytes() / 4;
     let settings = &context
@@ -227,7 +228,9 @@ pub fn run(
     let allowed = allowed_tokens(subject)?;
     let mut rng = Rng::new(context.seed ^ 0x6c67_0000);
     let prompts = &context.harmful.answered;
-    observer.stage(label, "gcg", 2 * prompts.len());
+    observer.stage(label, "gcg", 3 * prompts.len());
+    let starting_suffix = vec![subject.filler_token()?; settings.suffix_tokens];
+    let mut starting_ids = Vec::new();
     let mut ids = Vec::new();
     let mut runs = Vec::new();
     for prompt in prompts {
@@ -235,15 +238,33 @@ pub fn run(
         let searched = search(
             gpu, subject, &slotted, &target, &allowed, settings, &mut rng,
         )?;
+        starting_ids.push(slotted.with(&starting_suffix));
         ids.push(slotted.with(&searched.suffix));
         runs.push(searched);
         observer.advance();
     }
     let mut tick = || observer.advance();
+    // The starting suffix alone, a control: what the search adds is the gap to this row.
+    let unsearched = generate_replies(
+        gpu,
+        subject,
+        &starting_ids,
+        &[],
+        context.max_new_tokens,
+        &mut tick,
+    )?;
     let replies = generate_replies(gpu, subject, &ids, &[], context.max_new_tokens, &mut tick)?;
     let n = runs.len().max(1) as f64;
     let mean = |f: fn(&Searched) -> f64| runs.iter().map(f).sum::<f64>() / n;
-    Ok(AttackOutcome {
+    let starting = AttackOutcome {
+        settings: vec![
+            Field::new("suffix", settings.suffix_tokens),
+            Field::new("steps", 0),
+        ],
+        replies: unsearched,
+        effort: vec![Field::new("mean_loss", mean(|r| r.initial_loss))],
+    };
+    let searched = AttackOutcome {
         settings: vec![
             Field::new("suffix", settings.suffix_tokens),
             Field::new("top_k", settings.top_k),
@@ -257,5 +278,6 @@ pub fn run(
             Field::new("mean_final_loss", mean(|r| r.final_loss)),
             Field::new("target_reached", mean(|r| f64::from(u8::from(r.success)))),
         ],
-    })
+    };
+    Ok(vec![starting, searched])
 }

@@ -177,6 +177,6 @@ pub fn run(
         AttackKind::Repe => repe::run(context, label, observer),
         AttackKind::Ablation => ablation::run(context, label, observer).map(|o| vec![o]),
         AttackKind::SoftPrompt => soft_prompt::run(context, label, observer).map(|o| vec![o]),
-        AttackKind::Gcg => gcg::run(context, label, observer).map(|o| vec![o]),
+        AttackKind::Gcg => gcg::run(context, label, observer),
     }
 }
