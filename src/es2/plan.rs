@@ -39,7 +39,7 @@ pub enum Component {
     /// Weights that do not train, stored in f32 (embedding, LM head, norms, biases; the block
     /// projections without f16 weights).
     FrozenF32,
-    /// Frozen block projections stored in f16.
+    /// Frozen weight matrices (block projections, embedding, LM head) stored in f16.
     FrozenF16,
     /// The parameters that train (LoRA adapters, or every weight), f32.
     Trained,

@@ -57,10 +57,7 @@ pub enum WeightsDtype {
 impl WeightsDtype {
     /// What `self` stores the matrices of a model with `config` as: f32 or f16.
     pub fn resolve(self, config: &Config) -> DType {
-        let declared_16_bit = matches!(
-            config.torch_dtype.as_deref(),
-            Some("float16" | "bfloat16" | "half")
-        );
+        let declared_16_bit = matches!(config.torch_dtype.as_deref(), Some("float16" | "bfloat16"));
         match self {
             WeightsDtype::F16 => DType::F16,
             WeightsDtype::Auto if declared_16_bit => DType::F16,
