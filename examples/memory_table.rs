@@ -1,7 +1,7 @@
 //! The README's memory table: the memory plan of an ES2 LoRA run (rank 16 on every projection,
 //! batches 8 + 8) on the paper's four chat models (`data/configs/`: only their config.json),
-//! at 128 and 256 tokens, with and without activation recomputation, with the frozen block
-//! projections in f32 and in f16 (`--f16-weights`), against discrete GPUs of 16, 24, 48 and
+//! at 128 and 256 tokens, with and without activation recomputation, with the frozen weight
+//! matrices in f32 and in f16 (`--weights-dtype f16`), against discrete GPUs of 16, 24, 48 and
 //! 80 GB. No GPU and no weights are needed.
 //!
 //! ```sh
@@ -10,7 +10,7 @@
 
 use es2_wgpu::es2::plan::{DeviceLimits, MemoryPlan};
 use es2_wgpu::es2::TrainConfig;
-use es2_wgpu::model::open_config;
+use es2_wgpu::model::{open_config, WeightsDtype};
 use es2_wgpu::Result;
 
 const MODELS: [(&str, &str); 4] = [
@@ -31,7 +31,7 @@ fn plan(
     dir: &str,
     max_len: usize,
     recompute: bool,
-    f16_weights: bool,
+    weights_dtype: WeightsDtype,
     gb: u64,
 ) -> Result<MemoryPlan> {
     let run = TrainConfig {
@@ -40,7 +40,7 @@ fn plan(
         harmless_batch: 8,
         max_len,
         recompute,
-        f16_weights,
+        weights_dtype,
         ..TrainConfig::default()
     };
     MemoryPlan::new(
@@ -59,8 +59,8 @@ fn main() -> Result<()> {
                 let mut cells = Vec::new();
                 let mut totals = [0.0; 2];
                 for gb in GPUS_GB {
-                    let f32_plan = plan(dir, max_len, recompute, false, gb)?;
-                    let f16_plan = plan(dir, max_len, recompute, true, gb)?;
+                    let f32_plan = plan(dir, max_len, recompute, WeightsDtype::F32, gb)?;
+                    let f16_plan = plan(dir, max_len, recompute, WeightsDtype::F16, gb)?;
                     totals = [f32_plan.total as f64 / GIB, f16_plan.total as f64 / GIB];
                     cells.push(match (f32_plan.fits(), f16_plan.fits()) {
                         (true, _) => "fits",

@@ -13,7 +13,9 @@ use es2_wgpu::es2::plan::{DeviceLimits, MemoryPlan};
 use es2_wgpu::es2::{
     measure_base_stats, Es2Config, Es2Engine, ModelPair, OptimizerConfig, TrainConfig,
 };
-use es2_wgpu::model::{Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer};
+use es2_wgpu::model::{
+    Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer, WeightsDtype,
+};
 use es2_wgpu::rng::Rng;
 use es2_wgpu::{Error, Gpu, Result};
 
@@ -80,19 +82,21 @@ fn main() -> Result<()> {
     let gpu = Gpu::new()?;
     let config = config_for(&args.model)?;
     let vocab = config.vocab_size;
+    let weights = if args.f16 {
+        WeightsDtype::F16
+    } else {
+        WeightsDtype::F32
+    };
     let run = TrainConfig {
         harmful_batch: args.batch,
         harmless_batch: args.batch,
         max_len: args.max_len,
-        f16_weights: args.f16,
+        weights_dtype: weights,
         recompute: args.recompute,
         ..TrainConfig::default()
     };
     let plan = MemoryPlan::new(&config, &run, &DeviceLimits::of(&gpu))?;
-    let options = LoadOptions {
-        f16_weights: args.f16,
-        ..LoadOptions::default()
-    };
+    let options = LoadOptions::with_weights(weights);
     let init = SeededInit { seed: 7, std: 0.02 };
     let mut model = Transformer::from_source(&gpu, config, &init, &options)?;
     model.attach_lora(&gpu, &LoraConfig::default(), 0)?;

@@ -61,6 +61,7 @@ pub mod prelude {
     pub use crate::gpu::{Gpu, GpuOptions};
     pub use crate::model::{
         embed_prompt, open_model, Embedding, LoadOptions, LoraConfig, SamplingOptions, Transformer,
+        WeightsDtype,
     };
     pub use crate::ops::kl::KlDirection;
     pub use crate::ops::pool::Pool;

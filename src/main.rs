@@ -122,10 +122,10 @@ struct ModelArgs {
     /// A PEFT LoRA adapter folder to apply (e.g. the --out folder of `es2-wgpu train`).
     #[arg(long)]
     lora: Option<std::path::PathBuf>,
-    /// Keep the blocks' projection weights in f16, at half their GPU memory (compute stays
-    /// f32; `export` then writes them as f16, except those a --lora adapter is merged into).
-    #[arg(long)]
-    f16_weights: bool,
+    /// The weights' storage (`export` writes f16 matrices as f16, except the projections a
+    /// --lora adapter is merged into).
+    #[command(flatten)]
+    weights: cli::WeightsArgs,
     /// Refuse weights that hold NaN or infinity (by default they load with a warning).
     #[arg(long)]
     strict: bool,
@@ -134,7 +134,7 @@ struct ModelArgs {
 impl ModelArgs {
     fn open(&self, gpu: &Gpu) -> Result<(es2_wgpu::model::Transformer, Tokenizer)> {
         let options = LoadOptions {
-            f16_weights: self.f16_weights,
+            weights: self.weights.dtype(),
             strict: self.strict,
             ..LoadOptions::default()
         };

@@ -266,8 +266,9 @@ fn info_json_parses() {
     assert!(out["adapters"].as_array().is_some_and(|a| !a.is_empty()));
 }
 
-/// `--f16-weights` on a checkpoint whose weights are f16 in the file: generation gives the
-/// f32 load's tokens (the storage is exact), and `export` writes the projections as F16.
+/// `--f16-weights` (the older name of `--weights-dtype f16`) and `--weights-dtype auto` on a
+/// checkpoint whose weights are f16 in the file: generation gives the f32 load's tokens (the
+/// storage is exact), and `export` writes the projections and the embedding as F16.
 #[test]
 fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
     let model = manifest().join("tests/fixtures/models/qwen2-f16");
@@ -286,7 +287,9 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
         argv.extend_from_slice(extra);
         u32s(&es2_json(&argv)["output_ids"])
     };
-    assert_eq!(generate(&["--f16-weights"]), generate(&[]));
+    let f32_tokens = generate(&[]);
+    assert_eq!(generate(&["--f16-weights"]), f32_tokens);
+    assert_eq!(generate(&["--weights-dtype", "auto"]), f32_tokens);
 
     let out = std::env::temp_dir().join(format!("es2-cli-f16-{}", std::process::id()));
     let exported = es2(&[
@@ -309,6 +312,7 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
         dtype("model.layers.0.mlp.down_proj.weight"),
         safetensors::Dtype::F16
     );
+    assert_eq!(dtype("model.embed_tokens.weight"), safetensors::Dtype::F16);
     assert_eq!(dtype("model.norm.weight"), safetensors::Dtype::F32);
     std::fs::remove_dir_all(&out).unwrap();
 }
@@ -326,7 +330,8 @@ fn train_dry_run_plans_a_7b_model_from_its_config_alone() {
         "--max-len",
         "256",
         "--recompute",
-        "--f16-weights",
+        "--weights-dtype",
+        "auto",
         "--gpu-memory",
         "24GB",
     ];
@@ -350,8 +355,9 @@ fn train_dry_run_plans_a_7b_model_from_its_config_alone() {
     let total = json["plan"]["total"].as_u64().unwrap();
     assert!(total > 10 << 30 && total < 24 << 30, "{total}");
 
-    // Without recomputation and f16 weights it does not fit 24 GB: the plan says what would.
-    let out = es2(&[&args[..6], &args[8..]].concat());
+    // Without recomputation and f16 weights (auto is f16: config.json declares bfloat16) it
+    // does not fit 24 GB: the plan says what would.
+    let out = es2(&[&args[..6], &args[9..]].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(stdout.contains("does not fit"), "{stdout}");

@@ -133,9 +133,9 @@ pub struct EvalArgs {
     #[arg(long)]
     mmlu_questions: Option<usize>,
 
-    /// Keep the blocks' projection weights in f16, at half their GPU memory.
-    #[arg(long)]
-    f16_weights: bool,
+    /// The weights' storage.
+    #[command(flatten)]
+    weights: super::WeightsArgs,
     /// Refuse model weights that hold NaN or infinity (by default they load with a warning).
     #[arg(long)]
     strict: bool,
@@ -190,7 +190,7 @@ impl EvalArgs {
             write_ablated: self.write_ablated,
             out: self.out.clone(),
             load: LoadOptions {
-                f16_weights: self.f16_weights,
+                weights: self.weights.dtype(),
                 strict: self.strict,
                 ..LoadOptions::default()
             },

@@ -8,8 +8,35 @@ pub mod train;
 use std::collections::BTreeSet;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory};
+use clap::{ArgMatches, Args, CommandFactory};
+use es2_wgpu::model::WeightsDtype;
 use es2_wgpu::{DeviceFault, Error};
+
+/// How the model's weight matrices are stored on the GPU: `--weights-dtype`, or the older
+/// `--f16-weights` it replaces.
+#[derive(Args, Debug, Clone)]
+pub struct WeightsArgs {
+    /// The element type of the frozen weight matrices (block projections, embedding, LM
+    /// head) on the GPU: f16 takes half their memory (compute stays f32); auto is f16 when
+    /// config.json declares f16 or bf16 weights (bf16 is narrowed to f16, not kept as bf16),
+    /// else f32. Norms and biases stay f32.
+    #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
+    pub weights_dtype: WeightsDtype,
+    /// The same as --weights-dtype f16 (the older flag, kept).
+    #[arg(long, conflicts_with = "weights_dtype")]
+    pub f16_weights: bool,
+}
+
+impl WeightsArgs {
+    /// The dtype asked for.
+    pub fn dtype(&self) -> WeightsDtype {
+        if self.f16_weights {
+            WeightsDtype::F16
+        } else {
+            self.weights_dtype
+        }
+    }
+}
 
 /// The argument ids of the running subcommand that the user set, on the command line or
 /// through the environment (not those left at their defaults).

@@ -115,11 +115,10 @@ pub struct TrainArgs {
     /// Also write a merged Hugging Face model folder (out/merged).
     #[arg(long)]
     merge: bool,
-    /// Keep the frozen base weights' block projections in f16, at half their GPU memory
-    /// (the model of a LoRA run; the frozen reference copy of an es2 run under --full; an sft
-    /// run under --full has none). Compute stays f32.
-    #[arg(long)]
-    f16_weights: bool,
+    /// The frozen weights' storage: the model of a LoRA run; the frozen reference copy of an
+    /// es2 run under --full (an sft run under --full has none).
+    #[command(flatten)]
+    weights: super::WeightsArgs,
     /// Refuse model weights that hold NaN or infinity (by default they load with a warning).
     #[arg(long)]
     strict: bool,
@@ -345,7 +344,7 @@ impl TrainArgs {
         config.chat = !self.no_chat;
         config.merge = self.merge;
         config.overwrite = self.overwrite;
-        config.f16_weights = self.f16_weights;
+        config.weights_dtype = self.weights.dtype();
         config.strict = self.strict;
         config.recompute = self.recompute;
         config.gpu_memory = self.gpu_memory;

@@ -24,7 +24,7 @@ use serde::Serialize;
 use super::objective::{embedding_index, Es2Config};
 use super::trainer::{Task, TrainConfig};
 use crate::gpu::{pooled_size, rows_per_binding, DType, Gpu, UNIFORM_CHUNK_BYTES};
-use crate::model::{Config, LoraConfig, Projection, SavePolicy};
+use crate::model::{Config, LoraConfig, Projection, SavePolicy, WeightsDtype};
 use crate::ops::attention::{attention_backward_scratch_bytes, AttentionShape};
 use crate::ops::grad_norm::grad_norm_scratch_bytes;
 use crate::ops::matmul::{gemm_scratch_bytes, Gemm};
@@ -39,7 +39,7 @@ pub enum Component {
     /// Weights that do not train, stored in f32 (embedding, LM head, norms, biases; the block
     /// projections without f16 weights).
     FrozenF32,
-    /// Frozen block projections stored in f16.
+    /// Frozen weight matrices (block projections, embedding, LM head) stored in f16.
     FrozenF16,
     /// The parameters that train (LoRA adapters, or every weight), f32.
     Trained,
@@ -151,7 +151,8 @@ pub struct PlanSettings {
     pub task: Task,
     /// LoRA's rank and targets, or `None` for full fine-tuning.
     pub lora: Option<LoraConfig>,
-    /// The frozen block projections in f16.
+    /// The frozen weight matrices (block projections, embedding, LM head) in f16: the run's
+    /// `weights_dtype` as it resolves for this model.
     pub f16_weights: bool,
     /// Only block inputs are kept; blocks run again in the backward.
     pub recompute: bool,
@@ -260,7 +261,7 @@ impl fmt::Display for MemoryPlan {
         let batches: Vec<String> = s.batches.iter().map(usize::to_string).collect();
         writeln!(
             f,
-            "memory plan: {} step of a model of {} parameters, {trained}, frozen projections \
+            "memory plan: {} step of a model of {} parameters, {trained}, frozen matrices \
              in {}, batches {} × {} tokens, recomputation {}",
             match s.task {
                 Task::Es2 => "an ES2",
@@ -412,10 +413,10 @@ pub fn knobs(model: &Config, run: &TrainConfig, device: &DeviceLimits) -> Vec<St
         );
     }
     let frozen_copy = run.lora.is_some() || run.task == Task::Es2;
-    if !run.f16_weights && frozen_copy {
+    if run.weights_dtype.resolve(model) != DType::F16 && frozen_copy {
         try_setting(
-            "f16 frozen weights (f16_weights, --f16-weights)",
-            with(run, |r| r.f16_weights = true),
+            "f16 frozen weights (weights_dtype, --weights-dtype f16)",
+            with(run, |r| r.weights_dtype = WeightsDtype::F16),
         );
     }
     if run.lora.is_none() {
@@ -670,7 +671,7 @@ impl<'a> Walk<'a> {
             lora: run.lora.as_ref(),
             full: run.lora.is_none(),
             dropout: run.lora.as_ref().is_some_and(|l| l.dropout > 0.0),
-            f16_weights: run.f16_weights,
+            f16_weights: run.weights_dtype.resolve(cfg) == DType::F16,
             save: run.save_policy(),
             device: device.clone(),
             trained: Vec::new(),
@@ -694,7 +695,7 @@ impl<'a> Walk<'a> {
             settings: PlanSettings {
                 task: run.task,
                 lora: run.lora.clone(),
-                f16_weights: run.f16_weights,
+                f16_weights: self.f16_weights,
                 recompute: run.recompute,
                 batches,
                 max_len: run.max_len,
@@ -721,7 +722,8 @@ impl<'a> Walk<'a> {
     }
 
     /// Every tensor of the model (`Transformer::from_source`): `(component, name, elements,
-    /// dtype)`. The projections are f16 when `f16` (frozen weights only).
+    /// dtype)`. The matrices (projections, embedding, LM head) are f16 when `f16` (frozen
+    /// weights only).
     fn model_tensors(
         &self,
         trained: bool,
@@ -741,7 +743,7 @@ impl<'a> Walk<'a> {
         let mut out = Vec::new();
         let vocab = |out: &mut Vec<_>, name| {
             for rows in self.vocab_chunks() {
-                out.push((f32_part, name, rows * c.hidden_size, DType::F32));
+                out.push((proj_part, name, rows * c.hidden_size, proj_dtype));
             }
         };
         vocab(&mut out, "the embedding");

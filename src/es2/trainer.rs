@@ -17,7 +17,9 @@ use super::plan::{self, human_bytes, DeviceLimits, MemoryPlan};
 use super::report::{Evaluation, StepReport};
 use crate::eval::refusal::{heldout_sample, refusal_rates, RefusalRates, ReplyOptions};
 use crate::gpu::Gpu;
-use crate::model::{open_config, open_model, LoadOptions, LoraConfig, SavePolicy, Trainable};
+use crate::model::{
+    open_config, open_model, LoadOptions, LoraConfig, SavePolicy, Trainable, WeightsDtype,
+};
 use crate::text::Tokenizer;
 use crate::{Error, Result};
 
@@ -103,11 +105,15 @@ pub struct TrainConfig {
     pub merge: bool,
     /// Replace the results of an earlier run in `out` instead of refusing to.
     pub overwrite: bool,
-    /// Store the frozen base weights' block projections in f16 (half their memory; see
-    /// [`LoadOptions::f16_weights`]): the whole model of a LoRA run, the frozen reference copy
-    /// of a full ES2 fine-tune (whose trained copy stays f32). A full SFT run has no frozen
-    /// weights.
-    pub f16_weights: bool,
+    /// The element type of the frozen weights' matrices (block projections, embedding, LM
+    /// head; see [`LoadOptions::weights`]): the whole model of a LoRA run, the frozen
+    /// reference copy of a full ES2 fine-tune (whose trained copy stays f32). A full SFT run
+    /// has no frozen weights. Read from the `f16-weights` flag of runs saved before it.
+    #[serde(
+        alias = "f16-weights",
+        deserialize_with = "WeightsDtype::deserialize_or_flag"
+    )]
+    pub weights_dtype: WeightsDtype,
     /// Refuse model weights holding NaN or ±Inf (see [`LoadOptions::strict`]).
     pub strict: bool,
     /// Activation recomputation: the forwards keep only each block's input and the backward
@@ -150,7 +156,7 @@ impl Default for TrainConfig {
             chat: true,
             merge: false,
             overwrite: false,
-            f16_weights: false,
+            weights_dtype: WeightsDtype::F32,
             strict: false,
             recompute: false,
             gpu_memory: None,
@@ -214,9 +220,9 @@ impl TrainConfig {
             }
             Task::Sft => {
                 at_least("sft_batch", 1, self.sft_batch)?;
-                if self.f16_weights && self.lora.is_none() {
+                if self.weights_dtype == WeightsDtype::F16 && self.lora.is_none() {
                     return Err(Error::config(
-                        "f16_weights",
+                        "weights_dtype",
                         "a full fine-tune under sft trains every weight in f32 and keeps no \
                          frozen copy to store in f16",
                     ));
@@ -729,15 +735,15 @@ fn plan_memory(
 }
 
 /// The model (with fresh adapters, or, for full fine-tuning under ES2, with a frozen copy for
-/// the KL's reference logits) and its tokenizer. The frozen weights are f16 when
-/// `config.f16_weights`.
+/// the KL's reference logits) and its tokenizer. The frozen weights are stored as
+/// `config.weights_dtype` says.
 fn load_models(gpu: &Gpu, config: &TrainConfig) -> Result<(ModelPair, Tokenizer)> {
     let options = LoadOptions {
         strict: config.strict,
         ..LoadOptions::default()
     };
     let frozen_options = LoadOptions {
-        f16_weights: config.f16_weights,
+        weights: config.weights_dtype,
         ..options.clone()
     };
     match &config.lora {
@@ -782,7 +788,7 @@ fn weights_message(models: &ModelPair) -> String {
     }
     let f16 = !models.base_model().f16_weight_names().is_empty();
     format!(
-        "{what}: {} on the GPU, block projections of the frozen base in {}",
+        "{what}: {} on the GPU, the frozen base's matrices in {}",
         human_bytes(bytes),
         if f16 { "f16" } else { "f32" }
     )

@@ -12,7 +12,7 @@ use crate::{Error, Result};
 pub enum DType {
     /// IEEE single precision: every activation, gradient and trainable weight.
     F32,
-    /// IEEE half precision (frozen weights with `f16_weights`, f16 checkpoints).
+    /// IEEE half precision (frozen weights stored in f16: `LoadOptions::weights`).
     F16,
     /// bfloat16, stored as raw 16-bit patterns (WGSL has no bf16; kernels widen it).
     BF16,

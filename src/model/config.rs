@@ -96,7 +96,8 @@ pub struct Config {
     /// The padding id, kept to be written back into a saved `config.json` (batches pad with
     /// id 0 and mask it, whatever this says).
     pub pad_token_id: Option<u32>,
-    /// The dtype the checkpoint declares (`torch_dtype` or `dtype`), informational.
+    /// The dtype the checkpoint declares (`torch_dtype` or `dtype`): what
+    /// [`WeightsDtype::Auto`](super::WeightsDtype::Auto) follows.
     pub torch_dtype: Option<String>,
 }
 

@@ -36,6 +36,6 @@ pub use open::{open_config, open_model};
 pub use params::{ParamSource, SeededInit};
 pub use runner::{Forward, Output, Pass, SavePolicy};
 pub use save::{save_orthogonalised, save_pretrained};
-pub use transformer::{Block, LoadOptions, LoraDropout, Transformer};
+pub use transformer::{Block, LoadOptions, LoraDropout, Transformer, WeightsDtype};
 pub use vocab::VocabMatrix;
 pub use weights::Checkpoint;

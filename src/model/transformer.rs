@@ -21,6 +21,7 @@ use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, rope_forward_at, rope_inv_freq};
 use crate::{Error, Result};
 use half::{f16, slice::HalfFloatSliceExt};
+use serde::{Deserialize, Serialize};
 
 /// One decoder block's parameters.
 #[derive(Debug, Clone)]
@@ -33,30 +34,77 @@ pub struct Block {
     pub proj: PerProjection<Linear>,
 }
 
+/// The element type of a model's weight matrices on the GPU (`--weights-dtype`). 16-bit
+/// matrices take half the memory; the kernels widen them exactly, so all arithmetic stays f32.
+/// They are frozen: full fine-tuning trains f32 weights.
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightsDtype {
+    /// Every weight in f32.
+    #[default]
+    F32,
+    /// The matrices (the blocks' projections, the embedding, the LM head: all but a few
+    /// thousandths of a model) in f16, rounded to nearest even on the host one tensor at a
+    /// time; norms and biases stay f32.
+    F16,
+    /// f16 when `config.json` declares 16-bit weights (`torch_dtype` float16 or bfloat16),
+    /// f32 otherwise. A bf16 checkpoint is narrowed to f16 (bf16 kernels are not written yet),
+    /// which keeps 3 more mantissa bits but fails on a value beyond f16's range (±65504).
+    Auto,
+}
+
+impl WeightsDtype {
+    /// What `self` stores the matrices of a model with `config` as: f32 or f16.
+    pub fn resolve(self, config: &Config) -> DType {
+        let declared_16_bit = matches!(config.torch_dtype.as_deref(), Some("float16" | "bfloat16"));
+        match self {
+            WeightsDtype::F16 => DType::F16,
+            WeightsDtype::Auto if declared_16_bit => DType::F16,
+            WeightsDtype::F32 | WeightsDtype::Auto => DType::F32,
+        }
+    }
+
+    /// Reads a `WeightsDtype`, or the `f16-weights` flag it replaced (`true` is f16): runs
+    /// saved before `--weights-dtype` resume as they ran.
+    pub(crate) fn deserialize_or_flag<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum DtypeOrFlag {
+            Dtype(WeightsDtype),
+            Flag(bool),
+        }
+        Ok(match DtypeOrFlag::deserialize(deserializer)? {
+            DtypeOrFlag::Dtype(dtype) => dtype,
+            DtypeOrFlag::Flag(true) => WeightsDtype::F16,
+            DtypeOrFlag::Flag(false) => WeightsDtype::F32,
+        })
+    }
+}
+
 /// How to place the model on the device.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Treat bindings larger than this as impossible (defaults to the adapter's limit); a
     /// small value forces the vocabulary-sized matrices into many chunks.
     pub max_binding_bytes: Option<u64>,
-    /// Store the blocks' projection weights (q, k, v, o, gate, up, down: over 95% of a large
-    /// model) in f16, at half the memory. They are rounded to nearest on the host, one tensor
-    /// at a time; the kernels widen them exactly, so all arithmetic stays f32. Such a model
-    /// runs, generates and trains LoRA adapters, but its own weights cannot train (full
-    /// fine-tuning needs f32). Embeddings, LM head, norms and biases stay f32.
-    pub f16_weights: bool,
+    /// The element type of the weight matrices (the blocks' projections, the embedding and
+    /// the LM head). In f16 such a model runs, generates and trains LoRA adapters, but its
+    /// own weights cannot train (full fine-tuning needs f32). Norms and biases stay f32.
+    pub weights: WeightsDtype,
     /// Refuse a checkpoint whose weights hold NaN or ±Inf (by default it loads, with a
     /// warning on stderr naming each such tensor).
     pub strict: bool,
 }
 
 impl LoadOptions {
-    /// The element type of the blocks' projection weights.
-    pub fn projection_dtype(&self) -> DType {
-        if self.f16_weights {
-            DType::F16
-        } else {
-            DType::F32
+    /// `LoadOptions` with the matrices stored as `weights`, the rest default.
+    pub fn with_weights(weights: WeightsDtype) -> Self {
+        LoadOptions {
+            weights,
+            ..LoadOptions::default()
         }
     }
 }
@@ -66,7 +114,8 @@ impl LoadOptions {
 pub struct Transformer {
     /// The configuration the weights were checked against.
     pub config: Config,
-    /// The token embedding `[V, C]` (f32), in row chunks that each fit a binding.
+    /// The token embedding `[V, C]` (f32, or f16 per [`LoadOptions::weights`]), in row
+    /// chunks that each fit a binding.
     pub embed: VocabMatrix,
     /// The decoder blocks, first to last.
     pub blocks: Vec<Block>,
@@ -146,13 +195,15 @@ impl Transformer {
     ) -> Result<Self> {
         let c = &config;
         let max_binding = options.max_binding_bytes.unwrap_or(gpu.max_binding_bytes());
+        let dtype = options.weights.resolve(c);
         let vocab = |name: &str| {
-            VocabMatrix::load(gpu, source, name, c.vocab_size, c.hidden_size, max_binding)
+            let shape = (c.vocab_size, c.hidden_size);
+            VocabMatrix::load(gpu, source, name, shape, max_binding, dtype)
         };
         let name = |param: Param| param.hf_name(c.architecture);
         let embed = vocab(&name(Param::Embed))?;
         let blocks = (0..c.num_hidden_layers)
-            .map(|layer| load_block(gpu, c, source, layer, options.projection_dtype()))
+            .map(|layer| load_block(gpu, c, source, layer, dtype))
             .collect::<Result<Vec<_>>>()?;
         let final_norm = upload(gpu, source, &name(Param::FinalNorm), &[c.hidden_size])?;
         let lm_head = if c.tie_word_embeddings {
@@ -198,14 +249,25 @@ impl Transformer {
             + self.lm_head.as_ref().map_or(0, vocab)
     }
 
-    /// The Hugging Face names of the weights stored in f16 (see [`LoadOptions::f16_weights`]).
+    /// The Hugging Face names of the weights stored in f16 (see [`LoadOptions::weights`]):
+    /// the blocks' projections first, then the embedding and the LM head.
     pub fn f16_weight_names(&self) -> Vec<String> {
+        let arch = self.config.architecture;
         let mut names = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
             for (p, linear) in block.proj.iter() {
                 if linear.weight.dtype() == DType::F16 {
-                    names.push(Param::Weight(layer, p).hf_name(self.config.architecture));
+                    names.push(Param::Weight(layer, p).hf_name(arch));
                 }
+            }
+        }
+        let vocab = [
+            (Param::Embed, Some(&self.embed)),
+            (Param::LmHead, self.lm_head.as_ref()),
+        ];
+        for (param, matrix) in vocab {
+            if matrix.is_some_and(|m| m.dtype() == DType::F16) {
+                names.push(param.hf_name(arch));
             }
         }
         names
@@ -396,8 +458,7 @@ fn upload(gpu: &Gpu, source: &dyn ParamSource, name: &str, shape: &[usize]) -> R
     Tensor::from_f32(gpu, shape, &data)
 }
 
-/// Tensor `name` uploaded as `dtype`: f32, or f16 rounded to nearest even on the host (only
-/// this tensor is ever held twice, as f32 and as f16).
+/// Tensor `name` uploaded as `dtype` (see [`store_as`]).
 fn upload_as(
     gpu: &Gpu,
     source: &dyn ParamSource,
@@ -405,12 +466,21 @@ fn upload_as(
     shape: &[usize],
     dtype: DType,
 ) -> Result<Tensor> {
+    store_as(gpu, name, shape, &source.tensor(name, shape)?, dtype)
+}
+
+/// `data` (of tensor `name`) uploaded as `dtype`: f32, or f16 rounded to nearest even on the
+/// host (only this part of the model is ever held twice, as f32 and as f16).
+pub(super) fn store_as(
+    gpu: &Gpu,
+    name: &str,
+    shape: &[usize],
+    data: &[f32],
+    dtype: DType,
+) -> Result<Tensor> {
     match dtype {
-        DType::F32 => upload(gpu, source, name, shape),
-        DType::F16 => {
-            let halves = to_f16(name, &source.tensor(name, shape)?)?;
-            Tensor::from_f16(gpu, shape, &halves)
-        }
+        DType::F32 => Tensor::from_f32(gpu, shape, data),
+        DType::F16 => Tensor::from_f16(gpu, shape, &to_f16(name, data)?),
         other => unreachable!("weights are stored as f32 or f16, not {other}"),
     }
 }
@@ -427,7 +497,7 @@ fn to_f16(name: &str, data: &[f32]) -> Result<Vec<f16>> {
     if let Some(i) = overflow {
         return Err(Error::InvalidArgument(format!(
             "{name}: element {i} ({}) is beyond the f16 range (±65504); load this model \
-             with f32 weights (f16_weights off)",
+             with f32 weights (--weights-dtype f32)",
             data[i]
         )));
     }

@@ -1,14 +1,18 @@
 //! Vocabulary-sized matrices (the token embedding and the LM head), split into row chunks so
-//! that no binding exceeds the adapter's `max_storage_buffer_binding_size`.
+//! that no binding exceeds the adapter's `max_storage_buffer_binding_size`. A frozen matrix
+//! may be stored in f16: the lookup and the GEMM widen it exactly as they read it. Its chunks
+//! have the rows an f32 matrix's would have, so the chunking does not depend on the dtype.
 
 use crate::gpu::{rows_per_binding, DType, Gpu, Recorder, Tensor};
 use crate::ops::embedding::embedding_forward;
 use crate::ops::matmul::{gemm, Gemm, MatmulOptions, Strided};
 use crate::Result;
+use half::f16;
 
 use super::params::ParamSource;
+use super::transformer::store_as;
 
-/// A `[rows, cols]` f32 matrix stored as consecutive row chunks of `chunk_rows` rows.
+/// A `[rows, cols]` f32 or f16 matrix stored as consecutive row chunks of `chunk_rows` rows.
 #[derive(Debug, Clone)]
 pub struct VocabMatrix {
     /// The row chunks in order, chunk `i` holding rows `i·chunk_rows ..`, each
@@ -31,21 +35,22 @@ impl VocabMatrix {
         rows_per_binding(rows, cols, max_binding)
     }
 
-    /// Loads tensor `name` (`[rows, cols]`) chunk by chunk.
+    /// Loads tensor `name` (`[rows, cols]`) chunk by chunk, stored as `dtype` (f32 or f16).
     pub fn load(
         gpu: &Gpu,
         source: &dyn ParamSource,
         name: &str,
-        rows: usize,
-        cols: usize,
+        (rows, cols): (usize, usize),
         max_binding: u64,
+        dtype: DType,
     ) -> Result<Self> {
         let chunk_rows = Self::chunk_rows_for(rows, cols, max_binding);
         let mut chunks = Vec::new();
         for start in (0..rows).step_by(chunk_rows) {
             let end = (start + chunk_rows).min(rows);
             let data = source.rows(name, &[rows, cols], start..end)?;
-            chunks.push(Tensor::from_f32(gpu, [end - start, cols], &data)?);
+            let part = format!("{name} (rows {start}..{end})");
+            chunks.push(store_as(gpu, &part, &[end - start, cols], &data, dtype)?);
             gpu.flush_uploads();
         }
         Ok(VocabMatrix {
@@ -55,6 +60,11 @@ impl VocabMatrix {
             cols,
             max_binding,
         })
+    }
+
+    /// The element type it is stored as (f32, or f16 when frozen).
+    pub fn dtype(&self) -> DType {
+        self.chunks[0].dtype()
     }
 
     /// (first row, chunk) pairs.
@@ -158,7 +168,7 @@ impl VocabMatrix {
         }
     }
 
-    /// An all-zero matrix of the same shape and chunking (for gradients).
+    /// An all-zero f32 matrix of the same shape and chunking (for gradients).
     pub fn zeros_like(&self, gpu: &Gpu) -> Self {
         VocabMatrix {
             chunks: self
@@ -170,11 +180,17 @@ impl VocabMatrix {
         }
     }
 
-    /// Host copy of the whole matrix.
+    /// Host copy of the whole matrix, in f32 (f16 widened exactly).
     pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for chunk in &self.chunks {
-            out.extend(chunk.to_f32(gpu)?);
+            if chunk.dtype() == DType::F16 {
+                let bytes = chunk.to_bytes(gpu)?;
+                let halves: Vec<f16> = bytemuck::pod_collect_to_vec(&bytes);
+                out.extend(halves.iter().map(|h| h.to_f32()));
+            } else {
+                out.extend(chunk.to_f32(gpu)?);
+            }
         }
         Ok(out)
     }

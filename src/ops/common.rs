@@ -20,7 +20,24 @@ pub(crate) fn launch_per_item<P: bytemuck::Pod>(
     params: &P,
     items: usize,
 ) {
-    let kernel = rec.gpu().kernel(spec, &[("WG", WG)]);
+    launch_per_item_with(rec, spec, &[], tensors, params, items);
+}
+
+/// [`launch_per_item`] with the kernel's own pipeline overrides (a variant such as an
+/// operand's element type) besides `WG`.
+pub(crate) fn launch_per_item_with<P: bytemuck::Pod>(
+    rec: &mut Recorder,
+    spec: &'static KernelSpec,
+    overrides: &[(&'static str, u32)],
+    tensors: &[&Tensor],
+    params: &P,
+    items: usize,
+) {
+    let overrides: Vec<_> = [("WG", WG)]
+        .into_iter()
+        .chain(overrides.iter().copied())
+        .collect();
+    let kernel = rec.gpu().kernel(spec, &overrides);
     rec.dispatch(&kernel, tensors, params, Grid::threads(items, WG));
 }
 

@@ -10,8 +10,12 @@
 //! The gradient gives every table row one writer, without atomics: [`EmbeddingGradIndex`]
 //! (built on the host from the ids) lists each unique id's positions in increasing order, and
 //! one GPU thread per (id, column) adds `dout` over them in that order.
+//!
+//! A frozen table may be stored in f16 (half the memory): the lookup widens it exactly to f32
+//! as it reads (the kernel's `TABLE_F16` variant), so `out` holds exactly the table's values.
+//! A trained table, and so every gradient, is f32.
 
-use super::common::{expect_elements, launch_per_item};
+use super::common::{expect_elements, launch_per_item, launch_per_item_with};
 use crate::gpu::{read, read_write, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 use crate::{Error, Result};
@@ -42,12 +46,21 @@ struct Params {
     uniques: u32,
 }
 
-/// `[chunk_rows, C]` of a table chunk, checked against `[tokens, C]` activations.
-fn chunk_shape(op: &str, chunk: &Tensor, acts: &Tensor, first_row: usize) -> (usize, usize) {
-    for (name, t) in [("table chunk", chunk), ("activations", acts)] {
+/// `[chunk_rows, C]` of a table chunk (its element type one of `table_dtypes`), checked
+/// against `[tokens, C]` f32 activations.
+fn chunk_shape(
+    op: &str,
+    (chunk, table_dtypes): (&Tensor, &[DType]),
+    acts: &Tensor,
+    first_row: usize,
+) -> (usize, usize) {
+    for (name, t, dtypes) in [
+        ("table chunk", chunk, table_dtypes),
+        ("activations", acts, &[DType::F32][..]),
+    ] {
         assert!(
-            t.dtype() == DType::F32 && t.shape().rank() == 2,
-            "{op}: the {name} must be a 2-D f32 tensor, got {t:?}"
+            dtypes.contains(&t.dtype()) && t.shape().rank() == 2,
+            "{op}: the {name} must be a 2-D tensor of {dtypes:?}, got {t:?}"
         );
     }
     let (chunk_rows, cols) = (chunk.dims()[0], chunk.dims()[1]);
@@ -67,6 +80,7 @@ fn chunk_shape(op: &str, chunk: &Tensor, acts: &Tensor, first_row: usize) -> (us
 /// `out[t, :] = table[ids[t], :]` for every token whose id lies in the chunk
 /// `table_chunk = table[first_row .. first_row + chunk_rows]`; the other rows of `out` are left
 /// untouched. With the whole table as one chunk (`first_row` 0) this is the plain lookup.
+/// The chunk is f32 or f16 (widened exactly).
 pub fn embedding_forward(
     rec: &mut Recorder,
     ids: &Tensor,
@@ -75,7 +89,8 @@ pub fn embedding_forward(
     out: &Tensor,
 ) {
     let op = "embedding_forward";
-    let (chunk_rows, cols) = chunk_shape(op, table_chunk, out, first_row);
+    let table = (table_chunk, &[DType::F32, DType::F16][..]);
+    let (chunk_rows, cols) = chunk_shape(op, table, out, first_row);
     let tokens = out.dims()[0];
     expect_elements(op, "ids (one per row of out)", ids, DType::U32, &[tokens]);
     let params = Params {
@@ -87,7 +102,8 @@ pub fn embedding_forward(
         uniques: 0,
     };
     let tensors = [ids, table_chunk, out];
-    launch_per_item(rec, &FORWARD, &tensors, &params, tokens * cols);
+    let f16 = [("TABLE_F16", u32::from(table_chunk.dtype() == DType::F16))];
+    launch_per_item_with(rec, &FORWARD, &f16, &tensors, &params, tokens * cols);
 }
 
 /// The inverse of a batch's token ids, in CSR form: the sorted unique ids, and for the i-th of
@@ -144,7 +160,8 @@ pub fn embedding_backward(
     first_row: usize,
 ) {
     let op = "embedding_backward";
-    let (chunk_rows, cols) = chunk_shape(op, dtable_chunk, dout, first_row);
+    let dtable = (dtable_chunk, &[DType::F32][..]);
+    let (chunk_rows, cols) = chunk_shape(op, dtable, dout, first_row);
     assert_eq!(
         dout.dims()[0],
         index.tokens(),

@@ -14,7 +14,9 @@ use es2_wgpu::es2::{
     measure_base_stats, Es2Engine, ModelPair, Quiet, SftEngine, StepReport, Task, TrainConfig,
     TrainObserver, Trainer,
 };
-use es2_wgpu::model::{Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer};
+use es2_wgpu::model::{
+    Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer, WeightsDtype,
+};
 use es2_wgpu::rng::Rng;
 use es2_wgpu::testing::assert_bit_identical;
 use es2_wgpu::{Error, Gpu};
@@ -66,16 +68,13 @@ fn run(task: Task, lora: bool, b: [usize; 2], max_len: usize, recompute: bool) -
 /// frozen one for full ES2.
 fn models(gpu: &Gpu, config: &Config, run: &TrainConfig) -> ModelPair {
     let init = SeededInit { seed: 5, std: 0.05 };
-    let load = |f16_weights| {
-        let options = LoadOptions {
-            f16_weights,
-            ..LoadOptions::default()
-        };
+    let load = |weights| {
+        let options = LoadOptions::with_weights(weights);
         Transformer::from_source(gpu, config.clone(), &init, &options).unwrap()
     };
     match &run.lora {
         Some(lora) => {
-            let mut tuned = load(run.f16_weights);
+            let mut tuned = load(run.weights_dtype);
             tuned.attach_lora(gpu, lora, 3).unwrap();
             ModelPair {
                 tuned,
@@ -83,8 +82,8 @@ fn models(gpu: &Gpu, config: &Config, run: &TrainConfig) -> ModelPair {
             }
         }
         None => ModelPair {
-            tuned: load(false),
-            frozen: (run.task == Task::Es2).then(|| load(run.f16_weights)),
+            tuned: load(WeightsDtype::F32),
+            frozen: (run.task == Task::Es2).then(|| load(run.weights_dtype)),
         },
     }
 }
@@ -242,12 +241,12 @@ fn plan_matches_the_peak_of_stories260k_full_es2_and_lora_sft() {
 #[test]
 fn plan_matches_the_peak_of_a_medium_qwen2_shape() {
     let f16 = TrainConfig {
-        f16_weights: true,
+        weights_dtype: WeightsDtype::F16,
         ..run(Task::Es2, true, [4, 4], 48, false)
     };
     check("medium f16 LoRA", medium(), f16);
     let recompute = TrainConfig {
-        f16_weights: true,
+        weights_dtype: WeightsDtype::F16,
         ..run(Task::Es2, true, [4, 4], 48, true)
     };
     check("medium f16 LoRA, recompute", medium(), recompute);
@@ -460,7 +459,12 @@ fn a_run_that_cannot_fit_fails_before_anything_loads() {
     let Error::DoesNotFit { message } = &error else {
         panic!("expected DoesNotFit, got {error}");
     };
-    for wanted in ["16.00 GiB", "memory plan", "--recompute", "--f16-weights"] {
+    for wanted in [
+        "16.00 GiB",
+        "memory plan",
+        "--recompute",
+        "--weights-dtype f16",
+    ] {
         assert!(message.contains(wanted), "{wanted} missing from: {message}");
     }
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use es2_wgpu::es2::{Quiet, TrainConfig, TrainObserver, Trainer};
 use es2_wgpu::eval::refusal::{heldout_sample, refusal_rates};
-use es2_wgpu::model::{open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer};
+use es2_wgpu::model::{
+    open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer, WeightsDtype,
+};
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 use es2_wgpu::Error;
 use serde_json::Value;
@@ -257,9 +259,9 @@ impl TrainObserver for Messages {
 
 /// The losses of three steps of `config` with the frozen weights in f16 or not, and the
 /// trainer's messages.
-fn three_losses(config: &TrainConfig, f16_weights: bool) -> (Vec<f64>, Vec<String>) {
+fn three_losses(config: &TrainConfig, weights_dtype: WeightsDtype) -> (Vec<f64>, Vec<String>) {
     let config = TrainConfig {
-        f16_weights,
+        weights_dtype,
         overwrite: true,
         ..config.clone()
     };
@@ -286,8 +288,8 @@ fn runs_with_f16_frozen_weights_follow_the_f32_runs() {
         ..lora.clone()
     };
     for (kind, config) in [("LoRA", lora), ("full", full)] {
-        let (f32_losses, f32_messages) = three_losses(&config, false);
-        let (f16_losses, f16_messages) = three_losses(&config, true);
+        let (f32_losses, f32_messages) = three_losses(&config, WeightsDtype::F32);
+        let (f16_losses, f16_messages) = three_losses(&config, WeightsDtype::F16);
         let scale = f32_losses[0].abs();
         for (step, (a, b)) in f16_losses.iter().zip(&f32_losses).enumerate() {
             let diff = (a - b).abs() / scale;
@@ -310,6 +312,27 @@ fn runs_with_f16_frozen_weights_follow_the_f32_runs() {
         assert!(line16.ends_with("in f16") && line32.ends_with("in f32"));
     }
     std::fs::remove_dir_all(out).unwrap();
+}
+
+/// Runs saved before `--weights-dtype` stored the `f16-weights` flag: they resume with the
+/// storage they ran with.
+#[test]
+fn a_saved_f16_weights_flag_reads_as_the_weights_dtype() {
+    let read = |json: &str| {
+        serde_json::from_str::<TrainConfig>(json)
+            .unwrap()
+            .weights_dtype
+    };
+    assert_eq!(read(r#"{"f16-weights": true}"#), WeightsDtype::F16);
+    assert_eq!(read(r#"{"f16-weights": false}"#), WeightsDtype::F32);
+    assert_eq!(read(r#"{"weights-dtype": "auto"}"#), WeightsDtype::Auto);
+    assert_eq!(read("{}"), WeightsDtype::F32);
+    let saved = TrainConfig {
+        weights_dtype: WeightsDtype::F16,
+        ..TrainConfig::default()
+    };
+    let saved = serde_json::to_value(saved).unwrap();
+    assert_eq!(saved["weights-dtype"], "f16");
 }
 
 #[test]

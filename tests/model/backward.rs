@@ -5,7 +5,7 @@
 
 use es2_wgpu::model::{
     Batch, Gradients, LoadOptions, LoraConfig, Output, Pass, SavePolicy, Seeds, Trainable,
-    Transformer,
+    Transformer, WeightsDtype,
 };
 use es2_wgpu::rng::Rng;
 use es2_wgpu::testing::{download, gpu, randn, upload};
@@ -195,11 +195,5 @@ fn lora_backward_matches_directional_finite_differences() {
 /// gradients dX = dY·W both read the f16 weights).
 #[test]
 fn lora_backward_with_f16_base_weights_matches_directional_finite_differences() {
-    check_lora(
-        "llama-f32",
-        &LoadOptions {
-            f16_weights: true,
-            ..LoadOptions::default()
-        },
-    );
+    check_lora("llama-f32", &LoadOptions::with_weights(WeightsDtype::F16));
 }

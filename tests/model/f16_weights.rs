@@ -1,11 +1,12 @@
-//! Models loaded with f16 projection weights (`LoadOptions::f16_weights`): the forward against
-//! transformers and against the f32 load, generation, merging adapters, saving, and the
-//! refusal to train f16 weights. (The LoRA backward with f16 weights is in backward.rs.)
+//! Models loaded with f16 weight matrices (`LoadOptions::weights`: the block projections, the
+//! embedding and the LM head): the forward against transformers and against the f32 load,
+//! vocabulary chunks, `auto`, generation, merging adapters, saving, and the refusal to train
+//! f16 weights. (The LoRA backward with f16 weights is in backward.rs.)
 
 use es2_wgpu::gpu::DType;
 use es2_wgpu::model::{
     save_pretrained, Batch, Checkpoint, Gradients, LoadOptions, LoraConfig, Output, Pass,
-    Projection, SamplingOptions, SavePolicy, Trainable, Transformer,
+    Projection, SamplingOptions, SavePolicy, Trainable, Transformer, WeightsDtype,
 };
 use es2_wgpu::rng::Rng;
 use es2_wgpu::testing::{assert_bit_identical, assert_close, download, f64s, gpu};
@@ -15,10 +16,7 @@ use crate::fixtures::{model_dir, Reference};
 use crate::forward::{check_against_transformers, full_forward};
 
 fn f16_options() -> LoadOptions {
-    LoadOptions {
-        f16_weights: true,
-        ..LoadOptions::default()
-    }
+    LoadOptions::with_weights(WeightsDtype::F16)
 }
 
 fn load(name: &str, options: &LoadOptions) -> Transformer {
@@ -31,14 +29,16 @@ fn fixture_batch(name: &str, model: &Transformer) -> Batch {
     Batch::new(gpu(), &r.sequences(), model.config.vocab_size).unwrap()
 }
 
-/// Elements of the blocks' projection weights.
-fn projection_elements(model: &Transformer) -> u64 {
-    model
+/// Elements of the weight matrices: the blocks' projections, the embedding, the LM head.
+fn matrix_elements(model: &Transformer) -> u64 {
+    let projections: u64 = model
         .blocks
         .iter()
         .flat_map(|b| b.proj.values())
         .map(|l| l.weight.numel() as u64)
-        .sum()
+        .sum();
+    let vocab = |m: &es2_wgpu::model::VocabMatrix| (m.rows * m.cols) as u64;
+    projections + vocab(&model.embed) + model.lm_head.as_ref().map_or(0, vocab)
 }
 
 #[test]
@@ -73,12 +73,14 @@ fn llama_f32_with_weights_rounded_to_f16_stays_close_to_the_f32_load() {
         half.blocks[2].proj[Projection::Down].weight.dtype(),
         DType::F16
     );
-    assert_eq!(half.embed.chunks[0].dtype(), DType::F32);
+    assert_eq!(half.embed.dtype(), DType::F16);
+    assert_eq!(half.lm_head.as_ref().unwrap().dtype(), DType::F16);
     assert_eq!(half.blocks[0].attn_norm.dtype(), DType::F32);
     let batch = fixture_batch("llama-f32", &full);
     let (logits16, hidden16) = full_forward(&half, &batch);
     let (logits32, hidden32) = full_forward(&full, &batch);
-    // f16 keeps 11 significant bits: each weight moves by at most 2^-12 of itself.
+    // f16 keeps 11 significant bits: each weight (projections, embedding, untied LM head)
+    // moves by at most 2^-12 of itself (measured: 8.2e-4 relative on the logits).
     assert_close(
         "llama-f32 logits, f16 vs f32 weights",
         &logits16,
@@ -92,16 +94,60 @@ fn llama_f32_with_weights_rounded_to_f16_stays_close_to_the_f32_load() {
         &f64s(&hidden32[last]),
         5e-3,
     );
-    // Exactly the projection weights shrink, by two bytes an element.
+    // Exactly the weight matrices shrink, by two bytes an element.
     assert_eq!(
         full.parameter_bytes() - half.parameter_bytes(),
-        2 * projection_elements(&full)
+        2 * matrix_elements(&full)
     );
     eprintln!(
-        "llama-f32 weights: {} bytes in f32, {} with f16 projections",
+        "llama-f32 weights: {} bytes in f32, {} with f16 matrices",
         full.parameter_bytes(),
         half.parameter_bytes()
     );
+}
+
+/// An f16 embedding and LM head split into many vocabulary chunks (64 rows each; llama-f32's
+/// head is untied, so the lookup and the head's product both cross chunks) compute exactly
+/// what the f16 matrices in one chunk do.
+#[test]
+fn f16_vocabulary_matrices_in_chunks_give_the_logits_of_one_chunk() {
+    let chunked = LoadOptions {
+        max_binding_bytes: Some(64 * 48 * 4),
+        ..f16_options()
+    };
+    let (many, one) = (
+        load("llama-f32", &chunked),
+        load("llama-f32", &f16_options()),
+    );
+    assert_eq!((many.embed.chunks.len(), one.embed.chunks.len()), (5, 1));
+    assert_eq!(many.lm_head.as_ref().unwrap().dtype(), DType::F16);
+    let batch = fixture_batch("llama-f32", &one);
+    let (logits_many, _) = full_forward(&many, &batch);
+    let (logits_one, _) = full_forward(&one, &batch);
+    assert_bit_identical("f16 logits, 5 chunks vs 1", &logits_many, &logits_one);
+    // Read back whole, the chunks widen to the values of the one-chunk matrix.
+    let (a, b) = (
+        many.embed.to_f32(gpu()).unwrap(),
+        one.embed.to_f32(gpu()).unwrap(),
+    );
+    assert_bit_identical("f16 embedding read back, 5 chunks vs 1", &a, &b);
+}
+
+/// `auto` stores the matrices in f16 exactly when config.json declares 16-bit weights
+/// (float16, or bfloat16, narrowed to f16), and f16 is then exact for an f16 checkpoint.
+#[test]
+fn auto_weights_follow_the_dtype_the_checkpoint_declares() {
+    let auto = LoadOptions::with_weights(WeightsDtype::Auto);
+    for (name, want) in [
+        ("qwen2-f16", DType::F16),
+        ("mistral-bf16-sharded", DType::F16),
+        ("llama-f32", DType::F32),
+    ] {
+        let model = load(name, &auto);
+        assert_eq!(model.embed.dtype(), want, "{name}: the embedding");
+        let q = &model.blocks[0].proj[Projection::Q].weight;
+        assert_eq!(q.dtype(), want, "{name}: a projection");
+    }
 }
 
 #[test]
@@ -164,7 +210,9 @@ fn merging_adapters_into_f16_weights_widens_them_to_f32() {
     let unmerged = logits_with_adapters(&half, &batch);
     half.merge_lora(gpu).unwrap();
     full.merge_lora(gpu).unwrap();
-    assert!(half.f16_weight_names().is_empty(), "merged weights are f32");
+    // The merged projections are f32; the embedding (tied head), which no adapter changes,
+    // stays in f16.
+    assert_eq!(half.f16_weight_names(), ["model.embed_tokens.weight"]);
     let (merged16, _) = full_forward(&half, &batch);
     let (merged32, _) = full_forward(&full, &batch);
     // Widening is exact, so both merges compute the same f32 weights.
@@ -191,7 +239,8 @@ fn saving_writes_f16_projections_that_load_back_exactly() {
     let dtype = |name: &str| file.tensor(name).unwrap().dtype();
     assert_eq!(dtype("model.layers.1.mlp.gate_proj.weight"), Dtype::F16);
     assert_eq!(dtype("model.layers.1.self_attn.q_proj.bias"), Dtype::F32);
-    assert_eq!(dtype("model.embed_tokens.weight"), Dtype::F32);
+    assert_eq!(dtype("model.embed_tokens.weight"), Dtype::F16);
+    assert_eq!(dtype("model.norm.weight"), Dtype::F32);
     assert!(saved.contains("model.layers.2.self_attn.o_proj.weight"));
 
     // Loaded back in f32 or f16, the model computes what the original f32 load does.
@@ -202,10 +251,7 @@ fn saving_writes_f16_projections_that_load_back_exactly() {
         let reloaded = Transformer::load(gpu, &dir, &options).unwrap();
         let (got, _) = full_forward(&reloaded, &batch);
         assert_bit_identical(
-            &format!(
-                "saved f16 weights reloaded (f16_weights: {})",
-                options.f16_weights
-            ),
+            &format!("saved f16 weights reloaded ({:?})", options.weights),
             &got,
             &want,
         );

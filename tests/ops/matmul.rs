@@ -379,7 +379,7 @@ fn gemm_rejects_an_operand_that_runs_past_its_tensor() {
 
 /// `n` random weights rounded to f16, every seventh scaled into f16's subnormal range: the
 /// f16 values, and the same values as f32 (exact: every f16 is an f32).
-fn f16_weights(seed: u64, n: usize) -> (Vec<f16>, Vec<f32>) {
+pub(crate) fn f16_weights(seed: u64, n: usize) -> (Vec<f16>, Vec<f32>) {
     let halves: Vec<f16> = randn(seed, n, 1.0)
         .iter()
         .enumerate()
