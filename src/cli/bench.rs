@@ -42,9 +42,8 @@ pub struct BenchArgs {
     /// Train LoRA adapters, rank 16 (the default at the larger shapes).
     #[arg(long)]
     lora: bool,
-    /// Keep the frozen block projections in f16.
-    #[arg(long)]
-    f16_weights: bool,
+    #[command(flatten)]
+    weights: super::WeightsArgs,
     /// Skip the extra step timed kernel by kernel.
     #[arg(long)]
     no_profile: bool,
@@ -74,7 +73,7 @@ impl BenchArgs {
                 (_, true) => Some(Trainable::Lora),
                 _ => None,
             },
-            f16_weights: self.f16_weights,
+            weights: self.weights.dtype(),
             profile: !self.no_profile,
             gemms,
         }

@@ -22,7 +22,8 @@ use super::report::StepReport;
 use super::sft::SftEngine;
 use crate::gpu::{DType, Gpu, KernelTime, Recorder, Tensor};
 use crate::model::{
-    Batch, Config, LoadOptions, LoraConfig, Projection, SeededInit, Targets, Trainable, Transformer,
+    Batch, Config, LoadOptions, LoraConfig, Projection, SeededInit, Targets, Trainable,
+    Transformer, WeightsDtype,
 };
 use crate::ops::matmul::{gemm, Gemm, MatmulOptions};
 use crate::rng::Rng;
@@ -222,8 +223,8 @@ pub struct BenchConfig {
     pub seq_len: Option<usize>,
     /// What trains; `None`: the shape's default.
     pub trainable: Option<Trainable>,
-    /// Keep the frozen block projections in f16 (LoRA runs); always on for `mistral-7b`.
-    pub f16_weights: bool,
+    /// How the frozen weight matrices are stored; `mistral-7b` is always f16.
+    pub weights: WeightsDtype,
     /// Time one more step kernel by kernel (timestamp queries; skipped without them).
     pub profile: bool,
     /// The products of the `gemm` workload; empty: 1024³ and the shape's step products.
@@ -239,7 +240,7 @@ impl Default for BenchConfig {
             batch: None,
             seq_len: None,
             trainable: None,
-            f16_weights: false,
+            weights: WeightsDtype::F32,
             profile: true,
             gemms: Vec::new(),
         }
@@ -551,7 +552,10 @@ impl<'g> StepBench<'g> {
     ) -> Result<Self> {
         let vocab = model_config.vocab_size;
         let options = LoadOptions {
-            f16_weights: config.f16_weights || config.shape == BenchShape::Mistral7b,
+            weights: match config.shape {
+                BenchShape::Mistral7b => WeightsDtype::F16,
+                _ => config.weights,
+            },
             ..LoadOptions::default()
         };
         let init = SeededInit { seed: 7, std: 0.02 };
