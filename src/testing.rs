@@ -8,6 +8,14 @@ use std::sync::OnceLock;
 use crate::gpu::{DType, Gpu, Shape, Tensor};
 use crate::rng::Rng;
 
+/// An empty scratch folder for a test, `es2-{tag}-{name}-{pid}` in the system's temporary
+/// folder (removed first if an earlier run left it; created by whoever writes into it).
+pub fn scratch_dir(tag: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("es2-{tag}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// The device every test in a binary shares. Panics (fails the test) when no adapter exists:
 /// a GPU test never passes by skipping.
 pub fn gpu() -> &'static Gpu {

@@ -11,13 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use es2_wgpu::testing::scratch_dir;
 use serde_json::Value;
-
-pub(super) fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("es2-kill-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 pub(super) fn remove(out: &Path) {
     std::fs::remove_dir_all(out).unwrap();
@@ -225,10 +220,10 @@ fn check_after_kill(out: &Path, reference: &Path, point: &str) {
 
 #[test]
 fn killed_at_any_point_resume_reaches_the_uninterrupted_run_exactly() {
-    let reference = out_dir("reference");
+    let reference = scratch_dir("kill", "reference");
     run_to_end(&fresh_args(&reference, 5));
 
-    let out = out_dir("killed");
+    let out = scratch_dir("kill", "killed");
     // (arguments, point): each process is killed at its point, then the next resumes.
     let chain = [
         (fresh_args(&out, 5), "step:3"),
@@ -287,7 +282,7 @@ fn killed_at_any_point_resume_reaches_the_uninterrupted_run_exactly() {
 /// not continue the earlier run from its checkpoints.
 #[test]
 fn resume_after_a_killed_overwrite_never_continues_the_earlier_run() {
-    let out = out_dir("overwrite");
+    let out = scratch_dir("kill", "overwrite");
     run_to_end(&fresh_args(&out, 5));
     assert!(out.join("checkpoints/step-000004").exists());
     let mut again = fresh_args(&out, 6);

@@ -8,10 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use es2_wgpu::testing::scratch_dir;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-use super::kill::{out_dir, prompt_files, remove};
+use super::kill::{prompt_files, remove};
 
 /// A tiny LoRA run of `steps` steps with a checkpoint after every step.
 fn args(out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
@@ -81,7 +82,7 @@ fn all_finite(tensors: &[(String, Vec<u8>)]) -> bool {
 
 #[test]
 fn a_nonfinite_gradient_stops_the_run_naming_step_and_term_and_the_last_checkpoint_resumes() {
-    let out = out_dir("nonfinite-stop");
+    let out = scratch_dir("kill", "nonfinite-stop");
     let fresh = args(&out, 5, &[]);
     let stopped = run(&fresh, Some("nonfinite-gradient:3"));
     let stderr = String::from_utf8_lossy(&stopped.stderr);
@@ -118,7 +119,7 @@ fn a_nonfinite_gradient_stops_the_run_naming_step_and_term_and_the_last_checkpoi
 
 #[test]
 fn skip_nonfinite_logs_the_step_changes_nothing_and_goes_on() {
-    let out = out_dir("nonfinite-skip");
+    let out = scratch_dir("kill", "nonfinite-skip");
     let done = run(
         &args(&out, 4, &["--skip-nonfinite", "1"]),
         Some("nonfinite-gradient:3"),
@@ -159,7 +160,7 @@ fn skip_nonfinite_logs_the_step_changes_nothing_and_goes_on() {
 
 #[test]
 fn a_gpu_fault_mid_run_is_named_and_the_last_checkpoint_resumes() {
-    let out = out_dir("device-fault");
+    let out = scratch_dir("kill", "device-fault");
     let stopped = run(&args(&out, 4, &[]), Some("device-fault:3"));
     let stderr = String::from_utf8_lossy(&stopped.stderr);
     assert!(!stopped.status.success(), "the run went on: {stderr}");

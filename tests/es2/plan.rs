@@ -18,7 +18,7 @@ use es2_wgpu::model::{
     Batch, Config, LoadOptions, LoraConfig, SeededInit, Trainable, Transformer, WeightsDtype,
 };
 use es2_wgpu::rng::Rng;
-use es2_wgpu::testing::assert_bit_identical;
+use es2_wgpu::testing::{assert_bit_identical, scratch_dir};
 use es2_wgpu::{Error, Gpu};
 use serde_json::Value;
 
@@ -320,12 +320,6 @@ impl TrainObserver for Messages {
     }
 }
 
-fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("es2-plan-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 /// A short tiny-llama run whose prompts are all longer than `max_len` (they keep their last
 /// 12 tokens), so that every step has the planned shapes.
 fn short_run(out: PathBuf) -> TrainConfig {
@@ -346,7 +340,7 @@ fn short_run(out: PathBuf) -> TrainConfig {
 #[test]
 fn a_run_reports_its_peak_beside_the_plan_it_made() {
     let gpu = Gpu::new().unwrap();
-    let out = out_dir("peak");
+    let out = scratch_dir("plan", "peak");
     let mut trainer = Trainer::new(&gpu, short_run(out.clone()), &mut Quiet).unwrap();
     let summary = trainer.run(&mut Quiet).unwrap();
     let error =
@@ -380,7 +374,7 @@ fn a_run_reports_its_peak_beside_the_plan_it_made() {
 #[test]
 fn the_default_run_stays_within_its_plan() {
     let gpu = Gpu::new().unwrap();
-    let out = out_dir("default");
+    let out = scratch_dir("plan", "default");
     let config = TrainConfig {
         out: out.clone(),
         steps: 3,
@@ -408,7 +402,7 @@ fn the_default_run_stays_within_its_plan() {
 #[test]
 fn a_run_that_fits_only_with_recomputation_turns_it_on_and_says_so() {
     let gpu = Gpu::new().unwrap();
-    let out = out_dir("auto-recompute");
+    let out = scratch_dir("plan", "auto-recompute");
     let config = short_run(out.clone());
     let model = tiny_llama();
     let device = DeviceLimits::of(&gpu);
@@ -451,7 +445,7 @@ fn a_run_that_cannot_fit_fails_before_anything_loads() {
         model: model.to_string_lossy().into_owned(),
         gpu_memory: Some(16 << 30),
         max_len: 256,
-        ..short_run(out_dir("cannot-fit"))
+        ..short_run(scratch_dir("plan", "cannot-fit"))
     };
     let started = std::time::Instant::now();
     let error = Trainer::new(&gpu, config, &mut Quiet).err().unwrap();

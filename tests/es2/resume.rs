@@ -4,13 +4,7 @@ use std::path::PathBuf;
 
 use es2_wgpu::es2::{Quiet, TrainConfig, Trainer};
 use es2_wgpu::model::LoraConfig;
-use es2_wgpu::testing::{bits, download, gpu};
-
-fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("es2-resume-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+use es2_wgpu::testing::{bits, download, gpu, scratch_dir};
 
 fn config(out: PathBuf) -> TrainConfig {
     TrainConfig {
@@ -63,12 +57,12 @@ pub(crate) fn trained_bits(trainer: &Trainer) -> Vec<(String, Vec<u32>)> {
 #[test]
 fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
     let gpu = gpu();
-    let whole_out = out_dir("whole");
+    let whole_out = scratch_dir("resume", "whole");
     let mut whole = Trainer::new(gpu, config(whole_out.clone()), &mut Quiet).unwrap();
     whole.run(&mut Quiet).unwrap();
 
     // The same run with a checkpoint every 4 steps, killed after logging step 5.
-    let split_out = out_dir("split");
+    let split_out = scratch_dir("resume", "split");
     let mut first = Trainer::new(
         gpu,
         TrainConfig {
@@ -100,7 +94,7 @@ fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
 
 #[test]
 fn resume_without_a_checkpoint_is_a_clear_error() {
-    let dir = out_dir("empty");
+    let dir = scratch_dir("resume", "empty");
     std::fs::create_dir_all(&dir).unwrap();
     let err = Trainer::resume(gpu(), &dir, None, &mut Quiet)
         .err()

@@ -9,15 +9,9 @@ use es2_wgpu::eval::refusal::{heldout_sample, refusal_rates};
 use es2_wgpu::model::{
     open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer, WeightsDtype,
 };
-use es2_wgpu::testing::{assert_close, download, f64s, gpu};
+use es2_wgpu::testing::{assert_close, download, f64s, gpu, scratch_dir};
 use es2_wgpu::Error;
 use serde_json::Value;
-
-fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("es2-run-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 fn small(out: PathBuf) -> TrainConfig {
     TrainConfig {
@@ -46,6 +40,12 @@ pub(crate) fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
         )
         .unwrap();
     download(gpu, out.logits.as_ref().unwrap())
+}
+
+/// The step lines and the evaluation lines of a metrics log.
+pub(crate) fn steps_and_evaluations(lines: &[Value]) -> (Vec<&Value>, Vec<&Value>) {
+    let with = |key: &str| lines.iter().filter(|v| v.get(key).is_some()).collect();
+    (with("step"), with("eval_step"))
 }
 
 pub(crate) fn json_lines(path: &Path) -> Vec<Value> {
@@ -106,7 +106,7 @@ pub(crate) fn check_curves(path: &Path, labels: &[&str], lines: &[(usize, usize)
 #[test]
 fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_merges() {
     let gpu = gpu();
-    let out = out_dir("lora");
+    let out = scratch_dir("run", "lora");
     let config = TrainConfig {
         merge: true,
         refusal_sample: 3,
@@ -129,11 +129,7 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
     assert_eq!(refusals.after, trainer.measure_refusals().unwrap());
 
     let lines = json_lines(&out.join("metrics.jsonl"));
-    let steps: Vec<&Value> = lines.iter().filter(|v| v.get("step").is_some()).collect();
-    let evals: Vec<&Value> = lines
-        .iter()
-        .filter(|v| v.get("eval_step").is_some())
-        .collect();
+    let (steps, evals) = steps_and_evaluations(&lines);
     assert_eq!(steps.len(), 3);
     assert_eq!(
         evals
@@ -219,7 +215,7 @@ fn a_lora_run_writes_metrics_checkpoints_and_a_peft_adapter_that_reloads_and_mer
 #[test]
 fn a_full_fine_tuning_run_writes_a_model_folder_that_loads_back() {
     let gpu = gpu();
-    let out = out_dir("full");
+    let out = scratch_dir("run", "full");
     let config = TrainConfig {
         lora: None,
         steps: 2,
@@ -281,7 +277,7 @@ fn three_losses(config: &TrainConfig, weights_dtype: WeightsDtype) -> (Vec<f64>,
 /// while a weight read wrongly moves the loss by far more.
 #[test]
 fn runs_with_f16_frozen_weights_follow_the_f32_runs() {
-    let out = out_dir("f16");
+    let out = scratch_dir("run", "f16");
     let lora = small(out.clone());
     let full = TrainConfig {
         lora: None,
@@ -338,7 +334,7 @@ fn a_saved_f16_weights_flag_reads_as_the_weights_dtype() {
 #[test]
 fn an_earlier_run_is_not_overwritten_without_asking() {
     let gpu = gpu();
-    let out = out_dir("keep");
+    let out = scratch_dir("run", "keep");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
     match Trainer::new(gpu, small(out.clone()), &mut Quiet) {
@@ -370,7 +366,7 @@ fn an_earlier_run_is_not_overwritten_without_asking() {
 #[test]
 fn bad_datasets_name_the_file_and_the_row() {
     let gpu = gpu();
-    let dir = out_dir("data");
+    let dir = scratch_dir("run", "data");
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.json");
     std::fs::write(
@@ -400,7 +396,7 @@ fn bad_datasets_name_the_file_and_the_row() {
 #[test]
 fn divergence_stops_with_a_numerical_error_and_no_half_written_checkpoint() {
     let gpu = gpu();
-    let out = out_dir("nan");
+    let out = scratch_dir("run", "nan");
     let mut config = TrainConfig {
         steps: 6,
         save_every: 1,

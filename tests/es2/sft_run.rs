@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::bad_data::Files;
 use super::resume::{step_metrics, trained_bits};
-use super::run::{check_curves, json_lines, logits, Messages};
+use super::run::{check_curves, json_lines, logits, steps_and_evaluations, Messages};
 
 /// The stories260K checkpoint of the repository.
 fn stories() -> String {
@@ -170,11 +170,7 @@ fn a_lora_sft_run_learns_held_out_replies_and_writes_every_output() {
     // metrics.jsonl holds SFT lines only: each step's loss and learned tokens, each
     // evaluation's held-out loss.
     let lines = json_lines(&out.join("metrics.jsonl"));
-    let steps: Vec<&Value> = lines.iter().filter(|v| v.get("step").is_some()).collect();
-    let evals: Vec<&Value> = lines
-        .iter()
-        .filter(|v| v.get("eval_step").is_some())
-        .collect();
+    let (steps, evals) = steps_and_evaluations(&lines);
     assert_eq!(steps.len() + evals.len(), lines.len());
     assert_eq!(steps.len(), 12);
     for s in &steps {

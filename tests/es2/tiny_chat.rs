@@ -18,7 +18,7 @@ use es2_wgpu::eval::refusal::{
     harmful_heldout, harmless_heldout, heldout_sample, refusal_rates, ReplyOptions,
 };
 use es2_wgpu::model::{embedded, open_model, LoadOptions};
-use es2_wgpu::testing::gpu;
+use es2_wgpu::testing::{gpu, scratch_dir};
 use es2_wgpu::text::{conversations_jsonl, load_conversations, load_prompts};
 
 fn root() -> PathBuf {
@@ -27,12 +27,6 @@ fn root() -> PathBuf {
 
 fn folder() -> PathBuf {
     root().join("models/tiny-chat")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("es2-tiny-chat-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 fn percent(refused: usize, total: usize) -> f64 {
@@ -114,7 +108,7 @@ fn data_come_from_train_splits_with_gcg_refusals_and_sure_replies() {
 
 /// The base folder the build starts from, in a scratch folder.
 fn base(name: &str) -> PathBuf {
-    let dir = scratch(name);
+    let dir = scratch_dir("tiny-chat", name);
     write_base(&root().join("models/stories260K"), &dir).unwrap();
     dir
 }
@@ -144,7 +138,7 @@ fn data_step_regenerates_the_committed_data_file() {
 fn first_sft_steps_reproduce_the_committed_early_weights() {
     let gpu = gpu();
     let base = base("early");
-    let out = scratch("early-run");
+    let out = scratch_dir("tiny-chat", "early-run");
     let config = train_config(&base, &folder().join(DATA_FILE), &out, EARLY_STEPS);
     let mut trainer = Trainer::new(gpu, config, &mut Quiet).unwrap();
     trainer.run(&mut Quiet).unwrap();
