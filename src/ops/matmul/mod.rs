@@ -9,11 +9,19 @@
 //! for bit. Everything else is f32, and so is all arithmetic.
 //! Every launcher takes [`MatmulOptions`]: handing a backward the forward's `alpha` gives the
 //! gradient of the scaled forward.
+//!
+//! Two kernels compute [`gemm`], with the same results bit for bit (each output sums k in
+//! order, one fma per step): the tiled kernel (`shaders/matmul.wgsl`, workgroup-memory tiles,
+//! any device) and, on a CPU adapter whose subgroups are 8 lanes of one SIMD vector (lavapipe),
+//! the subgroup kernel (`shaders/matmul_subgroup.wgsl`, launched from `matmul/subgroup.rs`),
+//! 5–10× faster there, wherever its vec4 reads are aligned and B is f32.
 
 use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
 use crate::ops::Write;
 use crate::shader;
+
+mod subgroup;
 
 static SHADER: Shader = shader!("matmul");
 
@@ -187,6 +195,25 @@ impl Gemm {
     /// The same product with other options.
     pub fn with(self, options: MatmulOptions) -> Gemm {
         Gemm { options, ..self }
+    }
+
+    /// The part of this product that sums over `k` in `k0..k1`: A's and B's offsets move to
+    /// `k0`, and every part after the first (`k0 > 0`) adds to C.
+    pub fn k_range(self, k0: usize, k1: usize) -> Gemm {
+        let moved = |s: Strided, along_rows: bool| {
+            s.at(s.offset + if along_rows { k0 * s.row_stride } else { k0 })
+        };
+        let mut options = self.options;
+        if k0 > 0 {
+            options.write = Write::Accumulate;
+        }
+        Gemm {
+            k: k1 - k0,
+            a: moved(self.a, self.transpose_a),
+            b: moved(self.b, !self.transpose_b),
+            options,
+            ..self
+        }
     }
 
     /// `(rows, cols)` of A, B and C as stored.
@@ -515,10 +542,32 @@ fn launch_split(
     reduce::sum_rows(rec, &partial, c, g.options.write);
 }
 
-/// Records a checked `g` with `tiles`, K split into parts of `k_split` (0: not split; then
-/// workgroup z is a part of K instead of a batch entry, and writes slab z of C).
+/// Records a checked `g`, K split into parts of `k_split` (0: not split; then workgroup z is a
+/// part of K instead of a batch entry, and writes slab z of C): with the subgroup kernel where
+/// the device and the operands allow it, else with the tiled kernel and `tiles`.
 #[allow(clippy::too_many_arguments)]
 fn launch(
+    rec: &mut Recorder,
+    g: &Gemm,
+    tiles: Tiles,
+    k_split: usize,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    c: &Tensor,
+) {
+    let lane_tiles = subgroup::device_fits(rec.gpu())
+        .then(|| subgroup::tiles_for(g, b.dtype(), k_split, a, b))
+        .flatten();
+    match lane_tiles {
+        Some(lane_tiles) => subgroup::launch(rec, g, lane_tiles, k_split, a, b, bias, c),
+        None => launch_tiled(rec, g, tiles, k_split, a, b, bias, c),
+    }
+}
+
+/// [`launch`] with the tiled kernel (workgroup-memory tiles of `tiles`), on any device.
+#[allow(clippy::too_many_arguments)]
+fn launch_tiled(
     rec: &mut Recorder,
     g: &Gemm,
     tiles: Tiles,
@@ -860,7 +909,7 @@ mod tests {
             let tiles = Tiles::with_extents(extents);
             let c = poisoned(gpu, [batch * m * n]);
             let mut rec = Recorder::new(gpu);
-            launch(&mut rec, &g, tiles, 0, &ta, &tb, Some(&tbias), &c);
+            launch_tiled(&mut rec, &g, tiles, 0, &ta, &tb, Some(&tbias), &c);
             rec.finish().unwrap();
             let out = download(gpu, &c);
             assert!(rel_error(&out, &want) < 1e-5, "{tiles:?}");

@@ -1,0 +1,301 @@
+// The GEMM of matmul.wgsl (same Params, bindings, layouts and results, bit for bit) for
+// adapters whose subgroups are 8 lanes that run as one SIMD vector: lavapipe on 256-bit
+// vectors. There, every load a lane makes on its own costs a pass over the 8 lanes, while
+// arithmetic and cross-lane moves cost one vector instruction. So here nothing goes through
+// workgroup memory: each lane loads one vec4 of A per 8 rows and shares it with
+// subgroupShuffle, and loads the vec4s of B for its own 8 columns; per 4 steps of k a lane
+// makes 2 + 8 loads (16 rows) or 4 + 8 (32 rows) for 16 · 8 · 4 or 32 · 8 · 4 multiply-adds.
+//
+// The code is written out rather than looped: loops here are not unrolled (naga's loop
+// bounding hides their trip counts from the driver), and an unrolled block in registers is
+// what makes this kernel fast (loops over a register array measured 10× slower).
+//
+// Lane L of subgroup W of workgroup (x, y, z) computes rows y·ROWS + 0..ROWS and 8 columns of
+// C: col0 + L + 8·j (j = 0..7) when B is stored [N, K] (its vec4s run along k), or
+// col0 + 4·L + 32·g + 0..3 (g = 0, 1) when B is stored [K, N] (they run along n), where
+// col0 = (x·WAVES + W)·64. Each output sums k = 0, 1, ... in order with one fma per step, as
+// matmul.wgsl does. The launcher uses this kernel only where every vec4 is aligned (offsets
+// and strides multiples of 4, and M (Aᵀ) or N (B as [K, N]) too, so that a vec4 lies wholly
+// inside the matrix or wholly outside it) and B is f32.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_offset: u32,
+    a_row_stride: u32,
+    a_batch_stride: u32,
+    b_offset: u32,
+    b_row_stride: u32,
+    b_batch_stride: u32,
+    c_offset: u32,
+    c_row_stride: u32,
+    c_batch_stride: u32,
+    bias_offset: u32,
+    alpha: f32,
+    accumulate: u32,
+    k_split: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+
+override TRANSPOSE_A: bool = false;
+override TRANSPOSE_B: bool = false;
+// Rows of C per lane, in eights: 2 or 4.
+override EIGHTS: u32 = 2u;
+// Subgroups per workgroup, side by side along N.
+override WAVES: u32 = 4u;
+
+const LANES: u32 = 8u;
+const COLUMNS_PER_WAVE: u32 = 64u;
+
+// One row of a lane's block: its 8 columns in two vec4s.
+struct Row {
+    g0: vec4<f32>,
+    g1: vec4<f32>,
+}
+
+// Eight rows of a lane's block.
+struct Eight {
+    r0: Row, r1: Row, r2: Row, r3: Row, r4: Row, r5: Row, r6: Row, r7: Row,
+}
+
+// B at k0 + 0..3 for the lane's 8 columns.
+struct Panel {
+    k0: Row, k1: Row, k2: Row, k3: Row,
+}
+
+// Where the operands of this workgroup's product start, which k it sums, and which batch
+// entry of C (or slab of partial sums, when K is split) it writes.
+struct Span {
+    a_base: u32,
+    b_base: u32,
+    k_begin: u32,
+    k_end: u32,
+    c_batch: u32,
+}
+
+fn span(wid: vec3<u32>) -> Span {
+    let split = params.k_split > 0u;
+    let batch = select(wid.z, 0u, split);
+    let k_begin = select(0u, wid.z * params.k_split, split);
+    let k_end = select(params.k, min(k_begin + params.k_split, params.k), split);
+    return Span(params.a_offset + batch * params.a_batch_stride,
+                params.b_offset + batch * params.b_batch_stride, k_begin, k_end, wid.z);
+}
+
+// `v` with the components of k0 + i at or past k_end set to 0.
+fn mask_k(v: vec4<f32>, k0: u32, k_end: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), v, vec4<u32>(k0) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(k_end));
+}
+
+// The lane's vec4 of A for rows first..first + 7 and k0..k0 + 3: row first + lane (along k),
+// or, A stored [K, M], k0 + lane / 2 at rows first + 4·(lane % 2) + 0..3.
+fn load_a(s: Span, first: u32, k0: u32, lane: u32) -> vec4<f32> {
+    if TRANSPOSE_A {
+        let k = k0 + lane / 2u;
+        let row = min(first + 4u * (lane % 2u), params.m - 4u);
+        let v = a[(s.a_base + min(k, s.k_end - 1u) * params.a_row_stride + row) / 4u];
+        return select(vec4<f32>(0.0), v, k < s.k_end);
+    }
+    let row = min(first + lane, params.m - 1u);
+    return mask_k(a[(s.a_base + row * params.a_row_stride + k0) / 4u], k0, s.k_end);
+}
+
+// Row i (0..7) of the eight rows whose A the lanes loaded into `v`: A at k0..k0 + 3.
+fn a_row(v: vec4<f32>, i: u32) -> vec4<f32> {
+    if TRANSPOSE_A {
+        let q = i % 4u;
+        let h = i / 4u;
+        return vec4<f32>(subgroupShuffle(v[q], h), subgroupShuffle(v[q], 2u + h),
+                         subgroupShuffle(v[q], 4u + h), subgroupShuffle(v[q], 6u + h));
+    }
+    return subgroupShuffle(v, i);
+}
+
+// Column j (0..7) of the lane's block.
+fn lane_column(col0: u32, lane: u32, j: u32) -> u32 {
+    if TRANSPOSE_B {
+        return col0 + lane + LANES * j;
+    }
+    return col0 + 4u * lane + 32u * (j / 4u) + j % 4u;
+}
+
+// B stored [N, K]: the vec4 along k of column j.
+fn b_column(s: Span, col0: u32, lane: u32, j: u32, k0: u32) -> vec4<f32> {
+    let col = min(lane_column(col0, lane, j), params.n - 1u);
+    return mask_k(b[(s.b_base + col * params.b_row_stride + k0) / 4u], k0, s.k_end);
+}
+
+// B stored [K, N]: the lane's 8 columns at k.
+fn b_row(s: Span, col0: u32, lane: u32, k: u32) -> Row {
+    let col = min(col0 + 4u * lane, params.n - 4u);
+    let base = s.b_base + min(k, s.k_end - 1u) * params.b_row_stride + col;
+    let live = k < s.k_end;
+    return Row(select(vec4<f32>(0.0), b[base / 4u], live),
+               select(vec4<f32>(0.0), b[(base + 32u) / 4u], live && col + 32u < params.n));
+}
+
+fn load_panel(s: Span, col0: u32, lane: u32, k0: u32) -> Panel {
+    if TRANSPOSE_B {
+        let c0 = b_column(s, col0, lane, 0u, k0);
+        let c1 = b_column(s, col0, lane, 1u, k0);
+        let c2 = b_column(s, col0, lane, 2u, k0);
+        let c3 = b_column(s, col0, lane, 3u, k0);
+        let c4 = b_column(s, col0, lane, 4u, k0);
+        let c5 = b_column(s, col0, lane, 5u, k0);
+        let c6 = b_column(s, col0, lane, 6u, k0);
+        let c7 = b_column(s, col0, lane, 7u, k0);
+        return Panel(
+            Row(vec4<f32>(c0.x, c1.x, c2.x, c3.x), vec4<f32>(c4.x, c5.x, c6.x, c7.x)),
+            Row(vec4<f32>(c0.y, c1.y, c2.y, c3.y), vec4<f32>(c4.y, c5.y, c6.y, c7.y)),
+            Row(vec4<f32>(c0.z, c1.z, c2.z, c3.z), vec4<f32>(c4.z, c5.z, c6.z, c7.z)),
+            Row(vec4<f32>(c0.w, c1.w, c2.w, c3.w), vec4<f32>(c4.w, c5.w, c6.w, c7.w)));
+    }
+    return Panel(b_row(s, col0, lane, k0), b_row(s, col0, lane, k0 + 1u),
+                 b_row(s, col0, lane, k0 + 2u), b_row(s, col0, lane, k0 + 3u));
+}
+
+// acc + a.x·B[k0] + a.y·B[k0 + 1] + ..., one fma per element per k, in k order.
+fn step(acc: Row, a: vec4<f32>, p: Panel) -> Row {
+    var g0 = fma(vec4<f32>(a.x), p.k0.g0, acc.g0);
+    var g1 = fma(vec4<f32>(a.x), p.k0.g1, acc.g1);
+    g0 = fma(vec4<f32>(a.y), p.k1.g0, g0);
+    g1 = fma(vec4<f32>(a.y), p.k1.g1, g1);
+    g0 = fma(vec4<f32>(a.z), p.k2.g0, g0);
+    g1 = fma(vec4<f32>(a.z), p.k2.g1, g1);
+    g0 = fma(vec4<f32>(a.w), p.k3.g0, g0);
+    g1 = fma(vec4<f32>(a.w), p.k3.g1, g1);
+    return Row(g0, g1);
+}
+
+// The eight rows whose A the lanes loaded into `v`, 4 steps of k.
+fn step_eight(e: Eight, v: vec4<f32>, p: Panel) -> Eight {
+    return Eight(step(e.r0, a_row(v, 0u), p), step(e.r1, a_row(v, 1u), p),
+                 step(e.r2, a_row(v, 2u), p), step(e.r3, a_row(v, 3u), p),
+                 step(e.r4, a_row(v, 4u), p), step(e.r5, a_row(v, 5u), p),
+                 step(e.r6, a_row(v, 6u), p), step(e.r7, a_row(v, 7u), p));
+}
+
+// Writes alpha·sum + bias (+ C) at column `col` of a row of C, inside the N bound.
+fn store_one(sum: f32, bias_value: f32, c_row: u32, col: u32) {
+    if col < params.n {
+        var value = params.alpha * sum + bias_value;
+        if params.accumulate == 1u {
+            value += c[c_row + col];
+        }
+        c[c_row + col] = value;
+    }
+}
+
+// One row of the lane's block, inside the M bound (written out: a loop over a local array
+// would index it dynamically, which lavapipe turns into memory accesses lane by lane).
+fn store_row(acc: Row, bias_row: Row, row: u32, s: Span, col0: u32, lane: u32) {
+    if row >= params.m {
+        return;
+    }
+    let c_row = params.c_offset + s.c_batch * params.c_batch_stride + row * params.c_row_stride;
+    store_one(acc.g0.x, bias_row.g0.x, c_row, lane_column(col0, lane, 0u));
+    store_one(acc.g0.y, bias_row.g0.y, c_row, lane_column(col0, lane, 1u));
+    store_one(acc.g0.z, bias_row.g0.z, c_row, lane_column(col0, lane, 2u));
+    store_one(acc.g0.w, bias_row.g0.w, c_row, lane_column(col0, lane, 3u));
+    store_one(acc.g1.x, bias_row.g1.x, c_row, lane_column(col0, lane, 4u));
+    store_one(acc.g1.y, bias_row.g1.y, c_row, lane_column(col0, lane, 5u));
+    store_one(acc.g1.z, bias_row.g1.z, c_row, lane_column(col0, lane, 6u));
+    store_one(acc.g1.w, bias_row.g1.w, c_row, lane_column(col0, lane, 7u));
+}
+
+fn store_eight(e: Eight, bias_row: Row, first: u32, s: Span, col0: u32, lane: u32) {
+    store_row(e.r0, bias_row, first, s, col0, lane);
+    store_row(e.r1, bias_row, first + 1u, s, col0, lane);
+    store_row(e.r2, bias_row, first + 2u, s, col0, lane);
+    store_row(e.r3, bias_row, first + 3u, s, col0, lane);
+    store_row(e.r4, bias_row, first + 4u, s, col0, lane);
+    store_row(e.r5, bias_row, first + 5u, s, col0, lane);
+    store_row(e.r6, bias_row, first + 6u, s, col0, lane);
+    store_row(e.r7, bias_row, first + 7u, s, col0, lane);
+}
+
+// One lane's share of the product: its 8·EIGHTS rows (e2 and e3 unused with 2 eights).
+struct Block {
+    e0: Eight, e1: Eight, e2: Eight, e3: Eight,
+}
+
+// Where a lane's block lies: its first row and its wave's first column.
+fn block_row0(wid: vec3<u32>) -> u32 {
+    return wid.y * 8u * EIGHTS;
+}
+
+fn block_col0(wid: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.x * WAVES + lid.y) * COLUMNS_PER_WAVE;
+}
+
+// The lane's block of op(A)·op(B) (lane = local x: the launcher checks that subgroups are
+// exactly the 8 invocations of one local row).
+fn multiply(wid: vec3<u32>, lid: vec3<u32>) -> Block {
+    let lane = lid.x;
+    let s = span(wid);
+    let row0 = block_row0(wid);
+    let col0 = block_col0(wid, lid);
+    var e0: Eight;
+    var e1: Eight;
+    var e2: Eight;
+    var e3: Eight;
+    for (var k0 = s.k_begin; k0 < s.k_end; k0 += 4u) {
+        let p = load_panel(s, col0, lane, k0);
+        e0 = step_eight(e0, load_a(s, row0, k0, lane), p);
+        e1 = step_eight(e1, load_a(s, row0 + 8u, k0, lane), p);
+        if EIGHTS == 4u {
+            e2 = step_eight(e2, load_a(s, row0 + 16u, k0, lane), p);
+            e3 = step_eight(e3, load_a(s, row0 + 24u, k0, lane), p);
+        }
+    }
+    return Block(e0, e1, e2, e3);
+}
+
+fn store_block(block: Block, bias_row: Row, wid: vec3<u32>, lid: vec3<u32>) {
+    let lane = lid.x;
+    let s = span(wid);
+    let row0 = block_row0(wid);
+    let col0 = block_col0(wid, lid);
+    store_eight(block.e0, bias_row, row0, s, col0, lane);
+    store_eight(block.e1, bias_row, row0 + 8u, s, col0, lane);
+    if EIGHTS == 4u {
+        store_eight(block.e2, bias_row, row0 + 16u, s, col0, lane);
+        store_eight(block.e3, bias_row, row0 + 24u, s, col0, lane);
+    }
+}
+
+// bias[col], or 0 past column N.
+fn bias_at(col: u32) -> f32 {
+    return select(0.0, bias[params.bias_offset + min(col, params.n - 1u)], col < params.n);
+}
+
+// The bias of the lane's 8 columns.
+fn lane_bias(wid: vec3<u32>, lid: vec3<u32>) -> Row {
+    let col0 = block_col0(wid, lid);
+    let lane = lid.x;
+    return Row(vec4<f32>(bias_at(lane_column(col0, lane, 0u)), bias_at(lane_column(col0, lane, 1u)),
+                         bias_at(lane_column(col0, lane, 2u)), bias_at(lane_column(col0, lane, 3u))),
+               vec4<f32>(bias_at(lane_column(col0, lane, 4u)), bias_at(lane_column(col0, lane, 5u)),
+                         bias_at(lane_column(col0, lane, 6u)), bias_at(lane_column(col0, lane, 7u))));
+}
+
+// Grid: x covers N in 64·WAVES columns, y covers M in 8·EIGHTS rows, z the batch (or the
+// parts of a split K).
+@compute @workgroup_size(LANES, WAVES)
+fn gemm_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>) {
+    store_block(multiply(wid, lid), Row(), wid, lid);
+}
+
+// As gemm_subgroup, plus bias[col] on every row.
+@compute @workgroup_size(LANES, WAVES)
+fn gemm_subgroup_bias(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(local_invocation_id) lid: vec3<u32>) {
+    store_block(multiply(wid, lid), lane_bias(wid, lid), wid, lid);
+}

@@ -1,0 +1,470 @@
+//! The GEMM for CPU adapters whose subgroups are 8 lanes of one SIMD vector (lavapipe):
+//! `shaders/matmul_subgroup.wgsl`, no workgroup memory, A shared between lanes by
+//! `subgroupShuffle`, a 16- or 32-row block of C per lane in registers. Same operands,
+//! options and results (bit for bit) as the tiled kernel; it runs where every vec4 it reads is
+//! aligned and B is f32, and the tiled kernel runs everywhere else.
+
+use super::{Gemm, Params, MAX_GROUPS_PER_DIM};
+use crate::gpu::{read, read_write, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::shader;
+
+static SHADER: Shader = shader!("matmul_subgroup");
+
+static GEMM: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "gemm_subgroup",
+    bindings: &[read(1), read(2), read_write(4)],
+};
+static GEMM_BIAS: KernelSpec = KernelSpec {
+    shader: &SHADER,
+    entry: "gemm_subgroup_bias",
+    bindings: &[read(1), read(2), read(3), read_write(4)],
+};
+
+/// Lanes of a subgroup the kernel is written for (one 256-bit vector of f32).
+const LANES: u32 = 8;
+/// Columns of C one subgroup computes (8 per lane).
+const COLUMNS_PER_WAVE: u32 = 64;
+/// Elements of one vec4 load.
+const VEC: usize = 4;
+/// Bytes of B one slice of K reads (B stored `[K, N]`): what stays in a core's L2 cache while
+/// every row block of C passes over it. Each row block reads B a row segment at a time, and
+/// with B larger than the cache those strided reads go to memory: 75×896×37440 ran at
+/// 11 GFLOP/s whole and 36 GFLOP/s with K = 512.
+const SLICE_BYTES: usize = 1 << 20;
+/// Fewer steps of K than this per slice cost more in reading and writing C than the cache
+/// saves (N = 4864, 52 rows per slice, measured slower than no slices).
+const MIN_SLICE_DEPTH: usize = 256;
+
+/// The kernel's tile: `8·eights` rows of C per workgroup, `64·waves` columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LaneTiles {
+    /// Rows per lane, in eights (2 or 4).
+    eights: u32,
+    /// Subgroups per workgroup, side by side along N (1, 2 or 4).
+    waves: u32,
+}
+
+impl LaneTiles {
+    /// 32 rows where M has them (more multiply-adds per B load), else 16; as many waves as N
+    /// fills, up to 4.
+    fn choose(g: &Gemm) -> LaneTiles {
+        let eights = if g.m >= 64 { 4 } else { 2 };
+        let waves = match g.n.div_ceil(COLUMNS_PER_WAVE as usize) {
+            1 => 1,
+            2 | 3 => 2,
+            _ => 4,
+        };
+        LaneTiles { eights, waves }
+    }
+
+    /// `[rows, cols]` of C per workgroup.
+    pub(super) fn extents(&self) -> [u32; 2] {
+        [8 * self.eights, COLUMNS_PER_WAVE * self.waves]
+    }
+}
+
+/// Whether `gpu` runs this kernel as written: a CPU adapter with subgroups of exactly 8 lanes
+/// (so that a workgroup's local row of 8 invocations is one subgroup).
+pub(super) fn device_fits(gpu: &Gpu) -> bool {
+    let info = gpu.info();
+    info.device_type == wgpu::DeviceType::Cpu
+        && gpu.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == LANES
+        && info.subgroup_max_size == LANES
+}
+
+/// The tiles for `g` (B of type `b_dtype`, K in parts of `k_split` or 0) if this kernel can
+/// run it: B f32, and every vec4 it reads aligned and inside its tensor.
+pub(super) fn tiles_for(
+    g: &Gemm,
+    b_dtype: DType,
+    k_split: usize,
+    a: &Tensor,
+    b: &Tensor,
+) -> Option<LaneTiles> {
+    let aligned = |v: usize| v % VEC == 0;
+    // A split K's batch entries are parts of one product: A and B are read as one matrix.
+    let batch = if k_split > 0 { 1 } else { g.batch };
+    let operand_fits = |s: &super::Strided, tensor: &Tensor, rows: usize, cols: usize| {
+        // Rows as stored, each read in vec4s up to `cols` rounded up to a whole vec4.
+        let end = s.offset
+            + (batch - 1) * s.batch_stride
+            + (rows - 1) * s.row_stride
+            + cols.next_multiple_of(VEC);
+        [s.offset, s.row_stride, s.batch_stride]
+            .into_iter()
+            .all(aligned)
+            && end <= tensor.numel() / VEC * VEC
+    };
+    // A stored [K, M] is read along M, [M, K] along K (the k tail is masked); likewise B.
+    let a_fits = if g.transpose_a {
+        aligned(g.m) && operand_fits(&g.a, a, g.k, g.m)
+    } else {
+        operand_fits(&g.a, a, g.m, g.k)
+    };
+    let b_fits = if g.transpose_b {
+        operand_fits(&g.b, b, g.n, g.k)
+    } else {
+        aligned(g.n) && operand_fits(&g.b, b, g.k, g.n)
+    };
+    (b_dtype == DType::F32 && g.k > 0 && aligned(k_split) && a_fits && b_fits)
+        .then(|| LaneTiles::choose(g))
+}
+
+/// Records a checked `g` with `tiles` (K split into parts of `k_split` as in
+/// [`super::launch`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch(
+    rec: &mut Recorder,
+    g: &Gemm,
+    tiles: LaneTiles,
+    k_split: usize,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    c: &Tensor,
+) {
+    for (slice, first) in k_slices(g, k_split) {
+        launch_slice(rec, &slice, tiles, k_split, a, b, bias.filter(|_| first), c);
+    }
+}
+
+/// `g` as products over consecutive ranges of K, each `(product, first)`: the first writes C
+/// as `g` says (with its bias), the others add to it. K is sliced only where B is stored
+/// `[K, N]` and is larger than [`SLICE_BYTES`], and only when K is not split into parts.
+fn k_slices(g: &Gemm, k_split: usize) -> Vec<(Gemm, bool)> {
+    let row_bytes = g.n * std::mem::size_of::<f32>();
+    let depth = SLICE_BYTES / row_bytes / VEC * VEC;
+    if g.transpose_b || k_split > 0 || g.k <= depth || depth < MIN_SLICE_DEPTH {
+        return vec![(*g, true)];
+    }
+    (0..g.k)
+        .step_by(depth)
+        .map(|k0| (g.k_range(k0, (k0 + depth).min(g.k)), k0 == 0))
+        .collect()
+}
+
+/// Records one product of [`launch`].
+#[allow(clippy::too_many_arguments)]
+fn launch_slice(
+    rec: &mut Recorder,
+    g: &Gemm,
+    tiles: LaneTiles,
+    k_split: usize,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    c: &Tensor,
+) {
+    let [rows, cols] = tiles.extents();
+    let grid = [
+        g.n.div_ceil(cols as usize),
+        g.m.div_ceil(rows as usize),
+        g.batch,
+    ];
+    assert!(
+        grid.iter().all(|&d| d <= MAX_GROUPS_PER_DIM),
+        "gemm: {}x{}x{} (batch {}) needs a {grid:?} grid, more than {MAX_GROUPS_PER_DIM} workgroups per dimension",
+        g.m,
+        g.n,
+        g.k,
+        g.batch
+    );
+    let overrides = [
+        ("TRANSPOSE_A", u32::from(g.transpose_a)),
+        ("TRANSPOSE_B", u32::from(g.transpose_b)),
+        ("EIGHTS", tiles.eights),
+        ("WAVES", tiles.waves),
+    ];
+    let spec = if bias.is_some() { &GEMM_BIAS } else { &GEMM };
+    let kernel = rec.gpu().kernel(spec, &overrides);
+    let tensors: Vec<&Tensor> = match bias {
+        Some(bias) => vec![a, b, bias, c],
+        None => vec![a, b, c],
+    };
+    let [x, y, z] = grid.map(|d| d as u32);
+    let products = if k_split == 0 { g.batch } else { 1 };
+    let flops = 2 * (products * g.m * g.n * g.k) as u64;
+    rec.dispatch_counting(
+        &kernel,
+        &tensors,
+        &Params::new(g, k_split),
+        Grid::xyz(x, y, z),
+        flops,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{launch_tiled, reference, MatmulOptions, Strided, Tiles};
+    use super::*;
+    use crate::testing::{download, f64s, gpu, poisoned, randn, rel_error, rel_error_f64, upload};
+
+    /// Operands of one test product, with A's and B's rows padded to `pad` more elements that
+    /// hold NaN: a vec4 that reads past K must mask them, not add them.
+    struct Case {
+        g: Gemm,
+        a: Vec<f32>,
+        b: Vec<f32>,
+        bias: Vec<f32>,
+        c: Vec<f32>,
+    }
+
+    impl Case {
+        fn new(g: Gemm, seed: u64) -> Case {
+            let extent = |s: &Strided, rows: usize, cols: usize, batch: usize| {
+                s.offset + (batch.max(1) - 1) * s.batch_stride + rows * s.row_stride + cols
+            };
+            let [a_dims, b_dims, _] = g.stored();
+            let padded = |s: &Strided, (rows, cols): (usize, usize), batch: usize, seed: u64| {
+                let len = extent(s, rows, cols, batch);
+                let values = randn(seed, len, 1.0);
+                (0..len)
+                    .map(|i| {
+                        let col = (i - s.offset.min(i)) % s.row_stride;
+                        if col < cols {
+                            values[i]
+                        } else {
+                            f32::NAN
+                        }
+                    })
+                    .collect::<Vec<f32>>()
+            };
+            let b_batch = if g.b.batch_stride == 0 { 1 } else { g.batch };
+            Case {
+                a: padded(&g.a, a_dims, g.batch, seed),
+                b: padded(&g.b, b_dims, b_batch, seed + 1),
+                bias: randn(seed + 2, g.n, 1.0),
+                c: randn(seed + 3, g.batch * g.m * g.n, 1.0),
+                g,
+            }
+        }
+
+        /// C from the subgroup kernel (checked to take it) and from the tiled kernel.
+        fn run_both(&self) -> (Vec<f32>, Vec<f32>) {
+            let gpu = gpu();
+            let g = &self.g;
+            let (a, b) = (
+                upload(gpu, [self.a.len()], &self.a),
+                upload(gpu, [self.b.len()], &self.b),
+            );
+            let bias = upload(gpu, [g.n], &self.bias);
+            let tiles = tiles_for(g, DType::F32, 0, &a, &b)
+                .unwrap_or_else(|| panic!("{g:?} must take the subgroup kernel"));
+            let run = |subgroup_kernel: bool| {
+                let c = if g.options.write.accumulates() {
+                    upload(gpu, [self.c.len()], &self.c)
+                } else {
+                    poisoned(gpu, [self.c.len()])
+                };
+                let mut rec = Recorder::new(gpu);
+                if subgroup_kernel {
+                    launch(&mut rec, g, tiles, 0, &a, &b, Some(&bias), &c);
+                } else {
+                    launch_tiled(
+                        &mut rec,
+                        g,
+                        Tiles::choose(g, true),
+                        0,
+                        &a,
+                        &b,
+                        Some(&bias),
+                        &c,
+                    );
+                }
+                rec.finish().expect("gemm runs");
+                download(gpu, &c)
+            };
+            (run(true), run(false))
+        }
+
+        fn reference(&self) -> Vec<f64> {
+            let mut want = f64s(&self.c);
+            reference::gemm(
+                &self.g,
+                &f64s(&self.a),
+                &f64s(&self.b),
+                Some(&f64s(&self.bias)),
+                &mut want,
+            );
+            want
+        }
+    }
+
+    /// Asserts that `a` and `b` hold the same bits, naming the first element that differs.
+    fn assert_same_bits(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let differing = a
+            .iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        let first = a
+            .iter()
+            .zip(b)
+            .position(|(x, y)| x.to_bits() != y.to_bits());
+        assert_eq!(
+            differing, 0,
+            "{what}: {differing} elements differ, the first at {first:?}"
+        );
+    }
+
+    /// A batched product of odd sizes in `layout`, rows padded to a multiple of 4 plus 4.
+    fn padded_product(m: usize, n: usize, k: usize, (ta, tb): (bool, bool)) -> Gemm {
+        let padded = |cols: usize| cols.next_multiple_of(4) + 4;
+        let strided = |rows: usize, cols: usize| Strided {
+            offset: 8,
+            row_stride: padded(cols),
+            batch_stride: rows * padded(cols),
+        };
+        let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
+        Gemm {
+            batch: 2,
+            a: strided(a_rows, a_cols),
+            // One B for both batch entries.
+            b: Strided {
+                batch_stride: 0,
+                ..strided(b_rows, b_cols)
+            },
+            ..Gemm::dense(m, n, k, ta, tb)
+        }
+    }
+
+    /// On a device with 8-lane subgroups (lavapipe, where CI runs), the subgroup kernel gives
+    /// the f64 reference's values and the tiled kernel's bits in every layout, with a batch, a
+    /// broadcast B, alpha, a bias, accumulation and a masked k tail. Elsewhere it is never
+    /// chosen, because it is written for 8-lane subgroups.
+    #[test]
+    fn the_subgroup_kernel_matches_the_reference_and_the_tiled_kernel_bit_for_bit() {
+        let gpu = gpu();
+        let info = gpu.info();
+        if !device_fits(gpu) {
+            assert!(
+                info.device_type != wgpu::DeviceType::Cpu
+                    || info.subgroup_min_size != LANES
+                    || info.subgroup_max_size != LANES,
+                "{info:?} has 8-lane subgroups but the subgroup kernel is not used"
+            );
+            return;
+        }
+        // M a multiple of 4 where A is stored [K, M], N where B is stored [K, N] (the vec4s
+        // run along them); every other size odd, K's tail inside a vec4.
+        for (layout, (m, n, k)) in [
+            ((false, true), (37, 29, 53)),
+            ((false, false), (37, 28, 53)),
+            ((true, true), (36, 29, 53)),
+            ((true, false), (76, 92, 45)),
+        ] {
+            for options in [
+                MatmulOptions::overwrite(),
+                MatmulOptions::accumulate().scaled(-0.5),
+            ] {
+                let case = Case::new(padded_product(m, n, k, layout).with(options), 7);
+                let (subgroup, tiled) = case.run_both();
+                let err = rel_error(&subgroup, &case.reference());
+                assert!(err < 1e-5, "{layout:?} {options:?}: {err}");
+                assert_same_bits(&subgroup, &tiled, &format!("{layout:?} {options:?}"));
+            }
+        }
+    }
+
+    /// A split K (parts summed side by side) and a sliced K (slices added in turn, B stored
+    /// [K, N] larger than a slice) both give the reference's values.
+    #[test]
+    fn split_and_sliced_k_match_the_reference() {
+        let gpu = gpu();
+        if !device_fits(gpu) {
+            return;
+        }
+        // Sliced: 9400 rows of 28 columns of B is more than SLICE_BYTES.
+        let sliced = Gemm::dense(9, 28, 9400, false, false).with(MatmulOptions::accumulate());
+        assert!(k_slices(&sliced, 0).len() > 1);
+        let case = Case::new(sliced, 11);
+        let (subgroup, _) = case.run_both();
+        let err = rel_error(&subgroup, &case.reference());
+        assert!(err < 1e-5, "sliced: {err}");
+
+        // Split into parts of 48: each part's product is the tiled kernel's, bit for bit.
+        let (m, n, k, part) = (16, 36, 203, 48);
+        let g = Gemm::dense(m, n, k, true, false);
+        let parts = Gemm {
+            batch: k.div_ceil(part),
+            c: Strided::dense(m, n),
+            ..g
+        };
+        let (a, b) = (randn(4, m * k, 1.0), randn(5, k * n, 1.0));
+        let (ta, tb) = (upload(gpu, [k, m], &a), upload(gpu, [k, n], &b));
+        let tiles = tiles_for(&parts, DType::F32, part, &ta, &tb).expect("subgroup kernel");
+        let run = |subgroup_kernel: bool| {
+            let c = poisoned(gpu, [parts.batch * m * n]);
+            let mut rec = Recorder::new(gpu);
+            if subgroup_kernel {
+                launch(&mut rec, &parts, tiles, part, &ta, &tb, None, &c);
+            } else {
+                launch_tiled(
+                    &mut rec,
+                    &parts,
+                    Tiles::choose(&g, true),
+                    part,
+                    &ta,
+                    &tb,
+                    None,
+                    &c,
+                );
+            }
+            rec.finish().expect("gemm runs");
+            download(gpu, &c)
+        };
+        let (subgroup, tiled) = (run(true), run(false));
+        assert_same_bits(&subgroup, &tiled, "split K");
+        let sum: Vec<f64> = (0..m * n)
+            .map(|i| {
+                (0..parts.batch)
+                    .map(|p| f64::from(subgroup[p * m * n + i]))
+                    .sum()
+            })
+            .collect();
+        let mut want = vec![0.0; m * n];
+        reference::gemm(&g, &f64s(&a), &f64s(&b), None, &mut want);
+        assert!(rel_error_f64(&sum, &want) < 1e-5);
+    }
+
+    /// Operands whose vec4s would be misaligned or run past the tensor, and f16 B, take the
+    /// tiled kernel.
+    #[test]
+    fn unaligned_operands_and_f16_b_are_left_to_the_tiled_kernel() {
+        let gpu = gpu();
+        let t = |len: usize| upload(gpu, [len], &vec![0.0; len]);
+        let ok = Gemm::dense(8, 8, 8, false, true);
+        assert!(tiles_for(&ok, DType::F32, 0, &t(64), &t(64)).is_some());
+        assert!(tiles_for(&ok, DType::F16, 0, &t(64), &t(64)).is_none());
+        // K = 7: rows of A and B start off a vec4.
+        let odd_k = Gemm::dense(8, 8, 7, false, true);
+        assert!(tiles_for(&odd_k, DType::F32, 0, &t(56), &t(56)).is_none());
+        // B stored [K, N] with N = 6, A stored [K, M] with M = 6.
+        let odd_n = Gemm::dense(8, 6, 8, false, false);
+        assert!(tiles_for(&odd_n, DType::F32, 0, &t(64), &t(48)).is_none());
+        let odd_m = Gemm::dense(6, 8, 8, true, true);
+        assert!(tiles_for(&odd_m, DType::F32, 0, &t(48), &t(64)).is_none());
+        // An offset of 2 elements.
+        let shifted = Gemm {
+            a: Strided::dense(8, 8).at(2),
+            ..ok
+        };
+        assert!(tiles_for(&shifted, DType::F32, 0, &t(66), &t(64)).is_none());
+        // The last row's k tail (a whole vec4 read) would pass the end of A.
+        let rows_of_8 = Strided {
+            offset: 0,
+            row_stride: 8,
+            batch_stride: 0,
+        };
+        let tail = Gemm {
+            a: rows_of_8,
+            b: rows_of_8,
+            ..Gemm::dense(8, 8, 5, false, true)
+        };
+        assert!(tiles_for(&tail, DType::F32, 0, &t(61), &t(64)).is_none());
+    }
+}
