@@ -10,10 +10,12 @@
 // bounding hides their trip counts from the driver), and an unrolled block in registers is
 // what makes this kernel fast (loops over a register array measured 10× slower).
 //
-// Lane L of subgroup W of workgroup (x, y, z) computes rows y·ROWS + 0..ROWS and 8 columns of
+// Lane L of subgroup W of workgroup (x, y, z) computes rows x·8·EIGHTS + 0..8·EIGHTS and 8 columns of
 // C: col0 + L + 8·j (j = 0..7) when B is stored [N, K] (its vec4s run along k), or
 // col0 + 4·L + 32·g + 0..3 (g = 0, 1) when B is stored [K, N] (they run along n), where
-// col0 = (x·WAVES + W)·64. Each output sums k = 0, 1, ... in order with one fma per step, as
+// col0 = (y·WAVES + W)·64. Row blocks come first in the grid so that the workgroups that run
+// side by side, and one after another, read the same columns of B while they are in cache
+// (measured 1.5× at M = 75 against columns first). Each output sums k = 0, 1, ... in order with one fma per step, as
 // matmul.wgsl does. The launcher uses this kernel only where every vec4 is aligned (offsets
 // and strides multiples of 4, and M (Aᵀ) or N (B as [K, N]) too, so that a vec4 lies wholly
 // inside the matrix or wholly outside it) and B is f32.
@@ -227,11 +229,11 @@ struct Block {
 
 // Where a lane's block lies: its first row and its wave's first column.
 fn block_row0(wid: vec3<u32>) -> u32 {
-    return wid.y * 8u * EIGHTS;
+    return wid.x * 8u * EIGHTS;
 }
 
 fn block_col0(wid: vec3<u32>, lid: vec3<u32>) -> u32 {
-    return (wid.x * WAVES + lid.y) * COLUMNS_PER_WAVE;
+    return (wid.y * WAVES + lid.y) * COLUMNS_PER_WAVE;
 }
 
 // The lane's block of op(A)·op(B) (lane = local x: the launcher checks that subgroups are
@@ -285,7 +287,7 @@ fn lane_bias(wid: vec3<u32>, lid: vec3<u32>) -> Row {
                          bias_at(lane_column(col0, lane, 6u)), bias_at(lane_column(col0, lane, 7u))));
 }
 
-// Grid: x covers N in 64·WAVES columns, y covers M in 8·EIGHTS rows, z the batch (or the
+// Grid: x covers M in 8·EIGHTS rows, y covers N in 64·WAVES columns, z the batch (or the
 // parts of a split K).
 @compute @workgroup_size(LANES, WAVES)
 fn gemm_subgroup(@builtin(workgroup_id) wid: vec3<u32>,

@@ -158,9 +158,10 @@ fn launch_slice(
     c: &Tensor,
 ) {
     let [rows, cols] = tiles.extents();
+    // Row blocks first: see the shader.
     let grid = [
-        g.n.div_ceil(cols as usize),
         g.m.div_ceil(rows as usize),
+        g.n.div_ceil(cols as usize),
         g.batch,
     ];
     assert!(
