@@ -18,7 +18,7 @@
 // (measured 1.5× at M = 75 against columns first). Each output sums k = 0, 1, ... in order with one fma per step, as
 // matmul.wgsl does. The launcher uses this kernel only where every vec4 is aligned (offsets
 // and strides multiples of 4, and M (Aᵀ) or N (B as [K, N]) too, so that a vec4 lies wholly
-// inside the matrix or wholly outside it) and B is f32.
+// inside the matrix or wholly outside it).
 
 struct Params {
     m: u32,
@@ -41,12 +41,16 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+// f32 bit patterns, 4 to a vec4, or (B_F16) 8 f16 values to a vec4: read through b_vec4.
+@group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
 override TRANSPOSE_A: bool = false;
 override TRANSPOSE_B: bool = false;
+// B's element type: f16 instead of f32 (frozen weights at half the memory), widened exactly
+// as matmul.wgsl widens it, so that both kernels give the same bits.
+override B_F16: bool = false;
 // Rows of C per lane, in eights: 2 or 4.
 override EIGHTS: u32 = 2u;
 // Subgroups per workgroup, side by side along N.
@@ -127,10 +131,22 @@ fn lane_column(col0: u32, lane: u32, j: u32) -> u32 {
     return col0 + 4u * lane + 32u * (j / 4u) + j % 4u;
 }
 
+// B's elements e..e + 3 (e a multiple of 4) as f32.
+fn b_vec4(e: u32) -> vec4<f32> {
+    if B_F16 {
+        let words = b[e / 8u];
+        let pair = select(words.xy, words.zw, (e / 4u) % 2u == 1u);
+        return bitcast<vec4<f32>>(vec4<u32>(
+            f16_to_f32_bits(half_of_word(pair.x, 0u)), f16_to_f32_bits(half_of_word(pair.x, 1u)),
+            f16_to_f32_bits(half_of_word(pair.y, 0u)), f16_to_f32_bits(half_of_word(pair.y, 1u))));
+    }
+    return bitcast<vec4<f32>>(b[e / 4u]);
+}
+
 // B stored [N, K]: the vec4 along k of column j.
 fn b_column(s: Span, col0: u32, lane: u32, j: u32, k0: u32) -> vec4<f32> {
     let col = min(lane_column(col0, lane, j), params.n - 1u);
-    return mask_k(b[(s.b_base + col * params.b_row_stride + k0) / 4u], k0, s.k_end);
+    return mask_k(b_vec4(s.b_base + col * params.b_row_stride + k0), k0, s.k_end);
 }
 
 // B stored [K, N]: the lane's 8 columns at k.
@@ -138,8 +154,8 @@ fn b_row(s: Span, col0: u32, lane: u32, k: u32) -> Row {
     let col = min(col0 + 4u * lane, params.n - 4u);
     let base = s.b_base + min(k, s.k_end - 1u) * params.b_row_stride + col;
     let live = k < s.k_end;
-    return Row(select(vec4<f32>(0.0), b[base / 4u], live),
-               select(vec4<f32>(0.0), b[(base + 32u) / 4u], live && col + 32u < params.n));
+    return Row(select(vec4<f32>(0.0), b_vec4(base), live),
+               select(vec4<f32>(0.0), b_vec4(base + 32u), live && col + 32u < params.n));
 }
 
 fn load_panel(s: Span, col0: u32, lane: u32, k0: u32) -> Panel {

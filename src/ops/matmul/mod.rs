@@ -14,7 +14,7 @@
 //! order, one fma per step): the tiled kernel (`shaders/matmul.wgsl`, workgroup-memory tiles,
 //! any device) and, on a CPU adapter whose subgroups are 8 lanes of one SIMD vector (lavapipe),
 //! the subgroup kernel (`shaders/matmul_subgroup.wgsl`, launched from `matmul/subgroup.rs`),
-//! 5–10× faster there, wherever its vec4 reads are aligned and B is f32.
+//! 5–10× faster there, wherever its vec4 reads are aligned.
 
 use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::ops::reduce;
@@ -557,7 +557,7 @@ fn launch(
     c: &Tensor,
 ) {
     let lane_tiles = subgroup::device_fits(rec.gpu())
-        .then(|| subgroup::tiles_for(g, b.dtype(), k_split, a, b))
+        .then(|| subgroup::tiles_for(g, k_split, a, b))
         .flatten();
     match lane_tiles {
         Some(lane_tiles) => subgroup::launch(rec, g, lane_tiles, k_split, a, b, bias, c),

@@ -1,8 +1,8 @@
 //! The GEMM for CPU adapters whose subgroups are 8 lanes of one SIMD vector (lavapipe):
 //! `shaders/matmul_subgroup.wgsl`, no workgroup memory, A shared between lanes by
 //! `subgroupShuffle`, a 16- or 32-row block of C per lane in registers. Same operands,
-//! options and results (bit for bit) as the tiled kernel; it runs where every vec4 it reads is
-//! aligned and B is f32, and the tiled kernel runs everywhere else.
+//! options and results (bit for bit) as the tiled kernel, f16 B included; it runs where every
+//! vec4 it reads is aligned, and the tiled kernel runs everywhere else.
 
 use super::{Gemm, Params, MAX_GROUPS_PER_DIM};
 use crate::gpu::{read, read_write, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
@@ -74,28 +74,25 @@ pub(super) fn device_fits(gpu: &Gpu) -> bool {
         && info.subgroup_max_size == LANES
 }
 
-/// The tiles for `g` (B of type `b_dtype`, K in parts of `k_split` or 0) if this kernel can
-/// run it: B f32, and every vec4 it reads aligned and inside its tensor.
-pub(super) fn tiles_for(
-    g: &Gemm,
-    b_dtype: DType,
-    k_split: usize,
-    a: &Tensor,
-    b: &Tensor,
-) -> Option<LaneTiles> {
+/// The tiles for `g` (K in parts of `k_split`, or 0) if this kernel can
+/// run it: every vec4 it reads aligned and inside its tensor (B is read 16 bytes at a time:
+/// 4 f32 or 8 f16 elements).
+pub(super) fn tiles_for(g: &Gemm, k_split: usize, a: &Tensor, b: &Tensor) -> Option<LaneTiles> {
     let aligned = |v: usize| v % VEC == 0;
     // A split K's batch entries are parts of one product: A and B are read as one matrix.
     let batch = if k_split > 0 { 1 } else { g.batch };
     let operand_fits = |s: &super::Strided, tensor: &Tensor, rows: usize, cols: usize| {
-        // Rows as stored, each read in vec4s up to `cols` rounded up to a whole vec4.
+        // Rows as stored, each read in vec4s up to `cols` rounded up to a whole vec4, from
+        // 16-byte words that must lie wholly inside the tensor.
         let end = s.offset
             + (batch - 1) * s.batch_stride
             + (rows - 1) * s.row_stride
             + cols.next_multiple_of(VEC);
+        let per_word = 16 / tensor.dtype().size_bytes();
         [s.offset, s.row_stride, s.batch_stride]
             .into_iter()
             .all(aligned)
-            && end <= tensor.numel() / VEC * VEC
+            && end.next_multiple_of(per_word) <= tensor.numel() / per_word * per_word
     };
     // A stored [K, M] is read along M, [M, K] along K (the k tail is masked); likewise B.
     let a_fits = if g.transpose_a {
@@ -108,8 +105,8 @@ pub(super) fn tiles_for(
     } else {
         aligned(g.n) && operand_fits(&g.b, b, g.k, g.n)
     };
-    (b_dtype == DType::F32 && g.k > 0 && aligned(k_split) && a_fits && b_fits)
-        .then(|| LaneTiles::choose(g))
+    let b_typed = matches!(b.dtype(), DType::F32 | DType::F16);
+    (b_typed && g.k > 0 && aligned(k_split) && a_fits && b_fits).then(|| LaneTiles::choose(g))
 }
 
 /// Records a checked `g` with `tiles` (K split into parts of `k_split` as in
@@ -175,6 +172,7 @@ fn launch_slice(
     let overrides = [
         ("TRANSPOSE_A", u32::from(g.transpose_a)),
         ("TRANSPOSE_B", u32::from(g.transpose_b)),
+        ("B_F16", u32::from(b.dtype() == DType::F16)),
         ("EIGHTS", tiles.eights),
         ("WAVES", tiles.waves),
     ];
@@ -251,7 +249,7 @@ mod tests {
                 upload(gpu, [self.b.len()], &self.b),
             );
             let bias = upload(gpu, [g.n], &self.bias);
-            let tiles = tiles_for(g, DType::F32, 0, &a, &b)
+            let tiles = tiles_for(g, 0, &a, &b)
                 .unwrap_or_else(|| panic!("{g:?} must take the subgroup kernel"));
             let run = |subgroup_kernel: bool| {
                 let c = if g.options.write.accumulates() {
@@ -354,7 +352,7 @@ mod tests {
         // run along them); every other size odd, K's tail inside a vec4.
         for (layout, (m, n, k)) in [
             ((false, true), (37, 29, 53)),
-            ((false, false), (37, 28, 53)),
+            ((false, false), (37, 28, 52)),
             ((true, true), (36, 29, 53)),
             ((true, false), (76, 92, 45)),
         ] {
@@ -368,6 +366,54 @@ mod tests {
                 assert!(err < 1e-5, "{layout:?} {options:?}: {err}");
                 assert_same_bits(&subgroup, &tiled, &format!("{layout:?} {options:?}"));
             }
+        }
+    }
+
+    /// f16 B (frozen weights, subnormals among them) gives the bits of f32 B holding the same
+    /// values and of the tiled kernel reading the same f16 B.
+    #[test]
+    fn f16_b_gives_the_bits_of_f32_b_and_of_the_tiled_kernel() {
+        let gpu = gpu();
+        if !device_fits(gpu) {
+            return;
+        }
+        for (layout, (m, n, k)) in [
+            ((false, true), (37, 30, 52)),
+            ((false, false), (37, 28, 52)),
+        ] {
+            let g = Gemm::dense(m, n, k, layout.0, layout.1);
+            let halves: Vec<half::f16> = randn(21, k * n, 1.0)
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| half::f16::from_f32(if i % 7 == 3 { w * 1e-6 } else { w }))
+                .collect();
+            let values: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+            let a = upload(gpu, [m * k], &randn(22, m * k, 1.0));
+            let b16 = Tensor::from_f16(gpu, [k * n], &halves).expect("f16 upload");
+            let b32 = upload(gpu, [k * n], &values);
+            let run = |b: &Tensor, subgroup_kernel: bool| {
+                let c = poisoned(gpu, [m * n]);
+                let mut rec = Recorder::new(gpu);
+                if subgroup_kernel {
+                    let tiles = tiles_for(&g, 0, &a, b).expect("subgroup kernel");
+                    launch(&mut rec, &g, tiles, 0, &a, b, None, &c);
+                } else {
+                    launch_tiled(&mut rec, &g, Tiles::choose(&g, true), 0, &a, b, None, &c);
+                }
+                rec.finish().expect("gemm runs");
+                download(gpu, &c)
+            };
+            let f16_subgroup = run(&b16, true);
+            assert_same_bits(
+                &f16_subgroup,
+                &run(&b32, true),
+                &format!("{layout:?} f32 B"),
+            );
+            assert_same_bits(
+                &f16_subgroup,
+                &run(&b16, false),
+                &format!("{layout:?} tiled"),
+            );
         }
     }
 
@@ -397,7 +443,7 @@ mod tests {
         };
         let (a, b) = (randn(4, m * k, 1.0), randn(5, k * n, 1.0));
         let (ta, tb) = (upload(gpu, [k, m], &a), upload(gpu, [k, n], &b));
-        let tiles = tiles_for(&parts, DType::F32, part, &ta, &tb).expect("subgroup kernel");
+        let tiles = tiles_for(&parts, part, &ta, &tb).expect("subgroup kernel");
         let run = |subgroup_kernel: bool| {
             let c = poisoned(gpu, [parts.batch * m * n]);
             let mut rec = Recorder::new(gpu);
@@ -432,29 +478,30 @@ mod tests {
         assert!(rel_error_f64(&sum, &want) < 1e-5);
     }
 
-    /// Operands whose vec4s would be misaligned or run past the tensor, and f16 B, take the
-    /// tiled kernel.
+    /// Operands whose vec4s would be misaligned or run past the tensor take the tiled kernel.
     #[test]
-    fn unaligned_operands_and_f16_b_are_left_to_the_tiled_kernel() {
+    fn unaligned_operands_are_left_to_the_tiled_kernel() {
         let gpu = gpu();
         let t = |len: usize| upload(gpu, [len], &vec![0.0; len]);
         let ok = Gemm::dense(8, 8, 8, false, true);
-        assert!(tiles_for(&ok, DType::F32, 0, &t(64), &t(64)).is_some());
-        assert!(tiles_for(&ok, DType::F16, 0, &t(64), &t(64)).is_none());
+        assert!(tiles_for(&ok, 0, &t(64), &t(64)).is_some());
+        // bf16 is not a type gemm takes for B (f32 or f16).
+        let bf16 = Tensor::empty(gpu, [64], DType::BF16);
+        assert!(tiles_for(&ok, 0, &t(64), &bf16).is_none());
         // K = 7: rows of A and B start off a vec4.
         let odd_k = Gemm::dense(8, 8, 7, false, true);
-        assert!(tiles_for(&odd_k, DType::F32, 0, &t(56), &t(56)).is_none());
+        assert!(tiles_for(&odd_k, 0, &t(56), &t(56)).is_none());
         // B stored [K, N] with N = 6, A stored [K, M] with M = 6.
         let odd_n = Gemm::dense(8, 6, 8, false, false);
-        assert!(tiles_for(&odd_n, DType::F32, 0, &t(64), &t(48)).is_none());
+        assert!(tiles_for(&odd_n, 0, &t(64), &t(48)).is_none());
         let odd_m = Gemm::dense(6, 8, 8, true, true);
-        assert!(tiles_for(&odd_m, DType::F32, 0, &t(48), &t(64)).is_none());
+        assert!(tiles_for(&odd_m, 0, &t(48), &t(64)).is_none());
         // An offset of 2 elements.
         let shifted = Gemm {
             a: Strided::dense(8, 8).at(2),
             ..ok
         };
-        assert!(tiles_for(&shifted, DType::F32, 0, &t(66), &t(64)).is_none());
+        assert!(tiles_for(&shifted, 0, &t(66), &t(64)).is_none());
         // The last row's k tail (a whole vec4 read) would pass the end of A.
         let rows_of_8 = Strided {
             offset: 0,
@@ -466,6 +513,6 @@ mod tests {
             b: rows_of_8,
             ..Gemm::dense(8, 8, 5, false, true)
         };
-        assert!(tiles_for(&tail, DType::F32, 0, &t(61), &t(64)).is_none());
+        assert!(tiles_for(&tail, 0, &t(61), &t(64)).is_none());
     }
 }
