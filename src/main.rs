@@ -427,7 +427,12 @@ fn print_survey(survey: &AdapterSurvey) {
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!("features:");
     println!("  shader-f16              {:>14}", yes(f.shader_f16));
-    println!("  subgroups               {:>14}", yes(f.subgroups));
+    let subgroups = match (f.subgroups, f.subgroup_sizes) {
+        (false, _) => "no".to_string(),
+        (true, [min, max]) if min == max => format!("yes, {min} lanes"),
+        (true, [min, max]) => format!("yes, {min}-{max} lanes"),
+    };
+    println!("  subgroups               {subgroups:>14}");
     println!("  timestamp queries       {:>14}", yes(f.timestamp_query));
     println!(
         "  timestamps in passes    {:>14}",

@@ -105,6 +105,9 @@ pub struct FeaturesReport {
     pub shader_f16: bool,
     /// Subgroup operations.
     pub subgroups: bool,
+    /// Fewest and most invocations a subgroup may have (lavapipe: 8 and 8, which is what the
+    /// subgroup GEMM is written for).
+    pub subgroup_sizes: [u32; 2],
     /// Timestamp queries (kernel timing, `--profile`).
     pub timestamp_query: bool,
     /// Timestamps written inside compute passes.
@@ -410,6 +413,7 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
         features: FeaturesReport {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_sizes: [info.subgroup_min_size, info.subgroup_max_size],
             timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             timestamp_query_inside_passes: features
                 .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
