@@ -158,3 +158,27 @@ fn f16_to_f32_bits(h: u32) -> u32 {
     // Rebias: 127 - 15 = 112.
     return sign | ((exponent + 112u) << 23u) | (mantissa << 13u);
 }
+
+// The shape, layout and options of one GEMM (matmul.wgsl and matmul_subgroup.wgsl; the
+// Rust side is ops::matmul's Params). Offsets and strides count elements of each operand.
+struct GemmParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_offset: u32,
+    a_row_stride: u32,
+    a_batch_stride: u32,
+    b_offset: u32,
+    b_row_stride: u32,
+    b_batch_stride: u32,
+    c_offset: u32,
+    c_row_stride: u32,
+    c_batch_stride: u32,
+    bias_offset: u32,
+    alpha: f32,
+    // 1: C += product; 0: C = product.
+    accumulate: u32,
+    // Split K (when not 0): workgroup z sums k in [z·k_split, (z + 1)·k_split) of the one
+    // batch entry into slab z of C (partial sums that the launcher adds up).
+    k_split: u32,
+}

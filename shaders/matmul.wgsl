@@ -18,29 +18,9 @@
 // that sums over k = 0, 1, ... in order with one fma per step, whatever the tile sizes:
 // results are bit-identical run to run and across tile configurations.
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    a_offset: u32,
-    a_row_stride: u32,
-    a_batch_stride: u32,
-    b_offset: u32,
-    b_row_stride: u32,
-    b_batch_stride: u32,
-    c_offset: u32,
-    c_row_stride: u32,
-    c_batch_stride: u32,
-    bias_offset: u32,
-    alpha: f32,
-    // 1: C += product; 0: C = product.
-    accumulate: u32,
-    // Split K (when not 0): workgroup z sums k in [z·k_split, (z + 1)·k_split) of the one
-    // batch entry into slab z of C (partial sums that the launcher adds up).
-    k_split: u32,
-}
+// The uniform parameters are GemmParams (common.wgsl), shared with matmul_subgroup.wgsl.
 
-@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(0) var<uniform> params: GemmParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 // f32 bit patterns, or two f16 values per word when B_F16 (see half_of_word); read through
 // b_element.

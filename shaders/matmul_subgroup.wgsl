@@ -20,26 +20,9 @@
 // and strides multiples of 4, and M (Aᵀ) or N (B as [K, N]) too, so that a vec4 lies wholly
 // inside the matrix or wholly outside it).
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    a_offset: u32,
-    a_row_stride: u32,
-    a_batch_stride: u32,
-    b_offset: u32,
-    b_row_stride: u32,
-    b_batch_stride: u32,
-    c_offset: u32,
-    c_row_stride: u32,
-    c_batch_stride: u32,
-    bias_offset: u32,
-    alpha: f32,
-    accumulate: u32,
-    k_split: u32,
-}
+// The uniform parameters are GemmParams (common.wgsl), as in matmul.wgsl.
 
-@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(0) var<uniform> params: GemmParams;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 // f32 bit patterns, 4 to a vec4, or (B_F16) 8 f16 values to a vec4: read through b_vec4.
 @group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;

@@ -577,7 +577,32 @@ fn launch_tiled(
     bias: Option<&Tensor>,
     c: &Tensor,
 ) {
-    let grid = tiles.grid(g);
+    let kernel = GemmKernel {
+        entries: [&GEMM, &GEMM_BIAS],
+        overrides: &tiles.overrides(g, b.dtype()),
+        grid: tiles.grid(g),
+    };
+    dispatch(rec, g, &kernel, k_split, [a, b, c], bias);
+}
+
+/// One of the GEMM kernels as a launch of `g`: its entry points without and with a bias (the
+/// same bindings as [`GEMM`] and [`GEMM_BIAS`]), overrides and grid.
+struct GemmKernel<'o> {
+    entries: [&'static KernelSpec; 2],
+    overrides: &'o [(&'static str, u32)],
+    grid: [usize; 3],
+}
+
+/// Records `g` (K in parts of `k_split`, or 0) with `kernel`, on `[a, b, c]` and the bias.
+fn dispatch(
+    rec: &mut Recorder,
+    g: &Gemm,
+    kernel: &GemmKernel,
+    k_split: usize,
+    [a, b, c]: [&Tensor; 3],
+    bias: Option<&Tensor>,
+) {
+    let grid = kernel.grid;
     assert!(
         grid.iter().all(|&d| d <= MAX_GROUPS_PER_DIM),
         "gemm: {}x{}x{} (batch {}) needs a {grid:?} grid, more than {MAX_GROUPS_PER_DIM} workgroups per dimension",
@@ -586,8 +611,8 @@ fn launch_tiled(
         g.k,
         g.batch
     );
-    let spec = if bias.is_some() { &GEMM_BIAS } else { &GEMM };
-    let kernel = rec.gpu().kernel(spec, &tiles.overrides(g, b.dtype()));
+    let spec = kernel.entries[usize::from(bias.is_some())];
+    let pipeline = rec.gpu().kernel(spec, kernel.overrides);
     let tensors: Vec<&Tensor> = match bias {
         Some(bias) => vec![a, b, bias, c],
         None => vec![a, b, c],
@@ -597,7 +622,7 @@ fn launch_tiled(
     let products = if k_split == 0 { g.batch } else { 1 };
     let flops = 2 * (products * g.m * g.n * g.k) as u64;
     rec.dispatch_counting(
-        &kernel,
+        &pipeline,
         &tensors,
         &Params::new(g, k_split),
         Grid::xyz(x, y, z),

@@ -4,8 +4,8 @@
 //! options and results (bit for bit) as the tiled kernel, f16 B included; it runs where every
 //! vec4 it reads is aligned, and the tiled kernel runs everywhere else.
 
-use super::{Gemm, Params, MAX_GROUPS_PER_DIM};
-use crate::gpu::{read, read_write, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor};
+use super::{dispatch, Gemm, GemmKernel};
+use crate::gpu::{read, read_write, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
 static SHADER: Shader = shader!("matmul_subgroup");
@@ -110,7 +110,7 @@ pub(super) fn tiles_for(g: &Gemm, k_split: usize, a: &Tensor, b: &Tensor) -> Opt
 }
 
 /// Records a checked `g` with `tiles` (K split into parts of `k_split` as in
-/// [`super::launch`]).
+/// [`super::launch`]), in slices of K where B is large (see [`k_slices`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch(
     rec: &mut Recorder,
@@ -122,8 +122,33 @@ pub(super) fn launch(
     bias: Option<&Tensor>,
     c: &Tensor,
 ) {
+    let [rows, cols] = tiles.extents();
+    let overrides = [
+        ("TRANSPOSE_A", u32::from(g.transpose_a)),
+        ("TRANSPOSE_B", u32::from(g.transpose_b)),
+        ("B_F16", u32::from(b.dtype() == DType::F16)),
+        ("EIGHTS", tiles.eights),
+        ("WAVES", tiles.waves),
+    ];
+    let kernel = GemmKernel {
+        entries: [&GEMM, &GEMM_BIAS],
+        overrides: &overrides,
+        // Row blocks first: see the shader.
+        grid: [
+            g.m.div_ceil(rows as usize),
+            g.n.div_ceil(cols as usize),
+            g.batch,
+        ],
+    };
     for (slice, first) in k_slices(g, k_split) {
-        launch_slice(rec, &slice, tiles, k_split, a, b, bias.filter(|_| first), c);
+        dispatch(
+            rec,
+            &slice,
+            &kernel,
+            k_split,
+            [a, b, c],
+            bias.filter(|_| first),
+        );
     }
 }
 
@@ -140,58 +165,6 @@ fn k_slices(g: &Gemm, k_split: usize) -> Vec<(Gemm, bool)> {
         .step_by(depth)
         .map(|k0| (g.k_range(k0, (k0 + depth).min(g.k)), k0 == 0))
         .collect()
-}
-
-/// Records one product of [`launch`].
-#[allow(clippy::too_many_arguments)]
-fn launch_slice(
-    rec: &mut Recorder,
-    g: &Gemm,
-    tiles: LaneTiles,
-    k_split: usize,
-    a: &Tensor,
-    b: &Tensor,
-    bias: Option<&Tensor>,
-    c: &Tensor,
-) {
-    let [rows, cols] = tiles.extents();
-    // Row blocks first: see the shader.
-    let grid = [
-        g.m.div_ceil(rows as usize),
-        g.n.div_ceil(cols as usize),
-        g.batch,
-    ];
-    assert!(
-        grid.iter().all(|&d| d <= MAX_GROUPS_PER_DIM),
-        "gemm: {}x{}x{} (batch {}) needs a {grid:?} grid, more than {MAX_GROUPS_PER_DIM} workgroups per dimension",
-        g.m,
-        g.n,
-        g.k,
-        g.batch
-    );
-    let overrides = [
-        ("TRANSPOSE_A", u32::from(g.transpose_a)),
-        ("TRANSPOSE_B", u32::from(g.transpose_b)),
-        ("B_F16", u32::from(b.dtype() == DType::F16)),
-        ("EIGHTS", tiles.eights),
-        ("WAVES", tiles.waves),
-    ];
-    let spec = if bias.is_some() { &GEMM_BIAS } else { &GEMM };
-    let kernel = rec.gpu().kernel(spec, &overrides);
-    let tensors: Vec<&Tensor> = match bias {
-        Some(bias) => vec![a, b, bias, c],
-        None => vec![a, b, c],
-    };
-    let [x, y, z] = grid.map(|d| d as u32);
-    let products = if k_split == 0 { g.batch } else { 1 };
-    let flops = 2 * (products * g.m * g.n * g.k) as u64;
-    rec.dispatch_counting(
-        &kernel,
-        &tensors,
-        &Params::new(g, k_split),
-        Grid::xyz(x, y, z),
-        flops,
-    );
 }
 
 #[cfg(test)]
