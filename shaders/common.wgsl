@@ -181,4 +181,13 @@ struct GemmParams {
     // Split K (when not 0): workgroup z sums k in [z·k_split, (z + 1)·k_split) of the one
     // batch entry into slab z of C (partial sums that the launcher adds up).
     k_split: u32,
+    // A second product summed into the same outputs (matmul_subgroup.wgsl with SECOND; a
+    // LoRA path): alpha2 · A2·op(B2), A2 [M, k2] row-major, B2 in B's layout ([N, k2] or
+    // [k2, N]), both f32.
+    k2: u32,
+    a2_offset: u32,
+    a2_row_stride: u32,
+    b2_offset: u32,
+    b2_row_stride: u32,
+    alpha2: f32,
 }

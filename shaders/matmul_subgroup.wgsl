@@ -28,12 +28,18 @@
 @group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
+// The second product's operands (SECOND; the launcher binds A and B again otherwise).
+@group(0) @binding(5) var<storage, read> a2: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> b2: array<vec4<f32>>;
 
 override TRANSPOSE_A: bool = false;
 override TRANSPOSE_B: bool = false;
 // B's element type: f16 instead of f32 (frozen weights at half the memory), widened exactly
 // as matmul.wgsl widens it, so that both kernels give the same bits.
 override B_F16: bool = false;
+// Whether a second product, alpha2 · A2·op(B2), is summed into the same outputs after the
+// first (its A2 scaled by alpha2 as it is loaded, so that the accumulators simply go on).
+override SECOND: bool = false;
 // Rows of C per lane, in eights: 2 or 4.
 override EIGHTS: u32 = 2u;
 // Subgroups per workgroup, side by side along N.
@@ -60,9 +66,14 @@ struct Panel {
 
 // Where the operands of this workgroup's product start, which k it sums, and which batch
 // entry of C (or slab of partial sums, when K is split) it writes.
+// `second` picks the second product's operands (A2, B2: A2 never transposed).
 struct Span {
+    second: bool,
+    a_transposed: bool,
     a_base: u32,
+    a_row_stride: u32,
     b_base: u32,
+    b_row_stride: u32,
     k_begin: u32,
     k_end: u32,
     c_batch: u32,
@@ -73,8 +84,15 @@ fn span(wid: vec3<u32>) -> Span {
     let batch = select(wid.z, 0u, split);
     let k_begin = select(0u, wid.z * params.k_split, split);
     let k_end = select(params.k, min(k_begin + params.k_split, params.k), split);
-    return Span(params.a_offset + batch * params.a_batch_stride,
-                params.b_offset + batch * params.b_batch_stride, k_begin, k_end, wid.z);
+    return Span(false, TRANSPOSE_A, params.a_offset + batch * params.a_batch_stride,
+                params.a_row_stride, params.b_offset + batch * params.b_batch_stride,
+                params.b_row_stride, k_begin, k_end, wid.z);
+}
+
+// The second product's operands (one batch entry, K never split).
+fn second_span(wid: vec3<u32>) -> Span {
+    return Span(true, false, params.a2_offset, params.a2_row_stride, params.b2_offset,
+                params.b2_row_stride, 0u, params.k2, wid.z);
 }
 
 // `v` with the components of k0 + i at or past k_end set to 0.
@@ -85,19 +103,19 @@ fn mask_k(v: vec4<f32>, k0: u32, k_end: u32) -> vec4<f32> {
 // The lane's vec4 of A for rows first..first + 7 and k0..k0 + 3: row first + lane (along k),
 // or, A stored [K, M], k0 + lane / 2 at rows first + 4·(lane % 2) + 0..3.
 fn load_a(s: Span, first: u32, k0: u32, lane: u32) -> vec4<f32> {
-    if TRANSPOSE_A {
+    if s.a_transposed {
         let k = k0 + lane / 2u;
         let row = min(first + 4u * (lane % 2u), params.m - 4u);
-        let v = a[(s.a_base + min(k, s.k_end - 1u) * params.a_row_stride + row) / 4u];
+        let v = a_vec4(s.second, s.a_base + min(k, s.k_end - 1u) * s.a_row_stride + row);
         return select(vec4<f32>(0.0), v, k < s.k_end);
     }
     let row = min(first + lane, params.m - 1u);
-    return mask_k(a[(s.a_base + row * params.a_row_stride + k0) / 4u], k0, s.k_end);
+    return mask_k(a_vec4(s.second, s.a_base + row * s.a_row_stride + k0), k0, s.k_end);
 }
 
 // Row i (0..7) of the eight rows whose A the lanes loaded into `v`: A at k0..k0 + 3.
-fn a_row(v: vec4<f32>, i: u32) -> vec4<f32> {
-    if TRANSPOSE_A {
+fn a_row(v: vec4<f32>, i: u32, transposed: bool) -> vec4<f32> {
+    if transposed {
         let q = i % 4u;
         let h = i / 4u;
         return vec4<f32>(subgroupShuffle(v[q], h), subgroupShuffle(v[q], 2u + h),
@@ -112,6 +130,22 @@ fn lane_column(col0: u32, lane: u32, j: u32) -> u32 {
         return col0 + lane + LANES * j;
     }
     return col0 + 4u * lane + 32u * (j / 4u) + j % 4u;
+}
+
+// Elements e..e + 3 (e a multiple of 4) of A, or of A2 when `second`.
+fn a_vec4(second: bool, e: u32) -> vec4<f32> {
+    if second {
+        return a2[e / 4u];
+    }
+    return a[e / 4u];
+}
+
+// Elements e..e + 3 of B (f32 or f16), or of B2 (f32) when `second`.
+fn b_operand(second: bool, e: u32) -> vec4<f32> {
+    if second {
+        return b2[e / 4u];
+    }
+    return b_vec4(e);
 }
 
 // B's elements e..e + 3 (e a multiple of 4) as f32.
@@ -129,16 +163,17 @@ fn b_vec4(e: u32) -> vec4<f32> {
 // B stored [N, K]: the vec4 along k of column j.
 fn b_column(s: Span, col0: u32, lane: u32, j: u32, k0: u32) -> vec4<f32> {
     let col = min(lane_column(col0, lane, j), params.n - 1u);
-    return mask_k(b_vec4(s.b_base + col * params.b_row_stride + k0), k0, s.k_end);
+    return mask_k(b_operand(s.second, s.b_base + col * s.b_row_stride + k0), k0, s.k_end);
 }
 
 // B stored [K, N]: the lane's 8 columns at k.
 fn b_row(s: Span, col0: u32, lane: u32, k: u32) -> Row {
     let col = min(col0 + 4u * lane, params.n - 4u);
-    let base = s.b_base + min(k, s.k_end - 1u) * params.b_row_stride + col;
+    let base = s.b_base + min(k, s.k_end - 1u) * s.b_row_stride + col;
     let live = k < s.k_end;
-    return Row(select(vec4<f32>(0.0), b_vec4(base), live),
-               select(vec4<f32>(0.0), b_vec4(base + 32u), live && col + 32u < params.n));
+    return Row(select(vec4<f32>(0.0), b_operand(s.second, base), live),
+               select(vec4<f32>(0.0), b_operand(s.second, base + 32u),
+                      live && col + 32u < params.n));
 }
 
 fn load_panel(s: Span, col0: u32, lane: u32, k0: u32) -> Panel {
@@ -174,12 +209,31 @@ fn step(acc: Row, a: vec4<f32>, p: Panel) -> Row {
     return Row(g0, g1);
 }
 
-// The eight rows whose A the lanes loaded into `v`, 4 steps of k.
-fn step_eight(e: Eight, v: vec4<f32>, p: Panel) -> Eight {
-    return Eight(step(e.r0, a_row(v, 0u), p), step(e.r1, a_row(v, 1u), p),
-                 step(e.r2, a_row(v, 2u), p), step(e.r3, a_row(v, 3u), p),
-                 step(e.r4, a_row(v, 4u), p), step(e.r5, a_row(v, 5u), p),
-                 step(e.r6, a_row(v, 6u), p), step(e.r7, a_row(v, 7u), p));
+// The eight rows whose A the lanes loaded into `v` (stored transposed or not), 4 steps of k.
+fn step_eight(e: Eight, v: vec4<f32>, t: bool, p: Panel) -> Eight {
+    return Eight(step(e.r0, a_row(v, 0u, t), p), step(e.r1, a_row(v, 1u, t), p),
+                 step(e.r2, a_row(v, 2u, t), p), step(e.r3, a_row(v, 3u, t), p),
+                 step(e.r4, a_row(v, 4u, t), p), step(e.r5, a_row(v, 5u, t), p),
+                 step(e.r6, a_row(v, 6u, t), p), step(e.r7, a_row(v, 7u, t), p));
+}
+
+// The block after 4·steps more steps of k over the operands of `s` (A scaled by `scale`).
+fn accumulate_block(block: Block, s: Span, scale: f32, row0: u32, col0: u32, lane: u32) -> Block {
+    var e0 = block.e0;
+    var e1 = block.e1;
+    var e2 = block.e2;
+    var e3 = block.e3;
+    let t = s.a_transposed;
+    for (var k0 = s.k_begin; k0 < s.k_end; k0 += 4u) {
+        let p = load_panel(s, col0, lane, k0);
+        e0 = step_eight(e0, scale * load_a(s, row0, k0, lane), t, p);
+        e1 = step_eight(e1, scale * load_a(s, row0 + 8u, k0, lane), t, p);
+        if EIGHTS == 4u {
+            e2 = step_eight(e2, scale * load_a(s, row0 + 16u, k0, lane), t, p);
+            e3 = step_eight(e3, scale * load_a(s, row0 + 24u, k0, lane), t, p);
+        }
+    }
+    return Block(e0, e1, e2, e3);
 }
 
 // Writes alpha·sum + bias (+ C) at column `col` of a row of C, inside the N bound.
@@ -239,23 +293,14 @@ fn block_col0(wid: vec3<u32>, lid: vec3<u32>) -> u32 {
 // exactly the 8 invocations of one local row).
 fn multiply(wid: vec3<u32>, lid: vec3<u32>) -> Block {
     let lane = lid.x;
-    let s = span(wid);
     let row0 = block_row0(wid);
     let col0 = block_col0(wid, lid);
-    var e0: Eight;
-    var e1: Eight;
-    var e2: Eight;
-    var e3: Eight;
-    for (var k0 = s.k_begin; k0 < s.k_end; k0 += 4u) {
-        let p = load_panel(s, col0, lane, k0);
-        e0 = step_eight(e0, load_a(s, row0, k0, lane), p);
-        e1 = step_eight(e1, load_a(s, row0 + 8u, k0, lane), p);
-        if EIGHTS == 4u {
-            e2 = step_eight(e2, load_a(s, row0 + 16u, k0, lane), p);
-            e3 = step_eight(e3, load_a(s, row0 + 24u, k0, lane), p);
-        }
+    // A scale of 1 multiplies exactly: the first product's values are A's own.
+    var block = accumulate_block(Block(), span(wid), 1.0, row0, col0, lane);
+    if SECOND {
+        block = accumulate_block(block, second_span(wid), params.alpha2, row0, col0, lane);
     }
-    return Block(e0, e1, e2, e3);
+    return block;
 }
 
 fn store_block(block: Block, bias_row: Row, wid: vec3<u32>, lid: vec3<u32>) {

@@ -4,8 +4,8 @@
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::ops::dropout::{dropout_apply, Dropout};
 use crate::ops::matmul::{
-    matmul_backward_bias, matmul_backward_input, matmul_backward_weight, matmul_forward,
-    MatmulOptions,
+    matmul_backward_bias, matmul_backward_input, matmul_backward_input_lora,
+    matmul_backward_weight, matmul_forward, matmul_forward_lora, LoraPair, MatmulOptions,
 };
 use crate::ops::residual::accumulate;
 use crate::ops::Write;
@@ -25,6 +25,15 @@ impl Lora {
     /// The rank r: rows of `A`.
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
+    }
+
+    /// The matrices and scale as the LoRA matmuls take them.
+    pub fn pair(&self) -> LoraPair<'_> {
+        LoraPair {
+            a: &self.a,
+            b: &self.b,
+            scale: self.scale,
+        }
     }
 }
 
@@ -83,15 +92,17 @@ impl Linear {
         adapters: bool,
         dropout: Option<Dropout>,
     ) -> Option<LoraActivations> {
-        matmul_forward(
-            rec,
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            y,
-            MatmulOptions::overwrite(),
-        );
-        let lora = self.lora.as_ref().filter(|_| adapters)?;
+        let Some(lora) = self.lora.as_ref().filter(|_| adapters) else {
+            matmul_forward(
+                rec,
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                y,
+                MatmulOptions::overwrite(),
+            );
+            return None;
+        };
         let input = match dropout {
             Some(d) => {
                 let dropped = Tensor::empty(rec.gpu(), x.shape().clone(), DType::F32);
@@ -110,8 +121,16 @@ impl Linear {
             &hidden,
             MatmulOptions::overwrite(),
         );
-        let up = MatmulOptions::accumulate().scaled(lora.scale);
-        matmul_forward(rec, &hidden, &lora.b, None, y, up);
+        // y = x·Wᵀ + b + s·h·Bᵀ: the up product rides along with the projection.
+        matmul_forward_lora(
+            rec,
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            &lora.pair(),
+            &hidden,
+            y,
+        );
         Some(LoraActivations {
             input,
             hidden,
@@ -153,14 +172,15 @@ impl Linear {
         dx_write: Write,
         grads: &LinearGrads,
     ) {
-        matmul_backward_input(rec, dy, &self.weight, dx, MatmulOptions::writing(dx_write));
         if let Some(dw) = &grads.weight {
             matmul_backward_weight(rec, dy, x, dw, MatmulOptions::accumulate());
         }
         if let Some(db) = &grads.bias {
             matmul_backward_bias(rec, dy, db, Write::Accumulate);
         }
+        let input_grad = MatmulOptions::writing(dx_write);
         let (Some(adapter), Some(saved)) = (&self.lora, lora) else {
+            matmul_backward_input(rec, dy, &self.weight, dx, input_grad);
             return;
         };
         // y += s·(u·Aᵀ)·Bᵀ with u = drop(x), h = u·Aᵀ  ⇒  dB += s·dyᵀ·h,  dh = s·dy·B,
@@ -181,8 +201,13 @@ impl Linear {
             matmul_backward_weight(rec, &dh, &saved.input, da, MatmulOptions::accumulate());
         }
         match &saved.dropout {
-            None => matmul_backward_input(rec, &dh, &adapter.a, dx, MatmulOptions::accumulate()),
+            // dx = dy·W + dh·A: the adapter's term rides along with the projection's.
+            None => {
+                let w = &self.weight;
+                matmul_backward_input_lora(rec, dy, w, &dh, &adapter.a, dx, dx_write);
+            }
             Some(d) => {
+                matmul_backward_input(rec, dy, &self.weight, dx, input_grad);
                 let du = rec.scratch(x.shape().clone(), DType::F32);
                 matmul_backward_input(rec, &dh, &adapter.a, &du, MatmulOptions::overwrite());
                 let dropped = rec.scratch(x.shape().clone(), DType::F32);

@@ -254,6 +254,12 @@ struct Params {
     alpha: f32,
     accumulate: u32,
     k_split: u32,
+    k2: u32,
+    a2_offset: u32,
+    a2_row_stride: u32,
+    b2_offset: u32,
+    b2_row_stride: u32,
+    alpha2: f32,
 }
 
 impl Params {
@@ -277,6 +283,27 @@ impl Params {
             alpha: g.options.alpha,
             accumulate: u32::from(g.options.write.accumulates()),
             k_split: u(k_split),
+            k2: 0,
+            a2_offset: 0,
+            a2_row_stride: 0,
+            b2_offset: 0,
+            b2_row_stride: 0,
+            alpha2: 0.0,
+        }
+    }
+
+    /// The same with `second` (the second product of [`gemm_plus`], as a [`Gemm`]) summed
+    /// into the outputs (the subgroup kernel's SECOND).
+    fn with_second(self, second: &Gemm) -> Params {
+        let u = |v: usize| u32::try_from(v).expect("checked against the tensor sizes");
+        Params {
+            k2: u(second.k),
+            a2_offset: u(second.a.offset),
+            a2_row_stride: u(second.a.row_stride),
+            b2_offset: u(second.b.offset),
+            b2_row_stride: u(second.b.row_stride),
+            alpha2: second.options.alpha,
+            ..self
         }
     }
 }
@@ -429,6 +456,92 @@ pub fn gemm(
     if g.batch == 0 || g.m == 0 || g.n == 0 {
         return;
     }
+    check_gemm(g, a, b, bias, c);
+    let cpu = rec.gpu().info().device_type == wgpu::DeviceType::Cpu;
+    let dense_c = g.c.offset == 0 && g.c.row_stride == g.n && c.numel() == g.m * g.n;
+    let (tiles, splits) = split_plan(g, bias.is_some() || !dense_c, cpu);
+    if splits > 1 {
+        launch_split(rec, g, tiles, splits, a, b, c);
+    } else {
+        launch(rec, g, tiles, 0, a, b, bias, c);
+    }
+}
+
+/// A second product that [`gemm_plus`] sums into the outputs of a first:
+/// `alpha · A2·op(B2)`, A2 `[M, k]` row-major, B2 stored as the first product's B is
+/// (`[N, k]` when that is transposed, else `[k, N]`), both f32. The LoRA paths: `y += s·h·Bᵀ`
+/// beside `y = x·Wᵀ`, and `dx += dh·A` beside `dx = dy·W`.
+#[derive(Debug, Clone, Copy)]
+pub struct Second<'t> {
+    /// A2 and where its elements are (its batch stride is not used).
+    pub a: (&'t Tensor, Strided),
+    /// B2 and where its elements are.
+    pub b: (&'t Tensor, Strided),
+    /// The summed dimension of the second product.
+    pub k: usize,
+    /// Its scale.
+    pub alpha: f32,
+}
+
+impl Second<'_> {
+    /// The second product as a [`Gemm`] of its own that adds into `first`'s C.
+    fn as_gemm(&self, first: &Gemm) -> Gemm {
+        Gemm {
+            batch: 1,
+            k: self.k,
+            transpose_a: false,
+            a: self.a.1,
+            b: self.b.1,
+            bias_offset: 0,
+            options: MatmulOptions::accumulate().scaled(self.alpha),
+            ..*first
+        }
+    }
+}
+
+/// `C = op(A)·op(B) (+ bias) (+ C) + second.alpha · A2·op(B2)`: [`gemm`] of `g` (one product,
+/// alpha 1) and a second product summed into the same outputs. Where the subgroup kernel runs
+/// both, it is one dispatch that reads and writes C once, the second product's terms added
+/// after the first's to the same sums; elsewhere `g` and then the second product added to C
+/// (the same values up to rounding).
+pub fn gemm_plus(
+    rec: &mut Recorder,
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    second: &Second,
+    c: &Tensor,
+) {
+    assert!(
+        g.batch == 1 && g.options.alpha == 1.0,
+        "gemm_plus: the first product must be one product with alpha 1, not {g:?}"
+    );
+    let second_g = second.as_gemm(g);
+    let ((a2, _), (b2, _)) = (second.a, second.b);
+    let fused = g.m > 0
+        && g.n > 0
+        && g.k > 0
+        && second.k > 0
+        && subgroup::device_fits(rec.gpu())
+        && subgroup::tiles_for(&second_g, 0, a2, b2).is_some();
+    let tiles = fused.then(|| subgroup::tiles_for(g, 0, a, b)).flatten();
+    let Some(tiles) = tiles else {
+        gemm(rec, g, a, b, bias, c);
+        gemm(rec, &second_g, a2, b2, None, c);
+        return;
+    };
+    check_gemm(g, a, b, bias, c);
+    check_gemm(&second_g, a2, b2, None, c);
+    assert!(
+        a2.dtype() == DType::F32 && b2.dtype() == DType::F32,
+        "gemm_plus: the second product's operands must be f32"
+    );
+    subgroup::launch(rec, g, tiles, 0, [a, b, c], bias, Some((&second_g, a2, b2)));
+}
+
+/// Asserts that `g`'s operands, C and bias have the types and extents it needs.
+fn check_gemm(g: &Gemm, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) {
     let [a_dims, b_dims, c_dims] = g.stored();
     // With K = 0 the product is empty; the kernel still writes bias (+ C), so A and B are
     // not read and need no extent.
@@ -454,14 +567,6 @@ pub fn gemm(
             1,
             (1, g.n),
         );
-    }
-    let cpu = rec.gpu().info().device_type == wgpu::DeviceType::Cpu;
-    let dense_c = g.c.offset == 0 && g.c.row_stride == g.n && c.numel() == g.m * g.n;
-    let (tiles, splits) = split_plan(g, bias.is_some() || !dense_c, cpu);
-    if splits > 1 {
-        launch_split(rec, g, tiles, splits, a, b, c);
-    } else {
-        launch(rec, g, tiles, 0, a, b, bias, c);
     }
 }
 
@@ -560,7 +665,9 @@ fn launch(
         .then(|| subgroup::tiles_for(g, k_split, a, b))
         .flatten();
     match lane_tiles {
-        Some(lane_tiles) => subgroup::launch(rec, g, lane_tiles, k_split, a, b, bias, c),
+        Some(lane_tiles) => {
+            subgroup::launch(rec, g, lane_tiles, k_split, [a, b, c], bias, None);
+        }
         None => launch_tiled(rec, g, tiles, k_split, a, b, bias, c),
     }
 }
@@ -581,24 +688,27 @@ fn launch_tiled(
         entries: [&GEMM, &GEMM_BIAS],
         overrides: &tiles.overrides(g, b.dtype()),
         grid: tiles.grid(g),
+        extra: Vec::new(),
     };
-    dispatch(rec, g, &kernel, k_split, [a, b, c], bias);
+    dispatch(rec, g, &kernel, &Params::new(g, k_split), [a, b, c], bias);
 }
 
 /// One of the GEMM kernels as a launch of `g`: its entry points without and with a bias (the
-/// same bindings as [`GEMM`] and [`GEMM_BIAS`]), overrides and grid.
+/// bindings of [`GEMM`] and [`GEMM_BIAS`], then those of `extra`), overrides and grid.
 struct GemmKernel<'o> {
     entries: [&'static KernelSpec; 2],
     overrides: &'o [(&'static str, u32)],
     grid: [usize; 3],
+    extra: Vec<&'o Tensor>,
 }
 
-/// Records `g` (K in parts of `k_split`, or 0) with `kernel`, on `[a, b, c]` and the bias.
+/// Records `g` with `kernel` and `params` (K in parts of `params.k_split`, or 0; a second
+/// product of `params.k2`), on `[a, b, c]` and the bias.
 fn dispatch(
     rec: &mut Recorder,
     g: &Gemm,
     kernel: &GemmKernel,
-    k_split: usize,
+    params: &Params,
     [a, b, c]: [&Tensor; 3],
     bias: Option<&Tensor>,
 ) {
@@ -613,21 +723,17 @@ fn dispatch(
     );
     let spec = kernel.entries[usize::from(bias.is_some())];
     let pipeline = rec.gpu().kernel(spec, kernel.overrides);
-    let tensors: Vec<&Tensor> = match bias {
+    let mut tensors: Vec<&Tensor> = match bias {
         Some(bias) => vec![a, b, bias, c],
         None => vec![a, b, c],
     };
+    tensors.extend(&kernel.extra);
     let [x, y, z] = grid.map(|d| d as u32);
     // A split product's batch entries are parts of one K, not products of their own.
-    let products = if k_split == 0 { g.batch } else { 1 };
-    let flops = 2 * (products * g.m * g.n * g.k) as u64;
-    rec.dispatch_counting(
-        &pipeline,
-        &tensors,
-        &Params::new(g, k_split),
-        Grid::xyz(x, y, z),
-        flops,
-    );
+    let products = if params.k_split == 0 { g.batch } else { 1 };
+    let depth = g.k + params.k2 as usize;
+    let flops = 2 * (products * g.m * g.n * depth) as u64;
+    rec.dispatch_counting(&pipeline, &tensors, params, Grid::xyz(x, y, z), flops);
 }
 
 /// Rows of `t` as a matrix with `cols` columns (all leading dimensions flattened).
@@ -705,6 +811,77 @@ pub fn matmul_backward_input(
         None,
         dx,
     );
+}
+
+/// A LoRA adapter's two matrices beside a weight `W [N, K]`: `a [r, K]`, `b [N, r]`, and the
+/// scale `alpha / r`; its path adds `scale·(u·Aᵀ)·Bᵀ` to the layer's output.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraPair<'t> {
+    /// `A [r, K]`.
+    pub a: &'t Tensor,
+    /// `B [N, r]`.
+    pub b: &'t Tensor,
+    /// `alpha / r`.
+    pub scale: f32,
+}
+
+/// `Y = X·Wᵀ (+ bias) + scale·H·Bᵀ`: a projection and its LoRA path's up product, `h [.., r]`
+/// the path's hidden `u·Aᵀ` (with [`gemm_plus`]: one product where the device runs both).
+pub fn matmul_forward_lora(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    lora: &LoraPair,
+    h: &Tensor,
+    y: &Tensor,
+) {
+    let (n, k) = weight_dims(w);
+    let m = shared_rows("matmul_forward_lora", ("x", x, k), ("y", y, n));
+    let r = lora.b.dims()[1];
+    assert_eq!(
+        (lora.b.dims(), rows_of("h", h, r)),
+        (&[n, r][..], m),
+        "matmul_forward_lora: B {:?} and h {h:?} must be [{n}, r] and [{m}, r]",
+        lora.b
+    );
+    let second = Second {
+        a: (h, Strided::dense(m, r)),
+        b: (lora.b, Strided::dense(n, r)),
+        k: r,
+        alpha: lora.scale,
+    };
+    let base = Gemm::dense(m, n, k, false, true);
+    gemm_plus(rec, &base, x, w, bias, &second, y);
+}
+
+/// `dX = dY·W + dH·A` (or `+=`): a projection's input gradient and its LoRA path's (without
+/// dropout), `dh [.., r]` the gradient at the path's hidden, `a [r, K]` its down matrix.
+pub fn matmul_backward_input_lora(
+    rec: &mut Recorder,
+    dy: &Tensor,
+    w: &Tensor,
+    dh: &Tensor,
+    lora_a: &Tensor,
+    dx: &Tensor,
+    write: Write,
+) {
+    let (n, k) = weight_dims(w);
+    let m = shared_rows("matmul_backward_input_lora", ("dy", dy, n), ("dx", dx, k));
+    let r = lora_a.dims()[0];
+    assert_eq!(
+        (lora_a.dims(), rows_of("dh", dh, r)),
+        (&[r, k][..], m),
+        "matmul_backward_input_lora: A {lora_a:?} and dh {dh:?} must be [r, {k}] and [{m}, r]"
+    );
+    let second = Second {
+        a: (dh, Strided::dense(m, r)),
+        b: (lora_a, Strided::dense(r, k)),
+        k: r,
+        alpha: 1.0,
+    };
+    let base = Gemm::dense(m, k, n, false, false).with(MatmulOptions::writing(write));
+    gemm_plus(rec, &base, dy, w, None, &second, dx);
 }
 
 /// `dW = alpha·dYᵀ·X` (or `+=`, as parameter gradients do): `dy [.., N]`, `x [.., K]`,

@@ -4,7 +4,7 @@
 //! options and results (bit for bit) as the tiled kernel, f16 B included; it runs where every
 //! vec4 it reads is aligned, and the tiled kernel runs everywhere else.
 
-use super::{dispatch, Gemm, GemmKernel};
+use super::{dispatch, Gemm, GemmKernel, Params};
 use crate::gpu::{read, read_write, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
@@ -13,12 +13,12 @@ static SHADER: Shader = shader!("matmul_subgroup");
 static GEMM: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gemm_subgroup",
-    bindings: &[read(1), read(2), read_write(4)],
+    bindings: &[read(1), read(2), read_write(4), read(5), read(6)],
 };
 static GEMM_BIAS: KernelSpec = KernelSpec {
     shader: &SHADER,
     entry: "gemm_subgroup_bias",
-    bindings: &[read(1), read(2), read(3), read_write(4)],
+    bindings: &[read(1), read(2), read(3), read_write(4), read(5), read(6)],
 };
 
 /// Lanes of a subgroup the kernel is written for (one 256-bit vector of f32).
@@ -109,18 +109,17 @@ pub(super) fn tiles_for(g: &Gemm, k_split: usize, a: &Tensor, b: &Tensor) -> Opt
     (b_typed && g.k > 0 && aligned(k_split) && a_fits && b_fits).then(|| LaneTiles::choose(g))
 }
 
-/// Records a checked `g` with `tiles` (K split into parts of `k_split` as in
-/// [`super::launch`]), in slices of K where B is large (see [`k_slices`]).
-#[allow(clippy::too_many_arguments)]
+/// Records a checked `g` on `[a, b, c]` with `tiles` (K split into parts of `k_split` as in
+/// [`super::launch`]), in slices of K where B is large (see [`k_slices`]), and `second`, a
+/// product `(g2, a2, b2)` of [`super::gemm_plus`] summed into the same outputs.
 pub(super) fn launch(
     rec: &mut Recorder,
     g: &Gemm,
     tiles: LaneTiles,
     k_split: usize,
-    a: &Tensor,
-    b: &Tensor,
+    [a, b, c]: [&Tensor; 3],
     bias: Option<&Tensor>,
-    c: &Tensor,
+    second: Option<(&Gemm, &Tensor, &Tensor)>,
 ) {
     let [rows, cols] = tiles.extents();
     let overrides = [
@@ -129,6 +128,7 @@ pub(super) fn launch(
         ("B_F16", u32::from(b.dtype() == DType::F16)),
         ("EIGHTS", tiles.eights),
         ("WAVES", tiles.waves),
+        ("SECOND", u32::from(second.is_some())),
     ];
     let kernel = GemmKernel {
         entries: [&GEMM, &GEMM_BIAS],
@@ -139,16 +139,16 @@ pub(super) fn launch(
             g.n.div_ceil(cols as usize),
             g.batch,
         ],
+        // Without a second product its bindings take A and B again, unread.
+        extra: second.map_or(vec![a, b], |(_, a2, b2)| vec![a2, b2]),
     };
     for (slice, first) in k_slices(g, k_split) {
-        dispatch(
-            rec,
-            &slice,
-            &kernel,
-            k_split,
-            [a, b, c],
-            bias.filter(|_| first),
-        );
+        let mut params = Params::new(&slice, k_split);
+        if let (true, Some((g2, _, _))) = (first, second) {
+            params = params.with_second(g2);
+        }
+        let bias = bias.filter(|_| first);
+        dispatch(rec, &slice, &kernel, &params, [a, b, c], bias);
     }
 }
 
@@ -169,7 +169,7 @@ fn k_slices(g: &Gemm, k_split: usize) -> Vec<(Gemm, bool)> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{launch_tiled, reference, MatmulOptions, Strided, Tiles};
+    use super::super::{gemm_plus, launch_tiled, reference, MatmulOptions, Second, Strided, Tiles};
     use super::*;
     use crate::testing::{download, f64s, gpu, poisoned, randn, rel_error, rel_error_f64, upload};
 
@@ -232,7 +232,7 @@ mod tests {
                 };
                 let mut rec = Recorder::new(gpu);
                 if subgroup_kernel {
-                    launch(&mut rec, g, tiles, 0, &a, &b, Some(&bias), &c);
+                    launch(&mut rec, g, tiles, 0, [&a, &b, &c], Some(&bias), None);
                 } else {
                     launch_tiled(
                         &mut rec,
@@ -369,7 +369,7 @@ mod tests {
                 let mut rec = Recorder::new(gpu);
                 if subgroup_kernel {
                     let tiles = tiles_for(&g, 0, &a, b).expect("subgroup kernel");
-                    launch(&mut rec, &g, tiles, 0, &a, b, None, &c);
+                    launch(&mut rec, &g, tiles, 0, [&a, b, &c], None, None);
                 } else {
                     launch_tiled(&mut rec, &g, Tiles::choose(&g, true), 0, &a, b, None, &c);
                 }
@@ -387,6 +387,76 @@ mod tests {
                 &run(&b16, false),
                 &format!("{layout:?} tiled"),
             );
+        }
+    }
+
+    /// `gemm_plus` (a LoRA path's product summed into the projection's outputs in the same
+    /// dispatch) matches the f64 reference and the two products run one after the other, in
+    /// the forward's layout (with a bias) and the input gradient's (accumulating).
+    #[test]
+    fn a_second_product_rides_along_with_the_first() {
+        let gpu = gpu();
+        let (m, k, r) = (37, 52, 16);
+        for (n, transpose_b, options, with_bias) in [
+            (29, true, MatmulOptions::overwrite(), true),
+            (28, false, MatmulOptions::accumulate(), false),
+        ] {
+            let g = Gemm::dense(m, n, k, false, transpose_b).with(options);
+            let (b_rows, b_cols) = if transpose_b { (n, r) } else { (r, n) };
+            let values = |seed: u64, len: usize| randn(seed, len, 1.0);
+            let (a, b, bias, c0) = (
+                values(31, m * k),
+                values(32, k * n),
+                values(33, n),
+                values(34, m * n),
+            );
+            let (a2, b2) = (values(35, m * r), values(36, r * n));
+            let t = |v: &[f32]| upload(gpu, [v.len()], v);
+            let (ta, tb, tbias, ta2, tb2) = (t(&a), t(&b), t(&bias), t(&a2), t(&b2));
+            let second = Second {
+                a: (&ta2, Strided::dense(m, r)),
+                b: (&tb2, Strided::dense(b_rows, b_cols)),
+                k: r,
+                alpha: 0.25,
+            };
+            let bias_t = with_bias.then_some(&tbias);
+            if device_fits(gpu) {
+                assert!(tiles_for(&second.as_gemm(&g), 0, &ta2, &tb2).is_some());
+                assert!(tiles_for(&g, 0, &ta, &tb).is_some());
+            }
+            let run = |fused: bool| {
+                let c = t(&c0);
+                let mut rec = Recorder::new(gpu);
+                if fused {
+                    gemm_plus(&mut rec, &g, &ta, &tb, bias_t, &second, &c);
+                } else {
+                    super::super::gemm(&mut rec, &g, &ta, &tb, bias_t, &c);
+                    let g2 = second.as_gemm(&g);
+                    super::super::gemm(&mut rec, &g2, &ta2, &tb2, None, &c);
+                }
+                rec.finish().expect("gemm runs");
+                download(gpu, &c)
+            };
+            let mut want = f64s(&c0);
+            let bias64 = f64s(&bias);
+            reference::gemm(
+                &g,
+                &f64s(&a),
+                &f64s(&b),
+                with_bias.then_some(&bias64[..]),
+                &mut want,
+            );
+            let g2 = second.as_gemm(&g);
+            reference::gemm(&g2, &f64s(&a2), &f64s(&b2), None, &mut want);
+            let (fused, apart) = (run(true), run(false));
+            let what = format!("transpose_b {transpose_b}");
+            assert!(
+                rel_error(&fused, &want) < 1e-5,
+                "{what}: {}",
+                rel_error(&fused, &want)
+            );
+            assert!(rel_error(&apart, &want) < 1e-5, "{what}");
+            assert!(rel_error(&fused, &f64s(&apart)) < 1e-6, "{what}");
         }
     }
 
@@ -421,7 +491,7 @@ mod tests {
             let c = poisoned(gpu, [parts.batch * m * n]);
             let mut rec = Recorder::new(gpu);
             if subgroup_kernel {
-                launch(&mut rec, &parts, tiles, part, &ta, &tb, None, &c);
+                launch(&mut rec, &parts, tiles, part, [&ta, &tb, &c], None, None);
             } else {
                 launch_tiled(
                     &mut rec,
