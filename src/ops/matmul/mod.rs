@@ -499,11 +499,11 @@ impl Second<'_> {
     }
 }
 
-/// `C = op(A)·op(B) (+ bias) (+ C) + second.alpha · A2·op(B2)`: [`gemm`] of `g` (one product,
-/// alpha 1) and a second product summed into the same outputs. Where the subgroup kernel runs
-/// both, it is one dispatch that reads and writes C once, the second product's terms added
-/// after the first's to the same sums; elsewhere `g` and then the second product added to C
-/// (the same values up to rounding).
+/// `C = alpha·op(A)·op(B) (+ bias) (+ C) + second.alpha · A2·op(B2)`: [`gemm`] of `g` (one
+/// product) and a second product summed into the same outputs. Where the subgroup kernel runs
+/// both (alpha 1, f32 second operands, aligned vec4s), it is one dispatch that reads and writes
+/// C once, the second product's terms added after the first's to the same sums; elsewhere `g`
+/// and then the second product added to C (the same values up to rounding).
 pub fn gemm_plus(
     rec: &mut Recorder,
     g: &Gemm,
@@ -513,16 +513,20 @@ pub fn gemm_plus(
     second: &Second,
     c: &Tensor,
 ) {
-    assert!(
-        g.batch == 1 && g.options.alpha == 1.0,
-        "gemm_plus: the first product must be one product with alpha 1, not {g:?}"
+    assert_eq!(
+        g.batch, 1,
+        "gemm_plus: the first product must be one product"
     );
     let second_g = second.as_gemm(g);
     let ((a2, _), (b2, _)) = (second.a, second.b);
+    // The kernel scales the one set of sums by alpha and A2 by alpha2 as it loads it.
     let fused = g.m > 0
         && g.n > 0
         && g.k > 0
         && second.k > 0
+        && g.options.alpha == 1.0
+        && a2.dtype() == DType::F32
+        && b2.dtype() == DType::F32
         && subgroup::device_fits(rec.gpu())
         && subgroup::tiles_for(&second_g, 0, a2, b2).is_some();
     let tiles = fused.then(|| subgroup::tiles_for(g, 0, a, b)).flatten();
@@ -533,10 +537,6 @@ pub fn gemm_plus(
     };
     check_gemm(g, a, b, bias, c);
     check_gemm(&second_g, a2, b2, None, c);
-    assert!(
-        a2.dtype() == DType::F32 && b2.dtype() == DType::F32,
-        "gemm_plus: the second product's operands must be f32"
-    );
     subgroup::launch(rec, g, tiles, 0, [a, b, c], bias, Some((&second_g, a2, b2)));
 }
 

@@ -142,7 +142,7 @@ pub(super) fn launch(
         // Without a second product its bindings take A and B again, unread.
         extra: second.map_or(vec![a, b], |(_, a2, b2)| vec![a2, b2]),
     };
-    for (slice, first) in k_slices(g, k_split) {
+    for (slice, first) in k_slices(g, k_split, b.dtype()) {
         let mut params = Params::new(&slice, k_split);
         if let (true, Some((g2, _, _))) = (first, second) {
             params = params.with_second(g2);
@@ -155,8 +155,8 @@ pub(super) fn launch(
 /// `g` as products over consecutive ranges of K, each `(product, first)`: the first writes C
 /// as `g` says (with its bias), the others add to it. K is sliced only where B is stored
 /// `[K, N]` and is larger than [`SLICE_BYTES`], and only when K is not split into parts.
-fn k_slices(g: &Gemm, k_split: usize) -> Vec<(Gemm, bool)> {
-    let row_bytes = g.n * std::mem::size_of::<f32>();
+fn k_slices(g: &Gemm, k_split: usize, b_dtype: DType) -> Vec<(Gemm, bool)> {
+    let row_bytes = g.n * b_dtype.size_bytes();
     let depth = SLICE_BYTES / row_bytes / VEC * VEC;
     if g.transpose_b || k_split > 0 || g.k <= depth || depth < MIN_SLICE_DEPTH {
         return vec![(*g, true)];
@@ -264,6 +264,21 @@ mod tests {
         }
     }
 
+    /// Whether the subgroup kernel runs on `gpu`; where it does not, asserts that the adapter
+    /// really lacks what it is written for (a CPU adapter with 8-lane subgroups), so that a
+    /// lavapipe, where CI runs, can never skip these tests.
+    fn runs_here(gpu: &Gpu) -> bool {
+        let info = gpu.info();
+        let fits = device_fits(gpu);
+        assert!(
+            fits || info.device_type != wgpu::DeviceType::Cpu
+                || info.subgroup_min_size != LANES
+                || info.subgroup_max_size != LANES,
+            "{info:?} has 8-lane subgroups but the subgroup kernel is not used"
+        );
+        fits
+    }
+
     /// Asserts that `a` and `b` hold the same bits, naming the first element that differs.
     fn assert_same_bits(a: &[f32], b: &[f32], what: &str) {
         assert_eq!(a.len(), b.len(), "{what}");
@@ -306,19 +321,12 @@ mod tests {
 
     /// On a device with 8-lane subgroups (lavapipe, where CI runs), the subgroup kernel gives
     /// the f64 reference's values and the tiled kernel's bits in every layout, with a batch, a
-    /// broadcast B, alpha, a bias, accumulation and a masked k tail. Elsewhere it is never
-    /// chosen, because it is written for 8-lane subgroups.
+    /// broadcast B, alpha, a bias, accumulation and a masked k tail (elsewhere it is never
+    /// chosen: see `runs_here`).
     #[test]
     fn the_subgroup_kernel_matches_the_reference_and_the_tiled_kernel_bit_for_bit() {
         let gpu = gpu();
-        let info = gpu.info();
-        if !device_fits(gpu) {
-            assert!(
-                info.device_type != wgpu::DeviceType::Cpu
-                    || info.subgroup_min_size != LANES
-                    || info.subgroup_max_size != LANES,
-                "{info:?} has 8-lane subgroups but the subgroup kernel is not used"
-            );
+        if !runs_here(gpu) {
             return;
         }
         // M a multiple of 4 where A is stored [K, M], N where B is stored [K, N] (the vec4s
@@ -347,7 +355,7 @@ mod tests {
     #[test]
     fn f16_b_gives_the_bits_of_f32_b_and_of_the_tiled_kernel() {
         let gpu = gpu();
-        if !device_fits(gpu) {
+        if !runs_here(gpu) {
             return;
         }
         for (layout, (m, n, k)) in [
@@ -392,7 +400,8 @@ mod tests {
 
     /// `gemm_plus` (a LoRA path's product summed into the projection's outputs in the same
     /// dispatch) matches the f64 reference and the two products run one after the other, in
-    /// the forward's layout (with a bias) and the input gradient's (accumulating).
+    /// the forward's layout (with a bias) and the input gradient's (accumulating), and with a
+    /// scaled first product, which the kernel leaves to two dispatches.
     #[test]
     fn a_second_product_rides_along_with_the_first() {
         let gpu = gpu();
@@ -400,6 +409,8 @@ mod tests {
         for (n, transpose_b, options, with_bias) in [
             (29, true, MatmulOptions::overwrite(), true),
             (28, false, MatmulOptions::accumulate(), false),
+            // A scaled first product: the two run one after the other.
+            (29, true, MatmulOptions::overwrite().scaled(0.5), true),
         ] {
             let g = Gemm::dense(m, n, k, false, transpose_b).with(options);
             let (b_rows, b_cols) = if transpose_b { (n, r) } else { (r, n) };
@@ -420,7 +431,7 @@ mod tests {
                 alpha: 0.25,
             };
             let bias_t = with_bias.then_some(&tbias);
-            if device_fits(gpu) {
+            if runs_here(gpu) {
                 assert!(tiles_for(&second.as_gemm(&g), 0, &ta2, &tb2).is_some());
                 assert!(tiles_for(&g, 0, &ta, &tb).is_some());
             }
@@ -465,12 +476,12 @@ mod tests {
     #[test]
     fn split_and_sliced_k_match_the_reference() {
         let gpu = gpu();
-        if !device_fits(gpu) {
+        if !runs_here(gpu) {
             return;
         }
         // Sliced: 9400 rows of 28 columns of B is more than SLICE_BYTES.
         let sliced = Gemm::dense(9, 28, 9400, false, false).with(MatmulOptions::accumulate());
-        assert!(k_slices(&sliced, 0).len() > 1);
+        assert!(k_slices(&sliced, 0, DType::F32).len() > 1);
         let case = Case::new(sliced, 11);
         let (subgroup, _) = case.run_both();
         let err = rel_error(&subgroup, &case.reference());
