@@ -1,5 +1,6 @@
 //! One ES2 training step, end to end on the GPU: the forwards (tuned model on both batches,
-//! base logits on the harmless batch), the fused losses, both backwards, the global gradient
+//! the base model to its final norm on the harmless batch), the fused losses (the KL over row
+//! chunks of both LM heads' logits), both backwards, the global gradient
 //! norm and AdamW, recorded into one command buffer with a single readback of the scalars.
 
 use super::objective::{
@@ -26,10 +27,11 @@ pub struct ModelPair {
 }
 
 impl ModelPair {
-    /// The base model's forward settings: its weights, adapters off.
+    /// The base model's forward settings: its weights, adapters off, run to the final norm
+    /// (its LM head makes the reference logits chunk by chunk, `Transformer::head_in_chunks`).
     pub fn base(&self) -> (&Transformer, Pass<'static>) {
         let model = self.frozen.as_ref().unwrap_or(&self.tuned);
-        (model, Pass::new(Output::Logits).base())
+        (model, Pass::new(Output::Hidden(model.layers())).base())
     }
 
     /// The model that supplies base statistics and reference logits.
@@ -128,14 +130,14 @@ impl Es2Engine {
                 .saving(self.save)
         };
         let (base_model, base_pass) = models.base();
-        let mut base_fwd = base_model.run(&mut rec, harmless, &base_pass)?;
-        let base_logits = base_fwd
-            .logits
-            .take()
-            .ok_or_else(|| Error::InvalidArgument("the base forward produced no logits".into()))?;
-        // Only the logits are needed: the last hidden states go back to the pool.
-        drop(base_fwd);
-        let mut s_fwd = model.run(&mut rec, harmless, &train(Output::Logits, dropout))?;
+        let top = model.layers();
+        // Only the final norm's output is kept: its logits are made chunk by chunk in the
+        // objective, beside the tuned model's.
+        let base_normed = base_model
+            .run(&mut rec, harmless, &base_pass)?
+            .hidden_state(top)
+            .clone();
+        let mut s_fwd = model.run(&mut rec, harmless, &train(Output::Hidden(top), dropout))?;
         // Harmful prompts need the network only up to the deepest chosen layer; their
         // adapters draw other dropout masks than the harmless batch's.
         let h_dropout = dropout.map(|d| LoraDropout {
@@ -150,13 +152,15 @@ impl Es2Engine {
             &ObjectiveInputs {
                 config: &self.config,
                 layers: &self.layers,
-                base: &self.base_tensors,
+                constants: &self.base_tensors,
                 harmful: (harmful, &h_fwd),
                 harmless: (harmless, &s_fwd),
-                base_logits: &base_logits,
+                model,
+                base: (base_model, &base_normed),
+                grads: &self.grads,
             },
         )?;
-        drop(base_logits);
+        drop(base_normed);
         // Hook i captured layer layers[i]: its gradient enters the backward where it read.
         for (hook, grad) in objective.harmless_captures.into_iter().enumerate() {
             s_fwd.seed_capture(harmless, hook, grad)?;
@@ -164,9 +168,10 @@ impl Es2Engine {
         for (hook, grad) in objective.harmful_captures.into_iter().enumerate() {
             h_fwd.seed_capture(harmful, hook, grad)?;
         }
+        let at_normed = [(top, objective.harmless_normed)];
         let s_seeds = Seeds {
-            logits: Some(&objective.harmless_logits),
-            hidden: &[],
+            logits: None,
+            hidden: &at_normed,
         };
         model.backward(&mut rec, harmless, s_fwd, &s_seeds, &[], &self.grads)?;
         model.backward(

@@ -282,7 +282,7 @@ impl Es2Job {
             nu: &stats.nu,
             base_centroid: &stats.centroid,
         };
-        let tuned = (model, Pass::new(Output::Logits));
+        let tuned = (model, Pass::new(Output::Hidden(model.layers())));
         let kl = heldout_kl(gpu, tuned, models.base(), &s, &cfg.objective.kl_options())?;
         Ok(Es2HeldOut {
             distance: heldout_separation(gpu, model, &h, &s, &spec)?,
@@ -358,7 +358,10 @@ impl SftJob {
             .chunks(cfg.sft_batch.max(1))
             .map(|rows| sft_batch(gpu, rows, vocab))
             .collect::<Result<Vec<_>>>()?;
-        let tuned = (&models.tuned, Pass::new(Output::Logits));
+        let tuned = (
+            &models.tuned,
+            Pass::new(Output::Hidden(models.tuned.layers())),
+        );
         Ok(SftHeldOut {
             loss: heldout_loss(gpu, tuned, &batches)?,
         })

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::embed::pooled_hidden_states;
-use crate::model::{Batch, Forward, Hook, Output, Transformer};
+use crate::model::head::HeadBackward;
+use crate::model::{Batch, Forward, Gradients, Hook, Output, Transformer};
 use crate::ops::kl::{kl_loss_in_parts, KlDirection, KlOptions};
 use crate::ops::pool::Pool;
 use crate::ops::separation::{
@@ -334,8 +335,9 @@ pub struct ObjectiveGradients {
     /// The gradients of the harmless pass's captures, per chosen layer (none when
     /// `harmful_only`).
     pub harmless_captures: Vec<Tensor>,
-    /// The KL term's gradient at the harmless logits.
-    pub harmless_logits: Tensor,
+    /// The KL term's gradient at the harmless pass's final-norm output `[B_S·T_S, C]`, taken
+    /// back through the LM head chunk by chunk (its seed at hidden state L).
+    pub harmless_normed: Tensor,
     /// The values the step reads back.
     pub outputs: ObjectiveOutputs,
 }
@@ -347,13 +349,19 @@ pub struct ObjectiveInputs<'a> {
     /// The chosen layers (block indices).
     pub layers: &'a [usize],
     /// The base constants on the GPU.
-    pub base: &'a BaseTensors,
+    pub constants: &'a BaseTensors,
     /// The harmful batch and its forward (hidden states of the chosen layers).
     pub harmful: (&'a Batch, &'a Forward),
-    /// The harmless batch and its forward (hidden states and logits).
+    /// The harmless batch and its forward (run to the final norm).
     pub harmless: (&'a Batch, &'a Forward),
-    /// The base model's logits on the harmless batch.
-    pub base_logits: &'a Tensor,
+    /// The model being tuned: its LM head turns the harmless forward's final-norm output into
+    /// logits, one row chunk at a time.
+    pub model: &'a Transformer,
+    /// The base model and its final-norm output on the harmless batch `[B_S·T_S, C]`: its
+    /// head gives the reference logits of each chunk.
+    pub base: (&'a Transformer, &'a Tensor),
+    /// The gradients the LM head's weight adds to, when it trains.
+    pub grads: &'a Gradients,
 }
 
 /// Records L_sep and λ·L_KL with their gradients.
@@ -374,7 +382,7 @@ pub fn record_objective(
     let des = options
         .grad_to_harmless()
         .then(|| Tensor::empty(gpu, es.shape().clone(), DType::F32));
-    let centroid = inputs.base.centroid.clone();
+    let centroid = inputs.constants.centroid.clone();
     let harmless = if cfg.pair == Pair::BaseCentroid {
         &centroid
     } else {
@@ -385,8 +393,8 @@ pub fn record_objective(
         &SeparationInputs {
             harmful: &eh,
             harmless,
-            nu: &inputs.base.nu,
-            margin: &inputs.base.margin,
+            nu: &inputs.constants.nu,
+            margin: &inputs.constants.margin,
         },
         &SeparationOutputs {
             per_layer: &per_layer,
@@ -397,26 +405,34 @@ pub fn record_objective(
         1.0 / layers.len() as f32,
     );
 
-    let zt = s_fwd
-        .logits
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("the harmless forward produced no logits".into()))?;
+    let (model, (base_model, base_normed)) = (inputs.model, inputs.base);
+    let top = model.layers();
+    if s_fwd.top() != top {
+        return Err(Error::InvalidArgument(
+            "the harmless forward must run to the final norm (Output::Hidden(layers))".into(),
+        ));
+    }
+    let normed = s_fwd.hidden_state(top);
     let mask = s_batch.position_mask();
     let positions = mask.iter().filter(|&&m| m == 1).count();
     let mask = Tensor::from_u32(gpu, [mask.len()], &mask)?;
     let kl_rows = Tensor::empty(gpu, [s_batch.rows()], DType::F32);
-    let dzt = Tensor::empty(gpu, zt.shape().clone(), DType::F32);
+    let dnormed = Tensor::empty(gpu, normed.shape().clone(), DType::F32);
     let grad_scale = cfg.lambda / positions as f32;
-    kl_loss_in_parts(
-        rec,
-        zt,
-        inputs.base_logits,
-        &mask,
-        &kl_rows,
-        &dzt,
-        &cfg.kl_options(),
-        grad_scale,
-    );
+    let options = cfg.kl_options();
+    let vocab = model.config.vocab_size;
+    let backward = HeadBackward {
+        dnormed: &dnormed,
+        grads: inputs.grads,
+    };
+    model.head_in_chunks(rec, normed, Some(backward), |rec, chunk, zt| {
+        let zb = chunk.logits(rec, base_model, base_normed);
+        let gpu = rec.gpu();
+        let dzt = chunk.vocab_tensor(gpu, vocab);
+        let (mask, kl_rows) = (chunk.rows_of(gpu, &mask), chunk.rows_of(gpu, &kl_rows));
+        kl_loss_in_parts(rec, zt, &zb, &mask, &kl_rows, &dzt, &options, grad_scale);
+        Ok(Some(dzt))
+    })?;
 
     let harmless_captures = match &des {
         Some(des) => capture_gradients(rec, des),
@@ -425,7 +441,7 @@ pub fn record_objective(
     Ok(ObjectiveGradients {
         harmful_captures: capture_gradients(rec, &deh),
         harmless_captures,
-        harmless_logits: dzt,
+        harmless_normed: dnormed,
         outputs: ObjectiveOutputs {
             per_layer,
             kl_rows,

@@ -24,6 +24,7 @@ use serde::Serialize;
 use super::objective::{embedding_index, Es2Config};
 use super::trainer::{Task, TrainConfig};
 use crate::gpu::{pooled_size, rows_per_binding, DType, Gpu, UNIFORM_CHUNK_BYTES};
+use crate::model::head::head_chunks;
 use crate::model::{Config, LoraConfig, Projection, SavePolicy, WeightsDtype};
 use crate::ops::attention::{attention_backward_scratch_bytes, AttentionShape};
 use crate::ops::grad_norm::grad_norm_scratch_bytes;
@@ -50,7 +51,8 @@ pub enum Component {
     /// What the forwards keep for the backward: every block's activations, or with
     /// recomputation only the residual stream.
     Activations,
-    /// Logits `[rows, V]` and their gradient (the fine-tuned and base logits under ES2).
+    /// The LM head's row chunks of logits `[chunk, V]` and their gradient (the fine-tuned and
+    /// base logits under ES2), `Transformer::head_in_chunks`.
     Logits,
     /// A block's temporaries and recomputed activations, gradients in flight, the losses'
     /// inputs, batches, kernel scratch and launch parameters.
@@ -632,7 +634,6 @@ struct PassSpec {
     hooks: Vec<usize>,
     /// The highest hidden state computed.
     top: usize,
-    logits: bool,
 }
 
 /// What a forward holds (`runner.rs`'s `Forward`).
@@ -640,7 +641,6 @@ struct Fwd {
     residual: Vec<Id>,
     normed: Vec<Id>,
     blocks: Vec<Vec<Id>>,
-    logits: Option<Id>,
     captures: Vec<Id>,
     capture_grads: Vec<Id>,
     hook_rows: Vec<Id>,
@@ -865,32 +865,29 @@ impl<'a> Walk<'a> {
             adapters: false,
             hooks: Vec::new(),
             top: c.num_hidden_layers,
-            logits: true,
         };
-        // Only the base forward's logits are kept.
+        // Only the base forward's final-norm output is kept.
         let base_fwd = self.forward(s, &base);
-        let held = base_fwd.residual.into_iter().chain(base_fwd.normed);
+        let base_rstd = base_fwd.normed.get(1).copied();
+        let held = base_fwd.residual.into_iter().chain(base_rstd);
         self.ledger.drop_all(held.chain(base_fwd.hook_rows));
         let hooks: Vec<usize> = layers.iter().map(|&l| embedding_index(l)).collect();
-        let tuned = |top, logits| PassSpec {
+        let tuned = |top| PassSpec {
             save: self.save,
             adapters: true,
             hooks: hooks.clone(),
             top,
-            logits,
         };
-        let s_pass = tuned(c.num_hidden_layers, true);
-        let h_pass = tuned(hooks.iter().copied().max().unwrap_or(0), false);
+        let s_pass = tuned(c.num_hidden_layers);
+        let h_pass = tuned(hooks.iter().copied().max().unwrap_or(0));
         let mut s_fwd = self.forward(s, &s_pass);
         let mut h_fwd = self.forward(h, &h_pass);
         let [h_grads, s_grads] = self.objective(&run.objective, layers.len(), h, s);
         h_fwd.capture_grads = h_grads;
         s_fwd.capture_grads = s_grads;
-        if let Some(logits) = base_fwd.logits {
-            self.ledger.drop(logits);
-        }
-        self.backward(s, s_fwd, true);
-        self.backward(h, h_fwd, false);
+        self.ledger.drop_all(base_fwd.normed.first().copied());
+        self.backward(s, s_fwd);
+        self.backward(h, h_fwd);
         self.optimizer();
         let packed = 2 * layers.len() + s.rows() + 1;
         self.ledger
@@ -911,14 +908,15 @@ impl<'a> Walk<'a> {
             adapters: true,
             hooks: Vec::new(),
             top: self.cfg.num_hidden_layers,
-            logits: true,
         };
-        let fwd = self.forward(b, &pass);
-        // record_lm_loss: the per-row loss and the logits' gradient.
+        let mut fwd = self.forward(b, &pass);
+        // Model::lm_loss: the per-row loss, the seed at the final norm's output, and per row
+        // chunk the logits and their gradient.
         self.ledger
             .f32(Component::Workspace, "per-row loss", &[b.rows()]);
-        self.logits_tensor("the logits' gradient", b.rows());
-        self.backward(b, fwd, true);
+        let seed = self.head_loss(b.rows(), &["the logits' gradient"], true);
+        fwd.capture_grads.push(seed);
+        self.backward(b, fwd);
         self.optimizer();
         self.ledger
             .f32(Component::Workspace, "the readback", &[b.rows() + 1]);
@@ -939,6 +937,35 @@ impl<'a> Walk<'a> {
             self.ledger
                 .take_key(Component::Workspace, "launch parameters", key, Bound::Whole);
         }
+    }
+
+    /// `Transformer::head_in_chunks`: the gradient at the final norm's output `[rows, C]`
+    /// (returned: the backward's seed) and, per row chunk submitted on its own, the chunk's
+    /// logits, the loss's own `[chunk, V]` tensors (`extra`; a KL's first one is the base
+    /// model's logits, made by a second head product) and the head's products.
+    fn head_loss(&mut self, rows: usize, extra: &[&str], backward: bool) -> Id {
+        let cols = self.cfg.hidden_size;
+        let seed = self.ledger.f32(
+            Component::Workspace,
+            "the gradient at the final norm's output",
+            &[rows, cols],
+        );
+        for chunk in head_chunks(rows, self.cfg.vocab_size) {
+            let mut held = vec![self.logits_tensor("the logits of a row chunk", chunk.capacity)];
+            self.lm_head_scratch(chunk.rows, false);
+            for (i, name) in extra.iter().enumerate() {
+                held.push(self.logits_tensor(name, chunk.capacity));
+                if i == 0 && extra.len() > 1 {
+                    self.lm_head_scratch(chunk.rows, false);
+                }
+            }
+            if backward {
+                self.lm_head_scratch(chunk.rows, true);
+            }
+            self.ledger.drop_all(held);
+            self.ledger.flush();
+        }
+        seed
     }
 
     /// A `[rows, V]` f32 tensor, bound in row parts.
@@ -972,8 +999,16 @@ impl<'a> Walk<'a> {
         }
         let mask = ledger.u32("the KL's position mask", s.rows());
         ledger.f32(ws, "per-position KL", &[s.rows()]);
-        ledger.drop_all([eh, es, deh, mask].into_iter().chain(des));
-        self.logits_tensor("the KL's gradient at the logits", s.rows());
+        let kl = [eh, es, deh, mask].into_iter().chain(des);
+        ledger.drop_all(kl.collect::<Vec<_>>());
+        let seed = self.head_loss(
+            s.rows(),
+            &[
+                "the base model's logits of a chunk",
+                "the KL's gradient of a chunk",
+            ],
+            true,
+        );
         let grads = |walk: &mut Self, side: Rows| {
             (0..layers)
                 .map(|_| {
@@ -982,11 +1017,13 @@ impl<'a> Walk<'a> {
                 })
                 .collect()
         };
-        let s_grads = if to_harmless {
+        let mut s_grads = if to_harmless {
             grads(self, s)
         } else {
             Vec::new()
         };
+        // The backward holds the seed at the final norm's output as long as the captures'.
+        s_grads.push(seed);
         [grads(self, h), s_grads]
     }
 
@@ -1014,7 +1051,6 @@ impl<'a> Walk<'a> {
             residual: vec![self.ledger.f32(kept, "the residual stream", &[r, cols])],
             normed: Vec::new(),
             blocks: Vec::new(),
-            logits: None,
             captures: Vec::new(),
             capture_grads: Vec::new(),
             hook_rows,
@@ -1050,10 +1086,6 @@ impl<'a> Walk<'a> {
                 self.ledger.f32(kept, "the final norm's rstd", &[r]),
             ];
             self.capture(rows, pass, layers, &mut fwd.captures);
-            if pass.logits {
-                self.lm_head_scratch(r, false);
-                fwd.logits = Some(self.logits_tensor("the logits", r));
-            }
         }
         fwd
     }
@@ -1195,9 +1227,10 @@ impl<'a> Walk<'a> {
         self.lora.filter(|l| l.targets.contains(&p)).map(|l| l.rank)
     }
 
-    /// The block loop's backward (`Transformer::backward`), from seeds at the logits (`seeded`)
-    /// and at hidden states; with [`SavePolicy::BlockInputs`] each block runs forward again.
-    fn backward(&mut self, rows: Rows, fwd: Fwd, seeded: bool) {
+    /// The block loop's backward (`Transformer::backward`), from seeds at hidden states (the
+    /// final norm's output among them); with [`SavePolicy::BlockInputs`] each block runs
+    /// forward again.
+    fn backward(&mut self, rows: Rows, fwd: Fwd) {
         let c = self.cfg;
         let (r, cols) = (rows.rows(), c.hidden_size);
         let layers = c.num_hidden_layers;
@@ -1206,21 +1239,17 @@ impl<'a> Walk<'a> {
             mut residual,
             normed,
             mut blocks,
-            logits,
             captures,
             capture_grads,
             hook_rows,
             save,
             top,
         } = fwd;
-        self.ledger.drop_all(logits.into_iter().chain(captures));
+        self.ledger.drop_all(captures);
         let mut dx = self.ledger.f32(ws, "the residual's gradient", &[r, cols]);
         if !normed.is_empty() {
             self.ledger
                 .temp("the final norm's output gradient", &[r, cols]);
-            if seeded {
-                self.lm_head_scratch(r, true);
-            }
             let bytes = rmsnorm_backward_scratch_bytes(r, cols, self.full);
             self.ledger.scratch("the final norm's partials", bytes);
         }

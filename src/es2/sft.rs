@@ -7,10 +7,10 @@
 use super::optimizer::{AdamW, OptimizerConfig};
 use super::report::{SftTerms, StepReport, Terms};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::model::head::HeadBackward;
 use crate::model::{
     Batch, Gradients, LoraDropout, Output, Pass, SavePolicy, Seeds, Targets, Trainable, Transformer,
 };
-use crate::ops::cross_entropy::cross_entropy_in_parts;
 use crate::{Error, Result};
 
 /// The state that persists across SFT steps.
@@ -68,18 +68,23 @@ impl SftEngine {
             p: self.lora_dropout,
             seed: dropout_seed,
         });
-        let pass = Pass::new(Output::Logits)
+        let top = model.layers();
+        let pass = Pass::new(Output::Hidden(top))
             .with_dropout(dropout)
             .saving(self.save);
         let forward = model.run(&mut rec, batch, &pass)?;
-        let logits = forward
-            .logits
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("the forward produced no logits".into()))?;
-        let (row_loss, dlogits) = record_lm_loss(&mut rec, logits, targets, true);
+        let normed = forward.hidden_state(top).clone();
+        let dnormed = Tensor::empty(gpu, normed.shape().clone(), DType::F32);
+        let backward = HeadBackward {
+            dnormed: &dnormed,
+            grads: &self.grads,
+        };
+        let row_loss = model.lm_loss(&mut rec, &normed, targets, Some(backward))?;
+        drop(normed);
+        let at_normed = [(top, dnormed)];
         let seeds = Seeds {
-            logits: Some(&dlogits),
-            hidden: &[],
+            logits: None,
+            hidden: &at_normed,
         };
         model.backward(&mut rec, batch, forward, &seeds, &[], &self.grads)?;
         let norm_sq = self.optimizer.record_step(&mut rec, &params, lr)?;
@@ -100,27 +105,6 @@ pub fn batch_targets(batch: &Batch) -> Result<&Targets> {
     batch.targets.as_ref().ok_or_else(|| {
         Error::InvalidArgument("a cross-entropy objective needs a batch with targets".into())
     })
-}
-
-/// Records the per-position cross-entropy of `logits [B·T, V]` against `targets`, and (when
-/// `with_grad`) the gradient of their mean over the learned positions at the logits.
-pub fn record_lm_loss(
-    rec: &mut Recorder,
-    logits: &Tensor,
-    targets: &Targets,
-    with_grad: bool,
-) -> (Tensor, Tensor) {
-    let gpu = rec.gpu();
-    let rows = logits.dims()[0];
-    let row_loss = Tensor::empty(gpu, [rows], DType::F32);
-    let dlogits = Tensor::empty(gpu, logits.shape().clone(), DType::F32);
-    let scale = if with_grad {
-        1.0 / targets.counted.max(1) as f32
-    } else {
-        0.0
-    };
-    cross_entropy_in_parts(rec, logits, &targets.ids, &row_loss, &dlogits, scale);
-    (row_loss, dlogits)
 }
 
 /// The mean over the learned positions of the read-back per-position losses.

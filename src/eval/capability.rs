@@ -36,8 +36,11 @@ pub fn kl_to(gpu: &Gpu, base: &Subject, model: &Subject, prompts: &[Vec<u32>]) -
     let batches = model.batches(gpu, prompts, BATCH)?;
     heldout_kl(
         gpu,
-        (model.model, model.pass(Output::Logits)),
-        (base.model, base.pass(Output::Logits)),
+        (
+            model.model,
+            model.pass(Output::Hidden(model.model.layers())),
+        ),
+        (base.model, base.pass(Output::Hidden(base.model.layers()))),
         &batches,
         &KlOptions::default(),
     )

@@ -6,8 +6,7 @@
 use super::{geometry, Rows};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::model::embed::pooled_hidden_states;
-use crate::model::{Batch, Pass, Transformer};
-use crate::ops::cross_entropy::cross_entropy_loss_in_parts;
+use crate::model::{Batch, Output, Pass, Transformer};
 use crate::ops::kl::{kl_loss_in_parts, KlOptions};
 use crate::ops::pool::Pool;
 use crate::ops::separation::{Pair, SeparationOptions};
@@ -85,7 +84,9 @@ pub fn layer_distance(
 }
 
 /// T²·KL per real harmless token between the `base` pass and the `tuned` pass (the objective's
-/// direction and temperature), over `batches`.
+/// direction and temperature), over `batches`. Each pass runs to its final norm whatever its
+/// `output` says, and the logits are made one row chunk at a time
+/// ([`Transformer::head_in_chunks`]).
 pub fn heldout_kl(
     gpu: &Gpu,
     tuned: (&Transformer, Pass),
@@ -94,18 +95,27 @@ pub fn heldout_kl(
     options: &KlOptions,
 ) -> Result<f64> {
     let (mut total, mut positions) = (0.0, 0usize);
+    let vocab = tuned.0.config.vocab_size;
     for batch in batches {
         let mut rec = Recorder::new(gpu);
-        let zt = logits_of(&mut rec, tuned, batch)?;
-        let zb = logits_of(&mut rec, base, batch)?;
+        let tuned_normed = normed_of(&mut rec, tuned, batch)?;
+        let base_normed = normed_of(&mut rec, base, batch)?;
         let mask = batch.position_mask();
-        let mask_t = Tensor::from_u32(gpu, [mask.len()], &mask)?;
-        let rows = Tensor::empty(gpu, [mask.len()], DType::F32);
-        // The gradient is not wanted: a zero scale, into scratch.
-        let scratch = Tensor::empty(gpu, zt.shape().clone(), DType::F32);
-        kl_loss_in_parts(&mut rec, &zt, &zb, &mask_t, &rows, &scratch, options, 0.0);
-        rec.finish()?;
-        total += rows.to_f32(gpu)?.iter().map(|&x| f64::from(x)).sum::<f64>();
+        let mask = Tensor::from_u32(gpu, [mask.len()], &mask)?;
+        let rows = Tensor::empty(gpu, [mask.dims()[0]], DType::F32);
+        tuned
+            .0
+            .head_in_chunks(&mut rec, &tuned_normed, None, |rec, chunk, zt| {
+                let zb = chunk.logits(rec, base.0, &base_normed);
+                let gpu = rec.gpu();
+                // The gradient is not wanted: a zero scale, into scratch.
+                let scratch = chunk.vocab_tensor(gpu, vocab);
+                let (mask, rows) = (chunk.rows_of(gpu, &mask), chunk.rows_of(gpu, &rows));
+                kl_loss_in_parts(rec, zt, &zb, &mask, &rows, &scratch, options, 0.0);
+                Ok(None)
+            })?;
+        let values = rec.finish_reading(&[&rows])?;
+        total += values[0].iter().map(|&x| f64::from(x)).sum::<f64>();
         positions += batch.tokens();
     }
     Ok(total / positions.max(1) as f64)
@@ -113,7 +123,8 @@ pub fn heldout_kl(
 
 /// Mean cross-entropy per learned token over `batches` (each made with its targets, see
 /// [`Batch::with_targets`]): the sum over every learned token of every batch divided by their
-/// number, so batches of different sizes weigh by their tokens.
+/// number, so batches of different sizes weigh by their tokens. The pass runs to its final
+/// norm whatever its `output` says ([`Transformer::lm_loss`], one row chunk at a time).
 pub fn heldout_loss(
     gpu: &Gpu,
     (model, pass): (&Transformer, Pass),
@@ -125,9 +136,8 @@ pub fn heldout_loss(
             crate::Error::InvalidArgument("a held-out loss needs batches with targets".into())
         })?;
         let mut rec = Recorder::new(gpu);
-        let logits = logits_of(&mut rec, (model, pass), batch)?;
-        let rows = Tensor::empty(gpu, [targets.host.len()], DType::F32);
-        cross_entropy_loss_in_parts(&mut rec, &logits, &targets.ids, &rows);
+        let normed = normed_of(&mut rec, (model, pass), batch)?;
+        let rows = model.lm_loss(&mut rec, &normed, targets, None)?;
         let values = rec.finish_reading(&[&rows])?;
         total += values[0].iter().map(|&x| f64::from(x)).sum::<f64>();
         counted += targets.counted;
@@ -135,13 +145,16 @@ pub fn heldout_loss(
     Ok(total / counted.max(1) as f64)
 }
 
-fn logits_of(
+/// The final norm's output `[B·T, C]` of `pass` (run that far) on `batch`.
+fn normed_of(
     rec: &mut Recorder,
     (model, pass): (&Transformer, Pass),
     batch: &Batch,
 ) -> Result<Tensor> {
-    let forward = model.run(rec, batch, &pass)?;
-    forward.logits.ok_or_else(|| {
-        crate::Error::InvalidArgument("a KL pass must produce logits (Output::Logits)".into())
-    })
+    let top = model.layers();
+    let pass = Pass {
+        output: Output::Hidden(top),
+        ..pass
+    };
+    Ok(model.run(rec, batch, &pass)?.hidden_state(top).clone())
 }

@@ -10,6 +10,7 @@ pub mod embed;
 pub mod embedded;
 pub mod generate;
 pub mod grads;
+pub mod head;
 pub mod hooks;
 pub mod linear;
 pub mod lora;

@@ -30,6 +30,14 @@ const MEDIUM: &str = r#"{
     "num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": true
 }"#;
 
+/// A Llama shape with an untied 140,000-token vocabulary: 240 rows take the LM head in two
+/// row chunks (192 + 48), so the plan walks `head_in_chunks` as the step runs it.
+const WIDE: &str = r#"{
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 140000, "hidden_size": 64,
+    "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "tie_word_embeddings": false
+}"#;
+
 fn tiny_llama() -> Config {
     es2_wgpu::model::embedded::find("tiny-llama")
         .unwrap()
@@ -254,6 +262,21 @@ fn plan_matches_the_peak_of_a_medium_qwen2_shape() {
         "medium SFT full",
         medium(),
         run(Task::Sft, false, [2, 0], 32, false),
+    );
+}
+
+#[test]
+fn plan_matches_the_peak_of_a_step_whose_lm_head_takes_two_chunks() {
+    let wide = || Config::from_json(WIDE).unwrap();
+    let f16 = TrainConfig {
+        weights_dtype: WeightsDtype::F16,
+        ..run(Task::Es2, true, [3, 5], 48, true)
+    };
+    check("wide f16 LoRA, recompute", wide(), f16);
+    check(
+        "wide SFT full",
+        wide(),
+        run(Task::Sft, false, [5, 0], 48, false),
     );
 }
 

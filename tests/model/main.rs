@@ -12,5 +12,6 @@ mod fixtures;
 mod forward;
 mod fuzz;
 mod generation;
+mod head;
 mod hooks;
 mod tokenizer;
