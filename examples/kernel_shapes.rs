@@ -9,13 +9,14 @@
 //!
 //! Each kernel runs 3 rounds of timestamped dispatches; the fastest time is printed (the
 //! least disturbed by other load on a shared machine). Without an argument, all but gemm-big
-//! and gemm-f16 (the 0.5B products that read the weight, with it in f32 and then in f16).
+//! and gemm-f16 (the 0.5B products that read the weight, with it in f32, then in f16 and in
+//! bf16).
 
 use es2_wgpu::ops::attention::{attention_backward, attention_forward, AttentionShape};
 use es2_wgpu::ops::matmul::{gemm, Gemm, MatmulOptions};
 use es2_wgpu::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use es2_wgpu::ops::Write;
-use es2_wgpu::testing::{gpu, randn, upload};
+use es2_wgpu::testing::{gpu, randn, upload, upload_as};
 use es2_wgpu::{DType, Gpu, Recorder, Tensor};
 
 const ROUNDS: usize = 3;
@@ -62,7 +63,8 @@ fn best_times(gpu: &Gpu, record: impl Fn(&mut Recorder)) -> Vec<(&'static str, f
     best
 }
 
-/// Times each product with its B operand (the weight) stored as `b_dtype` (f32 or f16).
+/// Times each product with its B operand (the weight) stored as `b_dtype` (f32, f16 or
+/// bf16).
 fn gemms(gpu: &Gpu, shapes: &[GemmShape], b_dtype: DType) {
     let mut total = 0.0;
     for &(m, n, k, ta, tb, accumulate) in shapes {
@@ -73,16 +75,7 @@ fn gemms(gpu: &Gpu, shapes: &[GemmShape], b_dtype: DType) {
         };
         let g = Gemm::dense(m, n, k, ta, tb).with(options);
         let a = upload(gpu, [m * k], &randn(1, m * k, 1.0));
-        let b = match b_dtype {
-            DType::F16 => {
-                let values: Vec<half::f16> = randn(2, n * k, 1.0)
-                    .into_iter()
-                    .map(half::f16::from_f32)
-                    .collect();
-                Tensor::from_f16(gpu, [n * k], &values).expect("upload")
-            }
-            _ => upload(gpu, [n * k], &randn(2, n * k, 1.0)),
-        };
+        let b = upload_as(gpu, [n * k], b_dtype, &randn(2, n * k, 1.0));
         let c = Tensor::zeros(gpu, [m * n], DType::F32);
         // All dispatches of the call (a split K adds the sum of the partial products).
         let times = best_times(gpu, |rec| gemm(rec, &g, &a, &b, None, &c));
@@ -171,7 +164,7 @@ fn main() {
     }
     if which == "gemm-f16" {
         // The forward and the input gradient: the products that read a frozen weight.
-        for dtype in [DType::F32, DType::F16] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
             gemms(gpu, &BIG_GEMMS[..2], dtype);
         }
     }

@@ -3,18 +3,15 @@
 // fits, as the `half` crate and x86 F16C do).
 //
 // Nothing here needs shader-f16: 16-bit data is read and written as array<u32>, two elements
-// per word (see half_of_word and f16_to_f32_bits in common.wgsl, shared with matmul's f16
-// weights). f32 data is moved as raw bits too. The conversions are integer code rather than
-// unpack2x16float / pack2x16float because WGSL lets those flush subnormals, round either way,
-// and return an indeterminate value for NaN, inf and out-of-range inputs.
-
-const FORMAT_F16: u32 = 0u;
-const FORMAT_BF16: u32 = 1u;
+// per word (see half_of_word and widen_16_bits in common.wgsl, shared with the GEMM's and the
+// embedding's 16-bit weights). f32 data is moved as raw bits too. The conversions are integer
+// code rather than unpack2x16float / pack2x16float because WGSL lets those flush subnormals,
+// round either way, and return an indeterminate value for NaN, inf and out-of-range inputs.
 
 struct Params {
     // Element count.
     n: u32,
-    // FORMAT_F16 or FORMAT_BF16: the 16-bit side of the cast.
+    // FORMAT_F16 or FORMAT_BF16 (common.wgsl): the 16-bit side of the cast.
     format: u32,
 }
 
@@ -63,23 +60,11 @@ fn f32_to_f16_bits(x: u32) -> u32 {
     return sign | shift_right_round_even(mantissa | 0x800000u, shift);
 }
 
-fn bf16_to_f32_bits(h: u32) -> u32 {
-    let is_nan = (h & 0x7fffu) > 0x7f80u;
-    return (h | select(0u, 0x40u, is_nan)) << 16u;
-}
-
 fn f32_to_bf16_bits(x: u32) -> u32 {
     if (x & 0x7fffffffu) > 0x7f800000u {
         return (x >> 16u) | 0x40u;
     }
     return shift_right_round_even(x, 16u);
-}
-
-fn widen(h: u32) -> u32 {
-    if params.format == FORMAT_BF16 {
-        return bf16_to_f32_bits(h);
-    }
-    return f16_to_f32_bits(h);
 }
 
 fn narrow(x: u32) -> u32 {
@@ -89,7 +74,7 @@ fn narrow(x: u32) -> u32 {
     return f32_to_f16_bits(x);
 }
 
-// One thread per element: dst32[i] = widen(element i of src16).
+// One thread per element: dst32[i] = element i of src16, widened.
 @compute @workgroup_size(WG)
 fn widen_to_f32(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
@@ -98,7 +83,7 @@ fn widen_to_f32(@builtin(workgroup_id) wid: vec3<u32>,
     if i >= params.n {
         return;
     }
-    dst32[i] = widen(half_of_word(src16[i / 2u], i));
+    dst32[i] = widen_16_bits(half_of_word(src16[i / 2u], i), params.format);
 }
 
 // One thread per output word (two elements), so no two threads write the same word. With an

@@ -124,10 +124,17 @@ fn workgroup_online_merge(lid: u32, own: vec3<f32>) -> vec3<f32> {
 
 // ---- 16-bit data without shader-f16 ----
 //
-// f16 (and bf16) tensors are bound as array<u32>: element i is half i % 2 of word i / 2,
+// f16 and bf16 tensors are bound as array<u32>: element i is half i % 2 of word i / 2,
 // element 2k in the low half (the little-endian byte order of the host's arrays). The
 // widening is integer code rather than unpack2x16float, which WGSL lets flush subnormals and
 // leave NaN and inf indeterminate: it is exact for every input.
+
+// The element format of a tensor bound as array<u32> (the GEMM's B_FORMAT, the embedding's
+// TABLE_FORMAT, the cast kernel's 16-bit side; ops::common::wgsl_format on the Rust side):
+// f32 bit patterns, or two 16-bit values per word.
+const FORMAT_F32: u32 = 0u;
+const FORMAT_F16: u32 = 1u;
+const FORMAT_BF16: u32 = 2u;
 
 // The 16 bits of element `i` out of `word`, the word that holds it.
 fn half_of_word(word: u32, i: u32) -> u32 {
@@ -157,6 +164,22 @@ fn f16_to_f32_bits(h: u32) -> u32 {
     }
     // Rebias: 127 - 15 = 112.
     return sign | ((exponent + 112u) << 23u) | (mantissa << 13u);
+}
+
+// The f32 bit pattern of the bf16 value with bits `h`: the upper half of an f32, so every
+// value widens exactly; NaN stays NaN (quieted, payload kept), as the `half` crate widens.
+fn bf16_to_f32_bits(h: u32) -> u32 {
+    let is_nan = (h & 0x7fffu) > 0x7f80u;
+    return (h | select(0u, 0x40u, is_nan)) << 16u;
+}
+
+// The f32 bit pattern of the 16-bit value with bits `h` in `format` (FORMAT_F16 or
+// FORMAT_BF16).
+fn widen_16_bits(h: u32, format: u32) -> u32 {
+    if format == FORMAT_BF16 {
+        return bf16_to_f32_bits(h);
+    }
+    return f16_to_f32_bits(h);
 }
 
 // The shape, layout and options of one GEMM (matmul.wgsl and matmul_subgroup.wgsl; the

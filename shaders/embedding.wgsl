@@ -6,8 +6,9 @@
 // >= V, a caller bug, is skipped by every chunk: its row is never written and nothing is read
 // out of bounds).
 //
-// The table may hold f16 values (TABLE_F16: a frozen table stored at half the memory), widened
-// exactly to f32 as they are read, as the GEMM's B operand does; out is f32 either way.
+// The table may hold f16 or bf16 values (TABLE_FORMAT: a frozen table stored at half the
+// memory), widened exactly to f32 as they are read, as the GEMM's B operand does; out is f32
+// either way.
 //
 // Backward: one writer per table row, no atomics. The host's CSR inverse index lists the
 // sorted unique ids, and for each the positions where it occurs (increasing); one thread per
@@ -25,8 +26,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
-// f32 bit patterns, or two f16 values per word when TABLE_F16 (see half_of_word); read
-// through table_element.
+// f32 bit patterns, or two 16-bit values per word when TABLE_FORMAT is FORMAT_F16 or
+// FORMAT_BF16 (see half_of_word); read through table_element.
 @group(0) @binding(2) var<storage, read> table: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> unique_ids: array<u32>;
@@ -36,15 +37,15 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> dtable: array<f32>;
 
 override WG: u32 = 256u;
-// The table's element type: f16 instead of f32.
-override TABLE_F16: bool = false;
+// The table's element type: FORMAT_F32, FORMAT_F16 or FORMAT_BF16 (common.wgsl).
+override TABLE_FORMAT: u32 = FORMAT_F32;
 
 // Element `i` of the table chunk (counted in elements of its type) as f32.
 fn table_element(i: u32) -> f32 {
-    if TABLE_F16 {
-        return bitcast<f32>(f16_to_f32_bits(half_of_word(table[i / 2u], i)));
+    if TABLE_FORMAT == FORMAT_F32 {
+        return bitcast<f32>(table[i]);
     }
-    return bitcast<f32>(table[i]);
+    return bitcast<f32>(widen_16_bits(half_of_word(table[i / 2u], i), TABLE_FORMAT));
 }
 
 // Whether `id` is a row of this chunk (written without `first_row + chunk_rows`, which could

@@ -6,10 +6,10 @@
 // op(A) is M×K and op(B) is K×N. A is stored [M, K] row-major, or [K, M] when TRANSPOSE_A;
 // B is stored [K, N], or [N, K] when TRANSPOSE_B (PyTorch's weight layout). Every operand has
 // an element offset, a row stride (leading dimension, so C may be a column window of a wider
-// matrix) and a batch stride (0 broadcasts one matrix to the whole batch). B may hold f16
-// values (B_F16: frozen weights stored at half the memory); they are widened exactly to f32 as
-// the tile is loaded, so everything after the load, and the result, is as for f32 B holding
-// the same values.
+// matrix) and a batch stride (0 broadcasts one matrix to the whole batch). B may hold f16 or
+// bf16 values (B_FORMAT: frozen weights stored at half the memory); they are widened exactly
+// to f32 as the tile is loaded, so everything after the load, and the result, is as for f32 B
+// holding the same values.
 //
 // Each workgroup computes a tile of (4·A_GROUPS)×(4·B_GROUPS) elements of C, walking K in
 // steps of TILE_K through workgroup memory; each thread keeps a BLOCK_M×BLOCK_N register
@@ -22,8 +22,8 @@
 
 @group(0) @binding(0) var<uniform> params: GemmParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
-// f32 bit patterns, or two f16 values per word when B_F16 (see half_of_word); read through
-// b_element.
+// f32 bit patterns, or two 16-bit values per word when B_FORMAT is FORMAT_F16 or FORMAT_BF16
+// (see half_of_word); read through b_element.
 @group(0) @binding(2) var<storage, read> b: array<u32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
@@ -31,8 +31,8 @@
 // The layout, fixed when the pipeline is made.
 override TRANSPOSE_A: bool = false;
 override TRANSPOSE_B: bool = false;
-// B's element type: f16 instead of f32.
-override B_F16: bool = false;
+// B's element type: FORMAT_F32, FORMAT_F16 or FORMAT_BF16 (common.wgsl).
+override B_FORMAT: u32 = FORMAT_F32;
 // Threads of a workgroup along M and N, and the depth of one K step.
 override GROUP_M: u32 = 16u;
 override GROUP_N: u32 = 16u;
@@ -77,10 +77,10 @@ fn load_a(base: u32, row: u32, col: u32, k_end: u32) -> f32 {
 
 // Element `i` of B (counted in elements of B's type) as f32.
 fn b_element(i: u32) -> f32 {
-    if B_F16 {
-        return bitcast<f32>(f16_to_f32_bits(half_of_word(b[i / 2u], i)));
+    if B_FORMAT == FORMAT_F32 {
+        return bitcast<f32>(b[i]);
     }
-    return bitcast<f32>(b[i]);
+    return bitcast<f32>(widen_16_bits(half_of_word(b[i / 2u], i), B_FORMAT));
 }
 
 // op(B)[row, col] of batch matrix `base`, or 0 outside the k_end×N matrix.

@@ -24,7 +24,8 @@
 
 @group(0) @binding(0) var<uniform> params: GemmParams;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
-// f32 bit patterns, 4 to a vec4, or (B_F16) 8 f16 values to a vec4: read through b_vec4.
+// f32 bit patterns, 4 to a vec4, or (B_FORMAT f16 or bf16) 8 16-bit values to a vec4: read
+// through b_vec4.
 @group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
@@ -34,9 +35,10 @@
 
 override TRANSPOSE_A: bool = false;
 override TRANSPOSE_B: bool = false;
-// B's element type: f16 instead of f32 (frozen weights at half the memory), widened exactly
-// as matmul.wgsl widens it, so that both kernels give the same bits.
-override B_F16: bool = false;
+// B's element type: FORMAT_F32, FORMAT_F16 or FORMAT_BF16 (common.wgsl; frozen weights at
+// half the memory), widened exactly as matmul.wgsl widens it, so that both kernels give the
+// same bits.
+override B_FORMAT: u32 = FORMAT_F32;
 // Whether a second product, alpha2 · A2·op(B2), is summed into the same outputs after the
 // first (its A2 scaled by alpha2 as it is loaded, so that the accumulators simply go on).
 override SECOND: bool = false;
@@ -140,7 +142,7 @@ fn a_vec4(second: bool, e: u32) -> vec4<f32> {
     return a[e / 4u];
 }
 
-// Elements e..e + 3 of B (f32 or f16), or of B2 (f32) when `second`.
+// Elements e..e + 3 of B (f32, f16 or bf16), or of B2 (f32) when `second`.
 fn b_operand(second: bool, e: u32) -> vec4<f32> {
     if second {
         return b2[e / 4u];
@@ -150,14 +152,16 @@ fn b_operand(second: bool, e: u32) -> vec4<f32> {
 
 // B's elements e..e + 3 (e a multiple of 4) as f32.
 fn b_vec4(e: u32) -> vec4<f32> {
-    if B_F16 {
-        let words = b[e / 8u];
-        let pair = select(words.xy, words.zw, (e / 4u) % 2u == 1u);
-        return bitcast<vec4<f32>>(vec4<u32>(
-            f16_to_f32_bits(half_of_word(pair.x, 0u)), f16_to_f32_bits(half_of_word(pair.x, 1u)),
-            f16_to_f32_bits(half_of_word(pair.y, 0u)), f16_to_f32_bits(half_of_word(pair.y, 1u))));
+    if B_FORMAT == FORMAT_F32 {
+        return bitcast<vec4<f32>>(b[e / 4u]);
     }
-    return bitcast<vec4<f32>>(b[e / 4u]);
+    let words = b[e / 8u];
+    let pair = select(words.xy, words.zw, (e / 4u) % 2u == 1u);
+    return bitcast<vec4<f32>>(vec4<u32>(
+        widen_16_bits(half_of_word(pair.x, 0u), B_FORMAT),
+        widen_16_bits(half_of_word(pair.x, 1u), B_FORMAT),
+        widen_16_bits(half_of_word(pair.y, 0u), B_FORMAT),
+        widen_16_bits(half_of_word(pair.y, 1u), B_FORMAT)));
 }
 
 // B stored [N, K]: the vec4 along k of column j.

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use crate::gpu::{DType, Gpu, Shape, Tensor};
 use crate::rng::Rng;
+use half::{bf16, f16};
 
 /// An empty scratch folder for a test, `es2-{tag}-{name}-{pid}` in the system's temporary
 /// folder (removed first if an earlier run left it; created by whoever writes into it).
@@ -34,6 +35,45 @@ pub fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
 /// Uploads f32 data.
 pub fn upload(gpu: &Gpu, shape: impl Into<Shape>, data: &[f32]) -> Tensor {
     Tensor::from_f32(gpu, shape, data).expect("upload matches its shape")
+}
+
+/// `values` rounded to `dtype` (f32, or f16 or bf16 to nearest even, as the `half` crate
+/// does) and widened back to f32: values a `dtype` tensor holds exactly.
+pub fn round_to(dtype: DType, values: &[f32]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => values.to_vec(),
+        DType::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+        DType::BF16 => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+        DType::U32 => panic!("u32 holds no floating-point values"),
+    }
+}
+
+/// Uploads `values` as a `dtype` tensor (f32, f16 or bf16), each rounded to nearest even.
+pub fn upload_as(gpu: &Gpu, shape: impl Into<Shape>, dtype: DType, values: &[f32]) -> Tensor {
+    let tensor = match dtype {
+        DType::F32 => Tensor::from_f32(gpu, shape, values),
+        DType::F16 => {
+            let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+            Tensor::from_f16(gpu, shape, &halves)
+        }
+        DType::BF16 => {
+            let halves: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+            Tensor::from_bf16(gpu, shape, &halves)
+        }
+        DType::U32 => panic!("upload_as uploads floating-point values, not u32"),
+    };
+    tensor.expect("upload")
+}
+
+/// `n` seeded weights representable in `dtype` (f16 or bf16, or f32), every seventh scaled by
+/// 1e-6 (into f16's subnormal range), as f32: exact, since every f16 and bf16 is an f32.
+pub fn narrow_weights(dtype: DType, seed: u64, n: usize) -> Vec<f32> {
+    let values: Vec<f32> = randn(seed, n, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| if i % 7 == 3 { w * 1e-6 } else { w })
+        .collect();
+    round_to(dtype, &values)
 }
 
 /// An f32 tensor whose every element is NaN, so that an element a kernel forgets to write

@@ -317,6 +317,58 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// `--weights-dtype bf16` and `auto` on a checkpoint whose weights are bf16 in the file:
+/// generation gives the f32 load's tokens (bf16 storage and its widening are exact), and
+/// `export` writes the weight matrices back as BF16.
+#[test]
+fn bf16_weights_generate_as_f32_and_export_bf16_matrices() {
+    let model = manifest().join("tests/fixtures/models/mistral-bf16-sharded");
+    let model = model.to_str().unwrap();
+    let generate = |extra: &[&str]| {
+        let mut argv = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "hello there",
+            "--max-tokens",
+            "8",
+            "--json",
+        ];
+        argv.extend_from_slice(extra);
+        u32s(&es2_json(&argv)["output_ids"])
+    };
+    let f32_tokens = generate(&[]);
+    assert_eq!(generate(&["--weights-dtype", "bf16"]), f32_tokens);
+    assert_eq!(generate(&["--weights-dtype", "auto"]), f32_tokens);
+
+    let out = std::env::temp_dir().join(format!("es2-cli-bf16-{}", std::process::id()));
+    let exported = es2(&[
+        "export",
+        "--model",
+        model,
+        "--weights-dtype",
+        "bf16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dtype = |name: &str| file.tensor(name).unwrap().dtype();
+    assert_eq!(
+        dtype("model.layers.1.self_attn.k_proj.weight"),
+        safetensors::Dtype::BF16
+    );
+    assert_eq!(dtype("model.embed_tokens.weight"), safetensors::Dtype::BF16);
+    assert_eq!(dtype("model.norm.weight"), safetensors::Dtype::F32);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn train_dry_run_plans_a_7b_model_from_its_config_alone() {
     // data/configs holds config.json files only: no weights, no tokenizer.
@@ -355,7 +407,7 @@ fn train_dry_run_plans_a_7b_model_from_its_config_alone() {
     let total = json["plan"]["total"].as_u64().unwrap();
     assert!(total > 10 << 30 && total < 24 << 30, "{total}");
 
-    // Without recomputation and f16 weights (auto is f16: config.json declares bfloat16) it
+    // Without recomputation and 16-bit weights (auto is bf16: config.json declares bfloat16) it
     // does not fit 24 GB: the plan says what would.
     let out = es2(&[&args[..6], &args[9..]].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -17,9 +17,9 @@ use es2_wgpu::{DeviceFault, Error};
 #[derive(Args, Debug, Clone)]
 pub struct WeightsArgs {
     /// The element type of the frozen weight matrices (block projections, embedding, LM
-    /// head) on the GPU: f16 takes half their memory (compute stays f32); auto is f16 when
-    /// config.json declares f16 or bf16 weights (bf16 is narrowed to f16, not kept as bf16),
-    /// else f32. Norms and biases stay f32.
+    /// head) on the GPU: f16 or bf16 takes half their memory (compute stays f32); auto keeps
+    /// the 16-bit type config.json declares (f16 or bf16, exactly as stored), else f32. Norms
+    /// and biases stay f32.
     #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
     pub weights_dtype: WeightsDtype,
     /// The same as --weights-dtype f16 (the older flag, kept).

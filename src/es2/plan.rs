@@ -38,10 +38,11 @@ use crate::{Error, Result};
 #[serde(rename_all = "kebab-case")]
 pub enum Component {
     /// Weights that do not train, stored in f32 (embedding, LM head, norms, biases; the block
-    /// projections without f16 weights).
+    /// projections without 16-bit weights).
     FrozenF32,
-    /// Frozen weight matrices (block projections, embedding, LM head) stored in f16.
-    FrozenF16,
+    /// Frozen weight matrices (block projections, embedding, LM head) stored in 16 bits (f16
+    /// or bf16: [`PlanSettings::frozen_matrices`]).
+    Frozen16,
     /// The parameters that train (LoRA adapters, or every weight), f32.
     Trained,
     /// The trained parameters' gradients.
@@ -63,7 +64,7 @@ impl Component {
     /// Every component, in the table's order.
     pub const ALL: [Component; 8] = [
         Component::FrozenF32,
-        Component::FrozenF16,
+        Component::Frozen16,
         Component::Trained,
         Component::Gradients,
         Component::Moments,
@@ -76,7 +77,7 @@ impl Component {
     pub fn describe(self) -> &'static str {
         match self {
             Component::FrozenF32 => "frozen weights, f32",
-            Component::FrozenF16 => "frozen weights, f16",
+            Component::Frozen16 => "frozen weights, 16-bit",
             Component::Trained => "trained parameters",
             Component::Gradients => "gradients",
             Component::Moments => "AdamW moments",
@@ -153,9 +154,9 @@ pub struct PlanSettings {
     pub task: Task,
     /// LoRA's rank and targets, or `None` for full fine-tuning.
     pub lora: Option<LoraConfig>,
-    /// The frozen weight matrices (block projections, embedding, LM head) in f16: the run's
-    /// `weights_dtype` as it resolves for this model.
-    pub f16_weights: bool,
+    /// The element type of the frozen weight matrices (block projections, embedding, LM
+    /// head): f32, f16 or bf16, the run's `weights_dtype` as it resolves for this model.
+    pub frozen_matrices: DType,
     /// Only block inputs are kept; blocks run again in the backward.
     pub recompute: bool,
     /// Sequences per step: harmful + harmless (ES2) or conversations (SFT).
@@ -270,18 +271,17 @@ impl fmt::Display for MemoryPlan {
                 Task::Sft => "an SFT",
             },
             human_count(self.parameters),
-            if s.f16_weights { "f16" } else { "f32" },
+            s.frozen_matrices,
             batches.join(" + "),
             s.max_len,
             if s.recompute { "on" } else { "off" }
         )?;
         for (component, bytes) in self.components.iter().filter(|(_, b)| *b > 0) {
-            writeln!(
-                f,
-                "  {:<36} {:>12}",
-                component.describe(),
-                human_bytes(*bytes)
-            )?;
+            let name = match component {
+                Component::Frozen16 => format!("frozen weights, {}", s.frozen_matrices),
+                _ => component.describe().to_owned(),
+            };
+            writeln!(f, "  {name:<36} {:>12}", human_bytes(*bytes))?;
         }
         if self.idle > 0 {
             let idle = "idle in the pool (other sizes)";
@@ -415,7 +415,7 @@ pub fn knobs(model: &Config, run: &TrainConfig, device: &DeviceLimits) -> Vec<St
         );
     }
     let frozen_copy = run.lora.is_some() || run.task == Task::Es2;
-    if run.weights_dtype.resolve(model) != DType::F16 && frozen_copy {
+    if run.weights_dtype.resolve(model) == DType::F32 && frozen_copy {
         try_setting(
             "f16 frozen weights (weights_dtype, --weights-dtype f16)",
             with(run, |r| r.weights_dtype = WeightsDtype::F16),
@@ -656,7 +656,8 @@ struct Walk<'a> {
     /// Every weight trains.
     full: bool,
     dropout: bool,
-    f16_weights: bool,
+    /// The frozen matrices' element type.
+    frozen_matrices: DType,
     save: SavePolicy,
     device: DeviceLimits,
     /// Numbers of elements of each trained tensor (the gradient norm's scratch).
@@ -671,7 +672,7 @@ impl<'a> Walk<'a> {
             lora: run.lora.as_ref(),
             full: run.lora.is_none(),
             dropout: run.lora.as_ref().is_some_and(|l| l.dropout > 0.0),
-            f16_weights: run.weights_dtype.resolve(cfg) == DType::F16,
+            frozen_matrices: run.weights_dtype.resolve(cfg),
             save: run.save_policy(),
             device: device.clone(),
             trained: Vec::new(),
@@ -695,7 +696,7 @@ impl<'a> Walk<'a> {
             settings: PlanSettings {
                 task: run.task,
                 lora: run.lora.clone(),
-                f16_weights: self.f16_weights,
+                frozen_matrices: self.frozen_matrices,
                 recompute: run.recompute,
                 batches,
                 max_len: run.max_len,
@@ -722,12 +723,12 @@ impl<'a> Walk<'a> {
     }
 
     /// Every tensor of the model (`Transformer::from_source`): `(component, name, elements,
-    /// dtype)`. The matrices (projections, embedding, LM head) are f16 when `f16` (frozen
-    /// weights only).
+    /// dtype)`. The matrices (projections, embedding, LM head) are `matrices` (f32, or f16 or
+    /// bf16 for frozen weights only).
     fn model_tensors(
         &self,
         trained: bool,
-        f16: bool,
+        matrices: DType,
     ) -> Vec<(Component, &'static str, usize, DType)> {
         let c = self.cfg;
         let f32_part = if trained {
@@ -735,10 +736,10 @@ impl<'a> Walk<'a> {
         } else {
             Component::FrozenF32
         };
-        let (proj_part, proj_dtype) = match (trained, f16) {
+        let (proj_part, proj_dtype) = match (trained, matrices) {
             (true, _) => (Component::Trained, DType::F32),
-            (false, true) => (Component::FrozenF16, DType::F16),
-            (false, false) => (Component::FrozenF32, DType::F32),
+            (false, DType::F32) => (Component::FrozenF32, DType::F32),
+            (false, narrow) => (Component::Frozen16, narrow),
         };
         let mut out = Vec::new();
         let vocab = |out: &mut Vec<_>, name| {
@@ -785,10 +786,15 @@ impl<'a> Walk<'a> {
     fn persistent(&mut self, es2_layers: &[usize]) {
         let full = self.full;
         // The tuned model: f32 and trained under --full, the frozen base of a LoRA run.
-        let mut tensors = self.model_tensors(full, self.f16_weights && !full);
+        let tuned = if full {
+            DType::F32
+        } else {
+            self.frozen_matrices
+        };
+        let mut tensors = self.model_tensors(full, tuned);
         let es2 = !es2_layers.is_empty();
         if full && es2 {
-            tensors.extend(self.model_tensors(false, self.f16_weights));
+            tensors.extend(self.model_tensors(false, self.frozen_matrices));
         }
         for (component, name, n, dtype) in tensors {
             let bytes = (n * dtype.size_bytes()) as u64;
@@ -803,7 +809,7 @@ impl<'a> Walk<'a> {
         self.ledger
             .f32(Component::FrozenF32, "RoPE frequencies", &[rope]);
         let trained: Vec<usize> = if full {
-            self.model_tensors(true, false)
+            self.model_tensors(true, DType::F32)
                 .into_iter()
                 .map(|(_, _, n, _)| n)
                 .collect()

@@ -16,7 +16,7 @@ use super::optimizer::OptimizerConfig;
 use super::plan::{self, human_bytes, DeviceLimits, MemoryPlan};
 use super::report::{Evaluation, StepReport};
 use crate::eval::refusal::{heldout_sample, refusal_rates, RefusalRates, ReplyOptions};
-use crate::gpu::Gpu;
+use crate::gpu::{DType, Gpu};
 use crate::model::{
     open_config, open_model, LoadOptions, LoraConfig, SavePolicy, Trainable, WeightsDtype,
 };
@@ -220,11 +220,12 @@ impl TrainConfig {
             }
             Task::Sft => {
                 at_least("sft_batch", 1, self.sft_batch)?;
-                if self.weights_dtype == WeightsDtype::F16 && self.lora.is_none() {
+                let narrow = matches!(self.weights_dtype, WeightsDtype::F16 | WeightsDtype::Bf16);
+                if narrow && self.lora.is_none() {
                     return Err(Error::config(
                         "weights_dtype",
                         "a full fine-tune under sft trains every weight in f32 and keeps no \
-                         frozen copy to store in f16",
+                         frozen copy to store in 16 bits",
                     ));
                 }
                 self.data_path()?;
@@ -786,11 +787,11 @@ fn weights_message(models: &ModelPair) -> String {
             human_bytes(bytes)
         );
     }
-    let f16 = !models.base_model().f16_weight_names().is_empty();
+    let narrow = models.base_model().weights_in_16_bits();
     format!(
         "{what}: {} on the GPU, the frozen base's matrices in {}",
         human_bytes(bytes),
-        if f16 { "f16" } else { "f32" }
+        narrow.first().map_or(DType::F32, |(_, dtype)| *dtype)
     )
 }
 

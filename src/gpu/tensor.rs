@@ -7,14 +7,16 @@ use super::pool::{PooledBuffer, TENSOR_USAGE};
 use super::Gpu;
 use crate::{Error, Result};
 
-/// Element type of a tensor in GPU memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Element type of a tensor in GPU memory (serialized by its name: `"f32"`, `"bf16"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     /// IEEE single precision: every activation, gradient and trainable weight.
     F32,
     /// IEEE half precision (frozen weights stored in f16: `LoadOptions::weights`).
     F16,
-    /// bfloat16, stored as raw 16-bit patterns (WGSL has no bf16; kernels widen it).
+    /// bfloat16, stored as raw 16-bit patterns (WGSL has no bf16; kernels widen it exactly:
+    /// frozen weights stored in bf16, `LoadOptions::weights`).
     BF16,
     /// Unsigned 32-bit integers (token ids, lengths, masks).
     U32,

@@ -61,14 +61,15 @@ fn zeros_like(gpu: &Gpu, t: &Tensor) -> Tensor {
 
 impl Gradients {
     /// Zeroed gradient buffers for `trainable`. Full fine-tuning of a model whose weights are
-    /// stored in f16 is refused: those weights are frozen (their gradients and updates need
-    /// f32).
+    /// stored in 16 bits (f16 or bf16) is refused: those weights are frozen (their gradients
+    /// and updates need f32).
     pub fn new(gpu: &Gpu, model: &Transformer, trainable: Trainable) -> Result<Self> {
         let full = trainable == Trainable::Full;
-        if let Some(name) = model.f16_weight_names().first().filter(|_| full) {
+        if let Some((name, dtype)) = model.weights_in_16_bits().first().filter(|_| full) {
             return Err(Error::InvalidArgument(format!(
-                "full fine-tuning trains every weight in f32, but {name} is stored in f16 (the \
-                 model was loaded with f16 weights): load it in f32, or train LoRA adapters"
+                "full fine-tuning trains every weight in f32, but {name} is stored in {dtype} \
+                 (the model was loaded with {dtype} weights): load it in f32, or train LoRA \
+                 adapters"
             )));
         }
         let blocks = model

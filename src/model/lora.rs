@@ -398,8 +398,9 @@ impl Transformer {
     }
 
     /// Folds every adapter into its base weight (`W += scale·B·A`) and removes it. A weight
-    /// stored in f16 is first widened into an f32 copy that replaces it, since rounding the
-    /// sum back to f16 would lose much of a small update: merged projections are f32.
+    /// stored in f16 or bf16 is first widened into an f32 copy that replaces it, since
+    /// rounding the sum back to 16 bits would lose much of a small update: merged projections
+    /// are f32.
     pub fn merge_lora(&mut self, gpu: &Gpu) -> Result<()> {
         let mut rec = Recorder::new(gpu);
         for block in &mut self.blocks {
@@ -407,7 +408,7 @@ impl Transformer {
                 let Some(lora) = linear.lora.take() else {
                     continue;
                 };
-                if linear.weight.dtype() == DType::F16 {
+                if linear.weight.dtype() != DType::F32 {
                     let wide = Tensor::empty(gpu, linear.weight.shape().clone(), DType::F32);
                     cast(&mut rec, &linear.weight, &wide);
                     linear.weight = wide;

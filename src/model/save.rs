@@ -1,6 +1,6 @@
 //! Writing a model out as a Hugging Face folder that transformers loads as it loads the
-//! original: `config.json`, `model.safetensors` (f32, with the projection weights in f16 where
-//! the model stores them so), and the tokenizer files (copied from the source folder, or
+//! original: `config.json`, `model.safetensors` (f32, with the weight matrices in f16 or bf16
+//! where the model stores them so), and the tokenizer files (copied from the source folder, or
 //! generated for an embedded model). The folder is built aside and renamed into place.
 
 use std::path::Path;

@@ -20,7 +20,7 @@ use crate::ops::residual::residual_forward;
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, rope_forward_at, rope_inv_freq};
 use crate::{Error, Result};
-use half::{f16, slice::HalfFloatSliceExt};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use serde::{Deserialize, Serialize};
 
 /// One decoder block's parameters.
@@ -46,22 +46,29 @@ pub enum WeightsDtype {
     F32,
     /// The matrices (the blocks' projections, the embedding, the LM head: all but a few
     /// thousandths of a model) in f16, rounded to nearest even on the host one tensor at a
-    /// time; norms and biases stay f32.
+    /// time; norms and biases stay f32. A value beyond f16's range (±65504) is a load error.
     F16,
-    /// f16 when `config.json` declares 16-bit weights (`torch_dtype` float16 or bfloat16),
-    /// f32 otherwise. A bf16 checkpoint is narrowed to f16 (bf16 kernels are not written yet),
-    /// which keeps 3 more mantissa bits but fails on a value beyond f16's range (±65504).
+    /// The same matrices in bf16 (f32's range, 8 significant bits): exact for a bf16
+    /// checkpoint, rounded to nearest even on the host otherwise.
+    Bf16,
+    /// The checkpoint's own 16-bit type when `config.json` declares one (`torch_dtype`
+    /// float16: f16, bfloat16: bf16), f32 otherwise: 16-bit weights are kept as they are
+    /// stored, exactly.
     Auto,
 }
 
 impl WeightsDtype {
-    /// What `self` stores the matrices of a model with `config` as: f32 or f16.
+    /// What `self` stores the matrices of a model with `config` as: f32, f16 or bf16.
     pub fn resolve(self, config: &Config) -> DType {
-        let declared_16_bit = matches!(config.torch_dtype.as_deref(), Some("float16" | "bfloat16"));
         match self {
+            WeightsDtype::F32 => DType::F32,
             WeightsDtype::F16 => DType::F16,
-            WeightsDtype::Auto if declared_16_bit => DType::F16,
-            WeightsDtype::F32 | WeightsDtype::Auto => DType::F32,
+            WeightsDtype::Bf16 => DType::BF16,
+            WeightsDtype::Auto => match config.torch_dtype.as_deref() {
+                Some("float16") => DType::F16,
+                Some("bfloat16") => DType::BF16,
+                _ => DType::F32,
+            },
         }
     }
 
@@ -91,8 +98,9 @@ pub struct LoadOptions {
     /// small value forces the vocabulary-sized matrices into many chunks.
     pub max_binding_bytes: Option<u64>,
     /// The element type of the weight matrices (the blocks' projections, the embedding and
-    /// the LM head). In f16 such a model runs, generates and trains LoRA adapters, but its
-    /// own weights cannot train (full fine-tuning needs f32). Norms and biases stay f32.
+    /// the LM head). In f16 or bf16 such a model runs, generates and trains LoRA adapters,
+    /// but its own weights cannot train (full fine-tuning needs f32). Norms and biases stay
+    /// f32.
     pub weights: WeightsDtype,
     /// Refuse a checkpoint whose weights hold NaN or ±Inf (by default it loads, with a
     /// warning on stderr naming each such tensor).
@@ -114,8 +122,8 @@ impl LoadOptions {
 pub struct Transformer {
     /// The configuration the weights were checked against.
     pub config: Config,
-    /// The token embedding `[V, C]` (f32, or f16 per [`LoadOptions::weights`]), in row
-    /// chunks that each fit a binding.
+    /// The token embedding `[V, C]` (f32, or f16 or bf16 per [`LoadOptions::weights`]), in
+    /// row chunks that each fit a binding.
     pub embed: VocabMatrix,
     /// The decoder blocks, first to last.
     pub blocks: Vec<Block>,
@@ -249,15 +257,17 @@ impl Transformer {
             + self.lm_head.as_ref().map_or(0, vocab)
     }
 
-    /// The Hugging Face names of the weights stored in f16 (see [`LoadOptions::weights`]):
-    /// the blocks' projections first, then the embedding and the LM head.
-    pub fn f16_weight_names(&self) -> Vec<String> {
+    /// The Hugging Face names of the weights stored in 16 bits (f16 or bf16, see
+    /// [`LoadOptions::weights`]), each with its type: the blocks' projections first, then the
+    /// embedding and the LM head. These weights are frozen.
+    pub fn weights_in_16_bits(&self) -> Vec<(String, DType)> {
         let arch = self.config.architecture;
+        let narrow = |dtype: DType| dtype != DType::F32;
         let mut names = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
             for (p, linear) in block.proj.iter() {
-                if linear.weight.dtype() == DType::F16 {
-                    names.push(Param::Weight(layer, p).hf_name(arch));
+                if narrow(linear.weight.dtype()) {
+                    names.push((Param::Weight(layer, p).hf_name(arch), linear.weight.dtype()));
                 }
             }
         }
@@ -266,8 +276,8 @@ impl Transformer {
             (Param::LmHead, self.lm_head.as_ref()),
         ];
         for (param, matrix) in vocab {
-            if matrix.is_some_and(|m| m.dtype() == DType::F16) {
-                names.push(param.hf_name(arch));
+            if let Some(m) = matrix.filter(|m| narrow(m.dtype())) {
+                names.push((param.hf_name(arch), m.dtype()));
             }
         }
         names
@@ -469,8 +479,9 @@ fn upload_as(
     store_as(gpu, name, shape, &source.tensor(name, shape)?, dtype)
 }
 
-/// `data` (of tensor `name`) uploaded as `dtype`: f32, or f16 rounded to nearest even on the
-/// host (only this part of the model is ever held twice, as f32 and as f16).
+/// `data` (of tensor `name`) uploaded as `dtype`: f32, or f16 or bf16 rounded to nearest even
+/// on the host (only this part of the model is ever held twice, as f32 and as 16 bits). A
+/// bf16 checkpoint, read as f32 and stored as bf16, comes through exactly.
 pub(super) fn store_as(
     gpu: &Gpu,
     name: &str,
@@ -480,23 +491,32 @@ pub(super) fn store_as(
 ) -> Result<Tensor> {
     match dtype {
         DType::F32 => Tensor::from_f32(gpu, shape, data),
-        DType::F16 => Tensor::from_f16(gpu, shape, &to_f16(name, data)?),
-        other => unreachable!("weights are stored as f32 or f16, not {other}"),
+        DType::F16 => Tensor::from_f16(gpu, shape, &narrow::<f16>(name, data, "f16", "±65504")?),
+        DType::BF16 => {
+            Tensor::from_bf16(gpu, shape, &narrow::<bf16>(name, data, "bf16", "±3.39e38")?)
+        }
+        DType::U32 => unreachable!("weights are stored as f32, f16 or bf16, not u32"),
     }
 }
 
-/// `data` rounded to f16 (round to nearest even, as the cast kernel), or an error naming
-/// tensor `name` when a finite value lies beyond f16's range and would become infinite.
-fn to_f16(name: &str, data: &[f32]) -> Result<Vec<f16>> {
-    let mut halves = vec![f16::ZERO; data.len()];
+/// `data` rounded to the 16-bit type `H` (f16 or bf16, called `what`; round to nearest even,
+/// as the cast kernel), or an error naming tensor `name` when a finite value lies beyond the
+/// type's `range` and would become infinite.
+fn narrow<H>(name: &str, data: &[f32], what: &str, range: &str) -> Result<Vec<H>>
+where
+    H: Copy + Default,
+    [H]: HalfFloatSliceExt,
+    f32: From<H>,
+{
+    let mut halves = vec![H::default(); data.len()];
     halves.convert_from_f32_slice(data);
     let overflow = data
         .iter()
         .zip(&halves)
-        .position(|(x, h)| x.is_finite() && h.is_infinite());
+        .position(|(x, &h)| x.is_finite() && f32::from(h).is_infinite());
     if let Some(i) = overflow {
         return Err(Error::InvalidArgument(format!(
-            "{name}: element {i} ({}) is beyond the f16 range (±65504); load this model \
+            "{name}: element {i} ({}) is beyond the {what} range ({range}); load this model \
              with f32 weights (--weights-dtype f32)",
             data[i]
         )));

@@ -1,18 +1,20 @@
 //! Vocabulary-sized matrices (the token embedding and the LM head), split into row chunks so
 //! that no binding exceeds the adapter's `max_storage_buffer_binding_size`. A frozen matrix
-//! may be stored in f16: the lookup and the GEMM widen it exactly as they read it. Its chunks
-//! have the rows an f32 matrix's would have, so the chunking does not depend on the dtype.
+//! may be stored in f16 or bf16: the lookup and the GEMM widen it exactly as they read it. Its
+//! chunks have the rows an f32 matrix's would have, so the chunking does not depend on the
+//! dtype.
 
 use crate::gpu::{rows_per_binding, DType, Gpu, Recorder, Tensor};
 use crate::ops::embedding::embedding_forward;
 use crate::ops::matmul::{gemm, Gemm, MatmulOptions, Strided};
 use crate::Result;
-use half::f16;
+use half::{bf16, f16};
 
 use super::params::ParamSource;
 use super::transformer::store_as;
 
-/// A `[rows, cols]` f32 or f16 matrix stored as consecutive row chunks of `chunk_rows` rows.
+/// A `[rows, cols]` f32, f16 or bf16 matrix stored as consecutive row chunks of `chunk_rows`
+/// rows.
 #[derive(Debug, Clone)]
 pub struct VocabMatrix {
     /// The row chunks in order, chunk `i` holding rows `i·chunk_rows ..`, each
@@ -35,7 +37,8 @@ impl VocabMatrix {
         rows_per_binding(rows, cols, max_binding)
     }
 
-    /// Loads tensor `name` (`[rows, cols]`) chunk by chunk, stored as `dtype` (f32 or f16).
+    /// Loads tensor `name` (`[rows, cols]`) chunk by chunk, stored as `dtype` (f32, f16 or
+    /// bf16).
     pub fn load(
         gpu: &Gpu,
         source: &dyn ParamSource,
@@ -62,7 +65,7 @@ impl VocabMatrix {
         })
     }
 
-    /// The element type it is stored as (f32, or f16 when frozen).
+    /// The element type it is stored as (f32, or f16 or bf16 when frozen).
     pub fn dtype(&self) -> DType {
         self.chunks[0].dtype()
     }
@@ -180,16 +183,20 @@ impl VocabMatrix {
         }
     }
 
-    /// Host copy of the whole matrix, in f32 (f16 widened exactly).
+    /// Host copy of the whole matrix, in f32 (f16 and bf16 widened exactly).
     pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for chunk in &self.chunks {
-            if chunk.dtype() == DType::F16 {
-                let bytes = chunk.to_bytes(gpu)?;
-                let halves: Vec<f16> = bytemuck::pod_collect_to_vec(&bytes);
-                out.extend(halves.iter().map(|h| h.to_f32()));
-            } else {
-                out.extend(chunk.to_f32(gpu)?);
+            match chunk.dtype() {
+                DType::F16 => {
+                    let halves: Vec<f16> = bytemuck::pod_collect_to_vec(&chunk.to_bytes(gpu)?);
+                    out.extend(halves.iter().map(|h| h.to_f32()));
+                }
+                DType::BF16 => {
+                    let halves: Vec<bf16> = bytemuck::pod_collect_to_vec(&chunk.to_bytes(gpu)?);
+                    out.extend(halves.iter().map(|h| h.to_f32()));
+                }
+                _ => out.extend(chunk.to_f32(gpu)?),
             }
         }
         Ok(out)

@@ -2,7 +2,7 @@
 //! with round-to-nearest-even (storing frozen weights, writing checkpoints). Bit-exact with the
 //! `half` crate, and independent of shader-f16 (16-bit data travels as packed `u32` words).
 
-use super::common::launch_per_item;
+use super::common::{launch_per_item, wgsl_format};
 use crate::gpu::{read, read_write, DType, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
@@ -18,14 +18,6 @@ static NARROW: KernelSpec = KernelSpec {
     entry: "narrow_from_f32",
     bindings: &[read(3), read_write(4)],
 };
-
-/// The 16-bit side of a cast; values match `FORMAT_*` in `cast.wgsl`.
-#[derive(Clone, Copy)]
-#[repr(u32)]
-enum Format {
-    F16 = 0,
-    Bf16 = 1,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -51,12 +43,11 @@ pub fn cast(rec: &mut Recorder, src: &Tensor, dst: &Tensor) {
         u32::try_from(n).is_ok(),
         "cast: {n} elements exceed a 32-bit index; cast in chunks"
     );
+    // The 16-bit side names the format.
     let (spec, format, threads) = match (src.dtype(), dst.dtype()) {
-        (DType::F16, DType::F32) => (&WIDEN, Format::F16, n),
-        (DType::BF16, DType::F32) => (&WIDEN, Format::Bf16, n),
+        (from @ (DType::F16 | DType::BF16), DType::F32) => (&WIDEN, from, n),
         // One thread per output word: two elements.
-        (DType::F32, DType::F16) => (&NARROW, Format::F16, n.div_ceil(2)),
-        (DType::F32, DType::BF16) => (&NARROW, Format::Bf16, n.div_ceil(2)),
+        (DType::F32, to @ (DType::F16 | DType::BF16)) => (&NARROW, to, n.div_ceil(2)),
         (from, to) => panic!("cast: no conversion from {from} to {to} (f16/bf16 <-> f32 only)"),
     };
     if n == 0 {
@@ -64,7 +55,7 @@ pub fn cast(rec: &mut Recorder, src: &Tensor, dst: &Tensor) {
     }
     let params = Params {
         n: n as u32,
-        format: format as u32,
+        format: wgsl_format(format),
     };
     launch_per_item(rec, spec, &[src, dst], &params, threads);
 }

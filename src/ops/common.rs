@@ -130,6 +130,18 @@ pub(crate) fn in_binding_parts(
     }
 }
 
+/// The `FORMAT_*` code (`shaders/common.wgsl`) of a tensor of `dtype` bound as `array<u32>`:
+/// how a kernel reads its elements as f32 (the GEMM's `B_FORMAT`, the embedding's
+/// `TABLE_FORMAT`, the 16-bit side of a cast). u32 data has no such reading.
+pub(crate) fn wgsl_format(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::U32 => panic!("u32 data is not read as f32"),
+    }
+}
+
 /// Asserts that `op`'s tensor `name` holds `dtype` values.
 #[track_caller]
 pub(crate) fn expect_dtype(op: &str, name: &str, t: &Tensor, dtype: DType) {

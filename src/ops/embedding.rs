@@ -11,11 +11,11 @@
 //! (built on the host from the ids) lists each unique id's positions in increasing order, and
 //! one GPU thread per (id, column) adds `dout` over them in that order.
 //!
-//! A frozen table may be stored in f16 (half the memory): the lookup widens it exactly to f32
-//! as it reads (the kernel's `TABLE_F16` variant), so `out` holds exactly the table's values.
-//! A trained table, and so every gradient, is f32.
+//! A frozen table may be stored in f16 or bf16 (half the memory): the lookup widens it exactly
+//! to f32 as it reads (the kernel's `TABLE_FORMAT` override), so `out` holds exactly the
+//! table's values. A trained table, and so every gradient, is f32.
 
-use super::common::{expect_elements, launch_per_item, launch_per_item_with};
+use super::common::{expect_elements, launch_per_item, launch_per_item_with, wgsl_format};
 use crate::gpu::{read, read_write, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 use crate::{Error, Result};
@@ -80,7 +80,7 @@ fn chunk_shape(
 /// `out[t, :] = table[ids[t], :]` for every token whose id lies in the chunk
 /// `table_chunk = table[first_row .. first_row + chunk_rows]`; the other rows of `out` are left
 /// untouched. With the whole table as one chunk (`first_row` 0) this is the plain lookup.
-/// The chunk is f32 or f16 (widened exactly).
+/// The chunk is f32, f16 or bf16 (widened exactly).
 pub fn embedding_forward(
     rec: &mut Recorder,
     ids: &Tensor,
@@ -89,7 +89,7 @@ pub fn embedding_forward(
     out: &Tensor,
 ) {
     let op = "embedding_forward";
-    let table = (table_chunk, &[DType::F32, DType::F16][..]);
+    let table = (table_chunk, &[DType::F32, DType::F16, DType::BF16][..]);
     let (chunk_rows, cols) = chunk_shape(op, table, out, first_row);
     let tokens = out.dims()[0];
     expect_elements(op, "ids (one per row of out)", ids, DType::U32, &[tokens]);
@@ -102,8 +102,8 @@ pub fn embedding_forward(
         uniques: 0,
     };
     let tensors = [ids, table_chunk, out];
-    let f16 = [("TABLE_F16", u32::from(table_chunk.dtype() == DType::F16))];
-    launch_per_item_with(rec, &FORWARD, &f16, &tensors, &params, tokens * cols);
+    let format = [("TABLE_FORMAT", wgsl_format(table_chunk.dtype()))];
+    launch_per_item_with(rec, &FORWARD, &format, &tensors, &params, tokens * cols);
 }
 
 /// The inverse of a batch's token ids, in CSR form: the sorted unique ids, and for the i-th of

@@ -280,6 +280,33 @@ fn plan_matches_the_peak_of_a_step_whose_lm_head_takes_two_chunks() {
     );
 }
 
+/// bf16 frozen weights: planned as f16 ones (2 bytes an element, the same buffers), named in
+/// the plan, and the plan of a real LoRA step on bf16 weights within 10% of its peak (the
+/// tiny-llama shape of the f32 case above, which the plan matches exactly).
+#[test]
+fn bf16_frozen_weights_plan_as_f16_ones_and_the_plan_names_them() {
+    let with = |weights_dtype, max_len| TrainConfig {
+        weights_dtype,
+        ..run(Task::Es2, true, [4, 4], max_len, true)
+    };
+    let device = DeviceLimits::discrete_gpu(24 << 30);
+    let plan = |dtype| MemoryPlan::new(&medium(), &with(dtype, 48), &device).unwrap();
+    let (f16, bf16, f32) = (
+        plan(WeightsDtype::F16),
+        plan(WeightsDtype::Bf16),
+        plan(WeightsDtype::F32),
+    );
+    assert_eq!(bf16.components, f16.components);
+    assert_eq!(bf16.total, f16.total);
+    assert!(bf16.total < f32.total);
+    let shown = bf16.to_string();
+    assert!(shown.contains("frozen matrices in bf16"), "{shown}");
+    assert!(shown.contains("frozen weights, bf16"), "{shown}");
+    assert!(f16.to_string().contains("frozen weights, f16"));
+    let tiny = with(WeightsDtype::Bf16, 64);
+    check("tiny-llama bf16 LoRA, recompute", tiny_llama(), tiny);
+}
+
 /// Two identical models stepped once, one keeping every activation and one recomputing:
 /// the same losses, gradients and updated parameters, bit for bit.
 fn recompute_changes_nothing(config: Config, run: TrainConfig) {

@@ -197,3 +197,10 @@ fn lora_backward_matches_directional_finite_differences() {
 fn lora_backward_with_f16_base_weights_matches_directional_finite_differences() {
     check_lora("llama-f32", &LoadOptions::with_weights(WeightsDtype::F16));
 }
+
+/// The frozen base weights rounded to bf16 (the forward, dX = dY·W and the untied LM head's
+/// dX all read bf16 weights).
+#[test]
+fn lora_backward_with_bf16_base_weights_matches_directional_finite_differences() {
+    check_lora("llama-f32", &LoadOptions::with_weights(WeightsDtype::Bf16));
+}

@@ -1,3 +1,4 @@
+use es2_wgpu::gpu::DType;
 use es2_wgpu::ops::embedding::{self, reference, EmbeddingGradIndex};
 use es2_wgpu::rng::Rng;
 use es2_wgpu::testing::*;
@@ -91,40 +92,43 @@ fn embedding_forward_matches_reference_with_one_or_two_chunks() {
     }
 }
 
-/// A frozen f16 table: the lookup widens it exactly, so it writes the f32 values of the same
-/// f16 numbers (subnormals included), and splitting the table changes nothing. Odd widths put
-/// rows at odd element offsets, in the high half of a 32-bit word.
+/// A frozen f16 or bf16 table: the lookup widens it exactly, so it writes the f32 values of
+/// the same numbers (f16's subnormals included), bit for bit what an f32 table holding them
+/// writes, and splitting the table changes nothing. Odd widths put rows at odd element
+/// offsets, in the high half of a 32-bit word.
 #[test]
-fn embedding_forward_of_an_f16_table_matches_the_reference_exactly() {
+fn embedding_forward_of_a_16_bit_table_matches_the_reference_exactly() {
     let gpu = gpu();
-    for (seed, tokens, vocab, cols) in [(20u64, 67usize, 29usize, 13usize), (21, 3, 1, 1)] {
-        let ids = token_ids(seed, tokens, vocab, None);
-        let (halves, table) = crate::matmul::f16_weights(seed + 1, vocab * cols);
-        let mut want = vec![0.0; tokens * cols];
-        reference::embedding_forward(&ids, &f64s(&table), cols, &mut want);
-        let name = format!("f16 embedding_forward T={tokens} V={vocab} C={cols}");
-        let splits: &[usize] = if vocab > 1 {
-            &[0, 7, vocab]
-        } else {
-            &[0, vocab]
-        };
-        let out = poisoned(gpu, [tokens, cols]);
-        let tids = ids_tensor(&ids);
-        let mut rec = Recorder::new(gpu);
-        for b in splits.windows(2) {
-            let rows = &halves[b[0] * cols..b[1] * cols];
-            let chunk = Tensor::from_f16(gpu, [b[1] - b[0], cols], rows).unwrap();
-            embedding::embedding_forward(&mut rec, &tids, &chunk, b[0], &out);
+    for dtype in [DType::F16, DType::BF16] {
+        for (seed, tokens, vocab, cols) in [(20u64, 67usize, 29usize, 13usize), (21, 3, 1, 1)] {
+            let ids = token_ids(seed, tokens, vocab, None);
+            let table = narrow_weights(dtype, seed + 1, vocab * cols);
+            let mut want = vec![0.0; tokens * cols];
+            reference::embedding_forward(&ids, &f64s(&table), cols, &mut want);
+            let name = format!("{dtype} embedding_forward T={tokens} V={vocab} C={cols}");
+            let splits: &[usize] = if vocab > 1 {
+                &[0, 7, vocab]
+            } else {
+                &[0, vocab]
+            };
+            let out = poisoned(gpu, [tokens, cols]);
+            let tids = ids_tensor(&ids);
+            let mut rec = Recorder::new(gpu);
+            for b in splits.windows(2) {
+                let rows = &table[b[0] * cols..b[1] * cols];
+                let chunk = upload_as(gpu, [b[1] - b[0], cols], dtype, rows);
+                embedding::embedding_forward(&mut rec, &tids, &chunk, b[0], &out);
+            }
+            rec.finish().unwrap();
+            let got = download(gpu, &out);
+            assert_close(&name, &got, &want, 0.0);
+            let f32_path = forward_in_chunks(&ids, &table, cols, splits);
+            assert_eq!(
+                bits(&got),
+                bits(&f32_path),
+                "{name}: differs from the f32 table"
+            );
         }
-        rec.finish().unwrap();
-        let got = download(gpu, &out);
-        assert_close(&name, &got, &want, 0.0);
-        let f32_path = forward_in_chunks(&ids, &table, cols, splits);
-        assert_eq!(
-            bits(&got),
-            bits(&f32_path),
-            "{name}: differs from the f32 table"
-        );
     }
 }
 

@@ -1,8 +1,8 @@
+use es2_wgpu::gpu::DType;
 use es2_wgpu::ops::matmul::{self, reference, Gemm, MatmulOptions, Strided};
 use es2_wgpu::ops::Write;
 use es2_wgpu::testing::*;
 use es2_wgpu::{Recorder, Tensor};
-use half::f16;
 
 const TOL: f64 = 1e-5;
 
@@ -375,31 +375,23 @@ fn gemm_rejects_an_operand_that_runs_past_its_tensor() {
     matmul::gemm(&mut rec, &g, &ta, &tb, None, &tc);
 }
 
-// ---- f16 weights (the GEMM's B operand) ----
+// ---- 16-bit weights (the GEMM's B operand in f16 or bf16) ----
 
-/// `n` random weights rounded to f16, every seventh scaled into f16's subnormal range: the
-/// f16 values, and the same values as f32 (exact: every f16 is an f32).
-pub(crate) fn f16_weights(seed: u64, n: usize) -> (Vec<f16>, Vec<f32>) {
-    let halves: Vec<f16> = randn(seed, n, 1.0)
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| f16::from_f32(if i % 7 == 3 { w * 1e-6 } else { w }))
-        .collect();
-    let widened = halves.iter().map(|h| h.to_f32()).collect();
-    (halves, widened)
-}
+/// The 16-bit types of frozen weights.
+const NARROW: [DType; 2] = [DType::F16, DType::BF16];
 
-/// The weight `[n, k]` uploaded as f16 and, holding the same values, as f32.
-fn weight_pair(seed: u64, n: usize, k: usize) -> (Tensor, Tensor, Vec<f32>) {
+/// The weight `[n, k]` uploaded as `dtype` (f16 or bf16) and, holding the same values, as
+/// f32.
+fn weight_pair(dtype: DType, seed: u64, n: usize, k: usize) -> (Tensor, Tensor, Vec<f32>) {
     let gpu = gpu();
-    let (halves, values) = f16_weights(seed, n * k);
-    let w16 = Tensor::from_f16(gpu, [n, k], &halves).unwrap();
+    let values = narrow_weights(dtype, seed, n * k);
+    let w16 = upload_as(gpu, [n, k], dtype, &values);
     (w16, upload(gpu, [n, k], &values), values)
 }
 
 /// (M, N, K) with K and N odd; the last splits K on a CPU adapter (one workgroup, K = 301 in
 /// the input gradient).
-const F16_SHAPES: [(usize, usize, usize); 5] = [
+const NARROW_SHAPES: [(usize, usize, usize); 5] = [
     (37, 29, 53),
     (1, 29, 53),
     (37, 1, 53),
@@ -408,11 +400,14 @@ const F16_SHAPES: [(usize, usize, usize); 5] = [
 ];
 
 #[test]
-fn f16_weights_match_the_reference_and_the_f32_path_bit_for_bit() {
+fn sixteen_bit_weights_match_the_reference_and_the_f32_path_bit_for_bit() {
     let gpu = gpu();
-    for (case, &(m, n, k)) in F16_SHAPES.iter().enumerate() {
+    for (dtype, (case, &(m, n, k))) in NARROW
+        .into_iter()
+        .flat_map(|dtype| NARROW_SHAPES.iter().enumerate().map(move |c| (dtype, c)))
+    {
         let seed = 1000 + 10 * case as u64;
-        let (w16, w32, w) = weight_pair(seed, n, k);
+        let (w16, w32, w) = weight_pair(dtype, seed, n, k);
         let (x, b, dy) = (
             randn(seed + 1, m * k, 1.0),
             randn(seed + 2, n, 1.0),
@@ -424,7 +419,7 @@ fn f16_weights_match_the_reference_and_the_f32_path_bit_for_bit() {
             upload(gpu, [m, n], &dy),
         );
         let options = MatmulOptions::default().scaled(0.75);
-        // (y, dx) with the f16 weight, then with the f32 one.
+        // (y, dx) with the 16-bit weight, then with the f32 one.
         let run = |w: &Tensor| {
             let (y, dx) = (poisoned(gpu, [m, n]), poisoned(gpu, [m, k]));
             let mut rec = Recorder::new(gpu);
@@ -436,7 +431,7 @@ fn f16_weights_match_the_reference_and_the_f32_path_bit_for_bit() {
         let ((y16, dx16), (y32, dx32)) = (run(&w16), run(&w32));
 
         let wd = f64s(&w);
-        let name = format!("{m}x{n}x{k} f16 weight");
+        let name = format!("{m}x{n}x{k} {dtype} weight");
         let want_y = reference::matmul_forward(&f64s(&x), &wd, Some(&f64s(&b)), (m, n, k), 0.75);
         let want_dx = reference::matmul_backward_input(&f64s(&dy), &wd, (m, n, k), 0.75);
         assert_close(&format!("matmul_forward {name}"), &y16, &want_y, TOL);
@@ -457,10 +452,13 @@ fn f16_weights_match_the_reference_and_the_f32_path_bit_for_bit() {
 }
 
 #[test]
-fn gemm_reads_f16_b_at_odd_offsets_and_strides_in_both_layouts() {
+fn gemm_reads_16_bit_b_at_odd_offsets_and_strides_in_both_layouts() {
     let gpu = gpu();
     let (batch, m, n, k) = (2, 19, 23, 31);
-    for transpose_b in [false, true] {
+    for (dtype, transpose_b) in NARROW
+        .into_iter()
+        .flat_map(|dtype| [false, true].map(|t| (dtype, t)))
+    {
         // B starts at element 3, with an odd row stride and an odd batch stride, so its
         // elements fall in either half of their words.
         let (rows, cols) = if transpose_b { (n, k) } else { (k, n) };
@@ -475,12 +473,12 @@ fn gemm_reads_f16_b_at_odd_offsets_and_strides_in_both_layouts() {
             ..Gemm::dense(m, n, k, false, transpose_b)
         };
         let len = 3 + batch * b_layout.batch_stride;
-        let (halves, b) = f16_weights(1100 + u64::from(transpose_b), len);
+        let b = narrow_weights(dtype, 1100 + u64::from(transpose_b), len);
         let a = randn(1102, batch * m * k, 1.0);
         let init = randn(1103, batch * m * n, 1.0);
         let (ta, tb16, tb32) = (
             upload(gpu, [a.len()], &a),
-            Tensor::from_f16(gpu, [len], &halves).unwrap(),
+            upload_as(gpu, [len], dtype, &b),
             upload(gpu, [len], &b),
         );
         for options in [MatmulOptions::default(), MatmulOptions::accumulate()] {
@@ -499,7 +497,7 @@ fn gemm_reads_f16_b_at_odd_offsets_and_strides_in_both_layouts() {
             };
             let (out16, out32) = (run(&tb16), run(&tb32));
             let name = format!(
-                "gemm f16 B transpose_b={transpose_b} offset 3 accumulate={}",
+                "gemm {dtype} B transpose_b={transpose_b} offset 3 accumulate={}",
                 (options.write == Write::Accumulate)
             );
             let want = reference_gemm(&g, &a, &b, None, &c_init);
@@ -509,26 +507,36 @@ fn gemm_reads_f16_b_at_odd_offsets_and_strides_in_both_layouts() {
     }
 }
 
-#[test]
-#[should_panic(expected = "f16 weights are frozen")]
-fn matmul_backward_weight_refuses_an_f16_gradient() {
+/// A weight gradient in `dtype`.
+fn backward_weight_into(dtype: DType) {
     let gpu = gpu();
     let (m, n, k) = (3, 5, 7);
     let (tdy, tx) = (
         upload(gpu, [m, n], &randn(1200, m * n, 1.0)),
         upload(gpu, [m, k], &randn(1201, m * k, 1.0)),
     );
-    let dw = Tensor::from_f16(gpu, [n, k], &f16_weights(1202, n * k).0).unwrap();
+    let dw = upload_as(gpu, [n, k], dtype, &narrow_weights(dtype, 1202, n * k));
     let mut rec = Recorder::new(gpu);
     matmul::matmul_backward_weight(&mut rec, &tdy, &tx, &dw, MatmulOptions::accumulate());
 }
 
 #[test]
-#[should_panic(expected = "gemm: A Tensor([4, 5], f16) must be f32")]
-fn gemm_takes_f16_only_for_b() {
+#[should_panic(expected = "16-bit weights are frozen")]
+fn matmul_backward_weight_refuses_an_f16_gradient() {
+    backward_weight_into(DType::F16);
+}
+
+#[test]
+#[should_panic(expected = "16-bit weights are frozen")]
+fn matmul_backward_weight_refuses_a_bf16_gradient() {
+    backward_weight_into(DType::BF16);
+}
+
+/// A product whose A is `dtype`.
+fn gemm_with_a(dtype: DType) {
     let gpu = gpu();
     let (m, n, k) = (4, 3, 5);
-    let ta = Tensor::from_f16(gpu, [m, k], &f16_weights(1300, m * k).0).unwrap();
+    let ta = upload_as(gpu, [m, k], dtype, &narrow_weights(dtype, 1300, m * k));
     let (tb, tc) = (
         upload(gpu, [n, k], &randn(1301, n * k, 1.0)),
         poisoned(gpu, [m, n]),
@@ -542,4 +550,16 @@ fn gemm_takes_f16_only_for_b() {
         None,
         &tc,
     );
+}
+
+#[test]
+#[should_panic(expected = "gemm: A Tensor([4, 5], f16) must be f32")]
+fn gemm_takes_f16_only_for_b() {
+    gemm_with_a(DType::F16);
+}
+
+#[test]
+#[should_panic(expected = "gemm: A Tensor([4, 5], bf16) must be f32")]
+fn gemm_takes_bf16_only_for_b() {
+    gemm_with_a(DType::BF16);
 }

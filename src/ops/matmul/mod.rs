@@ -3,10 +3,11 @@
 //! operand is stored transposed) is fixed per pipeline, so no transpose kernel ever runs.
 //!
 //! Weights are stored PyTorch-style, `W [N, K]` (out × in); activations are row-major `[.., K]`.
-//! A frozen weight may be f16 (`DType::F16`, half the memory): the forward and the input
-//! gradient read it through the GEMM's B operand, which widens f16 exactly to f32 as it loads
-//! a tile, so the product equals the f32 product of the same (f16-representable) values, bit
-//! for bit. Everything else is f32, and so is all arithmetic.
+//! A frozen weight may be f16 or bf16 (`DType::F16`, `DType::BF16`: half the memory): the
+//! forward and the input gradient read it through the GEMM's B operand, which widens it
+//! exactly to f32 as it loads a tile, so the product equals the f32 product of the same
+//! (16-bit-representable) values, bit for bit. Everything else is f32, and so is all
+//! arithmetic.
 //! Every launcher takes [`MatmulOptions`]: handing a backward the forward's `alpha` gives the
 //! gradient of the scaled forward.
 //!
@@ -17,6 +18,7 @@
 //! 5–10× faster there, wherever its vec4 reads are aligned.
 
 use crate::gpu::{read, read_write, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
+use crate::ops::common::wgsl_format;
 use crate::ops::reduce;
 use crate::ops::Write;
 use crate::shader;
@@ -50,6 +52,9 @@ const GPU_MIN_THREADS: usize = 32_768;
 const MAX_BLOCK: u32 = 8;
 /// Most workgroups along one grid dimension.
 const MAX_GROUPS_PER_DIM: usize = 65_535;
+/// The element types B may hold: f32, or a frozen weight's 16-bit f16 or bf16 (both kernels
+/// widen it exactly as they read it; the `B_FORMAT` override).
+const B_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 /// Bytes of `a_tile` and `b_tile` at the widest tiles: within WebGPU's guaranteed 16 KiB.
 const _: () = assert!(TILE_K * 2 * GPU_MAX_TILE * 4 <= 16_384);
 
@@ -409,7 +414,7 @@ impl Tiles {
         [
             ("TRANSPOSE_A", u32::from(g.transpose_a)),
             ("TRANSPOSE_B", u32::from(g.transpose_b)),
-            ("B_F16", u32::from(b_dtype == DType::F16)),
+            ("B_FORMAT", wgsl_format(b_dtype)),
             ("GROUP_M", self.threads[0]),
             ("GROUP_N", self.threads[1]),
             ("BLOCK_M", self.block[0]),
@@ -444,7 +449,8 @@ fn workgroups(g: &Gemm, [rows, cols]: [u32; 2]) -> usize {
 /// Records `C[b] = alpha·op(A[b])·op(B[b]) (+ bias) (+ C[b])` for every `b < g.batch`, as
 /// described by `g`. `bias` (f32, `bias[g.bias_offset + n]` for column n) is added unscaled.
 /// C must not overlap A, B or bias, and distinct batch entries of C must not overlap.
-/// B is f32 or f16 (frozen weights; widened exactly as it is read); A, bias and C are f32.
+/// B is f32, f16 or bf16 (frozen weights; widened exactly as it is read); A, bias and C are
+/// f32.
 pub fn gemm(
     rec: &mut Recorder,
     g: &Gemm,
@@ -547,7 +553,7 @@ fn check_gemm(g: &Gemm, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tenso
     // not read and need no extent.
     if g.k > 0 {
         check_operand("A", a, &[DType::F32], &g.a, g.batch, a_dims);
-        check_operand("B", b, &[DType::F32, DType::F16], &g.b, g.batch, b_dims);
+        check_operand("B", b, &B_DTYPES, &g.b, g.batch, b_dims);
     }
     check_operand("C", c, &[DType::F32], &g.c, g.batch, c_dims);
     assert!(
@@ -764,7 +770,7 @@ fn weight_dims(w: &Tensor) -> (usize, usize) {
     (w.dims()[0], w.dims()[1])
 }
 
-/// `Y = alpha·X·Wᵀ (+ bias) (+ Y)`: `x [.., K]`, `w [N, K]` (f32 or f16), `bias [N]`,
+/// `Y = alpha·X·Wᵀ (+ bias) (+ Y)`: `x [.., K]`, `w [N, K]` (f32, f16 or bf16), `bias [N]`,
 /// `y [.., N]`.
 pub fn matmul_forward(
     rec: &mut Recorder,
@@ -793,7 +799,8 @@ pub fn matmul_forward(
     );
 }
 
-/// `dX = alpha·dY·W` (or `+=`): `dy [.., N]`, `w [N, K]` (f32 or f16), `dx [.., K]`.
+/// `dX = alpha·dY·W` (or `+=`): `dy [.., N]`, `w [N, K]` (f32, f16 or bf16),
+/// `dx [.., K]`.
 pub fn matmul_backward_input(
     rec: &mut Recorder,
     dy: &Tensor,
@@ -885,7 +892,8 @@ pub fn matmul_backward_input_lora(
 }
 
 /// `dW = alpha·dYᵀ·X` (or `+=`, as parameter gradients do): `dy [.., N]`, `x [.., K]`,
-/// `dw [N, K]`, all f32 (a weight stored in f16 is frozen: it has no gradient).
+/// `dw [N, K]`, all f32 (a weight stored in 16 bits is frozen: it has no
+/// gradient).
 pub fn matmul_backward_weight(
     rec: &mut Recorder,
     dy: &Tensor,
@@ -897,7 +905,7 @@ pub fn matmul_backward_weight(
         assert_eq!(
             t.dtype(),
             DType::F32,
-            "matmul_backward_weight: {name} {t:?} must be f32 (f16 weights are frozen)"
+            "matmul_backward_weight: {name} {t:?} must be f32 (16-bit weights are frozen)"
         );
     }
     let (n, k) = weight_dims(dw);

@@ -1,11 +1,12 @@
 //! The GEMM for CPU adapters whose subgroups are 8 lanes of one SIMD vector (lavapipe):
 //! `shaders/matmul_subgroup.wgsl`, no workgroup memory, A shared between lanes by
 //! `subgroupShuffle`, a 16- or 32-row block of C per lane in registers. Same operands,
-//! options and results (bit for bit) as the tiled kernel, f16 B included; it runs where every
+//! options and results (bit for bit) as the tiled kernel, 16-bit B included; it runs where every
 //! vec4 it reads is aligned, and the tiled kernel runs everywhere else.
 
 use super::{dispatch, Gemm, GemmKernel, Params};
 use crate::gpu::{read, read_write, DType, Gpu, KernelSpec, Recorder, Shader, Tensor};
+use crate::ops::common::wgsl_format;
 use crate::shader;
 
 static SHADER: Shader = shader!("matmul_subgroup");
@@ -76,7 +77,7 @@ pub(super) fn device_fits(gpu: &Gpu) -> bool {
 
 /// The tiles for `g` (K in parts of `k_split`, or 0) if this kernel can
 /// run it: every vec4 it reads aligned and inside its tensor (B is read 16 bytes at a time:
-/// 4 f32 or 8 f16 elements).
+/// 4 f32 or 8 f16 or bf16 elements).
 pub(super) fn tiles_for(g: &Gemm, k_split: usize, a: &Tensor, b: &Tensor) -> Option<LaneTiles> {
     let aligned = |v: usize| v % VEC == 0;
     // A split K's batch entries are parts of one product: A and B are read as one matrix.
@@ -105,7 +106,7 @@ pub(super) fn tiles_for(g: &Gemm, k_split: usize, a: &Tensor, b: &Tensor) -> Opt
     } else {
         aligned(g.n) && operand_fits(&g.b, b, g.k, g.n)
     };
-    let b_typed = matches!(b.dtype(), DType::F32 | DType::F16);
+    let b_typed = super::B_DTYPES.contains(&b.dtype());
     (b_typed && g.k > 0 && aligned(k_split) && a_fits && b_fits).then(|| LaneTiles::choose(g))
 }
 
@@ -125,7 +126,7 @@ pub(super) fn launch(
     let overrides = [
         ("TRANSPOSE_A", u32::from(g.transpose_a)),
         ("TRANSPOSE_B", u32::from(g.transpose_b)),
-        ("B_F16", u32::from(b.dtype() == DType::F16)),
+        ("B_FORMAT", wgsl_format(b.dtype())),
         ("EIGHTS", tiles.eights),
         ("WAVES", tiles.waves),
         ("SECOND", u32::from(second.is_some())),
@@ -171,14 +172,19 @@ fn k_slices(g: &Gemm, k_split: usize, b_dtype: DType) -> Vec<(Gemm, bool)> {
 mod tests {
     use super::super::{gemm_plus, launch_tiled, reference, MatmulOptions, Second, Strided, Tiles};
     use super::*;
-    use crate::testing::{download, f64s, gpu, poisoned, randn, rel_error, rel_error_f64, upload};
+    use crate::testing::{
+        download, f64s, gpu, narrow_weights, poisoned, randn, rel_error, rel_error_f64, round_to,
+        upload, upload_as,
+    };
 
     /// Operands of one test product, with A's and B's rows padded to `pad` more elements that
-    /// hold NaN: a vec4 that reads past K must mask them, not add them.
+    /// hold NaN: a vec4 that reads past K must mask them, not add them. B is uploaded as
+    /// `b_dtype`, its values representable there.
     struct Case {
         g: Gemm,
         a: Vec<f32>,
         b: Vec<f32>,
+        b_dtype: DType,
         bias: Vec<f32>,
         c: Vec<f32>,
     }
@@ -207,9 +213,19 @@ mod tests {
             Case {
                 a: padded(&g.a, a_dims, g.batch, seed),
                 b: padded(&g.b, b_dims, b_batch, seed + 1),
+                b_dtype: DType::F32,
                 bias: randn(seed + 2, g.n, 1.0),
                 c: randn(seed + 3, g.batch * g.m * g.n, 1.0),
                 g,
+            }
+        }
+
+        /// The same with B rounded to `dtype` (f32, f16 or bf16) and uploaded as it.
+        fn with_b(self, dtype: DType) -> Case {
+            Case {
+                b: round_to(dtype, &self.b),
+                b_dtype: dtype,
+                ..self
             }
         }
 
@@ -219,7 +235,7 @@ mod tests {
             let g = &self.g;
             let (a, b) = (
                 upload(gpu, [self.a.len()], &self.a),
-                upload(gpu, [self.b.len()], &self.b),
+                upload_as(gpu, [self.b.len()], self.b_dtype, &self.b),
             );
             let bias = upload(gpu, [g.n], &self.bias);
             let tiles = tiles_for(g, 0, &a, &b)
@@ -331,70 +347,77 @@ mod tests {
         }
         // M a multiple of 4 where A is stored [K, M], N where B is stored [K, N] (the vec4s
         // run along them); every other size odd, K's tail inside a vec4.
-        for (layout, (m, n, k)) in [
-            ((false, true), (37, 29, 53)),
-            ((false, false), (37, 28, 52)),
-            ((true, true), (36, 29, 53)),
-            ((true, false), (76, 92, 45)),
-        ] {
-            for options in [
-                MatmulOptions::overwrite(),
-                MatmulOptions::accumulate().scaled(-0.5),
+        // B in f32 and in the 16-bit types of frozen weights (their elements counted as
+        // 2 bytes in the alignment rules).
+        for b_dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (layout, (m, n, k)) in [
+                ((false, true), (37, 29, 53)),
+                ((false, false), (37, 28, 52)),
+                ((true, true), (36, 29, 53)),
+                ((true, false), (76, 92, 45)),
             ] {
-                let case = Case::new(padded_product(m, n, k, layout).with(options), 7);
-                let (subgroup, tiled) = case.run_both();
-                let err = rel_error(&subgroup, &case.reference());
-                assert!(err < 1e-5, "{layout:?} {options:?}: {err}");
-                assert_same_bits(&subgroup, &tiled, &format!("{layout:?} {options:?}"));
+                for options in [
+                    MatmulOptions::overwrite(),
+                    MatmulOptions::accumulate().scaled(-0.5),
+                ] {
+                    let g = padded_product(m, n, k, layout).with(options);
+                    let case = Case::new(g, 7).with_b(b_dtype);
+                    let (subgroup, tiled) = case.run_both();
+                    let what = format!("{b_dtype} B {layout:?} {options:?}");
+                    let err = rel_error(&subgroup, &case.reference());
+                    assert!(err < 1e-5, "{what}: {err}");
+                    assert_same_bits(&subgroup, &tiled, &what);
+                }
             }
         }
     }
 
-    /// f16 B (frozen weights, subnormals among them) gives the bits of f32 B holding the same
-    /// values and of the tiled kernel reading the same f16 B.
+    /// 16-bit B (frozen weights in f16 or bf16, f16's subnormals among them) gives the
+    /// reference's values, and the bits of f32 B holding the same values and of the tiled
+    /// kernel reading the same 16-bit B, in both of B's layouts.
     #[test]
-    fn f16_b_gives_the_bits_of_f32_b_and_of_the_tiled_kernel() {
+    fn sixteen_bit_b_gives_the_bits_of_f32_b_and_of_the_tiled_kernel() {
         let gpu = gpu();
         if !runs_here(gpu) {
             return;
         }
-        for (layout, (m, n, k)) in [
-            ((false, true), (37, 30, 52)),
-            ((false, false), (37, 28, 52)),
-        ] {
-            let g = Gemm::dense(m, n, k, layout.0, layout.1);
-            let halves: Vec<half::f16> = randn(21, k * n, 1.0)
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| half::f16::from_f32(if i % 7 == 3 { w * 1e-6 } else { w }))
-                .collect();
-            let values: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
-            let a = upload(gpu, [m * k], &randn(22, m * k, 1.0));
-            let b16 = Tensor::from_f16(gpu, [k * n], &halves).expect("f16 upload");
-            let b32 = upload(gpu, [k * n], &values);
-            let run = |b: &Tensor, subgroup_kernel: bool| {
-                let c = poisoned(gpu, [m * n]);
-                let mut rec = Recorder::new(gpu);
-                if subgroup_kernel {
-                    let tiles = tiles_for(&g, 0, &a, b).expect("subgroup kernel");
-                    launch(&mut rec, &g, tiles, 0, [&a, b, &c], None, None);
-                } else {
-                    launch_tiled(&mut rec, &g, Tiles::choose(&g, true), 0, &a, b, None, &c);
-                }
-                rec.finish().expect("gemm runs");
-                download(gpu, &c)
-            };
-            let f16_subgroup = run(&b16, true);
-            assert_same_bits(
-                &f16_subgroup,
-                &run(&b32, true),
-                &format!("{layout:?} f32 B"),
-            );
-            assert_same_bits(
-                &f16_subgroup,
-                &run(&b16, false),
-                &format!("{layout:?} tiled"),
-            );
+        for dtype in [DType::F16, DType::BF16] {
+            for (layout, (m, n, k)) in [
+                ((false, true), (37, 30, 52)),
+                ((false, false), (37, 28, 52)),
+            ] {
+                let g = Gemm::dense(m, n, k, layout.0, layout.1);
+                let values = narrow_weights(dtype, 21, k * n);
+                let b16 = upload_as(gpu, [k * n], dtype, &values);
+                let a_values = randn(22, m * k, 1.0);
+                let a = upload(gpu, [m * k], &a_values);
+                let b32 = upload(gpu, [k * n], &values);
+                let run = |b: &Tensor, subgroup_kernel: bool| {
+                    let c = poisoned(gpu, [m * n]);
+                    let mut rec = Recorder::new(gpu);
+                    if subgroup_kernel {
+                        let tiles = tiles_for(&g, 0, &a, b).expect("subgroup kernel");
+                        launch(&mut rec, &g, tiles, 0, [&a, b, &c], None, None);
+                    } else {
+                        launch_tiled(&mut rec, &g, Tiles::choose(&g, true), 0, &a, b, None, &c);
+                    }
+                    rec.finish().expect("gemm runs");
+                    download(gpu, &c)
+                };
+                let what = format!("{dtype} B {layout:?}");
+                let narrow_subgroup = run(&b16, true);
+                let mut want = vec![0.0; m * n];
+                reference::gemm(&g, &f64s(&a_values), &f64s(&values), None, &mut want);
+                let err = rel_error(&narrow_subgroup, &want);
+                assert!(err < 1e-5, "{what}: {err}");
+                eprintln!("subgroup kernel, {what}: relative error {err:.2e}");
+                let f32_b = run(&b32, true);
+                assert_same_bits(&narrow_subgroup, &f32_b, &format!("{what} vs f32 B"));
+                let tiled = run(&b16, false);
+                assert_same_bits(&narrow_subgroup, &tiled, &format!("{what} vs tiled"));
+                let tiled_f32_b = run(&b32, false);
+                assert_same_bits(&tiled, &tiled_f32_b, &format!("{what} tiled vs f32 B"));
+            }
         }
     }
 
@@ -479,13 +502,20 @@ mod tests {
         if !runs_here(gpu) {
             return;
         }
-        // Sliced: 9400 rows of 28 columns of B is more than SLICE_BYTES.
-        let sliced = Gemm::dense(9, 28, 9400, false, false).with(MatmulOptions::accumulate());
-        assert!(k_slices(&sliced, 0, DType::F32).len() > 1);
-        let case = Case::new(sliced, 11);
-        let (subgroup, _) = case.run_both();
-        let err = rel_error(&subgroup, &case.reference());
-        assert!(err < 1e-5, "sliced: {err}");
+        // Sliced: 9400 rows of 28 columns of B is more than SLICE_BYTES in f32. bf16's slices
+        // count its 2-byte elements, so they are twice as deep: 20000 rows of bf16 B take 2
+        // slices where f32 B would take 3.
+        for (k, b_dtype, slices) in [(9400, DType::F32, 2), (20_000, DType::BF16, 2)] {
+            let sliced = Gemm::dense(9, 28, k, false, false).with(MatmulOptions::accumulate());
+            let counts = [b_dtype, DType::F32].map(|t| k_slices(&sliced, 0, t).len());
+            assert_eq!(counts, [slices, k.div_ceil(9360)], "{b_dtype}");
+            let case = Case::new(sliced, 11).with_b(b_dtype);
+            let (subgroup, tiled) = case.run_both();
+            let want = case.reference();
+            let err = rel_error(&subgroup, &want);
+            assert!(err < 1e-5, "sliced {b_dtype}: {err}");
+            assert!(rel_error(&tiled, &want) < 1e-5, "tiled {b_dtype}");
+        }
 
         // Split into parts of 48: each part's product is the tiled kernel's, bit for bit.
         let (m, n, k, part) = (16, 36, 203, 48);
@@ -539,9 +569,19 @@ mod tests {
         let t = |len: usize| upload(gpu, [len], &vec![0.0; len]);
         let ok = Gemm::dense(8, 8, 8, false, true);
         assert!(tiles_for(&ok, 0, &t(64), &t(64)).is_some());
-        // bf16 is not a type gemm takes for B (f32 or f16).
-        let bf16 = Tensor::empty(gpu, [64], DType::BF16);
-        assert!(tiles_for(&ok, 0, &t(64), &bf16).is_none());
+        // 16-bit B is read 8 elements to a 16-byte word: B [15, 4] (60 elements) fits a
+        // tensor of 60 f32, but 60 f16 or bf16 end halfway through a word the kernel would
+        // read whole; 64 of them hold it. u32 is no type B takes.
+        let b_15x4 = Gemm::dense(8, 15, 4, false, true);
+        assert!(tiles_for(&b_15x4, 0, &t(32), &t(60)).is_some());
+        for dtype in [DType::F16, DType::BF16] {
+            let narrow = |len: usize| Tensor::empty(gpu, [len], dtype);
+            assert!(tiles_for(&ok, 0, &t(64), &narrow(64)).is_some(), "{dtype}");
+            let fits = |len: usize| tiles_for(&b_15x4, 0, &t(32), &narrow(len)).is_some();
+            assert_eq!((fits(60), fits(64)), (false, true), "{dtype}");
+        }
+        let ids = Tensor::empty(gpu, [64], DType::U32);
+        assert!(tiles_for(&ok, 0, &t(64), &ids).is_none());
         // K = 7: rows of A and B start off a vec4.
         let odd_k = Gemm::dense(8, 8, 7, false, true);
         assert!(tiles_for(&odd_k, 0, &t(56), &t(56)).is_none());
