@@ -261,17 +261,22 @@ impl fmt::Display for MemoryPlan {
             }
             None => "every weight (full fine-tuning)".into(),
         };
+        // Full supervised fine-tuning trains every matrix and keeps no frozen copy.
+        let frozen = if s.lora.is_none() && s.task == Task::Sft {
+            "no frozen copy".to_owned()
+        } else {
+            format!("frozen matrices in {}", s.frozen_matrices)
+        };
         let batches: Vec<String> = s.batches.iter().map(usize::to_string).collect();
         writeln!(
             f,
-            "memory plan: {} step of a model of {} parameters, {trained}, frozen matrices \
-             in {}, batches {} × {} tokens, recomputation {}",
+            "memory plan: {} step of a model of {} parameters, {trained}, {frozen}, batches \
+             {} × {} tokens, recomputation {}",
             match s.task {
                 Task::Es2 => "an ES2",
                 Task::Sft => "an SFT",
             },
             human_count(self.parameters),
-            s.frozen_matrices,
             batches.join(" + "),
             s.max_len,
             if s.recompute { "on" } else { "off" }
@@ -392,7 +397,7 @@ pub fn does_not_fit(model: &Config, run: &TrainConfig, plan: &MemoryPlan) -> Err
 }
 
 /// The settings a user can change, each alone, with the total it gives and whether the run
-/// then fits: recomputation, f16 frozen weights, LoRA instead of full fine-tuning, and the
+/// then fits: recomputation, 16-bit frozen weights, LoRA instead of full fine-tuning, and the
 /// largest batches and `max_len` that fit.
 pub fn knobs(model: &Config, run: &TrainConfig, device: &DeviceLimits) -> Vec<String> {
     let plan = |changed: &TrainConfig| MemoryPlan::new(model, changed, device).ok();
@@ -416,10 +421,19 @@ pub fn knobs(model: &Config, run: &TrainConfig, device: &DeviceLimits) -> Vec<St
     }
     let frozen_copy = run.lora.is_some() || run.task == Task::Es2;
     if run.weights_dtype.resolve(model) == DType::F32 && frozen_copy {
-        try_setting(
-            "f16 frozen weights (weights_dtype, --weights-dtype f16)",
-            with(run, |r| r.weights_dtype = WeightsDtype::F16),
-        );
+        // A bf16 checkpoint is best kept as it is; anything else rounds to f16.
+        let (name, dtype) = match WeightsDtype::Auto.resolve(model) {
+            DType::BF16 => (
+                "bf16 frozen weights, the checkpoint's own type (weights_dtype, \
+                 --weights-dtype bf16 or auto)",
+                WeightsDtype::Bf16,
+            ),
+            _ => (
+                "f16 frozen weights (weights_dtype, --weights-dtype f16)",
+                WeightsDtype::F16,
+            ),
+        };
+        try_setting(name, with(run, |r| r.weights_dtype = dtype));
     }
     if run.lora.is_none() {
         let lora = with(run, |r| r.lora = Some(LoraConfig::default()));
