@@ -1,11 +1,13 @@
 //! Next-token cross-entropy of chosen tokens of whole sequences, per sequence: the one loss
 //! behind perplexity, multiple-choice log-likelihood, the coherence of replies, and the
 //! soft-prompt and GCG objectives (whose gradient at the input embeddings comes from the same
-//! pass, through a tap at hidden state 0).
+//! pass, through a tap at hidden state 0). The logits are made one row chunk at a time
+//! (`Transformer::head_in_chunks`), never for the whole batch.
 
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::model::head::{HeadBackward, HeadChunk};
 use crate::model::{Batch, Gradients, Hook, Output, SavePolicy, Seeds};
-use crate::ops::cross_entropy::{cross_entropy_in_parts, cross_entropy_loss_in_parts, IGNORE};
+use crate::ops::cross_entropy::IGNORE;
 use crate::{Error, Result};
 
 use super::subject::Subject;
@@ -110,12 +112,6 @@ pub fn batch_losses(
     Ok(score(gpu, subject, batch, hooks, Wanted::default())?.losses)
 }
 
-fn logits_of(logits: &Option<Tensor>) -> Result<&Tensor> {
-    logits
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("the pass produced no logits".into()))
-}
-
 /// What [`score`] reads back besides the losses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Wanted {
@@ -155,41 +151,52 @@ pub fn score(
     } else {
         SavePolicy::Nothing
     };
-    let pass = subject.pass(Output::Logits).with_hooks(hooks).saving(save);
+    let top = model.layers();
+    let pass = subject
+        .pass(Output::Hidden(top))
+        .with_hooks(hooks)
+        .saving(save);
     let forward = model.run(&mut rec, batch, &pass)?;
-    let logits = logits_of(&forward.logits)?;
+    let normed = forward.hidden_state(top).clone();
     let row_loss = Tensor::empty(gpu, [batch.rows()], DType::F32);
     let learned_rows: Vec<usize> = (0..batch.rows())
         .filter(|&r| targets.host[r] != IGNORE)
         .collect();
+    let vocab = model.config.vocab_size;
     let picked = wanted
         .greedy
-        .then(|| pick_rows(&mut rec, logits, &learned_rows));
+        .then(|| Tensor::empty(gpu, [learned_rows.len().max(1), vocab], DType::F32));
+    let dnormed = wanted
+        .gradient
+        .then(|| Tensor::empty(gpu, normed.shape().clone(), DType::F32));
+    let no_grads = Gradients::none(model);
+    let backward = dnormed.as_ref().map(|dnormed| HeadBackward {
+        dnormed,
+        grads: &no_grads,
+    });
+    // Unit scale: each row's gradient is that of its own loss; rows are divided by their
+    // sequence's token count on the host.
+    let grad_scale = wanted.gradient.then_some(1.0);
+    model.head_in_chunks(&mut rec, &normed, backward, |rec, chunk, logits| {
+        if let Some(picked) = &picked {
+            pick_rows(rec, chunk, logits, &learned_rows, picked);
+        }
+        Ok(chunk.cross_entropy(rec, logits, &targets.ids, &row_loss, grad_scale))
+    })?;
+    drop(normed);
     let mut read = vec![row_loss.clone()];
-    if wanted.gradient {
-        // Unit scale: each row's gradient is that of its own loss; rows are divided by their
-        // sequence's token count on the host.
-        let dlogits = Tensor::empty(gpu, logits.shape().clone(), DType::F32);
-        cross_entropy_in_parts(&mut rec, logits, &targets.ids, &row_loss, &dlogits, 1.0);
+    if let Some(dnormed) = dnormed {
+        let at_normed = [(top, dnormed)];
         let seeds = Seeds {
-            logits: Some(&dlogits),
-            hidden: &[],
+            logits: None,
+            hidden: &at_normed,
         };
-        let taps = model.backward(
-            &mut rec,
-            batch,
-            forward,
-            &seeds,
-            &[0],
-            &Gradients::none(model),
-        )?;
+        let taps = model.backward(&mut rec, batch, forward, &seeds, &[0], &no_grads)?;
         let (_, dx0) = taps
             .into_iter()
             .next()
             .ok_or_else(|| Error::InvalidArgument("the backward returned no tap".into()))?;
         read.push(dx0);
-    } else {
-        cross_entropy_loss_in_parts(&mut rec, logits, &targets.ids, &row_loss);
     }
     read.extend(picked.clone());
     let refs: Vec<&Tensor> = read.iter().collect();
@@ -221,14 +228,20 @@ pub fn score(
     })
 }
 
-/// Copies rows `rows` of `logits [N, V]` into a new `[rows.len(), V]` tensor.
-fn pick_rows(rec: &mut Recorder, logits: &Tensor, rows: &[usize]) -> Tensor {
+/// Copies the rows of `chunk`'s `logits [chunk.rows, V]` that are among `rows` (of the whole
+/// batch) into their places in `picked [rows.len(), V]`.
+fn pick_rows(
+    rec: &mut Recorder,
+    chunk: &HeadChunk,
+    logits: &Tensor,
+    rows: &[usize],
+    picked: &Tensor,
+) {
     let vocab = logits.dims()[1];
-    let out = Tensor::empty(rec.gpu(), [rows.len().max(1), vocab], DType::F32);
-    for (i, &r) in rows.iter().enumerate() {
-        rec.copy_elements(logits, r * vocab, &out, i * vocab, vocab);
+    let inside = chunk.start..chunk.start + chunk.rows;
+    for (i, &r) in rows.iter().enumerate().filter(|(_, r)| inside.contains(r)) {
+        rec.copy_elements(logits, (r - chunk.start) * vocab, picked, i * vocab, vocab);
     }
-    out
 }
 
 /// Per sequence: whether each learned row's argmax is its target.

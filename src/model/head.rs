@@ -74,6 +74,28 @@ impl HeadChunk {
         }
     }
 
+    /// The fused cross-entropy of this chunk's `logits` against its rows of `targets` (u32
+    /// `[M]`), written to its rows of `row_loss` (`[M]`); with `grad_scale`, also
+    /// `grad_scale·(softmax − onehot)`, the gradient at the logits, returned.
+    pub fn cross_entropy(
+        &self,
+        rec: &mut Recorder,
+        logits: &Tensor,
+        targets: &Tensor,
+        row_loss: &Tensor,
+        grad_scale: Option<f32>,
+    ) -> Option<Tensor> {
+        let gpu = rec.gpu();
+        let (ids, loss) = (self.rows_of(gpu, targets), self.rows_of(gpu, row_loss));
+        let Some(scale) = grad_scale else {
+            cross_entropy_loss_in_parts(rec, logits, &ids, &loss);
+            return None;
+        };
+        let dlogits = self.vocab_tensor(gpu, logits.dims()[1]);
+        cross_entropy_in_parts(rec, logits, &ids, &loss, &dlogits, scale);
+        Some(dlogits)
+    }
+
     /// `model`'s logits at this chunk's rows of `normed` (the final norm's output `[M, C]`).
     pub fn logits(&self, rec: &mut Recorder, model: &Transformer, normed: &Tensor) -> Tensor {
         let gpu = rec.gpu();
@@ -140,21 +162,9 @@ impl Transformer {
         let rows = normed.dims()[0];
         let row_loss = Tensor::empty(rec.gpu(), [rows], DType::F32);
         let scale = 1.0 / targets.counted.max(1) as f32;
-        let vocab = self.config.vocab_size;
-        let with_grad = backward.is_some();
+        let grad_scale = backward.is_some().then_some(scale);
         self.head_in_chunks(rec, normed, backward, |rec, chunk, logits| {
-            let gpu = rec.gpu();
-            let (ids, loss) = (
-                chunk.rows_of(gpu, &targets.ids),
-                chunk.rows_of(gpu, &row_loss),
-            );
-            if !with_grad {
-                cross_entropy_loss_in_parts(rec, logits, &ids, &loss);
-                return Ok(None);
-            }
-            let dlogits = chunk.vocab_tensor(gpu, vocab);
-            cross_entropy_in_parts(rec, logits, &ids, &loss, &dlogits, scale);
-            Ok(Some(dlogits))
+            Ok(chunk.cross_entropy(rec, logits, &targets.ids, &row_loss, grad_scale))
         })?;
         Ok(row_loss)
     }

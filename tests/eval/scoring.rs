@@ -144,3 +144,73 @@ fn the_input_gradient_matches_finite_differences() {
         "directional derivative {along} vs finite differences {numeric}"
     );
 }
+
+/// A Llama shape whose untied 140,000-token head takes the 250 rows of two sequences of 125
+/// tokens in two row chunks (192 + 58).
+const WIDE: &str = r#"{
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 140000, "hidden_size": 64,
+    "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "tie_word_embeddings": false
+}"#;
+
+#[test]
+fn scoring_across_lm_head_chunks_matches_the_logits() {
+    use es2_wgpu::model::{Config, SeededInit, Transformer};
+    let config = Config::from_json(WIDE).unwrap();
+    let init = SeededInit { seed: 8, std: 0.5 };
+    let model = Transformer::from_source(gpu(), config, &init, &LoadOptions::default()).unwrap();
+    let (_, tokenizer) = stories();
+    let subject = Subject {
+        model: &model,
+        tokenizer: &tokenizer,
+        adapters: true,
+        prompting: Prompting {
+            chat: false,
+            max_len: 128,
+        },
+    };
+    let vocab = model.config.vocab_size;
+    let mut rng = es2_wgpu::rng::Rng::new(4);
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(vocab) as u32).collect() };
+    let first = Scored::continuation(&draw(115), &draw(10));
+    // The second sequence's continuation is the model's own greedy choice, token by token, and
+    // its scored rows (184..199 of the batch) straddle the chunk boundary at row 192.
+    let context = draw(60);
+    let mut continuation = Vec::new();
+    for _ in 0..16 {
+        let mut ids = context.clone();
+        ids.extend_from_slice(&continuation);
+        let both = Batch::new(gpu(), &[first.ids.clone(), ids], vocab).unwrap();
+        let last = subject.run(gpu(), &both, Output::LastLogits, &[]).unwrap();
+        let z = last.logits.unwrap().to_f32(gpu()).unwrap();
+        let row = &z[vocab..];
+        let best = (0..vocab)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        continuation.push(best as u32);
+    }
+    let items = [first, Scored::continuation(&context, &continuation)];
+    let batch = scored_batch(gpu(), &subject, &items).unwrap();
+    assert_eq!(batch.rows(), 250);
+    let chunks = es2_wgpu::model::head::head_chunks(250, vocab).count();
+    assert_eq!(chunks, 2);
+    let wanted = Wanted {
+        gradient: false,
+        greedy: true,
+    };
+    let scoring = score(gpu(), &subject, &batch, &[], wanted).unwrap();
+    let plain = Batch::new(gpu(), &batch.sequences, vocab).unwrap();
+    let forward = subject.run(gpu(), &plain, Output::Logits, &[]).unwrap();
+    let logits = f64s(&forward.logits.unwrap().to_f32(gpu()).unwrap());
+    let targets = &batch.targets.as_ref().unwrap().host;
+    let reference = cross_entropy_loss(&logits, targets, vocab);
+    for b in 0..2 {
+        let rows = b * batch.seq..(b + 1) * batch.seq;
+        let want: f64 = reference[rows].iter().sum();
+        let got = scoring.losses[b].total;
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    }
+    // Random tokens are not the model's choice; its own greedy tokens are, on both sides of
+    // the boundary.
+    assert_eq!(scoring.greedy, Some(vec![false, true]));
+}
