@@ -47,6 +47,7 @@ impl GpuArgs {
         GpuOptions {
             adapter: self.adapter.clone(),
             backends: self.backends.clone(),
+            ..GpuOptions::default()
         }
     }
 }
@@ -438,4 +439,5 @@ fn print_survey(survey: &AdapterSurvey) {
         "  timestamps in passes    {:>14}",
         yes(f.timestamp_query_inside_passes)
     );
+    println!("  pipeline cache          {:>14}", yes(f.pipeline_cache));
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::kernel::KernelCache;
+use super::pipeline_cache::{default_cache_dir, DiskPipelineCache};
 use super::pool::BufferPool;
 use super::timing::{KernelTime, Profile, TimedPass};
 use crate::error::DeviceFault;
@@ -21,7 +22,8 @@ const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::SUBGROUP)
     .union(wgpu::Features::TIMESTAMP_QUERY)
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
-    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+    .union(wgpu::Features::PIPELINE_CACHE);
 
 /// Keeps Mesa's Vulkan device-select layer from probing for a Wayland compositor that cannot be
 /// there, so that a headless process prints no `error: XDG_RUNTIME_DIR is invalid or not set in
@@ -56,6 +58,21 @@ pub struct GpuOptions {
     pub adapter: Option<String>,
     /// Backends to search, as a comma list ("vulkan,metal"). `None` reads [`BACKEND_ENV`].
     pub backends: Option<String>,
+    /// Where compiled pipelines are kept between processes.
+    pub pipeline_cache: PipelineCacheDir,
+}
+
+/// Where a device keeps wgpu's pipeline cache between processes (on adapters whose driver
+/// has one; see `src/gpu/pipeline_cache.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PipelineCacheDir {
+    /// The folder [`CACHE_DIR_ENV`](super::CACHE_DIR_ENV) names, else the user's cache folder.
+    #[default]
+    Default,
+    /// This folder.
+    At(std::path::PathBuf),
+    /// No cache on disk.
+    Off,
 }
 
 /// What one adapter is and what it can do, as `es2-wgpu info` prints it.
@@ -112,6 +129,9 @@ pub struct FeaturesReport {
     pub timestamp_query: bool,
     /// Timestamps written inside compute passes.
     pub timestamp_query_inside_passes: bool,
+    /// wgpu's pipeline cache, which es2-wgpu keeps on disk between processes (only some
+    /// drivers store compiled pipelines in it; lavapipe stores none).
+    pub pipeline_cache: bool,
 }
 
 /// Every adapter wgpu found, and which one was chosen and why.
@@ -134,6 +154,7 @@ pub struct Gpu {
     limits: wgpu::Limits,
     pub(crate) kernels: KernelCache,
     pub(crate) pool: Arc<BufferPool>,
+    pub(crate) pipeline_cache: Option<DiskPipelineCache>,
     profile: std::sync::Mutex<Profile>,
     /// The first fault the device reported since it was last checked (and how many followed).
     faults: Arc<std::sync::Mutex<Option<(Error, usize)>>>,
@@ -145,6 +166,15 @@ impl std::fmt::Debug for Gpu {
             .field("adapter", &self.info.name)
             .field("backend", &self.info.backend)
             .finish()
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // Best effort: a cache that cannot be written costs the next process compile time only.
+        if let Some(cache) = &self.pipeline_cache {
+            let _ = cache.save();
+        }
     }
 }
 
@@ -161,12 +191,17 @@ impl Gpu {
             .into_iter()
             .nth(chosen)
             .ok_or_else(|| Error::Gpu("chosen adapter disappeared".into()))?;
-        Self::from_adapter(adapter)
+        Self::from_adapter_caching(adapter, &options.pipeline_cache)
     }
 
     /// Creates the device on `adapter` with the adapter's own limits and the optional features
-    /// es2-wgpu can use.
+    /// es2-wgpu can use, its pipeline cache in the default folder.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
+        Self::from_adapter_caching(adapter, &PipelineCacheDir::Default)
+    }
+
+    /// [`Gpu::from_adapter`] with the pipeline cache in `cache`.
+    pub fn from_adapter_caching(adapter: wgpu::Adapter, cache: &PipelineCacheDir) -> Result<Self> {
         let features = adapter.features() & WANTED_FEATURES;
         let limits = adapter.limits();
         let descriptor = wgpu::DeviceDescriptor {
@@ -182,6 +217,13 @@ impl Gpu {
         let info = adapter.get_info();
         let faults = Arc::new(std::sync::Mutex::new(None));
         catch_device_faults(&device, &faults);
+        let cache_dir = match cache {
+            PipelineCacheDir::Default => default_cache_dir(),
+            PipelineCacheDir::At(dir) => Some(dir.clone()),
+            PipelineCacheDir::Off => None,
+        };
+        let pipeline_cache =
+            cache_dir.and_then(|dir| DiskPipelineCache::open(&device, &info, &dir));
         Ok(Gpu {
             device,
             queue,
@@ -190,6 +232,7 @@ impl Gpu {
             limits,
             kernels: KernelCache::default(),
             pool: Arc::new(BufferPool::default()),
+            pipeline_cache,
             profile: Default::default(),
             faults,
         })
@@ -213,6 +256,21 @@ impl Gpu {
             }),
             Some((other, _)) => Err(other),
         }
+    }
+
+    /// Writes the pipelines compiled so far to the pipeline cache's file, when the device
+    /// has one and it changed (a dropped device does the same, ignoring errors: the cache only
+    /// saves compile time). Returns the file when it wrote.
+    pub fn save_pipeline_cache(&self) -> Result<Option<&std::path::Path>> {
+        match &self.pipeline_cache {
+            Some(cache) if cache.save()? => Ok(Some(cache.path())),
+            _ => Ok(None),
+        }
+    }
+
+    /// The file the device's pipeline cache is read from and written to, when it has one.
+    pub fn pipeline_cache_file(&self) -> Option<&std::path::Path> {
+        self.pipeline_cache.as_ref().map(|c| c.path())
     }
 
     /// The adapter's name, backend and driver.
@@ -417,6 +475,7 @@ fn report(index: usize, adapter: &wgpu::Adapter) -> AdapterReport {
             timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             timestamp_query_inside_passes: features
                 .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            pipeline_cache: features.contains(wgpu::Features::PIPELINE_CACHE),
         },
     }
 }

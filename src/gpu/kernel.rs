@@ -197,7 +197,7 @@ impl Gpu {
                     // Every kernel initialises the workgroup memory it reads.
                     zero_initialize_workgroup_memory: false,
                 },
-                cache: None,
+                cache: self.pipeline_cache.as_ref().map(|c| &c.cache),
             });
         Kernel {
             spec,

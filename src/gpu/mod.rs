@@ -3,6 +3,7 @@
 
 mod context;
 mod kernel;
+mod pipeline_cache;
 mod pool;
 mod recorder;
 mod tensor;
@@ -10,11 +11,12 @@ mod timing;
 
 pub use context::{
     quiet_headless_vulkan, survey_adapters, AdapterReport, AdapterSurvey, FeaturesReport, Gpu,
-    GpuOptions, LimitsReport, ADAPTER_ENV, BACKEND_ENV,
+    GpuOptions, LimitsReport, PipelineCacheDir, ADAPTER_ENV, BACKEND_ENV,
 };
 pub use kernel::{
     read, read_write, Access, Kernel, KernelSpec, Overrides, Shader, MAX_STORAGE_BINDINGS,
 };
+pub use pipeline_cache::{default_cache_dir, CACHE_DIR_ENV};
 pub use pool::pooled_size;
 pub use recorder::{Grid, Recorder, UNIFORM_CHUNK_BYTES};
 pub use tensor::{rows_per_binding, DType, Shape, Tensor};

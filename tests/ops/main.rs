@@ -25,6 +25,7 @@ mod pool;
 mod reduce;
 mod residual;
 mod rmsnorm;
+mod pipeline_cache;
 mod rope;
 mod runtime;
 mod separation;
