@@ -22,7 +22,7 @@
 //!
 //! ```sh
 //! cargo run --release --example shape_step -- --shape qwen2.5-0.5b --out target/shape-steps/qwen2.5-0.5b
-//! cargo run --release --example shape_step -- --shape llama-3-1b --out target/shape-steps/llama-3-1b --batch 2 --max-len 32
+//! cargo run --release --example shape_step -- --shape llama-3-1b --out target/shape-steps/llama-3-1b --batch 2 --max-len 64
 //! ```
 
 use std::ops::Range;
@@ -55,7 +55,7 @@ fn parse_args() -> Result<Args> {
     let usage = "usage: shape_step --shape NAME --out DIR [--batch N] [--max-len T] [--seed S]";
     let mut shape = None;
     let mut out = None;
-    let (mut batch, mut max_len, mut seed) = (2, 32, 7);
+    let (mut batch, mut max_len, mut seed) = (2, 64, 7);
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let value = it
