@@ -463,10 +463,16 @@ def kl_one(z_theta, z_base, T, direction):
 
 
 def float64_copy(model):
-    """A float64 copy that stays float64 throughout: transformers' RMSNorm and eager softmax cast
-    to float32 (rounding noise that finite differences would amplify), so the copy uses SDPA
-    attention and a float64 RMSNorm. (RoPE's cos/sin stay float32 values: constants, harmless.)"""
-    model = copy.deepcopy(model).to(torch.float64)
+    """A float64 copy of `model` (see to_float64)."""
+    return to_float64(copy.deepcopy(model))
+
+
+def to_float64(model):
+    """`model` (a *ForCausalLM or a PeftModel over one), changed in place to stay float64
+    throughout: transformers' RMSNorm and eager softmax cast to float32 (rounding noise that
+    finite differences would amplify), so it gets SDPA attention and a float64 RMSNorm. (RoPE's
+    cos/sin stay float32 values: constants, harmless.) scripts/check_shape_step.py uses it too."""
+    model = model.to(torch.float64)
     inner(model).set_attn_implementation("sdpa")
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):

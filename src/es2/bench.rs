@@ -56,6 +56,12 @@ pub enum BenchShape {
     #[cfg_attr(feature = "cli", value(name = "qwen2.5-0.5b"))]
     #[serde(rename = "qwen2.5-0.5b")]
     Qwen2_5_0_5b,
+    /// A Llama-3-style 1B model (Llama-3.2-1B's config, its embedding untied from the LM
+    /// head): hidden 2048, 16 layers, 32 heads, 8 KV heads, MLP 8192, vocabulary 128,256,
+    /// rope θ 500,000 with llama3 scaling; 1 sequence of 75 tokens (per side under ES2), LoRA.
+    #[cfg_attr(feature = "cli", value(name = "llama-3-1b"))]
+    #[serde(rename = "llama-3-1b")]
+    Llama3_1b,
     /// A 7B-class model (Mistral-7B's shape): hidden 4096, 32 layers, 32 heads, 8 KV heads,
     /// MLP 14336, vocabulary 32,000, untied; 1 sequence of 128 tokens, LoRA, f16 block
     /// weights (about 15 GB of GPU memory). For a real GPU.
@@ -82,6 +88,19 @@ const QWEN2_5_0_5B: &str = r#"{
     "tie_word_embeddings": true, "bos_token_id": 151643, "eos_token_id": 151645
 }"#;
 
+/// Llama-3.2-1B's config.json, minus the fields the loader ignores, with
+/// `tie_word_embeddings` false: a separate 128,256-row LM head, as Llama-3-8B has.
+const LLAMA_3_1B: &str = r#"{
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "max_position_embeddings": 131072, "attention_bias": false, "mlp_bias": false,
+    "tie_word_embeddings": false, "bos_token_id": 128000, "eos_token_id": 128001
+}"#;
+
 /// Mistral-7B-v0.1's config.json, minus the fields the loader ignores.
 const MISTRAL_7B: &str = r#"{
     "architectures": ["MistralForCausalLM"], "model_type": "mistral",
@@ -92,11 +111,25 @@ const MISTRAL_7B: &str = r#"{
 }"#;
 
 impl BenchShape {
+    /// Every shape, smallest first.
+    pub const ALL: [BenchShape; 4] = [
+        BenchShape::PeerTiny,
+        BenchShape::Qwen2_5_0_5b,
+        BenchShape::Llama3_1b,
+        BenchShape::Mistral7b,
+    ];
+
+    /// The shape `--shape` calls `name`.
+    pub fn from_name(name: &str) -> Option<BenchShape> {
+        BenchShape::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     /// The name `--shape` takes.
     pub fn name(self) -> &'static str {
         match self {
             BenchShape::PeerTiny => "peer-tiny",
             BenchShape::Qwen2_5_0_5b => "qwen2.5-0.5b",
+            BenchShape::Llama3_1b => "llama-3-1b",
             BenchShape::Mistral7b => "mistral-7b",
         }
     }
@@ -106,6 +139,7 @@ impl BenchShape {
         let json = match self {
             BenchShape::PeerTiny => PEER_TINY,
             BenchShape::Qwen2_5_0_5b => QWEN2_5_0_5B,
+            BenchShape::Llama3_1b => LLAMA_3_1B,
             BenchShape::Mistral7b => MISTRAL_7B,
         };
         Config::from_json(json).map_err(Error::InvalidArgument)
@@ -115,7 +149,7 @@ impl BenchShape {
     pub fn default_batch(self) -> (usize, usize) {
         match self {
             BenchShape::PeerTiny => (8, 64),
-            BenchShape::Qwen2_5_0_5b => (1, 75),
+            BenchShape::Qwen2_5_0_5b | BenchShape::Llama3_1b => (1, 75),
             BenchShape::Mistral7b => (1, 128),
         }
     }
@@ -711,6 +745,17 @@ mod tests {
         assert_eq!((qwen.hidden_size, qwen.intermediate_size), (896, 4864));
         assert_eq!(qwen.head_dim, 64);
         assert!(qwen.tie_word_embeddings);
+        let llama = BenchShape::Llama3_1b.config().unwrap();
+        assert_eq!(
+            (llama.vocab_size, llama.hidden_size, llama.num_hidden_layers),
+            (128256, 2048, 16)
+        );
+        assert_eq!((llama.num_key_value_heads, llama.head_dim), (8, 64));
+        assert!(!llama.tie_word_embeddings);
+        for shape in BenchShape::ALL {
+            assert_eq!(BenchShape::from_name(shape.name()), Some(shape));
+        }
+        assert_eq!(llama.rope_scaling.unwrap().factor, 32.0);
         let mistral = BenchShape::Mistral7b.config().unwrap();
         assert_eq!(mistral.head_dim, 128);
     }
