@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks one step of examples/shape_step.rs against torch + transformers + peft.
 
-    /work/venv/bin/python scripts/check_shape_step.py DIR [--float32]
+    .venv/bin/python scripts/check_shape_step.py DIR [--float32]
 
 DIR is what the example wrote: model/ (a Hugging Face folder, bf16 weights), adapter/ (a PEFT
 adapter), prompts.json (token ids and the objective's options), result.json (the engine's numbers)
