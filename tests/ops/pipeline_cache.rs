@@ -29,7 +29,12 @@ fn pipelines_are_cached_on_disk_between_devices() {
     let gpu = device_caching_in(&dir);
     if !gpu.features().contains(wgpu::Features::PIPELINE_CACHE) {
         // Only Vulkan adapters offer it; lavapipe, which CI runs, does.
-        assert_ne!(gpu.info().backend, wgpu::Backend::Vulkan, "{:?}", gpu.info());
+        assert_ne!(
+            gpu.info().backend,
+            wgpu::Backend::Vulkan,
+            "{:?}",
+            gpu.info()
+        );
         assert_eq!(gpu.pipeline_cache_file(), None);
         return;
     }
