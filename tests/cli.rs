@@ -266,12 +266,18 @@ fn info_json_parses() {
     assert!(out["adapters"].as_array().is_some_and(|a| !a.is_empty()));
 }
 
-/// `--f16-weights` (the older name of `--weights-dtype f16`) and `--weights-dtype auto` on a
-/// checkpoint whose weights are f16 in the file: generation gives the f32 load's tokens (the
-/// storage is exact), and `export` writes the projections and the embedding as F16.
-#[test]
-fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
-    let model = manifest().join("tests/fixtures/models/qwen2-f16");
+/// A checkpoint whose weights are 16-bit in the file, loaded with each of `dtype_flags`:
+/// generation gives the f32 load's tokens (16-bit storage and its widening are exact), and
+/// `export` with `export_flags` writes `matrix` and the embedding back as `dtype`, the norms
+/// as F32.
+fn sixteen_bit_weights_generate_as_f32_and_export(
+    fixture: &str,
+    dtype_flags: &[&[&str]],
+    export_flags: &[&str],
+    dtype: safetensors::Dtype,
+    matrix: &str,
+) {
+    let model = manifest().join("tests/fixtures/models").join(fixture);
     let model = model.to_str().unwrap();
     let generate = |extra: &[&str]| {
         let mut argv = vec![
@@ -288,18 +294,14 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
         u32s(&es2_json(&argv)["output_ids"])
     };
     let f32_tokens = generate(&[]);
-    assert_eq!(generate(&["--f16-weights"]), f32_tokens);
-    assert_eq!(generate(&["--weights-dtype", "auto"]), f32_tokens);
+    for flags in dtype_flags {
+        assert_eq!(generate(flags), f32_tokens, "{flags:?}");
+    }
 
-    let out = std::env::temp_dir().join(format!("es2-cli-f16-{}", std::process::id()));
-    let exported = es2(&[
-        "export",
-        "--model",
-        model,
-        "--f16-weights",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let out = std::env::temp_dir().join(format!("es2-cli-{fixture}-{}", std::process::id()));
+    let mut argv = vec!["export", "--model", model, "--out", out.to_str().unwrap()];
+    argv.extend_from_slice(export_flags);
+    let exported = es2(&argv);
     assert!(
         exported.status.success(),
         "{}",
@@ -307,66 +309,36 @@ fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
     );
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let dtype = |name: &str| file.tensor(name).unwrap().dtype();
-    assert_eq!(
-        dtype("model.layers.0.mlp.down_proj.weight"),
-        safetensors::Dtype::F16
-    );
-    assert_eq!(dtype("model.embed_tokens.weight"), safetensors::Dtype::F16);
-    assert_eq!(dtype("model.norm.weight"), safetensors::Dtype::F32);
+    let dtype_of = |name: &str| file.tensor(name).unwrap().dtype();
+    assert_eq!(dtype_of(matrix), dtype);
+    assert_eq!(dtype_of("model.embed_tokens.weight"), dtype);
+    assert_eq!(dtype_of("model.norm.weight"), safetensors::Dtype::F32);
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// `--weights-dtype bf16` and `auto` on a checkpoint whose weights are bf16 in the file:
-/// generation gives the f32 load's tokens (bf16 storage and its widening are exact), and
-/// `export` writes the weight matrices back as BF16.
+/// `--f16-weights` (the older name of `--weights-dtype f16`) and `--weights-dtype auto` on an
+/// f16 checkpoint.
+#[test]
+fn f16_weights_flag_generates_as_f32_and_exports_f16_projections() {
+    sixteen_bit_weights_generate_as_f32_and_export(
+        "qwen2-f16",
+        &[&["--f16-weights"], &["--weights-dtype", "auto"]],
+        &["--f16-weights"],
+        safetensors::Dtype::F16,
+        "model.layers.0.mlp.down_proj.weight",
+    );
+}
+
+/// `--weights-dtype bf16` and `auto` on a bf16 checkpoint.
 #[test]
 fn bf16_weights_generate_as_f32_and_export_bf16_matrices() {
-    let model = manifest().join("tests/fixtures/models/mistral-bf16-sharded");
-    let model = model.to_str().unwrap();
-    let generate = |extra: &[&str]| {
-        let mut argv = vec![
-            "generate",
-            "--model",
-            model,
-            "--prompt",
-            "hello there",
-            "--max-tokens",
-            "8",
-            "--json",
-        ];
-        argv.extend_from_slice(extra);
-        u32s(&es2_json(&argv)["output_ids"])
-    };
-    let f32_tokens = generate(&[]);
-    assert_eq!(generate(&["--weights-dtype", "bf16"]), f32_tokens);
-    assert_eq!(generate(&["--weights-dtype", "auto"]), f32_tokens);
-
-    let out = std::env::temp_dir().join(format!("es2-cli-bf16-{}", std::process::id()));
-    let exported = es2(&[
-        "export",
-        "--model",
-        model,
-        "--weights-dtype",
-        "bf16",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
+    sixteen_bit_weights_generate_as_f32_and_export(
+        "mistral-bf16-sharded",
+        &[&["--weights-dtype", "bf16"], &["--weights-dtype", "auto"]],
+        &["--weights-dtype", "bf16"],
+        safetensors::Dtype::BF16,
+        "model.layers.1.self_attn.k_proj.weight",
     );
-    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
-    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let dtype = |name: &str| file.tensor(name).unwrap().dtype();
-    assert_eq!(
-        dtype("model.layers.1.self_attn.k_proj.weight"),
-        safetensors::Dtype::BF16
-    );
-    assert_eq!(dtype("model.embed_tokens.weight"), safetensors::Dtype::BF16);
-    assert_eq!(dtype("model.norm.weight"), safetensors::Dtype::F32);
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
