@@ -341,6 +341,41 @@ fn bf16_weights_generate_as_f32_and_export_bf16_matrices() {
     );
 }
 
+/// The bar: LoRA r16 ES2 at 8 + 8 × 256 with recomputation and the checkpoints' own
+/// 16-bit weights fits a 24 GB GPU for each of the paper's four models, planned from
+/// `config.json` alone for a GPU this machine does not have.
+#[test]
+fn the_four_paper_models_fit_a_24_gb_discrete_gpu_with_recomputation() {
+    for name in [
+        "llama-2-7b-chat",
+        "llama-3-8b-instruct",
+        "mistral-7b-instruct-v0.2",
+        "qwen2.5-7b-instruct",
+    ] {
+        let dir = manifest().join("data/configs").join(name);
+        let json = es2_json(&[
+            "train",
+            "--dry-run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--max-len",
+            "256",
+            "--recompute",
+            "--weights-dtype",
+            "auto",
+            "--gpu-memory",
+            "24GB",
+            "--discrete-gpu",
+            "--json",
+        ]);
+        assert_eq!(json["fits"], true, "{name}: {}", json["problems"]);
+        let total = json["plan"]["total"].as_u64().unwrap();
+        assert!(total > 12 << 30 && total < 24 << 30, "{name}: {total}");
+        let batches = &json["plan"]["settings"]["batches"];
+        assert_eq!(batches, &serde_json::json!([8, 8]), "{name}");
+    }
+}
+
 #[test]
 fn train_dry_run_plans_a_7b_model_from_its_config_alone() {
     // data/configs holds config.json files only: no weights, no tokenizer.

@@ -136,6 +136,11 @@ pub struct TrainArgs {
     /// tokenizer) and exit; with --json, as JSON.
     #[arg(long, conflicts_with = "resume")]
     dry_run: bool,
+    /// With --dry-run: plan for a discrete GPU with --gpu-memory of memory (bindings up to
+    /// 4 GiB, as desktop Vulkan drivers allow) instead of this machine's adapter, to plan for
+    /// a GPU one does not have.
+    #[arg(long, requires_all = ["dry_run", "gpu_memory"])]
+    discrete_gpu: bool,
 
     #[arg(long, default_value_t = OptimizerConfig::default().lr, help = with_preset(
         "AdamW learning rate", |p| p.lr.map(|v| v.to_string())))]
@@ -483,15 +488,18 @@ pub fn run(options: &GpuOptions, args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `train --dry-run`: the memory plan of the run the flags describe, on this adapter, with
-/// what would make it fit when it does not. Reads only the model's config.json.
+/// `train --dry-run`: the memory plan of the run the flags describe, on this adapter (or a
+/// discrete GPU, `--discrete-gpu`), with what would make it fit when it does not. Reads only the model's config.json.
 fn dry_run(gpu: &Gpu, args: &TrainArgs) -> Result<()> {
     let mut config = args.config()?;
     config.validate()?;
     let model = open_config(&config.model)?;
-    let device = DeviceLimits {
-        memory: config.gpu_memory,
-        ..DeviceLimits::of(gpu)
+    let device = match config.gpu_memory {
+        Some(memory) if args.discrete_gpu => DeviceLimits::discrete_gpu(memory),
+        memory => DeviceLimits {
+            memory,
+            ..DeviceLimits::of(gpu)
+        },
     };
     let verdict = plan::fit(&model, &mut config, &device);
     if args.json {
