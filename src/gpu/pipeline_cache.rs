@@ -6,8 +6,8 @@
 //!
 //! The file is named by `wgpu::util::pipeline_cache_key` (the adapter's vendor and device);
 //! wgpu and the driver check its header and start empty when it came from another driver
-//! version. It is written whole to a temporary file and renamed over the old one, so a crash
-//! never leaves half a cache.
+//! version. It is written whole to a temporary file of its writer's own and renamed over the
+//! old one, so neither a crash nor two processes saving at once leave half a cache.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,7 +86,13 @@ impl DiskPipelineCache {
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let temp = self.path.with_extension("partial");
+        // A temporary file of this writer's own: devices of other threads or processes may
+        // save the same cache at once, and each renames a whole file over it.
+        static WRITES: AtomicUsize = AtomicUsize::new(0);
+        let n = WRITES.fetch_add(1, Ordering::Relaxed);
+        let temp = self
+            .path
+            .with_extension(format!("partial.{}.{n}", std::process::id()));
         std::fs::write(&temp, &data).map_err(|e| Error::io(&temp, e))?;
         std::fs::rename(&temp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         self.stored.store(data.len(), Ordering::Relaxed);

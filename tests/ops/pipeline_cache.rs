@@ -60,7 +60,12 @@ fn pipelines_are_cached_on_disk_between_devices() {
     run_a_kernel(&damaged);
     assert_eq!(damaged.save_pipeline_cache().unwrap(), Some(file.as_path()));
     assert_ne!(std::fs::read(&file).unwrap(), b"not a pipeline cache");
-    assert!(!file.with_extension("partial").exists());
+    // No temporary file is left beside it.
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [file.file_name().unwrap()], "{names:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -74,4 +79,34 @@ fn no_cache_is_read_or_written_when_turned_off() {
     assert_eq!(gpu.pipeline_cache_file(), None);
     run_a_kernel(&gpu);
     assert_eq!(gpu.save_pipeline_cache().unwrap(), None);
+}
+
+#[test]
+fn devices_saving_one_cache_at_once_leave_one_whole_file() {
+    let dir = scratch_dir("pipeline-cache", "concurrent");
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let gpu = device_caching_in(&dir);
+                run_a_kernel(&gpu);
+                gpu.save_pipeline_cache().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let gpu = device_caching_in(&dir);
+    match gpu.pipeline_cache_file() {
+        // One cache file, no temporary ones, and a device starts from it.
+        Some(file) => assert_eq!(names, [file.file_name().unwrap()], "{names:?}"),
+        None => assert!(names.is_empty(), "{names:?}"),
+    }
+    run_a_kernel(&gpu);
+    let _ = std::fs::remove_dir_all(&dir);
 }
