@@ -1,7 +1,8 @@
 //! The README's memory table: the memory plan of an ES2 LoRA run (rank 16 on every projection,
 //! batches 8 + 8) on the paper's four chat models (`data/configs/`: only their config.json),
 //! at 128 and 256 tokens, with and without activation recomputation, with the frozen weight
-//! matrices in f32 and in f16 (`--weights-dtype f16`), against discrete GPUs of 16, 24, 48 and
+//! matrices in f32 and in the checkpoint's own 16-bit type (`--weights-dtype auto`: f16 for
+//! Llama-2, bf16 for the others; both take 2 bytes), against discrete GPUs of 16, 24, 48 and
 //! 80 GB. No GPU and no weights are needed.
 //!
 //! ```sh
@@ -51,7 +52,7 @@ fn plan(
 }
 
 fn main() -> Result<()> {
-    println!("| model | tokens | recompute | f32 weights | f16 weights | 16 GB | 24 GB | 48 GB | 80 GB |");
+    println!("| model | tokens | recompute | f32 weights | 16-bit weights | 16 GB | 24 GB | 48 GB | 80 GB |");
     println!("|---|---:|---|---:|---:|---|---|---|---|");
     for (name, dir) in MODELS {
         for max_len in [128, 256] {
@@ -60,11 +61,11 @@ fn main() -> Result<()> {
                 let mut totals = [0.0; 2];
                 for gb in GPUS_GB {
                     let f32_plan = plan(dir, max_len, recompute, WeightsDtype::F32, gb)?;
-                    let f16_plan = plan(dir, max_len, recompute, WeightsDtype::F16, gb)?;
-                    totals = [f32_plan.total as f64 / GIB, f16_plan.total as f64 / GIB];
-                    cells.push(match (f32_plan.fits(), f16_plan.fits()) {
+                    let half_plan = plan(dir, max_len, recompute, WeightsDtype::Auto, gb)?;
+                    totals = [f32_plan.total as f64 / GIB, half_plan.total as f64 / GIB];
+                    cells.push(match (f32_plan.fits(), half_plan.fits()) {
                         (true, _) => "fits",
-                        (false, true) => "fits with f16",
+                        (false, true) => "fits with 16-bit",
                         (false, false) => "no",
                     });
                 }
