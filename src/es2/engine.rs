@@ -168,10 +168,9 @@ impl Es2Engine {
         for (hook, grad) in objective.harmful_captures.into_iter().enumerate() {
             h_fwd.seed_capture(harmful, hook, grad)?;
         }
-        let at_normed = [(top, objective.harmless_normed)];
         let s_seeds = Seeds {
-            logits: None,
-            hidden: &at_normed,
+            normed: Some(&objective.harmless_normed),
+            ..Seeds::default()
         };
         model.backward(&mut rec, harmless, s_fwd, &s_seeds, &[], &self.grads)?;
         model.backward(

@@ -657,6 +657,9 @@ struct Fwd {
     blocks: Vec<Vec<Id>>,
     captures: Vec<Id>,
     capture_grads: Vec<Id>,
+    /// The gradient at the final norm's output the LM head's loss made (`Seeds::normed`): the
+    /// backward goes on from it instead of a zeroed tensor of its own.
+    normed_seed: Option<Id>,
     hook_rows: Vec<Id>,
     save: SavePolicy,
     top: usize,
@@ -902,9 +905,10 @@ impl<'a> Walk<'a> {
         let h_pass = tuned(hooks.iter().copied().max().unwrap_or(0));
         let mut s_fwd = self.forward(s, &s_pass);
         let mut h_fwd = self.forward(h, &h_pass);
-        let [h_grads, s_grads] = self.objective(&run.objective, layers.len(), h, s);
+        let ([h_grads, s_grads], seed) = self.objective(&run.objective, layers.len(), h, s);
         h_fwd.capture_grads = h_grads;
         s_fwd.capture_grads = s_grads;
+        s_fwd.normed_seed = Some(seed);
         self.ledger.drop_all(base_fwd.normed.first().copied());
         self.backward(s, s_fwd);
         self.backward(h, h_fwd);
@@ -935,7 +939,7 @@ impl<'a> Walk<'a> {
         self.ledger
             .f32(Component::Workspace, "per-row loss", &[b.rows()]);
         let seed = self.head_loss(b.rows(), &["the logits' gradient"], true);
-        fwd.capture_grads.push(seed);
+        fwd.normed_seed = Some(seed);
         self.backward(b, fwd);
         self.optimizer();
         self.ledger
@@ -996,9 +1000,15 @@ impl<'a> Walk<'a> {
     }
 
     /// `record_objective`: the stacked embeddings, the separation loss and its gradients, the
-    /// KL with the gradient at the logits, and the captures' gradients (harmful, harmless),
-    /// which their forwards keep for the backward.
-    fn objective(&mut self, config: &Es2Config, layers: usize, h: Rows, s: Rows) -> [Vec<Id>; 2] {
+    /// KL over the LM head's row chunks, the captures' gradients (harmful, harmless) and the
+    /// gradient at the harmless pass's final-norm output, which the backwards keep.
+    fn objective(
+        &mut self,
+        config: &Es2Config,
+        layers: usize,
+        h: Rows,
+        s: Rows,
+    ) -> ([Vec<Id>; 2], Id) {
         let cols = self.cfg.hidden_size;
         let ledger = &mut self.ledger;
         let ws = Component::Workspace;
@@ -1037,14 +1047,12 @@ impl<'a> Walk<'a> {
                 })
                 .collect()
         };
-        let mut s_grads = if to_harmless {
+        let s_grads = if to_harmless {
             grads(self, s)
         } else {
             Vec::new()
         };
-        // The backward holds the seed at the final norm's output as long as the captures'.
-        s_grads.push(seed);
-        [grads(self, h), s_grads]
+        ([grads(self, h), s_grads], seed)
     }
 
     /// `AdamW::record_step`: the gradient norm's partial sums (the update takes nothing).
@@ -1073,6 +1081,7 @@ impl<'a> Walk<'a> {
             blocks: Vec::new(),
             captures: Vec::new(),
             capture_grads: Vec::new(),
+            normed_seed: None,
             hook_rows,
             save: pass.save,
             top: pass.top,
@@ -1261,6 +1270,7 @@ impl<'a> Walk<'a> {
             mut blocks,
             captures,
             capture_grads,
+            normed_seed,
             hook_rows,
             save,
             top,
@@ -1268,8 +1278,10 @@ impl<'a> Walk<'a> {
         self.ledger.drop_all(captures);
         let mut dx = self.ledger.f32(ws, "the residual's gradient", &[r, cols]);
         if !normed.is_empty() {
-            self.ledger
-                .temp("the final norm's output gradient", &[r, cols]);
+            if normed_seed.is_none() {
+                self.ledger
+                    .temp("the final norm's output gradient", &[r, cols]);
+            }
             let bytes = rmsnorm_backward_scratch_bytes(r, cols, self.full);
             self.ledger.scratch("the final norm's partials", bytes);
         }
@@ -1304,7 +1316,8 @@ impl<'a> Walk<'a> {
         }
         self.ledger.drop(dx);
         let held = residual.into_iter().chain(normed).chain(hook_rows);
-        self.ledger.drop_all(held.chain(capture_grads));
+        let held = held.chain(capture_grads).chain(normed_seed);
+        self.ledger.drop_all(held);
     }
 
     /// One block's backward (`Transformer::block_backward`): its temporaries, all released

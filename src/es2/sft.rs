@@ -81,10 +81,9 @@ impl SftEngine {
         };
         let row_loss = model.lm_loss(&mut rec, &normed, targets, Some(backward))?;
         drop(normed);
-        let at_normed = [(top, dnormed)];
         let seeds = Seeds {
-            logits: None,
-            hidden: &at_normed,
+            normed: Some(&dnormed),
+            ..Seeds::default()
         };
         model.backward(&mut rec, batch, forward, &seeds, &[], &self.grads)?;
         let norm_sq = self.optimizer.record_step(&mut rec, &params, lr)?;

@@ -186,10 +186,9 @@ pub fn score(
     drop(normed);
     let mut read = vec![row_loss.clone()];
     if let Some(dnormed) = dnormed {
-        let at_normed = [(top, dnormed)];
         let seeds = Seeds {
-            logits: None,
-            hidden: &at_normed,
+            normed: Some(&dnormed),
+            ..Seeds::default()
         };
         let taps = model.backward(&mut rec, batch, forward, &seeds, &[0], &no_grads)?;
         let (_, dx0) = taps

@@ -22,6 +22,10 @@ pub struct Seeds<'a> {
     /// `∂L/∂logits [B·T, V]`, for a forward run with [`Output::Logits`](super::Output::Logits);
     /// a forward that stopped below the final norm ignores it.
     pub logits: Option<&'a Tensor>,
+    /// `∂L/∂normed [B·T, C]`, the gradient at the final norm's output taken back through the
+    /// LM head already (`Transformer::head_in_chunks`); the backward goes on from it in place
+    /// (hidden seeds at L are added into it). Not together with `logits`.
+    pub normed: Option<&'a Tensor>,
     /// `(i, ∂L/∂h_i)` pairs: a gradient added at hidden state `i`. An index above the forward's
     /// top is ignored.
     pub hidden: &'a [(usize, Tensor)],

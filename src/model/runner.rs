@@ -370,17 +370,30 @@ impl Transformer {
         let mut dx = Tensor::empty(gpu, [batch.rows(), cols], DType::F32);
         match &normed {
             Some((normed, rstd)) => {
-                let dnormed = Tensor::empty(gpu, [batch.rows(), cols], DType::F32);
-                match seeds.logits {
-                    Some(dlogits) => self.lm_head().project_backward(
-                        rec,
-                        normed,
-                        dlogits,
-                        &dnormed,
-                        grads.lm_head_grad(self),
-                    ),
-                    None => rec.zero(&dnormed),
-                }
+                let dnormed = match (seeds.normed, seeds.logits) {
+                    (Some(_), Some(_)) => {
+                        return Err(Error::InvalidArgument(
+                            "seed the backward at the logits or at the final norm's output, \
+                             not both"
+                                .into(),
+                        ))
+                    }
+                    (Some(seed), None) => seed.clone(),
+                    (None, dlogits) => {
+                        let dnormed = Tensor::empty(gpu, [batch.rows(), cols], DType::F32);
+                        match dlogits {
+                            Some(dlogits) => self.lm_head().project_backward(
+                                rec,
+                                normed,
+                                dlogits,
+                                &dnormed,
+                                grads.lm_head_grad(self),
+                            ),
+                            None => rec.zero(&dnormed),
+                        }
+                        dnormed
+                    }
+                };
                 settle(rec, layers, &dnormed)?;
                 let h_last = residual.last().expect("h_L");
                 self.final_norm_backward(rec, h_last, rstd, &dnormed, &dx, grads);

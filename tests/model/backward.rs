@@ -88,6 +88,7 @@ fn gradients(model: &Transformer, p: &Probe, trainable: Trainable) -> Gradients 
     let out = model.run(&mut rec, &p.batch, &pass).unwrap();
     let seeds = Seeds {
         logits: Some(&p.w_logits),
+        normed: None,
         hidden: &p.w_hidden,
     };
     model

@@ -64,7 +64,7 @@ fn lm_step(model: &Transformer, batch: &Batch, chunked: bool) -> (Vec<f32>, Vec<
         let loss = model
             .lm_loss(&mut rec, &normed, targets, Some(back))
             .unwrap();
-        (loss, vec![(top, dnormed)])
+        (loss, dnormed)
     } else {
         let logits = forward.logits.as_ref().unwrap();
         let loss = Tensor::empty(gpu, [batch.rows()], DType::F32);
@@ -72,7 +72,7 @@ fn lm_step(model: &Transformer, batch: &Batch, chunked: bool) -> (Vec<f32>, Vec<
         cross_entropy_in_parts(&mut rec, logits, &targets.ids, &loss, &dlogits, scale);
         let seeds = Seeds {
             logits: Some(&dlogits),
-            hidden: &[],
+            ..Seeds::default()
         };
         let taps = model
             .backward(&mut rec, batch, forward, &seeds, &[], &grads)
@@ -82,8 +82,8 @@ fn lm_step(model: &Transformer, batch: &Batch, chunked: bool) -> (Vec<f32>, Vec<
         return (download(gpu, &loss), every_gradient(model, &grads));
     };
     let seeds = Seeds {
-        logits: None,
-        hidden: &seeded,
+        normed: Some(&seeded),
+        ..Seeds::default()
     };
     model
         .backward(&mut rec, batch, forward, &seeds, &[], &grads)

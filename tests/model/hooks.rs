@@ -119,7 +119,7 @@ fn tapped_gradients(
         .unwrap();
     let seeds = Seeds {
         logits: Some(w),
-        hidden: &[],
+        ..Seeds::default()
     };
     let tapped = model
         .backward(&mut rec, batch, out, &seeds, taps, &grads)
