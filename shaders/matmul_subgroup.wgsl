@@ -10,10 +10,12 @@
 // bounding hides their trip counts from the driver), and an unrolled block in registers is
 // what makes this kernel fast (loops over a register array measured 10× slower).
 //
-// Lane L of subgroup W of workgroup (x, y, z) computes rows x·8·EIGHTS + 0..8·EIGHTS and 8 columns of
-// C: col0 + L + 8·j (j = 0..7) when B is stored [N, K] (its vec4s run along k), or
-// col0 + 4·L + 32·g + 0..3 (g = 0, 1) when B is stored [K, N] (they run along n), where
-// col0 = (y·WAVES + W)·64. Row blocks come first in the grid so that the workgroups that run
+// A workgroup is one subgroup. Lane L of workgroup (x, y, z) computes rows x·8·EIGHTS +
+// 0..8·EIGHTS and 8 columns of C: col0 + L + 8·j (j = 0..7) when B is stored [N, K] (its vec4s
+// run along k), or col0 + 4·L + 32·g + 0..3 (g = 0, 1) when B is stored [K, N] (they run along
+// n), where col0 = 64·y. (Several subgroups per workgroup, side by side along N, ran no faster
+// and made a pipeline per count: each costs lavapipe 0.3-0.4 s to create, even from Mesa's
+// shader cache.) Row blocks come first in the grid so that the workgroups that run
 // side by side, and one after another, read the same columns of B while they are in cache
 // (measured 1.5× at M = 75 against columns first). Each output sums k = 0, 1, ... in order with one fma per step, as
 // matmul.wgsl does. The launcher uses this kernel only where every vec4 is aligned (offsets
@@ -44,11 +46,9 @@ override B_FORMAT: u32 = FORMAT_F32;
 override SECOND: bool = false;
 // Rows of C per lane, in eights: 2 or 4.
 override EIGHTS: u32 = 2u;
-// Subgroups per workgroup, side by side along N.
-override WAVES: u32 = 4u;
 
 const LANES: u32 = 8u;
-const COLUMNS_PER_WAVE: u32 = 64u;
+const COLUMNS_PER_WORKGROUP: u32 = 64u;
 
 // One row of a lane's block: its 8 columns in two vec4s.
 struct Row {
@@ -289,20 +289,29 @@ fn block_row0(wid: vec3<u32>) -> u32 {
     return wid.x * 8u * EIGHTS;
 }
 
-fn block_col0(wid: vec3<u32>, lid: vec3<u32>) -> u32 {
-    return (wid.y * WAVES + lid.y) * COLUMNS_PER_WAVE;
+fn block_col0(wid: vec3<u32>) -> u32 {
+    return wid.y * COLUMNS_PER_WORKGROUP;
 }
 
-// The lane's block of op(A)·op(B) (lane = local x: the launcher checks that subgroups are
-// exactly the 8 invocations of one local row).
+// The lane's block of op(A)·op(B), then (SECOND) of alpha2·A2·op(B2) summed on by the same
+// accumulators (lane = local x: the launcher checks that a subgroup is exactly the workgroup's
+// 8 invocations). One loop over the products, not a call for each: lavapipe's time to create
+// a pipeline, even from its shader cache, grows with the code once every call is inlined
+// (a quarter less this way).
 fn multiply(wid: vec3<u32>, lid: vec3<u32>) -> Block {
     let lane = lid.x;
     let row0 = block_row0(wid);
-    let col0 = block_col0(wid, lid);
-    // A scale of 1 multiplies exactly: the first product's values are A's own.
-    var block = accumulate_block(Block(), span(wid), 1.0, row0, col0, lane);
-    if SECOND {
-        block = accumulate_block(block, second_span(wid), params.alpha2, row0, col0, lane);
+    let col0 = block_col0(wid);
+    var block = Block();
+    for (var product = 0u; product < select(1u, 2u, SECOND); product++) {
+        // A constant false without SECOND, so that the first product's code is as before.
+        let second = SECOND && product == 1u;
+        var s = span(wid);
+        if second {
+            s = second_span(wid);
+        }
+        // A scale of 1 multiplies exactly: the first product's values are A's own.
+        block = accumulate_block(block, s, select(1.0, params.alpha2, second), row0, col0, lane);
     }
     return block;
 }
@@ -311,7 +320,7 @@ fn store_block(block: Block, bias_row: Row, wid: vec3<u32>, lid: vec3<u32>) {
     let lane = lid.x;
     let s = span(wid);
     let row0 = block_row0(wid);
-    let col0 = block_col0(wid, lid);
+    let col0 = block_col0(wid);
     store_eight(block.e0, bias_row, row0, s, col0, lane);
     store_eight(block.e1, bias_row, row0 + 8u, s, col0, lane);
     if EIGHTS == 4u {
@@ -327,7 +336,7 @@ fn bias_at(col: u32) -> f32 {
 
 // The bias of the lane's 8 columns.
 fn lane_bias(wid: vec3<u32>, lid: vec3<u32>) -> Row {
-    let col0 = block_col0(wid, lid);
+    let col0 = block_col0(wid);
     let lane = lid.x;
     return Row(vec4<f32>(bias_at(lane_column(col0, lane, 0u)), bias_at(lane_column(col0, lane, 1u)),
                          bias_at(lane_column(col0, lane, 2u)), bias_at(lane_column(col0, lane, 3u))),
@@ -335,16 +344,16 @@ fn lane_bias(wid: vec3<u32>, lid: vec3<u32>) -> Row {
                          bias_at(lane_column(col0, lane, 6u)), bias_at(lane_column(col0, lane, 7u))));
 }
 
-// Grid: x covers M in 8·EIGHTS rows, y covers N in 64·WAVES columns, z the batch (or the
+// Grid: x covers M in 8·EIGHTS rows, y covers N in 64 columns, z the batch (or the
 // parts of a split K).
-@compute @workgroup_size(LANES, WAVES)
+@compute @workgroup_size(LANES)
 fn gemm_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(local_invocation_id) lid: vec3<u32>) {
     store_block(multiply(wid, lid), Row(), wid, lid);
 }
 
 // As gemm_subgroup, plus bias[col] on every row.
-@compute @workgroup_size(LANES, WAVES)
+@compute @workgroup_size(LANES)
 fn gemm_subgroup_bias(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(local_invocation_id) lid: vec3<u32>) {
     store_block(multiply(wid, lid), lane_bias(wid, lid), wid, lid);

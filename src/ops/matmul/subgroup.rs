@@ -24,8 +24,8 @@ static GEMM_BIAS: KernelSpec = KernelSpec {
 
 /// Lanes of a subgroup the kernel is written for (one 256-bit vector of f32).
 const LANES: u32 = 8;
-/// Columns of C one subgroup computes (8 per lane).
-const COLUMNS_PER_WAVE: u32 = 64;
+/// Columns of C one workgroup (one subgroup) computes: 8 per lane.
+const COLUMNS_PER_WORKGROUP: u32 = 64;
 /// Elements of one vec4 load.
 const VEC: usize = 4;
 /// Bytes of B one slice of K reads (B stored `[K, N]`): what stays in a core's L2 cache while
@@ -37,36 +37,28 @@ const SLICE_BYTES: usize = 1 << 20;
 /// saves (N = 4864, 52 rows per slice, measured slower than no slices).
 const MIN_SLICE_DEPTH: usize = 256;
 
-/// The kernel's tile: `8·eights` rows of C per workgroup, `64·waves` columns.
+/// The kernel's tile: `8·eights` rows of C per workgroup (one subgroup), 64 columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct LaneTiles {
     /// Rows per lane, in eights (2 or 4).
     eights: u32,
-    /// Subgroups per workgroup, side by side along N (1, 2 or 4).
-    waves: u32,
 }
 
 impl LaneTiles {
-    /// 32 rows where M has them (more multiply-adds per B load), else 16; as many waves as N
-    /// fills, up to 4.
+    /// 32 rows where M has them (more multiply-adds per B load), else 16.
     fn choose(g: &Gemm) -> LaneTiles {
         let eights = if g.m >= 64 { 4 } else { 2 };
-        let waves = match g.n.div_ceil(COLUMNS_PER_WAVE as usize) {
-            1 => 1,
-            2 | 3 => 2,
-            _ => 4,
-        };
-        LaneTiles { eights, waves }
+        LaneTiles { eights }
     }
 
     /// `[rows, cols]` of C per workgroup.
     pub(super) fn extents(&self) -> [u32; 2] {
-        [8 * self.eights, COLUMNS_PER_WAVE * self.waves]
+        [8 * self.eights, COLUMNS_PER_WORKGROUP]
     }
 }
 
 /// Whether `gpu` runs this kernel as written: a CPU adapter with subgroups of exactly 8 lanes
-/// (so that a workgroup's local row of 8 invocations is one subgroup).
+/// (so that a workgroup's 8 invocations are one subgroup).
 pub(super) fn device_fits(gpu: &Gpu) -> bool {
     let info = gpu.info();
     info.device_type == wgpu::DeviceType::Cpu
@@ -128,7 +120,6 @@ pub(super) fn launch(
         ("TRANSPOSE_B", u32::from(g.transpose_b)),
         ("B_FORMAT", wgsl_format(b.dtype())),
         ("EIGHTS", tiles.eights),
-        ("WAVES", tiles.waves),
         ("SECOND", u32::from(second.is_some())),
     ];
     let kernel = GemmKernel {
