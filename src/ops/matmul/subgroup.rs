@@ -161,7 +161,8 @@ fn k_slices(g: &Gemm, k_split: usize, b_dtype: DType) -> Vec<(Gemm, bool)> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{gemm_plus, launch_tiled, reference, MatmulOptions, Second, Strided, Tiles};
+    use super::super::tiled::{launch_tiled, Tiles};
+    use super::super::{gemm_plus, reference, MatmulOptions, Second, Strided};
     use super::*;
     use crate::testing::{
         download, f64s, gpu, narrow_weights, poisoned, randn, rel_error, rel_error_f64, round_to,
