@@ -173,6 +173,7 @@ impl Drop for Gpu {
     fn drop(&mut self) {
         // Best effort: a cache that cannot be written costs the next process compile time only.
         if let Some(cache) = &self.pipeline_cache {
+            self.finish_compiling();
             let _ = cache.save();
         }
     }
@@ -262,6 +263,7 @@ impl Gpu {
     /// has one and it changed (a dropped device does the same, ignoring errors: the cache only
     /// saves compile time). Returns the file when it wrote.
     pub fn save_pipeline_cache(&self) -> Result<Option<&std::path::Path>> {
+        self.finish_compiling();
         match &self.pipeline_cache {
             Some(cache) if cache.save()? => Ok(Some(cache.path())),
             _ => Ok(None),

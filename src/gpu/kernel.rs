@@ -1,12 +1,19 @@
 //! The kernel registry: every WGSL entry point is compiled once per device (and per set of
 //! override constants) and its pipeline cached.
 //!
+//! A pipeline compiles on a thread of its own from the moment its kernel is first asked for,
+//! and the [`super::Recorder`] waits for it only when it encodes the dispatch (at the end of
+//! its compute pass), so the kernels a fresh process's first step needs compile side by side
+//! on every core instead of one after another (lavapipe runs its compiler passes for every
+//! pipeline even when its shader cache holds the result: BENCHMARKS.md, "Startup").
+//!
 //! Binding convention, shared by every shader in `shaders/`: `@binding(0)` is the entry
 //! point's uniform parameter struct; storage buffers use the other binding numbers of group 0,
 //! each number unique within its file, and an entry point uses at most 7 of them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
 
 use super::Gpu;
 
@@ -76,12 +83,57 @@ pub struct KernelSpec {
 /// Override constants a pipeline is specialised with (workgroup and tile sizes).
 pub type Overrides = Vec<(&'static str, u32)>;
 
-/// A compiled compute pipeline and the layout its bind groups follow.
+/// A compute pipeline (compiled, or compiling on a thread of its own) and the layout its bind
+/// groups follow.
 #[derive(Debug)]
 pub struct Kernel {
     pub(crate) spec: &'static KernelSpec,
-    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) pipeline: Arc<PendingPipeline>,
     pub(crate) layout: wgpu::BindGroupLayout,
+}
+
+/// A pipeline that is compiled on another thread until someone needs it.
+#[derive(Debug)]
+pub(crate) struct PendingPipeline {
+    ready: OnceLock<wgpu::ComputePipeline>,
+    compiling: Mutex<Option<JoinHandle<wgpu::ComputePipeline>>>,
+}
+
+impl PendingPipeline {
+    /// Starts `compile` on a thread of its own, or runs it here where no thread can be made.
+    fn spawn(
+        entry: &str,
+        compile: impl Fn() -> wgpu::ComputePipeline + Clone + Send + 'static,
+    ) -> PendingPipeline {
+        let pending = PendingPipeline {
+            ready: OnceLock::new(),
+            compiling: Mutex::new(None),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("compile {entry}"))
+            .spawn(compile.clone());
+        match thread {
+            Ok(handle) => *lock(&pending.compiling) = Some(handle),
+            // No thread to be had (a process limit): compile here, as if nothing overlapped.
+            Err(_) => {
+                let _ = pending.ready.set(compile());
+            }
+        }
+        pending
+    }
+
+    /// The pipeline, waiting for its compilation to end.
+    pub(crate) fn get(&self) -> &wgpu::ComputePipeline {
+        self.ready.get_or_init(|| {
+            let handle = lock(&self.compiling)
+                .take()
+                .expect("a pipeline not ready is compiling");
+            // A compile that panicked (an invalid shader) panics here, where it is needed.
+            handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
 }
 
 type KernelKey = (usize, Overrides);
@@ -181,13 +233,14 @@ impl Gpu {
                 bind_group_layouts: &[Some(&layout)],
                 immediate_size: 0,
             });
-        let constants: Vec<(&str, f64)> = overrides
+        let constants: Vec<(&'static str, f64)> = overrides
             .iter()
             .map(|&(name, value)| (name, f64::from(value)))
             .collect();
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        let device = self.device.clone();
+        let cache = self.pipeline_cache.as_ref().map(|c| c.cache.clone());
+        let compile = move || {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(spec.entry),
                 layout: Some(&pipeline_layout),
                 module: &module,
@@ -197,12 +250,22 @@ impl Gpu {
                     // Every kernel initialises the workgroup memory it reads.
                     zero_initialize_workgroup_memory: false,
                 },
-                cache: self.pipeline_cache.as_ref().map(|c| &c.cache),
-            });
+                cache: cache.as_ref(),
+            })
+        };
         Kernel {
             spec,
-            pipeline,
+            pipeline: Arc::new(PendingPipeline::spawn(spec.entry, compile)),
             layout,
+        }
+    }
+
+    /// Waits for every pipeline still compiling (before the pipeline cache is saved, so that
+    /// it holds them all).
+    pub(crate) fn finish_compiling(&self) {
+        let kernels: Vec<Arc<Kernel>> = lock(&self.kernels.pipelines).values().cloned().collect();
+        for kernel in kernels {
+            kernel.pipeline.get();
         }
     }
 }

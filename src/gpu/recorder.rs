@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::kernel::Kernel;
+use super::kernel::{Kernel, PendingPipeline};
 use super::pool::PooledBuffer;
 use super::tensor::{DType, Shape, Tensor};
 use super::timing::{Timestamps, Work};
@@ -44,6 +44,23 @@ impl Grid {
     }
 }
 
+/// A dispatch waiting to be encoded: its pipeline may still be compiling.
+struct QueuedDispatch {
+    pipeline: Arc<PendingPipeline>,
+    bind_group: wgpu::BindGroup,
+    uniform_offset: u32,
+    grid: Grid,
+}
+
+impl QueuedDispatch {
+    fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(self.pipeline.get());
+        pass.set_bind_group(0, &self.bind_group, &[self.uniform_offset]);
+        let [x, y, z] = self.grid.0;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
 struct UniformChunk {
     buffer: PooledBuffer,
     bytes: Vec<u8>,
@@ -55,7 +72,9 @@ struct UniformChunk {
 pub struct Recorder<'g> {
     gpu: &'g Gpu,
     encoder: Option<wgpu::CommandEncoder>,
-    pass: Option<wgpu::ComputePass<'static>>,
+    /// Dispatches of the open compute pass not yet encoded, so that the pipelines of a fresh
+    /// process's kernels compile side by side until the pass ends.
+    queued: Vec<QueuedDispatch>,
     uniforms: Vec<UniformChunk>,
     keep_alive: Vec<Arc<PooledBuffer>>,
     timestamps: Option<Timestamps>,
@@ -75,7 +94,7 @@ impl<'g> Recorder<'g> {
         Recorder {
             gpu,
             encoder: Some(gpu.device.create_command_encoder(&Default::default())),
-            pass: None,
+            queued: Vec::new(),
             uniforms: Vec::new(),
             keep_alive: Vec::new(),
             profiling: timestamps.is_some(),
@@ -176,30 +195,31 @@ impl<'g> Recorder<'g> {
         self.keep_alive
             .extend(tensors.iter().map(|t| t.storage.clone()));
 
-        let record = |pass: &mut wgpu::ComputePass<'_>| {
-            pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, &bind_group, &[uniform_offset]);
-            let [x, y, z] = grid.0;
-            pass.dispatch_workgroups(x, y, z);
+        let queued = QueuedDispatch {
+            pipeline: kernel.pipeline.clone(),
+            bind_group,
+            uniform_offset,
+            grid,
         };
         if self.profiling && self.timestamps.as_ref().is_some_and(Timestamps::is_full) {
             self.collect_profile();
         }
-        if let Some(timestamps) = self.timestamps.as_mut() {
+        if self.timestamps.is_some() {
             // A timed dispatch gets a pass of its own, bracketed by two timestamps.
-            self.pass = None;
-            let encoder = self.encoder.as_mut().expect("encoder lives until consumed");
+            self.end_pass();
             let work = Work {
                 flops,
                 bytes: tensors.iter().map(|t| t.size_bytes()).sum(),
             };
+            let timestamps = self.timestamps.as_mut().expect("checked above");
+            let encoder = self.encoder.as_mut().expect("encoder lives until consumed");
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(spec.entry),
                 timestamp_writes: Some(timestamps.next_pass(spec.entry, spec.shader.name, work)),
             });
-            record(&mut pass);
+            queued.encode(&mut pass);
         } else {
-            record(self.open_pass());
+            self.queued.push(queued);
         }
         self.dispatches += 1;
     }
@@ -373,19 +393,19 @@ impl<'g> Recorder<'g> {
             .expect("the encoder exists until the recorder is consumed")
     }
 
-    fn open_pass(&mut self) -> &mut wgpu::ComputePass<'static> {
-        if self.pass.is_none() {
-            let pass = self
-                .encoder_mut()
-                .begin_compute_pass(&wgpu::ComputePassDescriptor::default())
-                .forget_lifetime();
-            self.pass = Some(pass);
-        }
-        self.pass.as_mut().expect("pass was just begun")
-    }
-
+    /// Encodes the queued dispatches in one compute pass (waiting for pipelines still
+    /// compiling) and ends it, before any copy or submission that must follow them.
     fn end_pass(&mut self) {
-        self.pass = None;
+        if self.queued.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued);
+        let mut pass = self
+            .encoder_mut()
+            .begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        for dispatch in &queued {
+            dispatch.encode(&mut pass);
+        }
     }
 
     /// Appends `bytes` to the uniform arena; returns (dynamic offset, chunk index).
@@ -415,13 +435,5 @@ impl<'g> Recorder<'g> {
         chunk.bytes.extend_from_slice(bytes);
         chunk.bytes.resize(offset + UNIFORM_SLOT as usize, 0);
         (offset as u32, index)
-    }
-}
-
-impl Drop for Recorder<'_> {
-    fn drop(&mut self) {
-        // A recorder dropped without submitting discards its work; the pass must end before
-        // the encoder it was begun on.
-        self.pass = None;
     }
 }

@@ -93,6 +93,65 @@ fn a_tensor_dropped_after_recording_is_not_overwritten_before_submission() {
     assert_close("scale of a dropped input", &download(gpu, &y), &want, 0.0);
 }
 
+/// Dispatches are queued until their pass ends (their pipelines may still be compiling on
+/// other threads), so copies and clears recorded between them must still see them in
+/// recording order.
+#[test]
+fn copies_and_clears_run_in_recording_order_between_queued_dispatches() {
+    // A fresh device, so that the kernels' pipelines are still compiling when recorded.
+    let gpu = &own_device();
+    let n = 1031;
+    let x = randn(9, n, 1.0);
+    let source = upload(gpu, [n], &x);
+    let [doubled, copied, sextupled, cleared_then_read, tail] = [0; 5].map(|_| poisoned(gpu, [n]));
+    let mut rec = Recorder::new(gpu);
+    scale_forward(&mut rec, &source, &doubled, 2.0);
+    rec.copy(&doubled, &copied);
+    scale_forward(&mut rec, &copied, &sextupled, 3.0);
+    rec.copy_elements(&sextupled, 1, &tail, 0, n - 1);
+    // Written again just before the clear: the clear must land after it.
+    scale_forward(&mut rec, &source, &doubled, 2.0);
+    rec.zero(&doubled);
+    scale_forward(&mut rec, &doubled, &cleared_then_read, 1.0);
+    rec.finish().unwrap();
+    // In f32 as the kernels compute it (2·x is exact, 3·(2·x) rounds once).
+    let times = |k: f32| {
+        x.iter()
+            .map(|&v| f64::from(k * (2.0 * v)))
+            .collect::<Vec<_>>()
+    };
+    assert_close(
+        "a copy after a dispatch",
+        &download(gpu, &copied),
+        &times(1.0),
+        0.0,
+    );
+    assert_close(
+        "a dispatch after a copy",
+        &download(gpu, &sextupled),
+        &times(3.0),
+        0.0,
+    );
+    assert_close(
+        "copy_elements after a dispatch",
+        &download(gpu, &tail)[..n - 1],
+        &times(3.0)[1..],
+        0.0,
+    );
+    assert_close(
+        "a clear after a dispatch",
+        &download(gpu, &doubled),
+        &vec![0.0; n],
+        0.0,
+    );
+    assert_close(
+        "a dispatch after a clear",
+        &download(gpu, &cleared_then_read),
+        &vec![0.0; n],
+        0.0,
+    );
+}
+
 /// A device of its own: a fault is reported on the device where it happened, and the shared
 /// test device must not see this one's.
 fn own_device() -> es2_wgpu::Gpu {
