@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::chat::Message;
-use super::dataset::{read_dataset, Format, MAX_PROMPT_BYTES};
+use super::dataset::{json_array_rows, json_lines_rows, read_dataset, Format, MAX_PROMPT_BYTES};
 use crate::{Error, Result};
 
 /// One training conversation: the messages in order. The model learns every assistant turn.
@@ -67,26 +67,11 @@ pub fn conversations_jsonl(conversations: &[Conversation]) -> String {
 
 /// Parses a JSON array of conversation rows.
 pub fn parse_json(text: &str) -> std::result::Result<Vec<Conversation>, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    let Value::Array(rows) = value else {
-        return Err("expected a JSON array of conversations".into());
-    };
-    rows.iter()
-        .enumerate()
-        .map(|(i, row)| conversation_of(row).map_err(|e| format!("row {}: {e}", i + 1)))
-        .collect()
+    json_array_rows(text, "conversations", conversation_of)
 }
 
 fn parse_json_lines(text: &str) -> std::result::Result<Vec<Conversation>, String> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| {
-            let row: Value = serde_json::from_str(line)
-                .map_err(|e| format!("line {}: not valid JSON: {e}", i + 1))?;
-            conversation_of(&row).map_err(|e| format!("line {}: {e}", i + 1))
-        })
-        .collect()
+    json_lines_rows(text, conversation_of)
 }
 
 fn conversation_of(row: &Value) -> std::result::Result<Conversation, String> {

@@ -82,24 +82,42 @@ fn utf8(bytes: Vec<u8>) -> std::result::Result<String, String> {
 
 /// Parses prompts from in-memory JSON-array text (for datasets embedded in the binary).
 pub fn parse_json_array(text: &str) -> std::result::Result<Vec<String>, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    let Value::Array(rows) = value else {
-        return Err("expected a JSON array of prompts".into());
-    };
-    rows.iter()
-        .enumerate()
-        .map(|(i, row)| prompt_of(row).map_err(|e| format!("row {}: {e}", i + 1)))
-        .collect()
+    json_array_rows(text, "prompts", prompt_of)
 }
 
 fn parse_json_lines(text: &str) -> std::result::Result<Vec<String>, String> {
+    json_lines_rows(text, prompt_of)
+}
+
+/// The rows of a JSON array of `what`, each read by `row_of`; an error names the row.
+pub(crate) fn json_array_rows<T>(
+    text: &str,
+    what: &str,
+    row_of: impl Fn(&Value) -> std::result::Result<T, String>,
+) -> std::result::Result<Vec<T>, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Array(rows) = value else {
+        return Err(format!("expected a JSON array of {what}"));
+    };
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| row_of(row).map_err(|e| format!("row {}: {e}", i + 1)))
+        .collect()
+}
+
+/// The rows of JSON Lines text (blank lines skipped), each read by `row_of`; an error names
+/// the line.
+pub(crate) fn json_lines_rows<T>(
+    text: &str,
+    row_of: impl Fn(&Value) -> std::result::Result<T, String>,
+) -> std::result::Result<Vec<T>, String> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
             let row: Value = serde_json::from_str(line)
                 .map_err(|e| format!("line {}: not valid JSON: {e}", i + 1))?;
-            prompt_of(&row).map_err(|e| format!("line {}: {e}", i + 1))
+            row_of(&row).map_err(|e| format!("line {}: {e}", i + 1))
         })
         .collect()
 }
