@@ -23,7 +23,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::{AttackContext, AttackOutcome};
-use crate::eval::replies::generate_replies;
 use crate::eval::report::Field;
 use crate::eval::run::EvalObserver;
 use crate::eval::subject::Subject;
@@ -245,16 +244,7 @@ pub fn run(
         written.push(Field::new("written", dir.display().to_string()));
     }
     let hooks = ablation_hooks(context.gpu, context.subject.layers(), direction)?;
-    observer.stage(label, "ablation", context.harmful_ids.len());
-    let mut tick = || observer.advance();
-    let replies = generate_replies(
-        context.gpu,
-        &context.subject,
-        context.harmful_ids,
-        &hooks,
-        context.max_new_tokens,
-        &mut tick,
-    )?;
+    let replies = context.hooked_replies(&hooks, label, "ablation", observer)?;
     Ok(AttackOutcome {
         settings: Vec::new(),
         replies,

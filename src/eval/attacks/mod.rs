@@ -22,11 +22,12 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{Embeddings, LayerFindings};
 use super::prompts::Drawn;
-use super::replies::Replies;
+use super::replies::{generate_replies, Replies};
 use super::report::Field;
 use super::run::EvalObserver;
 use super::subject::Subject;
 use crate::gpu::Gpu;
+use crate::model::Hook;
 use crate::{Error, Result};
 
 /// An attack (direct inquiry counts as one: no attack at all).
@@ -149,6 +150,29 @@ pub struct AttackContext<'a> {
     /// Where ablation writes the model with its refusal direction orthogonalised out of the
     /// weights (`None`: it writes nothing).
     pub ablated_out: Option<PathBuf>,
+}
+
+impl AttackContext<'_> {
+    /// The model's replies to the answered harmful prompts with `hooks` in its forward, as
+    /// stage `stage` of `label`'s progress (a tick per reply).
+    fn hooked_replies(
+        &self,
+        hooks: &[Hook],
+        label: &str,
+        stage: &str,
+        observer: &mut dyn EvalObserver,
+    ) -> Result<Replies> {
+        observer.stage(label, stage, self.harmful_ids.len());
+        let mut tick = || observer.advance();
+        generate_replies(
+            self.gpu,
+            &self.subject,
+            self.harmful_ids,
+            hooks,
+            self.max_new_tokens,
+            &mut tick,
+        )
+    }
 }
 
 /// What one setting of an attack did to one model.

@@ -13,7 +13,6 @@ use serde_json::json;
 use super::{AttackContext, AttackOutcome};
 use crate::eval::geometry::norm;
 use crate::eval::judge::JudgeKind;
-use crate::eval::replies::generate_replies;
 use crate::eval::report::Field;
 use crate::eval::run::EvalObserver;
 use crate::gpu::{Gpu, Tensor};
@@ -108,17 +107,8 @@ pub fn run(
     coefficients.sort_by(f64::total_cmp);
     let mut outcomes = Vec::new();
     for &c in &coefficients {
-        observer.stage(label, &format!("repe c={c}"), context.harmful_ids.len());
         let hooks = steering_hooks(context.gpu, &directions, c)?;
-        let mut tick = || observer.advance();
-        let replies = generate_replies(
-            context.gpu,
-            &context.subject,
-            context.harmful_ids,
-            &hooks,
-            context.max_new_tokens,
-            &mut tick,
-        )?;
+        let replies = context.hooked_replies(&hooks, label, &format!("repe c={c}"), observer)?;
         let added: f64 = directions.iter().map(|(_, _, nu)| c * nu).sum();
         outcomes.push(AttackOutcome {
             settings: vec![Field::new("c", c)],

@@ -12,7 +12,6 @@ use serde_json::json;
 use super::{AttackContext, AttackOutcome};
 use crate::eval::layers::LayerFindings;
 use crate::eval::probe::{inverse_sigmoid, Probe};
-use crate::eval::replies::generate_replies;
 use crate::eval::report::Field;
 use crate::eval::run::EvalObserver;
 use crate::eval::subject::Subject;
@@ -147,17 +146,8 @@ pub fn run(
     let layers: Vec<usize> = probes.iter().map(|p| p.0).collect();
     let mut outcomes = Vec::new();
     for &p0 in &settings.p0 {
-        observer.stage(label, &format!("scav p0={p0}"), context.harmful_ids.len());
         let hooks = clamp_hooks(context.gpu, &probes, p0)?;
-        let mut tick = || observer.advance();
-        let replies = generate_replies(
-            context.gpu,
-            &context.subject,
-            context.harmful_ids,
-            &hooks,
-            context.max_new_tokens,
-            &mut tick,
-        )?;
+        let replies = context.hooked_replies(&hooks, label, &format!("scav p0={p0}"), observer)?;
         let effort = if probes.is_empty() {
             vec![Field::new("layers", json!(layers))]
         } else {
