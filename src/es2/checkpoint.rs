@@ -11,7 +11,7 @@ use super::data::Sampler;
 use super::objective::BaseStats;
 use super::optimizer::AdamW;
 use super::report::Evaluation;
-use super::trainer::TrainConfig;
+use super::train_config::TrainConfig;
 use crate::eval::refusal::RefusalRates;
 use crate::gpu::{Gpu, Tensor};
 use crate::io::{atomic_dir, write_json, write_safetensors, SaveTensor};

@@ -14,6 +14,7 @@ pub mod plan;
 pub mod report;
 pub mod sft;
 pub mod tiny_chat;
+pub mod train_config;
 pub mod trainer;
 
 pub use engine::{measure_base_stats, Es2Engine, ModelPair};
@@ -25,4 +26,5 @@ pub use report::{
     Es2HeldOut, Es2Terms, Evaluation, HeldOut, SftHeldOut, SftTerms, StepReport, Terms,
 };
 pub use sft::SftEngine;
-pub use trainer::{Quiet, RefusalChange, Summary, Task, TrainConfig, TrainObserver, Trainer};
+pub use train_config::{Task, TrainConfig};
+pub use trainer::{Quiet, RefusalChange, Summary, TrainObserver, Trainer};

@@ -26,7 +26,8 @@ use serde_json::Value;
 use super::chat_data::{build_chat_data, ChatData, ChatDataRecipe, ChatDataStats, REFUSALS};
 use super::optimizer::{OptimizerConfig, Schedule};
 use super::report::StepReport;
-use super::trainer::{Task, TrainConfig, TrainObserver, Trainer};
+use super::train_config::{Task, TrainConfig};
+use super::trainer::{TrainObserver, Trainer};
 use crate::eval::judge::{Judge, JudgeKind, Rate};
 use crate::eval::refusal::{
     greedy_replies, harmful_heldout, harmless_heldout, stride_sample, PromptSet, ReplyOptions,

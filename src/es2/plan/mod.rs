@@ -20,7 +20,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::trainer::{Task, TrainConfig};
+use super::train_config::{Task, TrainConfig};
 use crate::gpu::{DType, Gpu};
 use crate::model::{Config, LoraConfig, WeightsDtype};
 use crate::{Error, Result};

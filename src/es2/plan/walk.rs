@@ -7,7 +7,7 @@ mod blocks;
 use super::ledger::{Bound, Id, Key, Ledger};
 use super::{Component, DeviceLimits, MemoryPlan, PlanSettings};
 use crate::es2::objective::{embedding_index, Es2Config};
-use crate::es2::trainer::{Task, TrainConfig};
+use crate::es2::train_config::{Task, TrainConfig};
 use crate::gpu::{rows_per_binding, DType, UNIFORM_CHUNK_BYTES};
 use crate::model::head::head_chunks;
 use crate::model::{Config, LoraConfig, Projection, SavePolicy};

@@ -13,10 +13,11 @@
 //!
 //! Two kernels compute [`gemm`], with the same results bit for bit (each output sums k in
 //! order, one fma per step): the tiled kernel (`shaders/matmul.wgsl`, workgroup-memory tiles,
-//! any device, launched from `matmul/tiled.rs`) and, on a CPU adapter whose subgroups are 8 lanes of one SIMD vector (lavapipe),
-//! the subgroup kernel (`shaders/matmul_subgroup.wgsl`, launched from `matmul/subgroup.rs`),
-//! 5–10× faster there, wherever its vec4 reads are aligned. The linear layers' products on it
-//! are in `matmul/layers.rs`, the f64 references in `matmul/reference.rs`.
+//! any device, launched from `matmul/tiled.rs`) and, on a CPU adapter whose subgroups are 8
+//! lanes of one SIMD vector (lavapipe), the subgroup kernel (`shaders/matmul_subgroup.wgsl`,
+//! launched from `matmul/subgroup.rs`), 5–10× faster there, wherever its vec4 reads are
+//! aligned. The linear layers' products on it are in `matmul/layers.rs`, the f64 references in
+//! `matmul/reference.rs`.
 
 use crate::gpu::{DType, Grid, KernelSpec, Recorder, Tensor};
 use crate::ops::reduce;
