@@ -24,27 +24,27 @@ const PRELUDE: &str = include_str!("../../shaders/common.wgsl");
 /// WebGPU's default limit, and one slot is the uniform).
 pub const MAX_STORAGE_BINDINGS: usize = 7;
 
-/// A WGSL source file from `shaders/`.
+/// A WGSL shader module from `shaders/`: one file, or a file after the files of its family
+/// that it builds on (so that a family's passes can live in files of their own).
 #[derive(Debug)]
 pub struct Shader {
-    /// The file name without `.wgsl`, used in error messages and profiles.
+    /// The (last) file's name without `.wgsl`, used in error messages and profiles.
     pub name: &'static str,
-    /// The WGSL text.
-    pub source: &'static str,
+    /// The WGSL texts of the files, in order.
+    pub sources: &'static [&'static str],
 }
 
-/// Declares a [`Shader`] from `shaders/<name>.wgsl`, embedded at compile time.
+/// Declares a [`Shader`] from `shaders/<name>.wgsl`, embedded at compile time;
+/// `shader!("b" after "a")` is `a.wgsl` followed by `b.wgsl`, named `b`.
 #[macro_export]
 macro_rules! shader {
-    ($name:literal) => {
+    ($name:literal $(after $base:literal)*) => {
         $crate::gpu::Shader {
             name: $name,
-            source: include_str!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/shaders/",
-                $name,
-                ".wgsl"
-            )),
+            sources: &[
+                $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $base, ".wgsl")),)*
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
+            ],
         }
     };
 }
@@ -173,7 +173,11 @@ impl Gpu {
         modules
             .entry(shader.name)
             .or_insert_with(|| {
-                let source = format!("{}\n{PRELUDE}\n{}", self.wgsl_enables(), shader.source);
+                let source = format!(
+                    "{}\n{PRELUDE}\n{}",
+                    self.wgsl_enables(),
+                    shader.sources.join("\n")
+                );
                 self.device
                     .create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(shader.name),

@@ -18,33 +18,26 @@
 //! Heads up to 64 wide run in the "rows" layout, one thread per query (or key) row held in
 //! registers, which spends its time on arithmetic rather than on exchanging scores through
 //! workgroup memory (10x faster at head dimension 16 on lavapipe, 4x at 64); wider heads
-//! spread each row over several threads ("lanes"). See `shaders/attention.wgsl`.
+//! spread each row over several threads ("lanes"). `shaders/attention.wgsl` holds what both
+//! layouts share, `attention_lanes.wgsl` and `attention_rows.wgsl` each layout's passes;
+//! `tiles` chooses the layout and its tile sizes, `reference` holds the f64 references.
 
 use super::common::expect_elements;
-use crate::gpu::{
-    read, read_write, Access, DType, Gpu, Grid, KernelSpec, Recorder, Shader, Tensor,
-};
+use crate::gpu::{read, read_write, Access, DType, Grid, KernelSpec, Recorder, Shader, Tensor};
 use crate::shader;
 
-static SHADER: Shader = shader!("attention");
+pub mod reference;
+mod tiles;
+
+use tiles::{Tiles, MAX_DIMS_PER_LANE, MAX_LANES};
+
+/// The shared part alone (the backward's preprocess), and each layout after it.
+static SHARED: Shader = shader!("attention");
+static LANES_SHADER: Shader = shader!("attention_lanes" after "attention");
+static ROWS_SHADER: Shader = shader!("attention_rows" after "attention");
 
 /// Largest supported head dimension: `MAX_LANES` lanes of `MAX_DIMS_PER_LANE` dimensions.
 pub const MAX_HEAD_DIM: usize = (MAX_LANES * MAX_DIMS_PER_LANE) as usize;
-/// Outer rows (queries, or keys in dK/dV) per workgroup, when workgroup memory allows.
-const ROWS: u32 = 16;
-/// Most threads sharing one outer row.
-const MAX_LANES: u32 = 16;
-/// Accumulator slots per thread: mirrors `MAX_DIMS_PER_LANE` in the WGSL.
-const MAX_DIMS_PER_LANE: u32 = 8;
-/// Largest streamed tile (keys in the forward and dQ, queries in dK/dV).
-const MAX_INNER: u32 = 64;
-/// Largest head dimension of the rows layout: one thread holds a row in registers (the WGSL
-/// `MAX_ROW_GROUPS` vec4s).
-const MAX_ROWS_LAYOUT_HEAD_DIM: u32 = 64;
-/// Threads (outer rows) per workgroup, and the largest streamed tile, in the rows layout
-/// (32 and 32 measured best on lavapipe at head dimensions 16 and 64, within 10% of 16..64).
-const ROWS_LAYOUT_THREADS: u32 = 32;
-const ROWS_LAYOUT_MAX_INNER: u32 = 32;
 /// Threads per workgroup of the backward preprocess (one thread per query row).
 const ROW_WG: u32 = 64;
 /// Bytes of one `RowStats` (lse f32, delta f32, keys u32) in the WGSL.
@@ -66,12 +59,12 @@ impl Entry {
     ) -> Self {
         Entry {
             lanes: KernelSpec {
-                shader: &SHADER,
+                shader: &LANES_SHADER,
                 entry: lanes,
                 bindings,
             },
             rows: KernelSpec {
-                shader: &SHADER,
+                shader: &ROWS_SHADER,
                 entry: rows,
                 bindings,
             },
@@ -93,7 +86,7 @@ static FORWARD: Entry = Entry::new(
     ],
 );
 static PREPROCESS: KernelSpec = KernelSpec {
-    shader: &SHADER,
+    shader: &SHARED,
     entry: "attention_backward_preprocess",
     // seq_lens, out, lse, dout, row statistics
     bindings: &[read(4), read(7), read(8), read(9), read_write(10)],
@@ -284,119 +277,6 @@ impl Params {
     }
 }
 
-/// How the kernels spread an outer row over threads (see the WGSL header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Layout {
-    /// `lanes` threads per row, scores exchanged through workgroup memory: any head.
-    Lanes,
-    /// One thread per row, held in registers: heads up to [`MAX_ROWS_LAYOUT_HEAD_DIM`].
-    Rows,
-}
-
-/// Tile sizes of the attention kernels (WGSL overrides), chosen per head dimension so that the
-/// workgroup tiles fit the device's workgroup memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Tiles {
-    layout: Layout,
-    head_dim: u32,
-    /// Outer rows per workgroup.
-    rows: u32,
-    /// Threads per outer row (1 in the rows layout).
-    lanes: u32,
-    /// Rows of the streamed tile.
-    inner: u32,
-}
-
-impl Tiles {
-    /// The rows layout for small heads, else lanes; the largest tiles (rows first, then
-    /// inner) whose workgroup memory fits `limit` bytes.
-    fn choose(head_dim: usize, limit: u32) -> Tiles {
-        let head_dim = head_dim as u32;
-        let (layout, lanes, most_rows, most_inner) = if head_dim <= MAX_ROWS_LAYOUT_HEAD_DIM {
-            (Layout::Rows, 1, ROWS_LAYOUT_THREADS, ROWS_LAYOUT_MAX_INNER)
-        } else {
-            let lanes = head_dim.next_power_of_two().min(MAX_LANES);
-            (Layout::Lanes, lanes, ROWS, MAX_INNER)
-        };
-        for rows in halvings(most_rows) {
-            for inner in halvings(most_inner) {
-                let tiles = Tiles {
-                    layout,
-                    head_dim,
-                    rows,
-                    lanes,
-                    inner,
-                };
-                if tiles.workgroup_bytes() <= limit {
-                    return tiles;
-                }
-            }
-        }
-        panic!("attention: no tiles for head_dim {head_dim} fit {limit} bytes of workgroup memory")
-    }
-
-    fn for_device(gpu: &Gpu, head_dim: usize) -> Tiles {
-        Tiles::choose(head_dim, gpu.limits().max_compute_workgroup_storage_size)
-    }
-
-    /// Mirrors the WGSL workgroup arrays an entry point of the layout uses: `outer`, `inner`,
-    /// `weights` and `inner_stats`, or `stream` and `inner_stats`.
-    fn workgroup_bytes(&self) -> u32 {
-        let Tiles {
-            head_dim: d,
-            rows,
-            inner,
-            ..
-        } = *self;
-        let floats = match self.layout {
-            Layout::Lanes => 2 * rows * d + 2 * inner * d + 2 * rows * inner,
-            Layout::Rows => 2 * inner * 4 * d.div_ceil(4),
-        };
-        4 * floats + ROW_STATS_BYTES * inner
-    }
-
-    fn overrides(&self) -> [(&'static str, u32); 5] {
-        [
-            ("HEAD_DIM", self.head_dim),
-            ("ROWS", self.rows),
-            ("LANES", self.lanes),
-            ("INNER", self.inner),
-            ("ROW_WG", ROW_WG),
-        ]
-    }
-
-    /// Launches `entry` (in this layout) with one workgroup per (tile of `len` outer rows,
-    /// head, batch) of `[len, heads, batch]`.
-    fn launch(
-        &self,
-        rec: &mut Recorder,
-        entry: &'static Entry,
-        tensors: &[&Tensor],
-        params: &Params,
-        [len, heads, batch]: [usize; 3],
-    ) {
-        let gpu = rec.gpu();
-        let tiles = len.div_ceil(self.rows as usize);
-        let max = gpu.limits().max_compute_workgroups_per_dimension as usize;
-        assert!(
-            tiles <= max && heads <= max && batch <= max,
-            "attention: grid ({tiles}, {heads}, {batch}) exceeds {max} workgroups per dimension"
-        );
-        let spec = match self.layout {
-            Layout::Lanes => &entry.lanes,
-            Layout::Rows => &entry.rows,
-        };
-        let kernel = gpu.kernel(spec, &self.overrides());
-        let grid = Grid::xyz(tiles as u32, heads as u32, batch as u32);
-        rec.dispatch(&kernel, tensors, params, grid);
-    }
-}
-
-/// `start, start / 2, ..., 1`.
-fn halvings(start: u32) -> impl Iterator<Item = u32> {
-    std::iter::successors(Some(start), |&n| (n > 1).then_some(n / 2))
-}
-
 /// Causal attention `out = softmax(scale · q·kᵀ + mask) · v` per query head, and the row
 /// logsumexp `lse` for [`attention_backward`]. Supports `Tq <= Tkv` with a `q_offset` (KV-cache
 /// decoding); `out` and `lse` are overwritten.
@@ -516,7 +396,8 @@ pub fn attention_backward(
     let [b, hq, t] = shape.lse_dims();
     // RowStats {lse, delta, keys} per query row.
     let stats = rec.scratch([b, hq, t, ROW_STATS_WORDS], DType::U32);
-    let preprocess = gpu.kernel(&PREPROCESS, &tiles.overrides());
+    let head_dim = shape.head_dim as u32;
+    let preprocess = gpu.kernel(&PREPROCESS, &[("HEAD_DIM", head_dim), ("ROW_WG", ROW_WG)]);
     let rows = Grid::threads(b * hq * t, ROW_WG);
     rec.dispatch(
         &preprocess,
@@ -529,182 +410,4 @@ pub fn attention_backward(
     tiles.launch(rec, &BACKWARD_DQ, &dq_tensors, &params, shape.query_tiles());
     let dkv_tensors = [q, k, v, dout, &stats, dk, dv];
     tiles.launch(rec, &BACKWARD_DKV, &dkv_tensors, &params, shape.key_tiles());
-}
-
-/// CPU f64 references: plain causal softmax attention with the same masking rules.
-pub mod reference {
-    use super::AttentionShape;
-
-    /// Start of query row `(b, t, h)` in `q`, `out`, `dout`.
-    fn q_row(s: &AttentionShape, b: usize, t: usize, h: usize) -> usize {
-        ((b * s.q_len + t) * s.n_heads + h) * s.head_dim
-    }
-
-    /// Start of key row `(b, j, kv_head)` in `k`, `v`.
-    fn kv_row(s: &AttentionShape, b: usize, j: usize, h: usize) -> usize {
-        ((b * s.kv_len + j) * s.n_kv_heads + h / s.group_size()) * s.head_dim
-    }
-
-    fn dot(a: &[f64], b: &[f64]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-
-    /// Softmax probabilities of query `(b, t, h)` over the keys it attends, and their lse.
-    fn probabilities(
-        s: &AttentionShape,
-        q: &[f64],
-        k: &[f64],
-        keys: usize,
-        (b, t, h): (usize, usize, usize),
-        scale: f64,
-    ) -> (Vec<f64>, f64) {
-        let d = s.head_dim;
-        let qi = &q[q_row(s, b, t, h)..][..d];
-        let scores: Vec<f64> = (0..keys)
-            .map(|j| scale * dot(qi, &k[kv_row(s, b, j, h)..][..d]))
-            .collect();
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = scores.iter().map(|x| (x - max).exp()).sum();
-        let lse = max + sum.ln();
-        (scores.iter().map(|x| (x - lse).exp()).collect(), lse)
-    }
-
-    /// Every attending query row `(b, t, h, keys)`.
-    fn query_rows<'a>(
-        s: &'a AttentionShape,
-        seq_lens: &'a [u32],
-    ) -> impl Iterator<Item = (usize, usize, usize, usize)> + 'a {
-        (0..s.batch).flat_map(move |b| {
-            (0..s.q_len).flat_map(move |t| {
-                let keys = s.attended_keys(seq_lens[b] as usize, t);
-                (0..s.n_heads).filter_map(move |h| (keys > 0).then_some((b, t, h, keys)))
-            })
-        })
-    }
-
-    /// `(out [B, Tq, Hq, D], lse [B, Hq, Tq])`; padding rows are 0.
-    pub fn attention_forward(
-        s: &AttentionShape,
-        q: &[f64],
-        k: &[f64],
-        v: &[f64],
-        seq_lens: &[u32],
-        scale: f64,
-    ) -> (Vec<f64>, Vec<f64>) {
-        let d = s.head_dim;
-        let mut out = vec![0.0; s.q_dims().iter().product()];
-        let mut lse = vec![0.0; s.lse_dims().iter().product()];
-        for (b, t, h, keys) in query_rows(s, seq_lens) {
-            let (p, row_lse) = probabilities(s, q, k, keys, (b, t, h), scale);
-            lse[(b * s.n_heads + h) * s.q_len + t] = row_lse;
-            let o = &mut out[q_row(s, b, t, h)..][..d];
-            for (j, pj) in p.iter().enumerate() {
-                for (o, vj) in o.iter_mut().zip(&v[kv_row(s, b, j, h)..][..d]) {
-                    *o += pj * vj;
-                }
-            }
-        }
-        (out, lse)
-    }
-
-    /// [`attention_forward`] with row `b`'s queries at positions `starts[b] + t` (see
-    /// [`super::attention_forward_at`]): each row is the uniform case with its own offset.
-    pub fn attention_forward_at(
-        s: &AttentionShape,
-        q: &[f64],
-        k: &[f64],
-        v: &[f64],
-        seq_lens: &[u32],
-        starts: &[u32],
-        scale: f64,
-    ) -> (Vec<f64>, Vec<f64>) {
-        let row = AttentionShape { batch: 1, ..*s };
-        let q_row: usize = row.q_dims().iter().product();
-        let kv_row: usize = row.kv_dims().iter().product();
-        let (mut out, mut lse) = (Vec::new(), Vec::new());
-        for b in 0..s.batch {
-            let one = AttentionShape {
-                q_offset: starts[b] as usize,
-                ..row
-            };
-            let (o, l) = attention_forward(
-                &one,
-                &q[b * q_row..][..q_row],
-                &k[b * kv_row..][..kv_row],
-                &v[b * kv_row..][..kv_row],
-                &seq_lens[b..=b],
-                scale,
-            );
-            out.extend(o);
-            lse.extend(l);
-        }
-        (out, lse)
-    }
-
-    /// `(dq, dk, dv)` of [`attention_forward`] for the upstream gradient `dout`.
-    pub fn attention_backward(
-        s: &AttentionShape,
-        q: &[f64],
-        k: &[f64],
-        v: &[f64],
-        dout: &[f64],
-        seq_lens: &[u32],
-        scale: f64,
-    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        let d = s.head_dim;
-        let mut dq = vec![0.0; q.len()];
-        let mut dk = vec![0.0; k.len()];
-        let mut dv = vec![0.0; v.len()];
-        for (b, t, h, keys) in query_rows(s, seq_lens) {
-            let (p, _) = probabilities(s, q, k, keys, (b, t, h), scale);
-            let qr = q_row(s, b, t, h);
-            let dout_row = &dout[qr..][..d];
-            let dp: Vec<f64> = (0..keys)
-                .map(|j| dot(dout_row, &v[kv_row(s, b, j, h)..][..d]))
-                .collect();
-            let delta = dot(&p, &dp);
-            for j in 0..keys {
-                let kr = kv_row(s, b, j, h);
-                let ds = scale * p[j] * (dp[j] - delta);
-                for x in 0..d {
-                    dq[qr + x] += ds * k[kr + x];
-                    dk[kr + x] += ds * q[qr + x];
-                    dv[kr + x] += p[j] * dout_row[x];
-                }
-            }
-        }
-        (dq, dk, dv)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tiles_fit_workgroup_memory_for_every_head_dim() {
-        // WebGPU's guaranteed minimum and lavapipe's limit.
-        for limit in [16_384, 32_768] {
-            for head_dim in 1..=MAX_HEAD_DIM {
-                let tiles = Tiles::choose(head_dim, limit);
-                assert!(tiles.workgroup_bytes() <= limit);
-                assert!(tiles.rows * tiles.lanes <= 256, "{tiles:?}");
-                let per_thread = match tiles.layout {
-                    Layout::Lanes => tiles.lanes * MAX_DIMS_PER_LANE,
-                    Layout::Rows => MAX_ROWS_LAYOUT_HEAD_DIM,
-                };
-                assert!(head_dim as u32 <= per_thread, "{tiles:?}");
-            }
-        }
-        // Small heads get one thread per row and the widest streamed tile; the full outer
-        // tile of large heads fits lavapipe.
-        let small = Tiles::choose(8, 32_768);
-        assert_eq!(
-            (small.layout, small.inner),
-            (Layout::Rows, ROWS_LAYOUT_MAX_INNER)
-        );
-        assert_eq!(Tiles::choose(64, 16_384).layout, Layout::Rows);
-        let large = Tiles::choose(128, 32_768);
-        assert_eq!((large.layout, large.rows), (Layout::Lanes, ROWS));
-    }
 }
