@@ -20,6 +20,14 @@ use super::Gpu;
 /// WGSL prepended to every shader: helpers that all kernel families share.
 const PRELUDE: &str = include_str!("../../shaders/common.wgsl");
 
+/// What wgpu checks in the shaders at run time: everything but loop bounding, whose loop
+/// counters hide each loop's trip count from the driver (lavapipe compiled attention's kernels
+/// 5× faster and ran them 20% faster without them: BENCHMARKS.md, "Startup").
+const RUNTIME_CHECKS: wgpu::ShaderRuntimeChecks = wgpu::ShaderRuntimeChecks {
+    force_loop_bounding: false,
+    ..wgpu::ShaderRuntimeChecks::checked()
+};
+
 /// Most storage buffers one entry point may bind (Metal has one slot fewer than the 8 of
 /// WebGPU's default limit, and one slot is the uniform).
 pub const MAX_STORAGE_BINDINGS: usize = 7;
@@ -178,11 +186,21 @@ impl Gpu {
                     self.wgsl_enables(),
                     shader.sources.join("\n")
                 );
-                self.device
-                    .create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(shader.name),
-                        source: wgpu::ShaderSource::Wgsl(source.into()),
-                    })
+                let descriptor = wgpu::ShaderModuleDescriptor {
+                    label: Some(shader.name),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                };
+                // SAFETY: the one check left out is naga's loop bounding, which a shader needs
+                // only if a loop of it could run forever (a driver may treat such a loop as
+                // unreachable). Every loop in shaders/ is a `for` that counts up to a bound by
+                // a positive step, or halves down to zero (the test
+                // `every_shader_loop_counts_up_to_a_bound_or_halves_to_zero` holds them to
+                // those shapes), and its bound is an element count of a buffer, far below
+                // where a u32 wraps. Bounds checks and integer division checks stay on.
+                unsafe {
+                    self.device
+                        .create_shader_module_trusted(descriptor, RUNTIME_CHECKS)
+                }
             })
             .clone()
     }
@@ -277,4 +295,75 @@ impl Gpu {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while compiling leaves a cache that is still consistent.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every `loop`-free `for` header of the WGSL files: what makes the modules' loops finite
+    /// without naga's loop bounding (see `Gpu::module`).
+    #[test]
+    fn every_shader_loop_counts_up_to_a_bound_or_halves_to_zero() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("shaders/ is readable") {
+            let path = entry.expect("a directory entry").path();
+            let text = std::fs::read_to_string(&path).expect("a WGSL file is text");
+            for (number, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                let place = format!("{}:{}", path.display(), number + 1);
+                for word in ["loop", "while", "continuing"] {
+                    let words = code.split(|c: char| !c.is_alphanumeric() && c != '_');
+                    assert!(!words.into_iter().any(|w| w == word), "{place}: `{word}`");
+                }
+                if let Some(header) = code.trim().strip_prefix("for (") {
+                    assert!(
+                        finite_for(header),
+                        "{place}: a loop of unproven end: {line}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(
+            checked > 50,
+            "only {checked} loops found under {}",
+            dir.display()
+        );
+    }
+
+    /// `var i = ...; i < bound; i++` (or `i += step`, `i = i + step`, step a name or a positive
+    /// literal), or `var i = ...; i > 0u; i = i / 2u`.
+    fn finite_for(header: &str) -> bool {
+        let parts: Vec<&str> = header.split(';').map(str::trim).collect();
+        let [init, condition, update] = parts[..] else {
+            return false;
+        };
+        let Some(var) = init
+            .strip_prefix("var ")
+            .and_then(|rest| rest.split_whitespace().next())
+        else {
+            return false;
+        };
+        let update = update.strip_suffix(") {").unwrap_or(update);
+        let positive_step = |step: &str| {
+            let step = step.trim();
+            step.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                || (step
+                    .trim_end_matches('u')
+                    .parse::<u32>()
+                    .is_ok_and(|n| n > 0))
+                || step.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        };
+        if condition == format!("{var} > 0u") {
+            return update == format!("{var} = {var} / 2u");
+        }
+        let counts_up = update == format!("{var}++")
+            || update
+                .strip_prefix(&format!("{var} += "))
+                .is_some_and(positive_step)
+            || update
+                .strip_prefix(&format!("{var} = {var} + "))
+                .is_some_and(positive_step);
+        counts_up && condition.starts_with(&format!("{var} < "))
+    }
 }
