@@ -6,9 +6,10 @@
 // subgroupShuffle, and loads the vec4s of B for its own 8 columns; per 4 steps of k a lane
 // makes 2 + 8 loads (16 rows) or 4 + 8 (32 rows) for 16 · 8 · 4 or 32 · 8 · 4 multiply-adds.
 //
-// The code is written out rather than looped: loops here are not unrolled (naga's loop
-// bounding hides their trip counts from the driver), and an unrolled block in registers is
-// what makes this kernel fast (loops over a register array measured 10× slower).
+// The code is written out rather than looped: an unrolled block in registers is what makes
+// this kernel fast (loops over a register array measured 10× slower, when naga's loop
+// bounding still hid every trip count from the driver; the modules are now made without it,
+// and the loops were not tried again).
 //
 // A workgroup is one subgroup. Lane L of workgroup (x, y, z) computes rows x·8·EIGHTS +
 // 0..8·EIGHTS and 8 columns of C: col0 + L + 8·j (j = 0..7) when B is stored [N, K] (its vec4s

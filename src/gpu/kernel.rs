@@ -299,8 +299,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    /// Every `loop`-free `for` header of the WGSL files: what makes the modules' loops finite
-    /// without naga's loop bounding (see `Gpu::module`).
+    /// The `for` headers of every WGSL file (which has no `loop` or `while`): what makes the
+    /// modules' loops finite without naga's loop bounding (see `Gpu::module`).
     #[test]
     fn every_shader_loop_counts_up_to_a_bound_or_halves_to_zero() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
