@@ -18,6 +18,19 @@ use crate::{Error, Result};
 /// is read or written. Unset: `$XDG_CACHE_HOME/es2-wgpu`, else `$HOME/.cache/es2-wgpu`.
 pub const CACHE_DIR_ENV: &str = "ES2_WGPU_CACHE_DIR";
 
+/// Where a device keeps wgpu's pipeline cache between processes (on adapters whose driver
+/// has one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PipelineCacheDir {
+    /// The folder [`CACHE_DIR_ENV`] names, else the user's cache folder.
+    #[default]
+    Default,
+    /// This folder.
+    At(std::path::PathBuf),
+    /// No cache on disk.
+    Off,
+}
+
 /// Where pipeline caches live by default ([`CACHE_DIR_ENV`]), or `None` for no cache.
 pub fn default_cache_dir() -> Option<PathBuf> {
     use std::env::var_os;
