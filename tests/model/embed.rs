@@ -1,29 +1,20 @@
 //! `embed_prompt`: pooled hidden states in transformers' `output_hidden_states` convention and
 //! the logits at the last position, against the forward pass and transformers' numbers.
 
-use es2_wgpu::model::{
-    embed_prompt, embedded, open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer,
-};
+use es2_wgpu::model::{embed_prompt, embedded, open_model, LoadOptions, Transformer};
 use es2_wgpu::ops::pool::Pool;
 use es2_wgpu::testing::{assert_close, download, f64s, gpu};
 
 use crate::fixtures::{model_dir, Reference};
+use crate::run_sequence;
 
 /// Every hidden state `[T, C]` and the logits `[T, V]` of one sequence.
 fn full_forward(model: &Transformer, ids: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
-    let gpu = gpu();
-    let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
-    let out = model
-        .run_now(
-            gpu,
-            &batch,
-            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
-        )
-        .unwrap();
+    let out = run_sequence(model, ids);
     let hidden = (0..=model.layers())
-        .map(|i| download(gpu, out.hidden_state(i)))
+        .map(|i| download(gpu(), out.hidden_state(i)))
         .collect();
-    (hidden, download(gpu, out.logits.as_ref().unwrap()))
+    (hidden, download(gpu(), out.logits.as_ref().unwrap()))
 }
 
 #[test]

@@ -4,27 +4,14 @@
 
 use std::path::PathBuf;
 
-use es2_wgpu::model::{
-    embedded, open_model, Batch, LoadOptions, Output, Pass, SavePolicy, Transformer,
-};
-use es2_wgpu::testing::{download, gpu};
+use es2_wgpu::model::{embedded, open_model, LoadOptions, Transformer};
+use es2_wgpu::testing::gpu;
 use es2_wgpu::text::{Message, Tokenizer};
+
+use crate::sequence_logits;
 
 fn tiny() -> (Transformer, Tokenizer) {
     open_model(gpu(), embedded::TINY_LLAMA, &LoadOptions::default()).unwrap()
-}
-
-fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
-    let gpu = gpu();
-    let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
-    let out = model
-        .run_now(
-            gpu,
-            &batch,
-            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
-        )
-        .unwrap();
-    download(gpu, out.logits.as_ref().unwrap())
 }
 
 fn std_dev(v: &[f32]) -> f64 {
@@ -43,7 +30,7 @@ fn tiny_llama_logits_are_finite_varied_and_identical_across_loads() {
     assert_eq!(model.config.vocab_size, tok.vocab_size());
     assert_eq!((model.layers(), model.config.intermediate_size), (4, 172));
     let ids = tok.encode("The quick brown fox").unwrap();
-    let first = logits(&model, &ids);
+    let first = sequence_logits(&model, &ids);
     assert!(first.iter().all(|x| x.is_finite()));
     let v = model.config.vocab_size;
     let rows: Vec<&[f32]> = first.chunks(v).collect();
@@ -58,7 +45,7 @@ fn tiny_llama_logits_are_finite_varied_and_identical_across_loads() {
         "positions give different logits"
     );
     let (again, _) = tiny();
-    let second = logits(&again, &ids);
+    let second = sequence_logits(&again, &ids);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&first), bits(&second), "two loads differ");
 }
@@ -130,8 +117,8 @@ fn written_as_a_folder_loads_identically(name: &str) {
     assert_eq!(folder_tok.eos_ids(), tok.eos_ids());
     let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(
-        bits(logits(&from_folder, &ids)),
-        bits(logits(&built_in, &ids))
+        bits(sequence_logits(&from_folder, &ids)),
+        bits(sequence_logits(&built_in, &ids))
     );
 }
 
@@ -166,5 +153,8 @@ fn tiny_chat_is_the_default_and_the_committed_folder() {
     );
     assert_eq!((tok.eos_ids(), folder_tok.eos_ids()), (&[2][..], &[2][..]));
     let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(logits(&folder, &ids)), bits(logits(&built_in, &ids)));
+    assert_eq!(
+        bits(sequence_logits(&folder, &ids)),
+        bits(sequence_logits(&built_in, &ids))
+    );
 }

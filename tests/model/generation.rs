@@ -1,12 +1,13 @@
 use std::path::PathBuf;
 
 use es2_wgpu::model::generate::argmax;
-use es2_wgpu::model::{Batch, LoadOptions, Output, Pass, SamplingOptions, SavePolicy, Transformer};
-use es2_wgpu::testing::{assert_close, download, f64s, gpu};
+use es2_wgpu::model::{LoadOptions, SamplingOptions, Transformer};
+use es2_wgpu::testing::{assert_close, f64s, gpu};
 use es2_wgpu::text::Tokenizer;
 use serde_json::Value;
 
 use crate::fixtures::{fixtures, model_dir};
+use crate::sequence_logits;
 
 fn stories_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/stories260K")
@@ -14,17 +15,8 @@ fn stories_dir() -> PathBuf {
 
 /// Logits at the last position by running the whole sequence (no cache).
 fn last_logits_recomputed(model: &Transformer, ids: &[u32]) -> Vec<f32> {
-    let gpu = gpu();
-    let batch = Batch::new(gpu, &[ids.to_vec()], model.config.vocab_size).unwrap();
-    let out = model
-        .run_now(
-            gpu,
-            &batch,
-            &Pass::new(Output::Logits).saving(SavePolicy::BlockInputs),
-        )
-        .unwrap();
     let v = model.config.vocab_size;
-    download(gpu, out.logits.as_ref().unwrap())[(ids.len() - 1) * v..].to_vec()
+    sequence_logits(model, ids)[(ids.len() - 1) * v..].to_vec()
 }
 
 #[test]
