@@ -103,7 +103,8 @@ pub struct Kernel {
 /// A pipeline that is compiled on another thread until someone needs it.
 #[derive(Debug)]
 pub(crate) struct PendingPipeline {
-    ready: OnceLock<wgpu::ComputePipeline>,
+    /// The pipeline, or what the compiling thread panicked with, once it is known.
+    done: OnceLock<Result<wgpu::ComputePipeline, String>>,
     compiling: Mutex<Option<JoinHandle<wgpu::ComputePipeline>>>,
 }
 
@@ -114,7 +115,7 @@ impl PendingPipeline {
         compile: impl Fn() -> wgpu::ComputePipeline + Clone + Send + 'static,
     ) -> PendingPipeline {
         let pending = PendingPipeline {
-            ready: OnceLock::new(),
+            done: OnceLock::new(),
             compiling: Mutex::new(None),
         };
         let thread = std::thread::Builder::new()
@@ -124,23 +125,47 @@ impl PendingPipeline {
             Ok(handle) => *lock(&pending.compiling) = Some(handle),
             // No thread to be had (a process limit): compile here, as if nothing overlapped.
             Err(_) => {
-                let _ = pending.ready.set(compile());
+                let _ = pending.done.set(Ok(compile()));
             }
         }
         pending
     }
 
-    /// The pipeline, waiting for its compilation to end.
+    /// The pipeline, waiting for its compilation to end. A compile that panicked (an invalid
+    /// shader) panics here, where the pipeline is needed.
     pub(crate) fn get(&self) -> &wgpu::ComputePipeline {
-        self.ready.get_or_init(|| {
-            let handle = lock(&self.compiling)
-                .take()
-                .expect("a pipeline not ready is compiling");
-            // A compile that panicked (an invalid shader) panics here, where it is needed.
+        match self.finished() {
+            Ok(pipeline) => pipeline,
+            Err(message) => panic!("{message}"),
+        }
+    }
+
+    /// Waits for the compilation to end without panicking, whatever it ended with: for a
+    /// device that is being dropped, perhaps while a panic unwinds.
+    pub(crate) fn wait(&self) {
+        let _ = self.finished();
+    }
+
+    fn finished(&self) -> &Result<wgpu::ComputePipeline, String> {
+        self.done.get_or_init(|| {
+            let handle = lock(&self.compiling).take();
+            let handle = handle.expect("a pipeline that is not done is compiling");
+            let name = handle.thread().name().unwrap_or("compile").to_owned();
             handle
                 .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                .map_err(|panic| format!("{name} panicked: {}", panic_message(&*panic)))
         })
+    }
+}
+
+/// What a panic said, where it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        text
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text
+    } else {
+        "(no message)"
     }
 }
 
@@ -287,7 +312,7 @@ impl Gpu {
     pub(crate) fn finish_compiling(&self) {
         let kernels: Vec<Arc<Kernel>> = lock(&self.kernels.pipelines).values().cloned().collect();
         for kernel in kernels {
-            kernel.pipeline.get();
+            kernel.pipeline.wait();
         }
     }
 }
@@ -299,6 +324,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use super::PendingPipeline;
+
+    /// A compile that panics is reported where its pipeline is needed, with its message, and
+    /// waiting for it (as a device does when it is dropped) does not panic.
+    #[test]
+    fn a_compile_that_panics_panics_where_its_pipeline_is_needed() {
+        let pending = PendingPipeline::spawn("broken_entry", || panic!("invalid shader"));
+        pending.wait();
+        pending.wait();
+        let needed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pending.get();
+        }));
+        let panic = needed.expect_err("get() panics for a pipeline that failed to compile");
+        let message = super::panic_message(&*panic);
+        assert!(
+            message.contains("compile broken_entry panicked: invalid shader"),
+            "{message}"
+        );
+    }
     /// The `for` headers of every WGSL file (which has no `loop` or `while`): what makes the
     /// modules' loops finite without naga's loop bounding (see `Gpu::module`).
     #[test]
