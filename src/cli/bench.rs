@@ -150,7 +150,19 @@ fn print_report(r: &BenchReport) {
         r.tokens_per_step
     );
     let each: Vec<String> = r.step_ms.iter().map(|ms| format!("{ms:.1}")).collect();
-    println!("  first step            {:>10.1} ms", r.first_step_ms);
+    // What a fresh process pays to build its pipelines, as a multiple of a later step.
+    let startup = if r.median_step_ms > 0.0 {
+        format!(
+            "  ({:.1}× the median step)",
+            r.first_step_ms / r.median_step_ms
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "  first step            {:>10.1} ms{startup}",
+        r.first_step_ms
+    );
     println!(
         "  step (median of {:>2})   {:>10.1} ms  [{}]",
         r.step_ms.len(),
