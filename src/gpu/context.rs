@@ -46,10 +46,7 @@ impl std::fmt::Debug for Gpu {
 impl Drop for Gpu {
     fn drop(&mut self) {
         // Best effort: a cache that cannot be written costs the next process compile time only.
-        if let Some(cache) = &self.pipeline_cache {
-            self.finish_compiling();
-            let _ = cache.save();
-        }
+        let _ = self.save_pipeline_cache();
     }
 }
 
@@ -138,11 +135,12 @@ impl Gpu {
     /// has one and it changed (a dropped device does the same, ignoring errors: the cache only
     /// saves compile time). Returns the file when it wrote.
     pub fn save_pipeline_cache(&self) -> Result<Option<&std::path::Path>> {
+        let Some(cache) = &self.pipeline_cache else {
+            return Ok(None);
+        };
+        // Every pipeline still compiling, so that the cache holds them all.
         self.finish_compiling();
-        match &self.pipeline_cache {
-            Some(cache) if cache.save()? => Ok(Some(cache.path())),
-            _ => Ok(None),
-        }
+        Ok(cache.save()?.then(|| cache.path()))
     }
 
     /// The file the device's pipeline cache is read from and written to, when it has one.

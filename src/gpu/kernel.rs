@@ -307,8 +307,7 @@ impl Gpu {
         }
     }
 
-    /// Waits for every pipeline still compiling (before the pipeline cache is saved, so that
-    /// it holds them all).
+    /// Waits for every pipeline still compiling, whatever each compile ends with.
     pub(crate) fn finish_compiling(&self) {
         let kernels: Vec<Arc<Kernel>> = lock(&self.kernels.pipelines).values().cloned().collect();
         for kernel in kernels {
@@ -343,6 +342,7 @@ mod tests {
             "{message}"
         );
     }
+
     /// The `for` headers of every WGSL file (which has no `loop` or `while`): what makes the
     /// modules' loops finite without naga's loop bounding (see `Gpu::module`).
     #[test]
